@@ -1,0 +1,26 @@
+# ft2prod: fine-tune -> evaluate -> ... a private LLM, tracked in MLflow.
+#   snakemake --profile profiles/default          (the embedded default; see README.md)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+check_config(config)
+validate(config, "config/schema.yaml")
+
+
+include: "rules/data.smk"
+include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

@@ -1,0 +1,15 @@
+"""Snakemake adapter for rule evaluate_base: score the base model on the test split."""
+from workflow.logs import to_file
+
+to_file(snakemake.log[0])
+
+from workflow.evaluate import EvalConfig, evaluate_base
+from workflow.tracking import Tracking
+
+evaluate_base(
+    snakemake.input.model,
+    snakemake.input.test,
+    snakemake.output[0],
+    EvalConfig(**snakemake.params.settings),
+    Tracking.from_config(snakemake.config),
+)

@@ -1,0 +1,190 @@
+"""Make the embedded default base model: a small Llama with a DeepSeek-R1-style tokenizer, briefly pretrained.
+
+    python -c "from workflow.bootstrap.model import bootstrap, BootstrapConfig; bootstrap(BootstrapConfig(), 'out')"
+
+The base is pretrained on arithmetic word problems written as plain prose, so it knows numbers and
+sums but has never seen the chat template or a think block: a weak model, not noise. Every linear
+layer's in-features are a multiple of 128 so that INT4-AWQ (block size 128) can quantize it later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from workflow.bootstrap.problems import make_problems
+
+log = logging.getLogger(__name__)
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜pad｜>"
+USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
+
+# DeepSeek-R1's layout: the generation prompt opens the think block; an assistant turn renders its
+# reasoning_content inside it, then the answer, then EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + THINK + "\n"
+    "{% if message['reasoning_content'] is defined and message['reasoning_content'] %}"
+    "{{ message['reasoning_content'] }}\n{% endif %}" + END_THINK + "\n\n"
+    "{{ message['content'] }}" + EOS + "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + THINK + "\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    hidden_size: int = 128
+    """Model width; a multiple of 128 so INT4-AWQ can quantize every projection."""
+    intermediate_size: int = 512
+    """MLP width; a multiple of 128 (it is the in-features of down_proj)."""
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 1024
+    """Target vocabulary of the BPE tokenizer (the trainer may stop below it)."""
+    max_position_embeddings: int = 512
+    pretrain_rows: int = 6000
+    """Prose problems the base model pretrains on (disjoint seed from the fine-tuning data)."""
+    pretrain_steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "intermediate_size"):
+            if getattr(self, key) % 128:
+                raise ValueError(f"bootstrap.{key} must be a multiple of 128 for INT4-AWQ (got {getattr(self, key)})")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"bootstrap: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) "
+                f"and num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    # Digits one by one, as Llama and DeepSeek do: arithmetic stays learnable.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [BOS, EOS, PAD, USER, ASSISTANT]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    # Think tags are whole tokens but not special, as in DeepSeek-R1: decoding keeps them.
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in (THINK, END_THINK)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[USER, ASSISTANT],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 30,
+    )
+
+
+def make_model(cfg: BootstrapConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str], cfg: BootstrapConfig) -> list[float]:
+    """A short plain-PyTorch pretraining loop: one process, no DeepSpeed needed for a model this small."""
+    ids = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids, tokenizer.eos_token_id] for t in texts]
+    rng = random.Random(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    warmup = max(1, cfg.pretrain_steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.pretrain_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    model.train()
+    losses = []
+    for step in range(cfg.pretrain_steps):
+        batch = rng.sample(ids, cfg.batch_size)
+        width = max(map(len, batch))
+        input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in batch])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
+        labels = input_ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == cfg.pretrain_steps - 1:
+            log.info("pretrain step %d/%d loss %.3f", step + 1, cfg.pretrain_steps, losses[-1])
+    model.eval()
+    return losses
+
+
+def bootstrap(cfg: BootstrapConfig, out_dir: str | Path) -> dict:
+    """Train the tokenizer, build and pretrain the model, save a Hugging Face checkpoint to out_dir."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    problems = make_problems(cfg.pretrain_rows, seed=cfg.seed)
+    texts = [p.as_text() for p in problems]
+    # The tokenizer also sees rendered chats so the template's pieces get sensible merges.
+    tokenizer = train_tokenizer(texts + [json.dumps(p.as_chat()) for p in problems[:500]], cfg.vocab_size)
+    model = make_model(cfg, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("bootstrap: Llama with %.2fM parameters, vocabulary %d", n_params / 1e6, len(tokenizer))
+    losses = pretrain(model, tokenizer, texts, cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    summary = {"parameters": n_params, "vocab_size": len(tokenizer), "final_loss": losses[-1], "config": asdict(cfg)}
+    (out_dir / "bootstrap.json").write_text(json.dumps(summary, indent=2))
+    return {"summary": summary, "losses": losses}
+
+
+def build(cfg: BootstrapConfig, out_dir: str | Path, tracking) -> dict:
+    """bootstrap, tracked as the pipeline's `bootstrap` job."""
+    import mlflow
+
+    from workflow.tracking import job_run
+
+    with job_run(tracking, "bootstrap", {"bootstrap": asdict(cfg)}):
+        result = bootstrap(cfg, out_dir)
+        for step, loss in enumerate(result["losses"], start=1):
+            if step % 10 == 0 or step == len(result["losses"]):
+                mlflow.log_metric("pretrain_loss", loss, step=step)
+        mlflow.log_metrics({"parameters": result["summary"]["parameters"], "vocab_size": result["summary"]["vocab_size"]})
+        mlflow.log_artifact(str(Path(out_dir) / "bootstrap.json"))
+        return result["summary"]

@@ -1,0 +1,191 @@
+"""evaluate: exact-match accuracy, format adherence and perplexity on the held-out test split, and the gate.
+
+    snakemake results/evaluate/finetuned.json
+
+Generation is greedy. The answer is the text after the last </think>, up to EOS; it must equal the
+reference answer exactly (whitespace trimmed). Format adherence means the think block was closed and
+the generation ended with EOS rather than running out of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workflow.tracking import Tracking, job_run
+
+log = logging.getLogger(__name__)
+
+END_THINK = "</think>"
+
+
+class GateFailed(RuntimeError):
+    """A model (or scheme) missed a threshold; the message names the metric, its value and the threshold."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_samples: int = 200
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    sample_generations: int = 12
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    """Generated text after the prompt, special tokens removed."""
+    ended: bool
+    """The generation stopped at EOS (not at the token budget)."""
+
+
+def read_split(path: str | Path, limit: int) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for _, line in zip(range(limit), handle)]
+
+
+def final_answer(text: str) -> str | None:
+    """The text after the last </think>, or None if the think block was never closed."""
+    return text.rsplit(END_THINK, 1)[1].strip() if END_THINK in text else None
+
+
+def score(rows: list[dict], completions: list[Completion]) -> tuple[dict, list[dict]]:
+    """Accuracy and format adherence of completions against the rows' reference answers, and per-row results."""
+    results = []
+    for row, completion in zip(rows, completions, strict=True):
+        reference = row["messages"][-1]["content"].strip()
+        answer = final_answer(completion.text)
+        results.append({
+            "prompt": row["messages"][-2]["content"] if len(row["messages"]) > 1 else "",
+            "reference": reference,
+            "generation": completion.text,
+            "answer": answer,
+            "correct": answer == reference,
+            "well_formed": answer is not None and completion.ended,
+        })
+    n = len(results)
+    metrics = {
+        "accuracy": sum(r["correct"] for r in results) / n,
+        "format_adherence": sum(r["well_formed"] for r in results) / n,
+        "samples": n,
+    }
+    return metrics, results
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> list[Completion]:
+    """Greedy completions of each row's prompt (the conversation up to its last answer), batched."""
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    completions = []
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start : start + cfg.batch_size]
+        prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in batch]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
+        for tokens in out[:, inputs.input_ids.shape[1] :].tolist():
+            ended = tokenizer.eos_token_id in tokens
+            if ended:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+            completions.append(Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended))
+    return completions
+
+
+@torch.inference_mode()
+def perplexity(model, rows: list[dict]) -> float:
+    """exp of the mean negative log-likelihood of the reference assistant tokens."""
+    total, count = 0.0, 0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor([row["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        total += model(input_ids=ids, labels=labels).loss.item() * n
+        count += n
+    return math.exp(total / count)
+
+
+def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = read_split(test_path, cfg.max_samples)
+    metrics, results = score(rows, generate(model, tokenizer, rows, cfg))
+    metrics["perplexity"] = perplexity(model, rows)
+    return metrics, results
+
+
+def samples_markdown(results: list[dict], limit: int) -> str:
+    lines = ["| prompt | reference | answer | correct | generation |", "| --- | --- | --- | --- | --- |"]
+    for r in results[:limit]:
+        cells = [r["prompt"], r["reference"], r["answer"] or "(no </think>)", "yes" if r["correct"] else "no", r["generation"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def log_results(name: str, metrics: dict, results: list[dict], limit: int) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    mlflow.log_table({key: [r[key] for r in results] for key in results[0]}, f"{name}_generations.json")
+    mlflow.log_text(samples_markdown(results, limit), f"{name}_samples.md")
+
+
+def evaluate_base(model_dir: str | Path, test_path: str | Path, out_path: str | Path, cfg: EvalConfig, tracking: Tracking) -> dict:
+    """The base model's scores, the reference the fine-tuned model must beat."""
+    with job_run(tracking, "evaluate_base", {"evaluate": asdict(cfg), "model": str(model_dir)}):
+        metrics, results = evaluate_model(model_dir, test_path, cfg)
+        log_results("base", metrics, results, cfg.sample_generations)
+        Path(out_path).write_text(json.dumps({"metrics": metrics, "results": results}, indent=1))
+        log.info("base model: %s", json.dumps(metrics))
+        return metrics
+
+
+def gate_failures(metrics: dict, base: dict, min_accuracy: float, min_gain: float) -> list[str]:
+    failures = []
+    if metrics["accuracy"] < min_accuracy:
+        failures.append(f"accuracy {metrics['accuracy']:.3f} < evaluate.gate.min_accuracy {min_accuracy:.3f}")
+    gain = metrics["accuracy"] - base["accuracy"]
+    if gain < min_gain:
+        failures.append(
+            f"gain over base {gain:+.3f} (base {base['accuracy']:.3f} -> {metrics['accuracy']:.3f}) < evaluate.gate.min_gain {min_gain:.3f}"
+        )
+    return failures
+
+
+def evaluate_finetuned(model_dir: str | Path, test_path: str | Path, base_path: str | Path, out_path: str | Path,
+                       report_path: str | Path, cfg: EvalConfig, gate: dict, tracking: Tracking) -> dict:
+    """Score the fine-tuned model, compare with the base, write the report, and stop the DAG if the gate fails."""
+    base = json.loads(Path(base_path).read_text())["metrics"]
+    with job_run(tracking, "evaluate", {"evaluate": asdict(cfg), "gate": gate, "model": str(model_dir)}):
+        metrics, results = evaluate_model(model_dir, test_path, cfg)
+        metrics["gain_over_base"] = metrics["accuracy"] - base["accuracy"]
+        log_results("finetuned", metrics, results, cfg.sample_generations)
+        mlflow.log_metrics({f"base_{k}": float(v) for k, v in base.items()})
+        failures = gate_failures(metrics, base, gate["min_accuracy"], gate["min_gain"])
+        verdict = "failed: " + "; ".join(failures) if failures else "passed"
+        report = "\n".join([
+            "# Evaluation on the held-out test split",
+            "",
+            "| model | accuracy | format adherence | perplexity |",
+            "| --- | --- | --- | --- |",
+            f"| base | {base['accuracy']:.3f} | {base['format_adherence']:.3f} | {base['perplexity']:.2f} |",
+            f"| fine-tuned | {metrics['accuracy']:.3f} | {metrics['format_adherence']:.3f} | {metrics['perplexity']:.2f} |",
+            "",
+            f"Gate (min accuracy {gate['min_accuracy']}, min gain {gate['min_gain']}): **{verdict}**",
+            "",
+            "## Sample generations",
+            "",
+            samples_markdown(results, cfg.sample_generations),
+        ])
+        Path(report_path).write_text(report + "\n")
+        mlflow.log_artifact(str(report_path))
+        mlflow.set_tag("ft2prod.gate", "failed" if failures else "passed")
+        log.info("fine-tuned model: %s; gate %s", json.dumps(metrics), verdict)
+        if failures:
+            raise GateFailed(f"evaluate gate {verdict}")
+        Path(out_path).write_text(json.dumps({"metrics": metrics, "base": base, "gate": "passed"}, indent=1))
+        return metrics

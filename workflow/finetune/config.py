@@ -1,0 +1,90 @@
+"""Typed fine-tuning settings (the `finetune:` section of config.yaml) and the DeepSpeed config they imply."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator (the adapter output is scaled by alpha / r)."""
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    method: str = "full"
+    """full: every parameter; lora: a PEFT adapter, merged into the base on export."""
+    launcher: str = "torchrun"
+    """torchrun or deepspeed: starts one process per device."""
+    nproc_per_node: int = 2
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "fp32"
+    epochs: float = 3
+    max_steps: int = -1
+    micro_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    packing: bool = True
+    """Padding-free micro-batches with per-sequence position ids (block-diagonal attention)."""
+    save_steps: int = 40
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "method": ("full", "lora"),
+            "launcher": ("torchrun", "deepspeed"),
+            "zero_stage": (0, 1, 2, 3),
+            "precision": ("fp32", "bf16"),
+            "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
+        }
+        for key, values in allowed.items():
+            if getattr(self, key) not in values:
+                raise ValueError(f"finetune.{key} must be one of {', '.join(map(str, values))} (got {getattr(self, key)!r})")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"finetune.offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("finetune.offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraSettings(**{**self.lora, "target_modules": tuple(self.lora.get("target_modules", LoraSettings.target_modules))}))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def deepspeed_config(cfg: FinetuneConfig) -> dict:
+    """The DeepSpeed config; "auto" values are filled by the Trainer from its own arguments."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if cfg.zero_stage == 3:
+        # Full fine-tunes are consolidated from the fp32 shards on export; LoRA adapters are gathered on save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = cfg.method == "lora"
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+    }
+    if cfg.offload_optimizer:
+        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    return config

@@ -1,0 +1,124 @@
+"""finetune: launch one training process per device with torchrun or the deepspeed launcher, resumably.
+
+    snakemake results/finetune/summary.json
+
+Resumable state lives in results/finetune/checkpoints (not a Snakemake output, so a killed job keeps it);
+a rerun resumes from the newest checkpoint whose settings and data match, and starts afresh otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+
+from workflow.finetune.config import FinetuneConfig
+from workflow.tracking import Tracking, job_run, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(cfg: FinetuneConfig, job_file: Path) -> list[str]:
+    """The launcher command line: one process per device on this node."""
+    entry = ["workflow.finetune.train", "--job", str(job_file)]
+    if cfg.launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc_per_node),
+                "--master_port", str(free_port()), "--module", *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc_per_node), "-m", *entry]
+
+
+def launch_env(cfg: FinetuneConfig, run_id: str, tracking_uri: str) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri)
+    # One BLAS thread per core per rank: oversubscribed CPU ranks run several times slower.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc_per_node)))
+    # DeepSpeed JIT-compiles ops on first use; keep them across runs and results directories.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ft2prod" / "torch_extensions"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
+    return env
+
+
+def fingerprint(cfg: FinetuneConfig, seed: int, model_dir: Path, data_dir: Path) -> str:
+    """What a checkpoint was trained from; a checkpoint with another fingerprint is never resumed."""
+    parts = {
+        "finetune": cfg.as_dict(),
+        "seed": seed,
+        "model_config": sha256_file(model_dir / "config.json"),
+        "weights": sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors")),
+        "train": sha256_file(data_dir / "train.jsonl"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, cfg: FinetuneConfig, seed: int,
+        tracking: Tracking, log_path: str | Path) -> dict:
+    """Fine-tune model_dir on data_dir/train.jsonl; write summary_path naming the final checkpoint."""
+    model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
+    checkpoint_dir = summary_path.parent / "checkpoints"
+    job_file = checkpoint_dir / "job.json"
+    mark = fingerprint(cfg, seed, model_dir, data_dir)
+    if job_file.exists() and json.loads(job_file.read_text()).get("fingerprint") != mark:
+        log.info("settings or data changed since the checkpoints in %s were written: starting afresh", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    job = {
+        "finetune": cfg.as_dict(),
+        "seed": seed,
+        "model_dir": str(model_dir.resolve()),
+        "data_dir": str(data_dir.resolve()),
+        "checkpoint_dir": str(checkpoint_dir.resolve()),
+        "summary": str(summary_path.resolve()),
+        "fingerprint": mark,
+    }
+    job_file.write_text(json.dumps(job, indent=2))
+    with job_run(tracking, "finetune", {"finetune": cfg.as_dict(), "seed": seed, "base_model": str(model_dir)}) as run:
+        command = launch_command(cfg, job_file)
+        log.info("launching: %s", " ".join(command))
+        with open(log_path, "a") as sink:
+            sink.flush()
+            done = subprocess.run(command, env=launch_env(cfg, run.info.run_id, tracking.resolved_uri()), stdout=sink, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"finetune: the {cfg.launcher} launcher exited with status {done.returncode}; see {log_path}")
+        summary = json.loads(summary_path.read_text())
+        plot = summary_path.parent / "loss.png"
+        plot_loss(summary["log_history"], plot)
+        mlflow.log_artifact(str(plot))
+        mlflow.log_artifact(str(job_file))
+        mlflow.log_metrics({"final_train_loss": summary["train_loss"], "global_step": summary["global_step"]})
+        mlflow.set_tag("ft2prod.resumed_from", summary["resumed_from"] or "none")
+        mlflow.log_artifact(str(log_path))
+        return summary

@@ -1,0 +1,166 @@
+"""MLflow tracking: one parent run per results directory (the pipeline run), one child run per job.
+
+Every stage opens its job run with `job_run(settings, "finetune", params)`; the parent is found or made
+under a file lock, so parallel jobs and reruns of failed jobs attach to the same pipeline run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "ft2prod.results_dir"
+SECRET_MARKERS = ("key", "secret", "token", "password", "credential")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str
+    """MLflow tracking URI; a relative sqlite path is resolved against the working directory."""
+    experiment: str
+    """MLflow experiment name."""
+    results_dir: str = "results"
+    """The pipeline's results directory: one parent run per directory."""
+    run_name: str = "pipeline"
+    """Name of the parent run."""
+    log_model_max_mb: float = 50
+    """Models up to this size are copied into MLflow, larger ones logged by reference and digest."""
+
+    @classmethod
+    def from_config(cls, config: dict, results_dir: str = "results") -> Tracking:
+        section = config["tracking"]
+        return cls(
+            uri=section["uri"],
+            experiment=section["experiment"],
+            results_dir=results_dir,
+            run_name=config["run_name"],
+            log_model_max_mb=section["log_model_max_mb"],
+        )
+
+    def resolved_uri(self) -> str:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+            path = Path(uri[len(prefix):]).resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            uri = prefix + str(path)
+        return uri
+
+
+def _experiment_id(tracking: Tracking) -> str:
+    experiment = mlflow.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking.resolved_uri().startswith("sqlite:"):
+        # Without a server, artifacts go beside the store rather than into ./mlruns of whatever cwd.
+        artifact_location = (Path(tracking.results_dir) / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location)
+
+
+def pipeline_run_id(tracking: Tracking) -> str:
+    """The parent run of this results directory, made on first use."""
+    mlflow.set_tracking_uri(tracking.resolved_uri())
+    results = Path(tracking.results_dir).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / ".mlflow.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        experiment_id = _experiment_id(tracking)
+        found = MlflowClient().search_runs(
+            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{results}'", max_results=1
+        )
+        if found:
+            return found[0].info.run_id
+        run = MlflowClient().create_run(
+            experiment_id,
+            run_name=tracking.run_name,
+            tags={PARENT_TAG: str(results), "ft2prod.stage": "pipeline", "ft2prod.git_commit": git_commit()},
+        )
+        MlflowClient().set_terminated(run.info.run_id, "RUNNING")
+        return run.info.run_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config to MLflow params (`finetune.zero_stage`), leaving out anything that looks like a secret."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if any(marker in key.lower() for marker in SECRET_MARKERS):
+            continue
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+@contextmanager
+def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A child run of the pipeline run, named after the job; failed if the body raises."""
+    parent = pipeline_run_id(tracking)
+    stage = job.split("/")[0]
+    tags = {"ft2prod.stage": stage, "ft2prod.git_commit": git_commit(), "mlflow.parentRunId": parent}
+    if "/" in job:
+        tags["ft2prod.scheme"] = job.split("/", 1)[1]
+    with mlflow.start_run(run_name=job, experiment_id=_experiment_id(tracking), tags=tags) as run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(directory: str | Path) -> tuple[str, dict[str, str]]:
+    """A digest of a folder: SHA-256 over the sorted (relative path, file digest) pairs, and the file digests."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), files
+
+
+def log_dataset(path: str | Path, name: str, context: str) -> str:
+    """Record a data file as a run input with its SHA-256 as the digest; returns the digest."""
+    digest = sha256_file(path)
+    dataset = MetaDataset(source=resolve_dataset_source(str(Path(path).resolve())), name=name, digest=digest[:32])
+    mlflow.log_input(dataset, context=context)
+    mlflow.set_tag(f"ft2prod.data.{name}.sha256", digest)
+    return digest
+
+
+def log_model_dir(tracking: Tracking, directory: str | Path, artifact_path: str) -> str:
+    """Copy a model folder into MLflow when small; always record its tree digest and per-file digests."""
+    directory = Path(directory)
+    tree, files = sha256_tree(directory)
+    size_mb = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2**20
+    mlflow.log_dict({"sha256": tree, "files": files, "path": str(directory.resolve())}, f"{artifact_path}.sha256.json")
+    mlflow.set_tags({f"ft2prod.{artifact_path}.sha256": tree, f"ft2prod.{artifact_path}.size_mb": f"{size_mb:.1f}"})
+    if size_mb <= tracking.log_model_max_mb:
+        mlflow.log_artifacts(str(directory), artifact_path)
+    return tree
