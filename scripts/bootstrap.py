@@ -6,4 +6,4 @@ to_file(snakemake.log[0])
 from workflow.bootstrap.model import BootstrapConfig, build
 from workflow.tracking import Tracking
 
-build(BootstrapConfig(**snakemake.params.settings), snakemake.output.model, Tracking.from_config(snakemake.config))
+build(BootstrapConfig(**snakemake.params.settings), snakemake.output.model, Tracking.from_config(snakemake.config, snakemake.log[0]))

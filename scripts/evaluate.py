@@ -14,5 +14,5 @@ evaluate_finetuned(
     snakemake.output.report,
     EvalConfig(**snakemake.params.settings),
     snakemake.params.gate,
-    Tracking.from_config(snakemake.config),
+    Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

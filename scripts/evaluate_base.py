@@ -11,5 +11,5 @@ evaluate_base(
     snakemake.input.test,
     snakemake.output[0],
     EvalConfig(**snakemake.params.settings),
-    Tracking.from_config(snakemake.config),
+    Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

@@ -12,5 +12,5 @@ export(
     snakemake.input.summary,
     snakemake.output.model,
     FinetuneConfig(**snakemake.params.settings),
-    Tracking.from_config(snakemake.config),
+    Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

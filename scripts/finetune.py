@@ -15,6 +15,6 @@ run(
     snakemake.output.summary,
     FinetuneConfig(**snakemake.params.settings),
     snakemake.params.seed,
-    Tracking.from_config(snakemake.config),
+    Tracking.from_config(snakemake.config, snakemake.log[0]),
     snakemake.log[0],
 )

@@ -13,5 +13,5 @@ prepare(
     snakemake.input.model,
     Path(snakemake.output.stats).parent,
     DataConfig(**snakemake.params.settings),
-    Tracking.from_config(snakemake.config),
+    Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "ft2prod.results_dir"
-SECRET_MARKERS = ("key", "secret", "token", "password", "credential")
+SECRET_WORDS = {"key", "secret", "token", "password", "passphrase", "credential", "credentials"}
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,11 @@ class Tracking:
     """Name of the parent run."""
     log_model_max_mb: float = 50
     """Models up to this size are copied into MLflow, larger ones logged by reference and digest."""
+    log_path: str | None = None
+    """The job's log file, attached to its run when the job ends (failed jobs too)."""
 
     @classmethod
-    def from_config(cls, config: dict, results_dir: str = "results") -> Tracking:
+    def from_config(cls, config: dict, log_path: str | None = None, results_dir: str = "results") -> Tracking:
         section = config["tracking"]
         return cls(
             uri=section["uri"],
@@ -47,6 +50,7 @@ class Tracking:
             results_dir=results_dir,
             run_name=config["run_name"],
             log_model_max_mb=section["log_model_max_mb"],
+            log_path=log_path,
         )
 
     def resolved_uri(self) -> str:
@@ -102,13 +106,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def redact(params: dict) -> dict:
+    """params without any key that names a secret (`api_key`, `vault_token`, ...), at any depth."""
+    return {
+        key: redact(value) if isinstance(value, dict) else value
+        for key, value in params.items()
+        if not SECRET_WORDS & set(str(key).lower().split("_"))
+    }
+
+
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
-    """Nested config to MLflow params (`finetune.zero_stage`), leaving out anything that looks like a secret."""
+    """Nested config to MLflow params: {"finetune": {"zero_stage": 2}} -> {"finetune.zero_stage": "2"}."""
     flat = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if any(marker in key.lower() for marker in SECRET_MARKERS):
-            continue
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
@@ -118,16 +129,32 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 @contextmanager
 def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A child run of the pipeline run, named after the job; failed if the body raises."""
+    """A child run of the pipeline run, named after the job; failed if the body raises.
+
+    The parent's status follows its jobs: running while one runs, failed when the last one failed.
+    """
     parent = pipeline_run_id(tracking)
     stage = job.split("/")[0]
-    tags = {"ft2prod.stage": stage, "ft2prod.git_commit": git_commit(), "mlflow.parentRunId": parent}
+    tags = {"ft2prod.stage": stage, "ft2prod.git_commit": git_commit()}
     if "/" in job:
         tags["ft2prod.scheme"] = job.split("/", 1)[1]
-    with mlflow.start_run(run_name=job, experiment_id=_experiment_id(tracking), tags=tags) as run:
-        if params:
-            mlflow.log_params(flatten(params))
-        yield run
+    client = MlflowClient()
+    client.update_run(parent, status="RUNNING")
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=job, experiment_id=_experiment_id(tracking), parent_run_id=parent, tags=tags) as run:
+            if params:
+                safe = redact(params)
+                mlflow.log_params(flatten(safe))
+                mlflow.log_dict(safe, "config.json")
+            try:
+                yield run
+                status = "FINISHED"
+            finally:
+                if tracking.log_path and Path(tracking.log_path).exists():
+                    mlflow.log_artifact(tracking.log_path)
+    finally:
+        client.update_run(parent, status=status)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -148,7 +175,11 @@ def sha256_tree(directory: str | Path) -> tuple[str, dict[str, str]]:
 def log_dataset(path: str | Path, name: str, context: str) -> str:
     """Record a data file as a run input with its SHA-256 as the digest; returns the digest."""
     digest = sha256_file(path)
-    dataset = MetaDataset(source=resolve_dataset_source(str(Path(path).resolve())), name=name, digest=digest[:32])
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source under two schemes and warns that they are ambiguous.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    dataset = MetaDataset(source=source, name=name, digest=digest[:32])
     mlflow.log_input(dataset, context=context)
     mlflow.set_tag(f"ft2prod.data.{name}.sha256", digest)
     return digest

@@ -57,7 +57,7 @@ class BootstrapConfig:
     max_position_embeddings: int = 512
     pretrain_rows: int = 6000
     """Prose problems the base model pretrains on (disjoint seed from the fine-tuning data)."""
-    pretrain_steps: int = 300
+    pretrain_steps: int = 800
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 1234

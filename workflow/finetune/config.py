@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+COMPLETE = ".complete"
+"""Marker written into a checkpoint folder once every rank has saved its part."""
 
 
 @dataclass(frozen=True)
@@ -88,3 +94,17 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
         # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam.
         config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
     return config
+
+
+def latest_complete_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """The newest fully written checkpoint-N folder; half-written ones (a kill mid-save) are removed."""
+    found = []
+    for path in Path(checkpoint_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if not match or not path.is_dir():
+            continue
+        if (path / COMPLETE).exists():
+            found.append((int(match.group(1)), path))
+        else:
+            shutil.rmtree(path)
+    return str(max(found)[1]) if found else None

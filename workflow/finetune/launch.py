@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlflow
 
-from workflow.finetune.config import FinetuneConfig
+from workflow.finetune.config import FinetuneConfig, latest_complete_checkpoint
 from workflow.tracking import Tracking, job_run, sha256_file
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
         "checkpoint_dir": str(checkpoint_dir.resolve()),
         "summary": str(summary_path.resolve()),
         "fingerprint": mark,
+        "resume_from": latest_complete_checkpoint(checkpoint_dir.resolve()),
     }
     job_file.write_text(json.dumps(job, indent=2))
     with job_run(tracking, "finetune", {"finetune": cfg.as_dict(), "seed": seed, "base_model": str(model_dir)}) as run:
@@ -120,5 +121,4 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
         mlflow.log_artifact(str(job_file))
         mlflow.log_metrics({"final_train_loss": summary["train_loss"], "global_step": summary["global_step"]})
         mlflow.set_tag("ft2prod.resumed_from", summary["resumed_from"] or "none")
-        mlflow.log_artifact(str(log_path))
         return summary

@@ -24,9 +24,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
-
-from workflow.finetune.config import FinetuneConfig, deepspeed_config
+from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 
 log = logging.getLogger("workflow.finetune")
 
@@ -65,6 +63,14 @@ class MlflowMetrics(TrainerCallback):
         timestamp = int(time.time() * 1000)
         for key, value in metrics.items():
             client.log_metric(self.run_id, key, value, timestamp=timestamp, step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        # Mark the checkpoint complete once every rank has written its part: a kill mid-save leaves
+        # an unmarked folder, which the launcher discards instead of resuming from it.
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE).touch()
 
     def on_step_end(self, args, state, control, **kwargs):
         # Always checkpoint the final step: export reads it, and a finished run is never retrained.
@@ -115,6 +121,9 @@ def train(job: dict) -> dict:
         log.info("resolved settings: %s", json.dumps(job, indent=1))
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype)
+    # Training needs no KV cache, and packing needs it off: with a cache, transformers ignores the
+    # restarting position ids and lets packed sequences attend to each other.
+    model.config.use_cache = False
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -136,11 +145,11 @@ def train(job: dict) -> dict:
         data_collator=collator,
         callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"))],
     )
-    resume = get_last_checkpoint(job["checkpoint_dir"]) if Path(job["checkpoint_dir"]).is_dir() else None
+    resume = job["resume_from"]
     if args.process_index == 0:
         log.info("resuming from %s" % resume if resume else "starting from step 0 (no checkpoint)")
     result = trainer.train(resume_from_checkpoint=resume)
-    last = get_last_checkpoint(job["checkpoint_dir"])
+    last = latest_complete_checkpoint(job["checkpoint_dir"])
     return {
         "checkpoint": last,
         "global_step": trainer.state.global_step,
@@ -162,6 +171,11 @@ def main() -> None:
     summary = train(job)
     if rank == 0:
         Path(job["summary"]).write_text(json.dumps(summary, indent=2))
+    # Leave together and tear the process group down: a rank that exits with gloo (ZeRO-3) threads
+    # still running aborts ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny locally built base model, and a helper that runs the real Snakemake DAG."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough for a 2-core machine: the DAG runs end to end in about a minute.
+TINY = {
+    "run_name": "tiny",
+    "bootstrap": {"num_layers": 2, "pretrain_rows": 300, "pretrain_steps": 20},
+    "data": {"generated_rows": 240, "test_fraction": 0.1},
+    "finetune": {"max_steps": 8, "save_steps": 4, "micro_batch_size": 8, "logging_steps": 2},
+    "evaluate": {"max_samples": 8, "max_new_tokens": 48, "gate": {"min_accuracy": 0.0, "min_gain": -1.0}},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow's Snakefile in workdir with config (merged into the tiny defaults)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(merge(TINY, config)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml", "--cores", "2", *args],
+        cwd=workdir, env=env, capture_output=True, text=True,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"snakemake failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer bootstrap model with its R1-style tokenizer, pretrained for a few steps."""
+    from workflow.bootstrap.model import BootstrapConfig, bootstrap
+
+    out = tmp_path_factory.mktemp("tiny_base")
+    bootstrap(BootstrapConfig(num_layers=2, pretrain_rows=200, pretrain_steps=2), out)
+    return out
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    from workflow.tracking import Tracking
+
+    return Tracking(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="tests", results_dir=str(tmp_path / "results"))

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from workflow.data import DataConfig, DataError, Stats, prepare, read_rows, render, split_of, to_messages
+
+CHAT = {"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "reasoning_content": "2 + 3 = 5", "content": "The answer is 5."}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_alpaca_rows_become_chats():
+    messages = to_messages({"instruction": "Add", "input": "2 and 3", "output": "5"}, "f:1")
+    assert messages == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"text": "hi"}, "expected 'messages' (chat form) or 'instruction'/'output' (alpaca form); found keys ['text']"),
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role must be one of system, user, assistant (got 'bot')"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "the last message must be the assistant's answer"),
+        ({"messages": [{"role": "user", "content": "x", "reasoning_content": "y"}, {"role": "assistant", "content": "z"}]},
+         "reasoning_content must be a string on an assistant turn"),
+        ({"instruction": "x", "output": ""}, "alpaca row needs a non-empty string 'output'"),
+        ([1, 2], "expected a JSON object, got list"),
+    ],
+)
+def test_bad_rows_are_named(row, message):
+    with pytest.raises(DataError) as err:
+        to_messages(row, "data.jsonl:7")
+    assert str(err.value).startswith("data.jsonl:7: ")
+    assert message in str(err.value)
+
+
+def test_fail_policy_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT, CHAT, "{not json", CHAT])
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON .*data.on_bad_row: skip"):
+        read_rows(path, "fail", Stats())
+
+
+def test_skip_policy_drops_and_counts(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT, "{not json", {"text": 1}, "", CHAT])
+    stats = Stats()
+    rows = read_rows(path, "skip", stats)
+    assert len(rows) == 2
+    assert stats.rows_read == 4
+    assert [b.split(": ")[0] for b in stats.bad_rows] == [f"{path}:2", f"{path}:3"]
+
+
+def test_split_is_deterministic_and_depends_on_seed():
+    rows = [[{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}] for i in range(400)]
+    cfg = DataConfig(val_fraction=0.1, test_fraction=0.2, seed=0)
+    first = [split_of(r, cfg) for r in rows]
+    assert first == [split_of(r, cfg) for r in rows]
+    assert 40 < first.count("test") < 120 and 15 < first.count("val") < 70
+    assert first != [split_of(r, DataConfig(val_fraction=0.1, test_fraction=0.2, seed=1)) for r in rows]
+
+
+def test_labels_cover_exactly_the_assistant_turns(tiny_base):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    messages = [
+        {"role": "user", "content": "Ana has 2 pens. How many?"},
+        {"role": "assistant", "reasoning_content": "2 + 0 = 2", "content": "The answer is 2."},
+        {"role": "user", "content": "And now with 1 more?"},
+        {"role": "assistant", "content": "The answer is 3."},
+    ]
+    input_ids, labels = render(messages, tokenizer)
+    assert len(input_ids) == len(labels)
+    trained = tokenizer.decode([t for t in labels if t != -100])
+    assert trained == ("2 + 0 = 2\n</think>\n\nThe answer is 2." + tokenizer.eos_token
+                       + "</think>\n\nThe answer is 3." + tokenizer.eos_token)
+    assert "Ana has" not in trained and "<｜User｜>" not in trained
+
+
+def test_prepare_deduplicates_splits_and_records(tmp_path, tiny_base, tracking):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(200)]
+    source = write_jsonl(tmp_path / "d.jsonl", rows + rows[:30] + [{"instruction": "x" * 5000, "output": "y"}])
+    stats = prepare(source, tiny_base, tmp_path / "out", DataConfig(max_seq_len=128, test_fraction=0.2), tracking)
+    assert stats.duplicates == 30 and stats.too_long == 1
+    assert sum(stats.rows.values()) == 200
+    written = {name: (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines() for name in ("train", "val", "test")}
+    assert {name: len(lines) for name, lines in written.items()} == stats.rows
+    assert len(stats.digests["train"]) == 64
+    test_row = json.loads(written["test"][0])
+    assert set(test_row) == {"messages", "input_ids", "labels"}
+
+
+def test_prepare_fails_on_empty_test_split(tmp_path, tiny_base, tracking):
+    source = write_jsonl(tmp_path / "d.jsonl", [CHAT])
+    with pytest.raises(DataError, match="the test split is empty"):
+        prepare(source, tiny_base, tmp_path / "out", DataConfig(test_fraction=0.01), tracking)

@@ -1,0 +1,150 @@
+"""End-to-end: the real Snakemake DAG on tiny configs in temporary directories, then a look at what it made."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, TINY, merge, snakemake
+
+pytestmark = pytest.mark.e2e
+
+JOBS = {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate"}
+
+
+def jobs_planned(done: subprocess.CompletedProcess) -> set[str]:
+    """Rule names in a dry run's job table."""
+    table = done.stdout.split("Job stats:")[1].split("\n\n")[0] if "Job stats:" in done.stdout else ""
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
+
+
+def client(workdir) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("zero2")
+    snakemake(workdir, {"finetune": {"zero_stage": 2}})
+    return workdir
+
+
+def test_dag_exports_a_self_describing_model(zero2):
+    model = zero2 / "results" / "model"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "ft2prod.json"):
+        assert (model / name).is_file(), name
+    described = json.loads((model / "ft2prod.json").read_text())
+    assert described["global_step"] == 8 and described["finetune"]["zero_stage"] == 2
+    metrics = json.loads((zero2 / "results" / "evaluate" / "finetuned.json").read_text())
+    assert metrics["gate"] == "passed" and 0 <= metrics["metrics"]["accuracy"] <= 1
+    assert "| base |" in (zero2 / "results" / "evaluate" / "report.md").read_text()
+
+
+def test_mlflow_has_parent_children_metrics_and_artifacts(zero2):
+    mlflow = client(zero2)
+    experiment = mlflow.get_experiment_by_name("ft2prod")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("ft2prod.stage") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.run_name == "tiny"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == JOBS
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    finetune = children["finetune"]
+    assert finetune.data.params["finetune.zero_stage"] == "2"
+    losses = mlflow.get_metric_history(finetune.info.run_id, "loss")
+    assert len(losses) >= 3 and all(m.value > 0 for m in losses)
+    assert mlflow.get_metric_history(finetune.info.run_id, "tokens_per_second")
+    assert {"loss.png", "job.json", "finetune.log"} <= {a.path for a in mlflow.list_artifacts(finetune.info.run_id)}
+
+    evaluate = children["evaluate"]
+    assert {"accuracy", "format_adherence", "perplexity", "base_accuracy", "gain_over_base"} <= set(evaluate.data.metrics)
+    assert evaluate.data.tags["ft2prod.gate"] == "passed"
+    assert {"report.md", "finetuned_generations.json", "finetuned_samples.md"} <= {a.path for a in mlflow.list_artifacts(evaluate.info.run_id)}
+
+    export = children["export"]
+    assert len(export.data.tags["ft2prod.model.sha256"]) == 64
+    assert "model/model.safetensors" in {a.path for a in mlflow.list_artifacts(export.info.run_id, "model")}
+
+    prepare = children["prepare_data"]
+    contexts = {d.dataset.name: d.tags[0].value for d in prepare.inputs.dataset_inputs}
+    assert contexts == {"source": "raw", "train": "training", "val": "validation", "test": "testing"}
+
+
+def test_second_run_does_nothing(zero2):
+    done = snakemake(zero2, {"finetune": {"zero_stage": 2}}, "-n")
+    assert "Nothing to be done" in done.stdout + done.stderr
+
+
+def test_config_change_reruns_only_what_it_affects(zero2):
+    evaluation = snakemake(zero2, {"finetune": {"zero_stage": 2}, "evaluate": {"max_new_tokens": 40}}, "-n")
+    assert jobs_planned(evaluation) == {"evaluate_base", "evaluate", "all"}
+    training = snakemake(zero2, {"finetune": {"zero_stage": 2, "learning_rate": 0.002}}, "-n")
+    assert jobs_planned(training) == {"finetune", "export", "evaluate", "all"}
+
+
+def test_failed_gate_stops_the_dag_and_says_why(zero2):
+    done = snakemake(zero2, {"finetune": {"zero_stage": 2}, "evaluate": {"gate": {"min_accuracy": 0.99}}}, check=False)
+    assert done.returncode != 0
+    assert re.search(r"evaluate gate failed: accuracy \d\.\d{3} < evaluate\.gate\.min_accuracy 0\.990", done.stdout + done.stderr)
+    runs = client(zero2).search_runs(
+        [client(zero2).get_experiment_by_name("ft2prod").experiment_id], filter_string="attributes.run_name = 'evaluate'"
+    )
+    assert {r.data.tags.get("ft2prod.gate") for r in runs} == {"passed", "failed"}
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1, "a rerun attaches to the same pipeline run"
+
+
+@pytest.mark.parametrize("settings", [{"zero_stage": 3}, {"method": "lora", "zero_stage": 2}], ids=["zero3", "lora"])
+def test_finetune_variants_run_end_to_end(tmp_path, settings):
+    snakemake(tmp_path, {"finetune": settings})
+    described = json.loads((tmp_path / "results" / "model" / "ft2prod.json").read_text())
+    assert {k: described["finetune"][k] for k in settings} == settings
+    base = (tmp_path / "results" / "bootstrap" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "results" / "model" / "model.safetensors").read_bytes() != base, "training changed the weights"
+    log = (tmp_path / "results" / "logs" / "finetune.log").read_text()
+    assert f"'stage': {settings['zero_stage']}" in log or f'"zero_stage": {settings["zero_stage"]}' in log
+
+
+def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = {"instruction": "Add 2 and 3", "output": "5"}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"messages": [{"role": "user"}]}\n')
+    done = snakemake(tmp_path, {"data": {"path": str(bad)}}, "results/data/stats.json", check=False)
+    assert done.returncode != 0
+    assert f"{bad}:3: messages[0].content must be a string" in done.stdout + done.stderr
+
+
+def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
+    settings = {"finetune": {"max_steps": 40, "save_steps": 5}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(merge(TINY, settings)))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml", "--cores", "2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "results" / "finetune" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("checkpoint-1[05]/.complete")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    ranks = [p for p in psutil.process_iter(["cmdline", "cwd"]) if p.info["cwd"] == str(tmp_path) and "workflow.finetune.train" in (p.info["cmdline"] or [])]
+    assert len(ranks) >= 2, "both training ranks were running"
+    for rank in ranks:
+        rank.send_signal(signal.SIGKILL)  # kill -9 of the fine-tune, midway
+    assert first.wait(timeout=120) != 0
+    assert not (tmp_path / "results" / "finetune" / "summary.json").exists(), "killed before it finished"
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / ".complete").exists())
+    assert 5 <= killed_at < 40
+
+    snakemake(tmp_path, settings)
+    summary = json.loads((tmp_path / "results" / "finetune" / "summary.json").read_text())
+    assert summary["global_step"] == 40
+    assert summary["resumed_from"].endswith(f"checkpoint-{killed_at}")
+    assert f"resuming from {checkpoints}/checkpoint-{killed_at}" in (tmp_path / "results" / "logs" / "finetune.log").read_text()
