@@ -1,4 +1,4 @@
-# ft2prod: fine-tune -> evaluate -> ... a private LLM, tracked in MLflow.
+# ft2prod: fine-tune -> evaluate -> quantize -> engines -> benchmark -> select, for a private LLM, tracked in MLflow.
 #   snakemake --profile profiles/default          (the embedded default; see README.md)
 from snakemake.utils import min_version, validate
 
@@ -18,6 +18,8 @@ validate(config, "config/schema.yaml")
 include: "rules/data.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/quantize.smk"
+include: "rules/engine.smk"
 
 
 rule all:

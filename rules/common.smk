@@ -29,8 +29,51 @@ def data_settings():
 
 
 def final_targets():
-    return [f"{RESULTS}/evaluate/finetuned.json"]
+    return [f"{RESULTS}/select/selection.json"]
 
 
 def eval_settings():
     return {key: value for key, value in config["evaluate"].items() if key != "gate"}
+
+
+def schemes():
+    return config["quantize"]["schemes"]
+
+
+def backend():
+    return config["engine"]["backend"]
+
+
+def max_accuracy_loss(wildcards):
+    return config["quantize"]["max_accuracy_loss"][wildcards.scheme]
+
+
+def buildable_schemes():
+    """Schemes the configured backend can build (ONNX Runtime GenAI has no FP8 kernels)."""
+    from workflow.engine.onnxruntime import PRECISIONS
+
+    if backend() == "onnxruntime":
+        return [s for s in schemes() if s in PRECISIONS[config["engine"]["onnxruntime"]["execution_provider"]]]
+    return schemes()
+
+
+def passed_quantization(scheme):
+    """Read after the scheme's evaluate_quantized checkpoint: did it pass its accuracy gate?"""
+    import json
+
+    with open(checkpoints.evaluate_quantized.get(scheme=scheme).output[0]) as handle:
+        return json.load(handle)["passed"]
+
+
+def engine_dirs(wildcards):
+    return [f"{RESULTS}/engine/{backend()}/{s}" for s in buildable_schemes() if passed_quantization(s)]
+
+
+def benchmark_files(wildcards):
+    return [f"{RESULTS}/benchmark/{backend()}/{s}.json" for s in buildable_schemes() if passed_quantization(s)]
+
+
+def trtllm_gpus():
+    """GPUs a TensorRT-LLM engine spans: tp x pp."""
+    settings = config["engine"]["tensorrt_llm"]
+    return settings["tp_size"] * settings["pp_size"]

@@ -19,7 +19,13 @@ from conftest import REPO, TINY, merge, snakemake
 
 pytestmark = pytest.mark.e2e
 
-JOBS = {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate"}
+SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
+ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
+JOBS = (
+    {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select"}
+    | {f"{stage}/{s}" for stage in ("quantize", "evaluate_quantized") for s in SCHEMES}
+    | {f"{stage}/{s}" for stage in ("build_engine", "benchmark") for s in ENGINES}
+)
 
 
 def jobs_planned(done: subprocess.CompletedProcess) -> set[str]:
@@ -81,16 +87,44 @@ def test_mlflow_has_parent_children_metrics_and_artifacts(zero2):
     assert contexts == {"source": "raw", "train": "training", "val": "validation", "test": "testing"}
 
 
+def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
+    results = zero2 / "results"
+    records = {s: json.loads((results / "quantize" / s / "quantize.json").read_text()) for s in SCHEMES}
+    assert {s: r["recipe"]["quant_algo"] for s, r in records.items()} == {
+        "bf16": None, "fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ"}
+    assert records["int4_awq"]["calib_samples"] == 4 and records["int4_awq"]["checkpoint_bytes"] < records["bf16"]["checkpoint_bytes"]
+    for scheme in ENGINES:
+        manifest = json.loads((results / "engine" / "onnxruntime" / scheme / "engine_manifest.json").read_text())
+        assert manifest["scheme"] == scheme and manifest["target"]["backend"] == "onnxruntime"
+        levels = json.loads((results / "benchmark" / "onnxruntime" / f"{scheme}.json").read_text())["levels"]
+        assert [lv["concurrency"] for lv in levels] == [1, 2] and all(lv["output_tokens_per_request"] == 8 for lv in levels)
+    selection = json.loads((results / "select" / "selection.json").read_text())
+    assert selection["selected"] in ENGINES and selection["policy"] == "max_throughput"
+    verdicts = {r["scheme"]: r["verdict"] for r in selection["evidence"]}
+    assert verdicts["fp8"] == "no onnxruntime engine for fp8"
+    report = (results / "select" / "report.md").read_text()
+    assert f"# Scheme selection: **{selection['selected']}**" in report and "| int4_awq |" in report
+    select_run = client(zero2).search_runs([client(zero2).get_experiment_by_name("ft2prod").experiment_id],
+                                           filter_string="attributes.run_name = 'select'")[0]
+    artifacts = {a.path for a in client(zero2).list_artifacts(select_run.info.run_id)}
+    assert {"comparison.json", "report.md", "accuracy_vs_throughput.png", "selection.json"} <= artifacts
+
+
 def test_second_run_does_nothing(zero2):
     done = snakemake(zero2, {"finetune": {"zero_stage": 2}}, "-n")
     assert "Nothing to be done" in done.stdout + done.stderr
 
 
 def test_config_change_reruns_only_what_it_affects(zero2):
+    upstream = {"bootstrap", "generate_data", "prepare_data"}
+    load = snakemake(zero2, {"finetune": {"zero_stage": 2}, "benchmark": {"requests": 3}}, "-n")
+    assert jobs_planned(load) == {"benchmark_onnxruntime", "select", "all"}
     evaluation = snakemake(zero2, {"finetune": {"zero_stage": 2}, "evaluate": {"max_new_tokens": 40}}, "-n")
-    assert jobs_planned(evaluation) == {"evaluate_base", "evaluate", "all"}
+    assert {"evaluate_base", "evaluate", "evaluate_quantized"} <= jobs_planned(evaluation)
+    assert not (upstream | {"finetune", "export", "quantize"}) & jobs_planned(evaluation)
     training = snakemake(zero2, {"finetune": {"zero_stage": 2, "learning_rate": 0.002}}, "-n")
-    assert jobs_planned(training) == {"finetune", "export", "evaluate", "all"}
+    assert {"finetune", "export", "evaluate", "quantize"} <= jobs_planned(training)
+    assert not (upstream | {"evaluate_base"}) & jobs_planned(training)
 
 
 def test_failed_gate_stops_the_dag_and_says_why(zero2):
@@ -106,7 +140,7 @@ def test_failed_gate_stops_the_dag_and_says_why(zero2):
 
 @pytest.mark.parametrize("settings", [{"zero_stage": 3}, {"method": "lora", "zero_stage": 2}], ids=["zero3", "lora"])
 def test_finetune_variants_run_end_to_end(tmp_path, settings):
-    snakemake(tmp_path, {"finetune": settings})
+    snakemake(tmp_path, {"finetune": settings}, "results/evaluate/finetuned.json")
     described = json.loads((tmp_path / "results" / "model" / "ft2prod.json").read_text())
     assert {k: described["finetune"][k] for k in settings} == settings
     base = (tmp_path / "results" / "bootstrap" / "model" / "model.safetensors").read_bytes()
@@ -127,7 +161,8 @@ def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path):
 def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
     settings = {"finetune": {"max_steps": 40, "save_steps": 5}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(merge(TINY, settings)))
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml", "--cores", "2"]
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml", "--cores", "2",
+               "results/finetune/summary.json"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "results" / "finetune" / "checkpoints"
@@ -143,7 +178,7 @@ def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
     killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / ".complete").exists())
     assert 5 <= killed_at < 40
 
-    snakemake(tmp_path, settings)
+    snakemake(tmp_path, settings, "results/finetune/summary.json")
     summary = json.loads((tmp_path / "results" / "finetune" / "summary.json").read_text())
     assert summary["global_step"] == 40
     assert summary["resumed_from"].endswith(f"checkpoint-{killed_at}")

@@ -98,6 +98,25 @@ def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> list[Comple
     return completions
 
 
+def prompt_ids(tokenizer, row: dict) -> list[int]:
+    text = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
+    """Greedy completions from a built engine's own generation loop (anything with `stream(ids, n)`)."""
+    completions = []
+    for row in rows:
+        tokens, ended = [], False
+        for token in engine.stream(prompt_ids(tokenizer, row), max_new_tokens):
+            if token == tokenizer.eos_token_id:
+                ended = True
+                break
+            tokens.append(token)
+        completions.append(Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended))
+    return completions
+
+
 @torch.inference_mode()
 def perplexity(model, rows: list[dict]) -> float:
     """exp of the mean negative log-likelihood of the reference assistant tokens."""
@@ -111,9 +130,11 @@ def perplexity(model, rows: list[dict]) -> float:
     return math.exp(total / count)
 
 
-def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig, model=None) -> tuple[dict, list[dict]]:
+    """Scores of the model in model_dir (or of `model`, e.g. a quantized one, with model_dir's tokenizer)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = read_split(test_path, cfg.max_samples)
     metrics, results = score(rows, generate(model, tokenizer, rows, cfg))
     metrics["perplexity"] = perplexity(model, rows)
@@ -189,3 +210,42 @@ def evaluate_finetuned(model_dir: str | Path, test_path: str | Path, base_path: 
             raise GateFailed(f"evaluate gate {verdict}")
         Path(out_path).write_text(json.dumps({"metrics": metrics, "base": base, "gate": "passed"}, indent=1))
         return metrics
+
+
+def accuracy_gate(scheme: str, accuracy: float, baseline: float, max_loss: float) -> dict:
+    """A scheme passes when it loses at most max_loss accuracy (absolute) against the fine-tuned model."""
+    loss = baseline - accuracy
+    passed = loss <= max_loss + 1e-9
+    reason = (
+        f"{scheme}: accuracy loss {loss:+.3f} ({baseline:.3f} -> {accuracy:.3f}) "
+        f"{'<=' if passed else '>'} quantize.max_accuracy_loss.{scheme} {max_loss:.3f}"
+    )
+    return {"scheme": scheme, "accuracy": accuracy, "baseline_accuracy": baseline, "accuracy_loss": loss,
+            "max_accuracy_loss": max_loss, "passed": passed, "reason": reason}
+
+
+def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_path: str | Path, finetuned_path: str | Path,
+                       out_path: str | Path, scheme: str, max_loss: float, cfg: EvalConfig, tracking: Tracking) -> dict:
+    """Score the quantized model itself (ModelOpt state restored in memory) and gate its accuracy loss.
+
+    A failing scheme does not stop the DAG: it is dropped from engine building and selection, and the
+    reason is in the log, the result file and MLflow.
+    """
+    from workflow.quantize import quantized_model
+
+    quantized_dir = Path(quantized_dir)
+    baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
+    with job_run(tracking, f"evaluate_quantized/{scheme}", {"scheme": scheme, "max_accuracy_loss": max_loss, "evaluate": asdict(cfg)}):
+        state = quantized_dir / "modelopt_state.pth"
+        model = quantized_model(model_dir, scheme, state=state if state.exists() else None)
+        metrics, results = evaluate_model(model_dir, test_path, cfg, model=model)
+        record = json.loads((quantized_dir / "quantize.json").read_text())
+        gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
+        result = gate | {"format_adherence": metrics["format_adherence"], "perplexity": metrics["perplexity"],
+                         "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"]}
+        log_results(scheme, metrics, results, cfg.sample_generations)
+        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20})
+        mlflow.set_tags({"ft2prod.gate": "passed" if gate["passed"] else "failed", "ft2prod.gate_reason": gate["reason"]})
+        (log.info if gate["passed"] else log.warning)("quantization gate %s: %s", "passed" if gate["passed"] else "FAILED, scheme dropped", gate["reason"])
+        Path(out_path).write_text(json.dumps(result, indent=1))
+        return result

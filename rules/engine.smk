@@ -1,0 +1,122 @@
+rule build_engine_onnxruntime:
+    input:
+        model=f"{RESULTS}/model",
+        quantized=f"{RESULTS}/quantize/{{scheme}}",
+        test=f"{RESULTS}/data/test.jsonl",
+        finetuned=f"{RESULTS}/evaluate/finetuned.json",
+    output:
+        directory(f"{RESULTS}/engine/onnxruntime/{{scheme}}"),
+    params:
+        settings=config["engine"],
+        max_loss=max_accuracy_loss,
+        eval_settings=eval_settings(),
+    log:
+        f"{RESULTS}/logs/build_engine/onnxruntime/{{scheme}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/build_engine/onnxruntime/{{scheme}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/build_engine.py"
+
+
+# TensorRT-LLM runs in NVIDIA's release container (snakemake --sdm apptainer) on tp x pp GPUs.
+rule build_engine_tensorrt_llm:
+    input:
+        model=f"{RESULTS}/model",
+        quantized=f"{RESULTS}/quantize/{{scheme}}",
+        test=f"{RESULTS}/data/test.jsonl",
+        finetuned=f"{RESULTS}/evaluate/finetuned.json",
+    output:
+        directory(f"{RESULTS}/engine/tensorrt_llm/{{scheme}}"),
+    params:
+        settings=config["engine"],
+        max_loss=max_accuracy_loss,
+        eval_settings=eval_settings(),
+    log:
+        f"{RESULTS}/logs/build_engine/tensorrt_llm/{{scheme}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/build_engine/tensorrt_llm/{{scheme}}.tsv"
+    threads: 8
+    resources:
+        mem_mb=64000,
+        runtime=120,
+        gpu=trtllm_gpus(),
+    container:
+        "docker://nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+    script:
+        "../scripts/build_engine.py"
+
+
+rule benchmark_onnxruntime:
+    input:
+        engine=f"{RESULTS}/engine/onnxruntime/{{scheme}}",
+        tokenizer=f"{RESULTS}/model",
+    output:
+        f"{RESULTS}/benchmark/onnxruntime/{{scheme}}.json",
+    params:
+        settings=config["engine"],
+        load=config["benchmark"],
+    log:
+        f"{RESULTS}/logs/benchmark/onnxruntime/{{scheme}}.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/benchmark.py"
+
+
+rule benchmark_tensorrt_llm:
+    input:
+        engine=f"{RESULTS}/engine/tensorrt_llm/{{scheme}}",
+        tokenizer=f"{RESULTS}/model",
+    output:
+        f"{RESULTS}/benchmark/tensorrt_llm/{{scheme}}.json",
+    params:
+        settings=config["engine"],
+        load=config["benchmark"],
+    log:
+        f"{RESULTS}/logs/benchmark/tensorrt_llm/{{scheme}}.log",
+    threads: 8
+    resources:
+        mem_mb=64000,
+        runtime=60,
+        gpu=trtllm_gpus(),
+    container:
+        "docker://nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+    script:
+        "../scripts/benchmark.py"
+
+
+rule select:
+    input:
+        quantized=expand(f"{RESULTS}/evaluate_quantized/{{scheme}}.json", scheme=schemes()),
+        engines=engine_dirs,
+        benchmarks=benchmark_files,
+    output:
+        selection=f"{RESULTS}/select/selection.json",
+        report=f"{RESULTS}/select/report.md",
+    params:
+        schemes=schemes(),
+        settings=config["select"],
+        backend=backend(),
+    log:
+        f"{RESULTS}/logs/select.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+        gpu=0,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/select.py"

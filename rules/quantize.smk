@@ -1,0 +1,51 @@
+rule quantize:
+    input:
+        model=f"{RESULTS}/model",
+        train=f"{RESULTS}/data/train.jsonl",
+    output:
+        directory(f"{RESULTS}/quantize/{{scheme}}"),
+    params:
+        calib_samples=config["quantize"]["calib_samples"],
+    log:
+        f"{RESULTS}/logs/quantize/{{scheme}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/quantize/{{scheme}}.tsv"
+    wildcard_constraints:
+        scheme="bf16|fp8|int8_sq|int4_awq",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/quantize.py"
+
+
+checkpoint evaluate_quantized:
+    input:
+        model=f"{RESULTS}/model",
+        quantized=f"{RESULTS}/quantize/{{scheme}}",
+        test=f"{RESULTS}/data/test.jsonl",
+        finetuned=f"{RESULTS}/evaluate/finetuned.json",
+    output:
+        f"{RESULTS}/evaluate_quantized/{{scheme}}.json",
+    params:
+        max_loss=max_accuracy_loss,
+        settings=eval_settings(),
+    log:
+        f"{RESULTS}/logs/evaluate_quantized/{{scheme}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_quantized/{{scheme}}.tsv"
+    wildcard_constraints:
+        scheme="bf16|fp8|int8_sq|int4_awq",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/evaluate_quantized.py"

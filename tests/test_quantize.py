@@ -1,0 +1,74 @@
+import json
+
+import mlflow
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from workflow.evaluate import EvalConfig, evaluate_quantized
+from workflow.quantize import QuantizeConfig, QuantizeError, check_quantizable, quantize, quantized_model
+
+
+def config_only_model(path, hidden=344, intermediate=1024):
+    path.mkdir()
+    LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4, num_key_value_heads=4,
+                num_hidden_layers=2, vocab_size=300).save_pretrained(path)
+    return path
+
+
+def test_int4_awq_refuses_a_model_whose_shapes_cannot_take_it(tmp_path):
+    model = config_only_model(tmp_path / "m344")
+    with pytest.raises(QuantizeError) as err:
+        check_quantizable(model, "int4_awq")
+    assert str(err.value) == (
+        "quantize: int4_awq needs in-features divisible by 128 (got hidden_size (q/k/v, gate/up, lm_head) = 344, "
+        "num_attention_heads x head_dim (o_proj) = 344); pick another scheme or model"
+    )
+    check_quantizable(model, "int8_sq")  # per-channel INT8 takes any shape
+    with pytest.raises(QuantizeError, match="unknown scheme 'int3'; allowed: bf16, fp8, int8_sq, int4_awq"):
+        check_quantizable(model, "int3")
+
+
+def test_refusal_comes_before_calibration_and_is_tracked(tmp_path, tracking):
+    model = config_only_model(tmp_path / "m344")  # no weights: calibration would fail differently
+    with pytest.raises(QuantizeError, match="int4_awq needs in-features divisible by 128"):
+        quantize(model, tmp_path / "missing.jsonl", tmp_path / "out", "int4_awq", QuantizeConfig(), tracking)
+    run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'quantize/int4_awq'", output_format="list")[0]
+    assert run.info.status == "FAILED"
+
+
+def test_quantize_exports_recipe_and_restores_the_same_model(tiny_base, tmp_path, tracking):
+    rows = [{"input_ids": list(range(5, 40)), "labels": list(range(5, 40))}] * 4
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = quantize(tiny_base, train, tmp_path / "q", "int8_sq", QuantizeConfig(calib_samples=3), tracking)
+    assert record["recipe"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    assert record["calib_samples"] == 3 and len(record["calib_sha256"]) == 64
+    assert (tmp_path / "q" / "checkpoint" / "hf_quant_config.json").exists()
+    ids = torch.tensor([list(range(5, 30))])
+    calibrated = quantized_model(tiny_base, "int8_sq", [r["input_ids"] for r in rows[:3]])
+    restored = quantized_model(tiny_base, "int8_sq", state=tmp_path / "q" / "modelopt_state.pth")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (calibrated, restored, plain))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c), "quantization changed the computation"
+
+
+def test_a_scheme_over_its_accuracy_loss_is_dropped_with_its_reason(tiny_base, tmp_path, tracking):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"input_ids": list(range(5, 30)), "labels": list(range(5, 30))}) + "\n")
+    quantize(tiny_base, train, tmp_path / "q", "fp8", QuantizeConfig(calib_samples=1), tracking)
+    test = tmp_path / "test.jsonl"
+    row = {"messages": [{"role": "user", "content": "Ana has 2 pens."}, {"role": "assistant", "content": "The answer is 2."}],
+           "input_ids": list(range(5, 20)), "labels": [-100] * 10 + list(range(15, 20))}
+    test.write_text(json.dumps(row) + "\n")
+    finetuned = tmp_path / "finetuned.json"
+    finetuned.write_text(json.dumps({"metrics": {"accuracy": 1.0}}))  # the reference the quantized model must keep
+    result = evaluate_quantized(tiny_base, tmp_path / "q", test, finetuned, tmp_path / "fp8.json", "fp8", 0.008,
+                                EvalConfig(max_samples=1, max_new_tokens=8), tracking)
+    assert result["passed"] is False
+    assert result["reason"] == "fp8: accuracy loss +1.000 (1.000 -> 0.000) > quantize.max_accuracy_loss.fp8 0.008"
+    assert json.loads((tmp_path / "fp8.json").read_text())["passed"] is False
+    run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'evaluate_quantized/fp8'", output_format="list")[0]
+    assert run.data.tags["ft2prod.gate"] == "failed" and run.info.status == "FINISHED"

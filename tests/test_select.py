@@ -1,0 +1,51 @@
+import pytest
+
+from workflow.evaluate import GateFailed, accuracy_gate
+from workflow.select import choose, compare, table
+
+
+def quantized(scheme, accuracy, max_loss=0.05, baseline=0.8):
+    return accuracy_gate(scheme, accuracy, baseline, max_loss) | {"checkpoint_bytes": 2**20}
+
+
+def engine(scheme, accuracy, baseline=0.8):
+    return accuracy_gate(scheme, accuracy, baseline, 0.05) | {"engine_bytes": 2**20, "manifest": {"precision": "int4"}}
+
+
+def bench(tokens_per_s, p95):
+    return {"levels": [{"concurrency": 1, "output_tokens_per_s": 1.0, "latency_p95_s": 0.1},
+                       {"concurrency": 4, "output_tokens_per_s": tokens_per_s, "latency_p95_s": p95}]}
+
+
+SCHEMES = ["bf16", "fp8", "int8_sq", "int4_awq"]
+
+
+def evidence(slo=1.0):
+    q = {"bf16": quantized("bf16", 0.80), "fp8": quantized("fp8", 0.79), "int8_sq": quantized("int8_sq", 0.70), "int4_awq": quantized("int4_awq", 0.78)}
+    e = {"bf16": engine("bf16", 0.80), "int4_awq": engine("int4_awq", 0.79)}
+    b = {"bf16": bench(100.0, 0.5), "int4_awq": bench(300.0, 0.4)}
+    return compare(SCHEMES, q, e, b, slo, "onnxruntime")
+
+
+def test_every_scheme_gets_a_verdict_with_its_numbers():
+    rows = {r["scheme"]: r for r in evidence()}
+    assert rows["bf16"]["verdict"] == "eligible" and rows["int4_awq"]["verdict"] == "eligible"
+    assert rows["fp8"]["verdict"] == "no onnxruntime engine for fp8"
+    assert rows["int8_sq"]["verdict"] == "dropped: int8_sq: accuracy loss +0.100 (0.800 -> 0.700) > quantize.max_accuracy_loss.int8_sq 0.050"
+    assert "| int4_awq | 0.780 | +0.020 | 0.790 | +0.010 |" in table(list(rows.values()))
+
+
+def test_policies_choose_among_eligible_schemes():
+    assert choose(evidence(), "max_throughput")["scheme"] == "int4_awq"
+    assert choose(evidence(), "max_accuracy")["scheme"] == "bf16"
+    with pytest.raises(ValueError, match="select.policy must be one of max_throughput, max_accuracy"):
+        choose(evidence(), "cheapest")
+
+
+def test_latency_slo_drops_slow_schemes_and_nothing_eligible_stops_the_dag():
+    rows = evidence(slo=0.45)
+    assert {r["scheme"]: r["verdict"] for r in rows}["bf16"] == "dropped: p95 latency 0.500 s > select.latency_slo_p95_s 0.450"
+    assert choose(rows, "max_throughput")["scheme"] == "int4_awq"
+    with pytest.raises(GateFailed) as err:
+        choose(evidence(slo=0.1), "max_throughput")
+    assert "select: no scheme is eligible" in str(err.value) and "int4_awq: dropped: p95 latency 0.400 s" in str(err.value)

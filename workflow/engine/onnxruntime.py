@@ -1,0 +1,79 @@
+"""ONNX Runtime GenAI engines: built with its model builder, run in-process with streaming generation.
+
+    python -m onnxruntime_genai.models.builder -i results/model -o ENGINE -p int4 -e cpu
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+from workflow.engine.manifest import EngineManifest, Target, check_target
+
+# scheme -> builder precision per execution provider. FP8 has no ONNX Runtime GenAI kernels: it needs
+# TensorRT-LLM on an FP8-capable GPU. The builder quantizes weights itself (MatMulNBits, round-to-nearest);
+# activations stay in floating point, so int8_sq and int4_awq engines are weight-only here.
+PRECISIONS = {
+    "cpu": {"bf16": "fp32", "int8_sq": "int8", "int4_awq": "int4"},
+    "cuda": {"bf16": "bf16", "int8_sq": "int8", "int4_awq": "int4"},
+}
+
+
+def precision_for(scheme: str, provider: str) -> str:
+    table = PRECISIONS.get(provider)
+    if table is None:
+        raise ValueError(f"engine.onnxruntime.execution_provider must be one of {', '.join(PRECISIONS)} (got {provider!r})")
+    if scheme not in table:
+        raise ValueError(
+            f"build_engine: scheme {scheme} has no ONNX Runtime GenAI engine on {provider} "
+            f"(supported: {', '.join(table)}); use engine.backend: tensorrt_llm for {scheme}, or drop it from quantize.schemes"
+        )
+    return table[scheme]
+
+
+def target(provider: str) -> Target:
+    return Target(backend="onnxruntime", backend_version=version("onnxruntime-genai"), device=provider)
+
+
+def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: str, block_size: int, accuracy_level: int,
+          source_sha256: str, log_path: str | Path | None = None) -> EngineManifest:
+    precision = precision_for(scheme, provider)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(engine_dir),
+               "-p", precision, "-e", provider, "-c", str(Path(engine_dir).parent / ".builder_cache")]
+    build_options = {"builder_precision": precision}
+    if precision in ("int4", "int8"):
+        command += ["--extra_options", f"block_size={block_size}", f"accuracy_level={accuracy_level}"]
+        build_options |= {"block_size": block_size, "accuracy_level": accuracy_level}
+    with open(log_path or "/dev/null", "a") as sink:
+        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"build_engine: the ONNX Runtime GenAI builder failed (status {done.returncode}); see {log_path}")
+    described = f"{precision} weights" + (f" (MatMulNBits, block {block_size}, round-to-nearest)" if precision in ("int4", "int8") else "")
+    manifest = EngineManifest(scheme=scheme, precision=described, target=target(provider), source_sha256=source_sha256, build=build_options)
+    manifest.write(engine_dir)
+    return manifest
+
+
+class OrtEngine:
+    """A built engine, loaded only where its manifest matches; generates greedily, streaming token ids."""
+
+    def __init__(self, engine_dir: str | Path, provider: str = "cpu") -> None:
+        import onnxruntime_genai as og
+
+        self.manifest = EngineManifest.read(engine_dir)
+        check_target(self.manifest, target(provider))
+        self._og = og
+        self.model = og.Model(str(engine_dir))
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+        params = self._og.GeneratorParams(self.model)
+        total = len(prompt_ids) + max_new_tokens
+        params.set_search_options(max_length=total, min_length=len(prompt_ids) + min_new_tokens, do_sample=False)
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(prompt_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])

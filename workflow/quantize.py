@@ -1,0 +1,132 @@
+"""quantize/{scheme}: post-training quantization with NVIDIA ModelOpt, calibrated on the user's training split.
+
+    snakemake results/quantize/int4_awq/quantize.json
+
+Each scheme writes a unified Hugging Face checkpoint (what TensorRT-LLM >= 1.2 and vLLM load, with
+hf_quant_config.json naming the recipe) and the ModelOpt state, from which evaluate_quantized rebuilds the
+quantized model in memory. (A ModelOpt export reloaded by plain transformers on CPU would load raw
+fp8/int8 values as weights: never evaluate that way.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from workflow.evaluate import read_split
+from workflow.tracking import Tracking, job_run
+
+log = logging.getLogger(__name__)
+
+# scheme -> (ModelOpt config name, block size the kernels need along in-features, what it is)
+SCHEMES = {
+    "bf16": (None, 1, "bf16 weights and activations: the unquantized baseline"),
+    "fp8": ("FP8_DEFAULT_CFG", 16, "FP8 E4M3 weights and activations, per-tensor scales"),
+    "int8_sq": ("INT8_SMOOTHQUANT_CFG", 1, "INT8 weights (per channel) and activations, SmoothQuant"),
+    "int4_awq": ("INT4_AWQ_CFG", 128, "INT4 weights in blocks of 128, AWQ-scaled; 16-bit activations"),
+}
+
+
+class QuantizeError(ValueError):
+    """A model that cannot take a scheme, or a scheme that does not exist."""
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    calib_samples: int = 64
+    """Rows of the training split run through the model to calibrate scales."""
+
+
+def linear_in_features(config) -> dict[str, int]:
+    """In-features of each kind of projection in a decoder-only transformer, from its config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "hidden_size (q/k/v, gate/up, lm_head)": config.hidden_size,
+        "num_attention_heads x head_dim (o_proj)": config.num_attention_heads * head_dim,
+        "intermediate_size (down_proj)": config.intermediate_size,
+    }
+
+
+def check_quantizable(model_dir: str | Path, scheme: str) -> None:
+    """Refuse, before any calibration, a scheme the model's shapes cannot take."""
+    if scheme not in SCHEMES:
+        raise QuantizeError(f"quantize: unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    block = SCHEMES[scheme][1]
+    bad = {name: n for name, n in linear_in_features(AutoConfig.from_pretrained(model_dir)).items() if n % block}
+    if bad:
+        found = ", ".join(f"{name} = {n}" for name, n in bad.items())
+        raise QuantizeError(
+            f"quantize: {scheme} needs in-features divisible by {block} (got {found}); pick another scheme or model"
+        )
+
+
+def calibration_rows(train_path: str | Path, n: int) -> tuple[list[list[int]], str]:
+    """The first n training rows' token ids, and a digest of exactly what was used."""
+    ids = [row["input_ids"] for row in read_split(train_path, n)]
+    return ids, hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[int]] | None = None, state: str | Path | None = None):
+    """The model with the scheme applied: calibrated anew from `calibration`, or restored from a saved `state`."""
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+
+    if SCHEMES[scheme][0] is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if state is not None:
+        return mto.restore(model, str(state))
+
+    def forward_loop(m) -> None:
+        with torch.inference_mode():
+            for ids in calibration:
+                m(input_ids=torch.tensor([ids]))
+
+    return mtq.quantize(model, getattr(mtq, SCHEMES[scheme][0]), forward_loop=forward_loop)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, scheme: str, cfg: QuantizeConfig, tracking: Tracking) -> dict:
+    """Quantize model_dir with scheme into out_dir/checkpoint (+ out_dir/modelopt_state.pth); returns the record."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with job_run(tracking, f"quantize/{scheme}", {"scheme": scheme, "calib_samples": cfg.calib_samples}):
+        check_quantizable(model_dir, scheme)
+        calibration, calib_digest = calibration_rows(train_path, cfg.calib_samples)
+        model = quantized_model(model_dir, scheme, calibration)
+        checkpoint = out_dir / "checkpoint"
+        if SCHEMES[scheme][0] is None:
+            model.save_pretrained(checkpoint)
+        else:
+            import modelopt.torch.opt as mto
+            from modelopt.torch.export import export_hf_checkpoint
+
+            mto.save(model, str(out_dir / "modelopt_state.pth"))
+            export_hf_checkpoint(model, export_dir=checkpoint)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(checkpoint)
+        recipe_file = checkpoint / "hf_quant_config.json"
+        record = {
+            "scheme": scheme,
+            "description": SCHEMES[scheme][2],
+            "recipe": json.loads(recipe_file.read_text())["quantization"] if recipe_file.exists() else {"quant_algo": None},
+            "calib_samples": len(calibration) if SCHEMES[scheme][0] else 0,
+            "calib_sha256": calib_digest if SCHEMES[scheme][0] else None,
+            "checkpoint_bytes": dir_size(checkpoint),
+            "source_model": str(Path(model_dir).resolve()),
+        }
+        (out_dir / "quantize.json").write_text(json.dumps(record, indent=2))
+        mlflow.log_dict(record, "quantize.json")
+        mlflow.log_metric("checkpoint_mb", record["checkpoint_bytes"] / 2**20)
+        mlflow.set_tag("ft2prod.calib_sha256", record["calib_sha256"] or "none")
+        log.info("quantized %s: %s", scheme, json.dumps(record))
+        return record

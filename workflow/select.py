@@ -1,0 +1,147 @@
+"""select: choose the production scheme by a policy, and write the decision with its evidence.
+
+    snakemake results/select/selection.json
+
+A scheme is eligible when its quantized model passed the accuracy gate, its engine passed the same gate
+on its own generations, and its p95 request latency at the highest benchmarked concurrency is within the
+SLO. Policies: max_throughput (output tokens/s at the highest concurrency) or max_accuracy (engine accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+
+from workflow.evaluate import GateFailed
+from workflow.tracking import Tracking, job_run
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("max_throughput", "max_accuracy")
+
+
+def read_json(path: str | Path | None) -> dict | None:
+    return json.loads(Path(path).read_text()) if path and Path(path).exists() else None
+
+
+def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict, slo_p95_s: float, backend: str) -> list[dict]:
+    """One row per scheme with every number the decision uses, and why it is (not) eligible."""
+    rows = []
+    for scheme in schemes:
+        q, e, b = quantized[scheme], engines.get(scheme), benchmarks.get(scheme)
+        top = b["levels"][-1] if b else None
+        row = {
+            "scheme": scheme,
+            "quantized_accuracy": q["accuracy"],
+            "quantized_loss": q["accuracy_loss"],
+            "checkpoint_mb": q["checkpoint_bytes"] / 2**20,
+            "engine_accuracy": e["accuracy"] if e else None,
+            "engine_loss": e["accuracy_loss"] if e else None,
+            "engine_mb": e["engine_bytes"] / 2**20 if e else None,
+            "engine_precision": e["manifest"]["precision"] if e else None,
+            "output_tokens_per_s": top["output_tokens_per_s"] if top else None,
+            "latency_p95_s": top["latency_p95_s"] if top else None,
+            "concurrency": top["concurrency"] if top else None,
+        }
+        if not q["passed"]:
+            row["verdict"] = f"dropped: {q['reason']}"
+        elif e is None:
+            row["verdict"] = f"no {backend} engine for {scheme}"
+        elif not e["passed"]:
+            row["verdict"] = f"dropped: engine {e['reason']}"
+        elif top["latency_p95_s"] > slo_p95_s:
+            row["verdict"] = f"dropped: p95 latency {top['latency_p95_s']:.3f} s > select.latency_slo_p95_s {slo_p95_s:.3f}"
+        else:
+            row["verdict"] = "eligible"
+        rows.append(row)
+    return rows
+
+
+def choose(rows: list[dict], policy: str) -> dict:
+    if policy not in POLICIES:
+        raise ValueError(f"select.policy must be one of {', '.join(POLICIES)} (got {policy!r})")
+    eligible = [r for r in rows if r["verdict"] == "eligible"]
+    if not eligible:
+        raise GateFailed("select: no scheme is eligible:\n" + "\n".join(f"  {r['scheme']}: {r['verdict']}" for r in rows))
+    key = "output_tokens_per_s" if policy == "max_throughput" else "engine_accuracy"
+    return max(eligible, key=lambda r: (r[key], r["output_tokens_per_s"]))
+
+
+def fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| scheme | accuracy (quantized) | loss vs fine-tuned | engine accuracy | engine loss | checkpoint MB | engine MB | output tok/s | p95 latency s | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scheme']} | {r['quantized_accuracy']:.3f} | {r['quantized_loss']:+.3f} | {fmt(r['engine_accuracy'], '.3f')} | "
+            f"{fmt(r['engine_loss'], '+.3f')} | {r['checkpoint_mb']:.2f} | {fmt(r['engine_mb'], '.2f')} | "
+            f"{fmt(r['output_tokens_per_s'], '.1f')} | {fmt(r['latency_p95_s'], '.3f')} | {r['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], chosen: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["output_tokens_per_s"] is None:
+            continue
+        ax.scatter(r["output_tokens_per_s"], r["engine_accuracy"], s=80, marker="*" if r["scheme"] == chosen else "o")
+        ax.annotate(r["scheme"], (r["output_tokens_per_s"], r["engine_accuracy"]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("output tokens/s (highest concurrency)")
+    ax.set_ylabel("engine accuracy (held-out test)")
+    ax.set_title(f"accuracy vs throughput; selected: {chosen}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchmark_paths: dict, policy: str, slo_p95_s: float,
+           backend: str, out_path: str | Path, report_path: str | Path, tracking: Tracking) -> dict:
+    out_path, report_path = Path(out_path), Path(report_path)
+    with job_run(tracking, "select", {"policy": policy, "latency_slo_p95_s": slo_p95_s, "schemes": schemes}):
+        quantized = {s: read_json(quantized_paths[s]) for s in schemes}
+        engines = {s: read_json(Path(d) / "accuracy.json") for s, d in engine_dirs.items()}
+        benchmarks = {s: read_json(p) for s, p in benchmark_paths.items()}
+        rows = compare(schemes, quantized, engines, benchmarks, slo_p95_s, backend)
+        mlflow.log_table({key: [r[key] for r in rows] for key in rows[0]}, "comparison.json")
+        try:
+            chosen = choose(rows, policy)
+        except GateFailed:
+            report_path.write_text("# Scheme selection: nothing eligible\n\n" + table(rows) + "\n")
+            mlflow.log_artifact(str(report_path))
+            mlflow.set_tag("ft2prod.gate", "failed")
+            raise
+        figure = report_path.with_name("accuracy_vs_throughput.png")
+        plot(rows, chosen["scheme"], figure)
+        decision = {"selected": chosen["scheme"], "engine_dir": str(engine_dirs[chosen["scheme"]]), "policy": policy,
+                    "latency_slo_p95_s": slo_p95_s, "backend": backend, "evidence": rows}
+        report_path.write_text("\n".join([
+            f"# Scheme selection: **{chosen['scheme']}**",
+            "",
+            f"Policy `{policy}` among schemes that passed the accuracy gates and the p95 latency SLO ({slo_p95_s} s); "
+            f"backend `{backend}`. Selected {chosen['scheme']}: {chosen['output_tokens_per_s']:.1f} output tokens/s at concurrency "
+            f"{chosen['concurrency']}, engine accuracy {chosen['engine_accuracy']:.3f} ({chosen['engine_loss']:+.3f} vs fine-tuned).",
+            "",
+            table(rows),
+            "",
+            "![accuracy vs throughput](accuracy_vs_throughput.png)",
+        ]) + "\n")
+        out_path.write_text(json.dumps(decision, indent=1))
+        for artifact in (report_path, figure, out_path):
+            mlflow.log_artifact(str(artifact))
+        mlflow.set_tags({"ft2prod.selected_scheme": chosen["scheme"], "ft2prod.gate": "passed"})
+        log.info("selected %s (%s)", chosen["scheme"], policy)
+        return decision
