@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint dag clean
+.PHONY: setup system run test lint dag clean
 
 setup: $(STAMP)
 
@@ -15,10 +15,14 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --no-deps -e . >> $(VENV)/pip.log 2>&1
 	touch $@
 
+# Debian packages the tests use for real: SoftHSM2 (a PKCS#11 HSM). Needs root, as on CI.
+system:
+	@command -v softhsm2-util >/dev/null || (apt-get update -qq && apt-get install -y -qq softhsm2 >/dev/null)
+
 run: setup
 	$(BIN)/snakemake
 
-test: setup
+test: setup system
 	$(BIN)/python -m pytest -ra
 
 lint: setup

@@ -20,6 +20,7 @@ include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
 include: "rules/quantize.smk"
 include: "rules/engine.smk"
+include: "rules/package.smk"
 
 
 rule all:

@@ -29,7 +29,7 @@ def data_settings():
 
 
 def final_targets():
-    return [f"{RESULTS}/select/selection.json"]
+    return [f"{RESULTS}/package/registered.json", f"{RESULTS}/package/backup.json"]
 
 
 def eval_settings():
@@ -77,3 +77,15 @@ def trtllm_gpus():
     """GPUs a TensorRT-LLM engine spans: tp x pp."""
     settings = config["engine"]["tensorrt_llm"]
     return settings["tp_size"] * settings["pp_size"]
+
+
+def selected_engine(wildcards):
+    """The engine folder that select chose (read once select has run)."""
+    import json
+
+    with open(checkpoints.select.get().output.selection) as handle:
+        return json.load(handle)["engine_dir"]
+
+
+def package_settings():
+    return {key: value for key, value in config["package"].items() if key not in ("model_name", "backup_dir")}

@@ -97,7 +97,7 @@ rule benchmark_tensorrt_llm:
         "../scripts/benchmark.py"
 
 
-rule select:
+checkpoint select:
     input:
         quantized=expand(f"{RESULTS}/evaluate_quantized/{{scheme}}.json", scheme=schemes()),
         engines=engine_dirs,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.e2e
 SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
 ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
 JOBS = (
-    {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select"}
+    {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register"}
     | {f"{stage}/{s}" for stage in ("quantize", "evaluate_quantized") for s in SCHEMES}
     | {f"{stage}/{s}" for stage in ("build_engine", "benchmark") for s in ENGINES}
 )
@@ -80,7 +82,8 @@ def test_mlflow_has_parent_children_metrics_and_artifacts(zero2):
 
     export = children["export"]
     assert len(export.data.tags["ft2prod.model.sha256"]) == 64
-    assert "model/model.safetensors" in {a.path for a in mlflow.list_artifacts(export.info.run_id, "model")}
+    assert {"model/config.json", "model/ft2prod.json"} <= {a.path for a in mlflow.list_artifacts(export.info.run_id, "model")}
+    assert "model.sha256.json" in {a.path for a in mlflow.list_artifacts(export.info.run_id)}
 
     prepare = children["prepare_data"]
     contexts = {d.dataset.name: d.tags[0].value for d in prepare.inputs.dataset_inputs}
@@ -110,7 +113,62 @@ def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
     assert {"comparison.json", "report.md", "accuracy_vs_throughput.png", "selection.json"} <= artifacts
 
 
-def test_second_run_does_nothing(zero2):
+def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_package(zero2):
+    from workflow.engine.onnxruntime import OrtEngine
+    from workflow.package import archive
+    from workflow.package.kms import LocalKeyFile
+
+    results = zero2 / "results"
+    registered = json.loads((results / "package" / "registered.json").read_text())
+    selection = json.loads((results / "select" / "selection.json").read_text())
+    package = results / "package" / "model.ftpkg"
+    assert registered["alias"] == "candidate" and registered["scheme"] == selection["selected"]
+    assert registered["package_sha256"] == archive.digest(package)
+    version = client(zero2).get_model_version_by_alias("ft2prod-model", "candidate")
+    assert version.tags["package_sha256"] == registered["package_sha256"] and version.tags["signer"].startswith("ed25519:")
+    backup = json.loads((results / "package" / "backup.json").read_text())
+    assert (zero2 / "backups" / registered["package_sha256"] / "manifest.sig").exists() and backup["package_sha256"] == registered["package_sha256"]
+
+    statement = json.loads((package / "attestation.json").read_text())
+    predicate = statement["predicate"]
+    assert set(predicate) == {"base_model", "datasets", "calibration", "code_commit", "config_sha256", "gates", "engine_manifest", "mlflow"}
+    assert predicate["gates"]["selection"]["selected"] == selection["selected"] and "finetune" in predicate["mlflow"]["runs"]
+
+    signer = archive.load_signing_key(zero2 / "keys" / "signing.pem", create=False).public_key()
+    kms = LocalKeyFile(str(zero2 / "keys" / "kek.bin"), create=False)
+    shm = Path("/dev/shm") / f"ft2prod-e2e-{os.getpid()}"
+    try:
+        engine = OrtEngine(archive.open_package(package, signer, kms, into=shm))
+        assert len(list(engine.stream([5, 6, 7, 8], 4, min_new_tokens=4))) == 4
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def windows(path: Path, count: int = 8, size: int = 64) -> list[bytes]:
+    data = path.read_bytes()
+    step = max(1, (len(data) - size) // count)
+    return [data[i : i + size] for i in range(step // 2, len(data) - size, step)][:count]
+
+
+def test_no_plaintext_weights_or_keys_in_results_package_or_mlflow(zero2):
+    results = zero2 / "results"
+    weights = [results / "model" / "model.safetensors"] + list((results / "engine").rglob("model.onnx.data"))
+    needles = [w for path in weights for w in windows(path)]
+    signing = (zero2 / "keys" / "signing.pem").read_bytes()
+    keys = [(zero2 / "keys" / "kek.bin").read_bytes(), signing, signing.split(b"-----")[2].strip()]
+    shipped = [results / "mlflow.db", *(results / "mlartifacts").rglob("*"), *(results / "package").rglob("*"), *(zero2 / "backups").rglob("*")]
+    scanned = 0
+    for path in shipped:
+        if path.is_file():
+            data = path.read_bytes()
+            scanned += 1
+            assert not any(n in data for n in needles), f"plaintext weights in {path}"
+    assert scanned > 20
+    for path in results.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(k in data for k in keys), f"key material in {path}"
+
     done = snakemake(zero2, {"finetune": {"zero_stage": 2}}, "-n")
     assert "Nothing to be done" in done.stdout + done.stderr
 

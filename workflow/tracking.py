@@ -36,8 +36,6 @@ class Tracking:
     """The pipeline's results directory: one parent run per directory."""
     run_name: str = "pipeline"
     """Name of the parent run."""
-    log_model_max_mb: float = 50
-    """Models up to this size are copied into MLflow, larger ones logged by reference and digest."""
     log_path: str | None = None
     """The job's log file, attached to its run when the job ends (failed jobs too)."""
 
@@ -49,7 +47,6 @@ class Tracking:
             experiment=section["experiment"],
             results_dir=results_dir,
             run_name=config["run_name"],
-            log_model_max_mb=section["log_model_max_mb"],
             log_path=log_path,
         )
 
@@ -185,13 +182,15 @@ def log_dataset(path: str | Path, name: str, context: str) -> str:
     return digest
 
 
-def log_model_dir(tracking: Tracking, directory: str | Path, artifact_path: str) -> str:
-    """Copy a model folder into MLflow when small; always record its tree digest and per-file digests."""
+def log_model_dir(directory: str | Path, artifact_path: str) -> str:
+    """Record a model folder by reference: its path, tree digest and per-file digests, and its small
+    descriptive files. Plaintext weights never go into MLflow; the encrypted package does (package stage)."""
     directory = Path(directory)
     tree, files = sha256_tree(directory)
     size_mb = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2**20
     mlflow.log_dict({"sha256": tree, "files": files, "path": str(directory.resolve())}, f"{artifact_path}.sha256.json")
     mlflow.set_tags({f"ft2prod.{artifact_path}.sha256": tree, f"ft2prod.{artifact_path}.size_mb": f"{size_mb:.1f}"})
-    if size_mb <= tracking.log_model_max_mb:
-        mlflow.log_artifacts(str(directory), artifact_path)
+    for name in ("config.json", "ft2prod.json", "generation_config.json"):
+        if (directory / name).exists():
+            mlflow.log_artifact(str(directory / name), artifact_path)
     return tree

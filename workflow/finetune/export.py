@@ -65,7 +65,7 @@ def export(base_dir: str | Path, summary_path: str | Path, out_dir: str | Path, 
             "finetune": cfg.as_dict(),
         }
         (out_dir / "ft2prod.json").write_text(json.dumps(described, indent=2))
-        digest = log_model_dir(tracking, out_dir, "model")
+        digest = log_model_dir(out_dir, "model")
         mlflow.log_metric("parameters", sum(p.numel() for p in model.parameters()))
         log.info("exported step %d to %s (sha256 %s)", summary["global_step"], out_dir, digest)
         return out_dir
