@@ -176,7 +176,7 @@ def test_no_plaintext_weights_or_keys_in_results_package_or_mlflow(zero2):
 def test_config_change_reruns_only_what_it_affects(zero2):
     upstream = {"bootstrap", "generate_data", "prepare_data"}
     load = snakemake(zero2, {"finetune": {"zero_stage": 2}, "benchmark": {"requests": 3}}, "-n")
-    assert jobs_planned(load) == {"benchmark_onnxruntime", "select", "all"}
+    assert jobs_planned(load) == {"benchmark_onnxruntime", "select", "package", "register", "backup", "all"}
     evaluation = snakemake(zero2, {"finetune": {"zero_stage": 2}, "evaluate": {"max_new_tokens": 40}}, "-n")
     assert {"evaluate_base", "evaluate", "evaluate_quantized"} <= jobs_planned(evaluation)
     assert not (upstream | {"finetune", "export", "quantize"}) & jobs_planned(evaluation)
