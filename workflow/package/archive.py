@@ -212,13 +212,9 @@ def _data_key(header: dict, kms: Kms) -> bytes:
     return data_key
 
 
-def _expected_size(described: dict, chunk_size: int) -> int:
-    return described["size"] + described["chunks"] * TAG
-
-
 def _check_length(package: Path, entry: dict, described: dict, chunk_size: int) -> None:
     found = (package / entry["ciphertext"]).stat().st_size if (package / entry["ciphertext"]).exists() else 0
-    expected = _expected_size(described, chunk_size)
+    expected = described["size"] + described["chunks"] * TAG
     if found < expected:
         present = found // (chunk_size + TAG)
         raise MissingChunk(f"{entry['path']}: chunk {present} of {described['chunks']} is missing (file truncated)")
