@@ -32,7 +32,7 @@ from workflow.engine import onnxruntime
 
 
 class TokenQueue(BaseStreamer):
-    def __init__(self, prompt_len: int) -> None:
+    def __init__(self) -> None:
         self.tokens: queue.Queue = queue.Queue()
         self.skip = True
 
@@ -54,7 +54,7 @@ class TransformersEngine:
         self.model = model
 
     def stream(self, prompt_ids, max_new_tokens, min_new_tokens=0):
-        streamer = TokenQueue(len(prompt_ids))
+        streamer = TokenQueue()
         arguments = {"input_ids": torch.tensor([prompt_ids]), "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                      "do_sample": False, "streamer": streamer}
         worker = threading.Thread(target=lambda: torch.inference_mode()(self.model.generate)(**arguments))
@@ -97,7 +97,6 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="ft2prod-bench-"))
     model_dir = make_model(work, args.layers)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

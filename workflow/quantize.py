@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from workflow.evaluate import read_split
-from workflow.tracking import Tracking, job_run
+from workflow.tracking import Tracking, dir_bytes, job_run
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,6 @@ def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[i
     return mtq.quantize(model, getattr(mtq, SCHEMES[scheme][0]), forward_loop=forward_loop)
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, scheme: str, cfg: QuantizeConfig, tracking: Tracking) -> dict:
     """Quantize model_dir with scheme into out_dir/checkpoint (+ out_dir/modelopt_state.pth); returns the record."""
     out_dir = Path(out_dir)
@@ -121,7 +117,7 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
             "recipe": json.loads(recipe_file.read_text())["quantization"] if recipe_file.exists() else {"quant_algo": None},
             "calib_samples": len(calibration) if SCHEMES[scheme][0] else 0,
             "calib_sha256": calib_digest if SCHEMES[scheme][0] else None,
-            "checkpoint_bytes": dir_size(checkpoint),
+            "checkpoint_bytes": dir_bytes(checkpoint),
             "source_model": str(Path(model_dir).resolve()),
         }
         (out_dir / "quantize.json").write_text(json.dumps(record, indent=2))

@@ -169,6 +169,11 @@ def sha256_tree(directory: str | Path) -> tuple[str, dict[str, str]]:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), files
 
 
+def dir_bytes(directory: str | Path) -> int:
+    """Total size of the files under a folder."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
 def log_dataset(path: str | Path, name: str, context: str) -> str:
     """Record a data file as a run input with its SHA-256 as the digest; returns the digest."""
     digest = sha256_file(path)
@@ -187,7 +192,7 @@ def log_model_dir(directory: str | Path, artifact_path: str) -> str:
     descriptive files. Plaintext weights never go into MLflow; the encrypted package does (package stage)."""
     directory = Path(directory)
     tree, files = sha256_tree(directory)
-    size_mb = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2**20
+    size_mb = dir_bytes(directory) / 2**20
     mlflow.log_dict({"sha256": tree, "files": files, "path": str(directory.resolve())}, f"{artifact_path}.sha256.json")
     mlflow.set_tags({f"ft2prod.{artifact_path}.sha256": tree, f"ft2prod.{artifact_path}.size_mb": f"{size_mb:.1f}"})
     for name in ("config.json", "ft2prod.json", "generation_config.json"):

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, log_results, read_split, score
-from workflow.tracking import Tracking, job_run, sha256_tree
+from workflow.tracking import Tracking, dir_bytes, job_run, sha256_tree
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
         metrics, results = score(rows, engine_completions(engine, tokenizer, rows, eval_cfg.max_new_tokens))
         baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
-        size = sum(p.stat().st_size for p in engine_dir.rglob("*") if p.is_file())
+        size = dir_bytes(engine_dir)
         record = gate | {"format_adherence": metrics["format_adherence"], "engine_bytes": size,
                          "manifest": json.loads((engine_dir / "engine_manifest.json").read_text())}
         (engine_dir / "accuracy.json").write_text(json.dumps(record, indent=1))

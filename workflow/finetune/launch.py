@@ -110,7 +110,6 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
         command = launch_command(cfg, job_file)
         log.info("launching: %s", " ".join(command))
         with open(log_path, "a") as sink:
-            sink.flush()
             done = subprocess.run(command, env=launch_env(cfg, run.info.run_id, tracking.resolved_uri()), stdout=sink, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise RuntimeError(f"finetune: the {cfg.launcher} launcher exited with status {done.returncode}; see {log_path}")

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from workflow.package import archive, kms as kms_providers
-from workflow.tracking import Tracking, git_commit, job_run, pipeline_run_id, sha256_tree
+from workflow.tracking import Tracking, dir_bytes, git_commit, job_run, pipeline_run_id, sha256_tree
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def register(package_dir: str | Path, out_path: str | Path, model_name: str, set
     manifest = read_json(package_dir / "manifest.json")
     statement = read_json(package_dir / "attestation.json")
     scheme = statement["predicate"]["gates"]["selection"]["selected"]
-    size_mb = sum(p.stat().st_size for p in package_dir.rglob("*") if p.is_file()) / 2**20
+    size_mb = dir_bytes(package_dir) / 2**20
     with job_run(tracking, "register", {"model_name": model_name, "package": str(package_dir)}) as run:
         if size_mb <= settings["log_max_mb"]:
             mlflow.log_artifacts(str(package_dir), "package")  # ciphertext only: safe to copy
