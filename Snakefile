@@ -21,6 +21,7 @@ include: "rules/evaluate.smk"
 include: "rules/quantize.smk"
 include: "rules/engine.smk"
 include: "rules/package.smk"
+include: "rules/summary.smk"
 
 
 rule all:

@@ -28,8 +28,13 @@ def data_settings():
     return {key: config["data"][key] for key in keys} | {"seed": config["seed"]}
 
 
-def final_targets():
+def pipeline_targets():
+    """What the pipeline makes; the summary rule comes after all of it."""
     return [f"{RESULTS}/package/registered.json", f"{RESULTS}/package/backup.json"]
+
+
+def final_targets():
+    return pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
 
 
 def eval_settings():

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 
 from workflow.finetune.config import FinetuneConfig, latest_complete_checkpoint
-from workflow.tracking import Tracking, job_run, sha256_file
+from workflow.tracking import Tracking, describe, job_run, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -120,4 +120,7 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
         mlflow.log_artifact(str(job_file))
         mlflow.log_metrics({"final_train_loss": summary["train_loss"], "global_step": summary["global_step"]})
         mlflow.set_tag("ft2prod.resumed_from", summary["resumed_from"] or "none")
+        describe(f"{cfg.method} fine-tune, ZeRO-{cfg.zero_stage}, {cfg.nproc_per_node} processes ({cfg.launcher}): "
+                 f"**{summary['global_step']}** steps, final train loss **{summary['train_loss']:.3f}**"
+                 + (f", resumed from `{summary['resumed_from']}`." if summary["resumed_from"] else ".") + " Loss curve: `loss.png`.")
         return summary
