@@ -15,9 +15,11 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --no-deps -e . >> $(VENV)/pip.log 2>&1
 	touch $@
 
-# Debian packages the tests use for real: SoftHSM2 (a PKCS#11 HSM). Needs root, as on CI.
+# Debian packages the tests use for real: SoftHSM2 (a PKCS#11 HSM); graphviz (the summary's DAG picture) and
+# chromium (the MLflow UI review test). Each is installed only when missing. Needs root, as on CI.
 system:
 	@command -v softhsm2-util >/dev/null || (apt-get update -qq && apt-get install -y -qq softhsm2 >/dev/null)
+	@(command -v dot && command -v chromium) >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz chromium >/dev/null)
 
 run: setup
 	$(BIN)/snakemake

@@ -26,13 +26,14 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlparse
 
 import jinja2
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from workflow.tracking import GATE_TAG, NOTE_TAG, STAGES, Tracking, pipeline_run_id, set_note
+from workflow.tracking import GATE_TAG, STAGES, Tracking, pipeline_run_id, set_note
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def latest_children(client: MlflowClient, experiment_id: str, parent_id: str) ->
 def artifact_json(client: MlflowClient, run, name: str) -> dict | None:
     if name not in {a.path for a in client.list_artifacts(run.info.run_id)}:
         return None
+    if run.info.artifact_uri.startswith("file:"):  # read in place (a download prints a progress bar per file)
+        return json.loads((Path(urlparse(run.info.artifact_uri).path) / name).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         return json.loads(Path(client.download_artifacts(run.info.run_id, name, tmp)).read_text())
 
@@ -271,7 +274,7 @@ def build(snakefile: str | Path, config: dict, out_html: str | Path, out_md: str
     out_html, out_md, dag_svg, report_html = map(Path, (out_html, out_md, dag_svg, report_html))
     out_html.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config_file:
-        yaml.safe_dump(config, config_file)
+        yaml.safe_dump(config, config_file, sort_keys=False)  # key order is part of the params Snakemake compares
         config_file.flush()
         draw_dag(snakefile, Path(config_file.name), dag_svg)
         snakemake_report(snakefile, Path(config_file.name), report_html)

@@ -104,7 +104,9 @@ def _experiment_id(tracking: Tracking) -> str:
     if tracking.resolved_uri().startswith("sqlite:"):
         # Without a server, artifacts go beside the store rather than into ./mlruns of whatever cwd.
         artifact_location = (Path(tracking.results_dir) / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location)
+    # A model-training experiment: the UI opens on its runs rather than on GenAI trace views.
+    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def pipeline_run_id(tracking: Tracking) -> str:
@@ -214,7 +216,9 @@ def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterato
     """
     parent = pipeline_run_id(tracking)
     stage = job.split("/")[0]
-    tags = {"ft2prod.stage": stage, "ft2prod.git_commit": git_commit(), NOTE_TAG: what_it_does(job)}
+    commit = git_commit()
+    tags = {"ft2prod.stage": stage, "ft2prod.git_commit": commit, NOTE_TAG: what_it_does(job),
+            "mlflow.source.name": f"ft2prod {stage}", "mlflow.source.type": "JOB", "mlflow.source.git.commit": commit}
     if "/" in job:
         tags["ft2prod.scheme"] = job.split("/", 1)[1]
     client = MlflowClient()
@@ -240,7 +244,7 @@ def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterato
                 if tracking.log_path and Path(tracking.log_path).exists():
                     mlflow.log_artifact(tracking.log_path)
     finally:
-        client.update_run(parent, status=status)
+        client.set_terminated(parent, status=status)  # end time: when its latest job ended
         if stage != "summary":
             from workflow import summary
 

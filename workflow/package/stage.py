@@ -85,7 +85,7 @@ def version_card(statement: dict, digest: str, signer: str, pipeline_run: str) -
     scheme, evaluation = selection["selected"], gates["evaluate"]
     quantization, engine, manifest = gates["quantization"], gates["engine"], predicate["engine_manifest"]
     description = "\n".join([
-        f"**{scheme}** {manifest.get('target', {}).get('backend', selection['backend'])} engine of the fine-tuned model, "
+        f"{scheme} {manifest.get('target', {}).get('backend', selection['backend'])} engine of the fine-tuned model, "
         f"chosen by `{selection['policy']}` (p95 SLO {selection['latency_slo_p95_s']} s); an encrypted, signed, attested package.",
         "",
         f"- evaluation gate: accuracy {evaluation['accuracy']:.3f} (gain over base {evaluation['gain_over_base']:+.3f})",
@@ -94,11 +94,8 @@ def version_card(statement: dict, digest: str, signer: str, pipeline_run: str) -
         f"- package sha256 `{digest}`, signed by `{signer}`",
         f"- base model sha256 `{predicate['base_model']['sha256']}`, code `{predicate['code_commit'][:12]}`, pipeline run `{pipeline_run}`",
     ])
-    tags = {"package_sha256": digest, "signer": signer, "scheme": scheme, "backend": selection["backend"],
-            "policy": selection["policy"], "accuracy": f"{evaluation['accuracy']:.4f}",
-            "quantized_accuracy": f"{quantization['accuracy']:.4f}", "engine_accuracy": f"{engine['accuracy']:.4f}",
-            "gates": "passed", "pipeline_run_id": pipeline_run, "git_commit": predicate["code_commit"],
-            "base_model_sha256": predicate["base_model"]["sha256"]}
+    tags = {"package_sha256": digest, "signer": signer, "scheme": scheme, "engine_accuracy": f"{engine['accuracy']:.4f}",
+            "gates": "passed", "pipeline_run_id": pipeline_run, "git_commit": predicate["code_commit"]}
     return description, tags
 
 
@@ -107,7 +104,6 @@ def register(package_dir: str | Path, out_path: str | Path, model_name: str, set
     package_dir = Path(package_dir)
     manifest = read_json(package_dir / "manifest.json")
     statement = read_json(package_dir / "attestation.json")
-    scheme = statement["predicate"]["gates"]["selection"]["selected"]
     size_mb = dir_bytes(package_dir) / 2**20
     with job_run(tracking, "register", {"model_name": model_name, "package": str(package_dir)}) as run:
         if size_mb <= settings["log_max_mb"]:
