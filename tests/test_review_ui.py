@@ -23,6 +23,16 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 60_000
+TRAINING_VIEW = "?workflowType=machine_learning"  # the UI's "Model training" view (it opens on GenAI views)
+
+
+def settle(page) -> None:
+    """Close the assistant side panel if it is open, and give late panels a moment before a screenshot (the UI polls,
+    so the network never goes idle)."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+    page.wait_for_timeout(2000)
 
 
 def free_port() -> int:
@@ -92,11 +102,10 @@ def test_reviewer_follows_the_pipeline_run_in_the_mlflow_ui(zero2, ui, tmp_path_
             page = context.new_page()
 
             # 1. The experiment: the pipeline run, expanded to its child runs.
-            page.goto(f"{ui}/#/experiments/{experiment.experiment_id}/runs")
+            page.goto(f"{ui}/#/experiments/{experiment.experiment_id}/runs{TRAINING_VIEW}")
             row = page.locator('[role="gridcell"]', has_text=parent.info.run_name).first
             row.wait_for()
-            if page.get_by_role("button", name="Close").count():  # the assistant side panel
-                page.get_by_role("button", name="Close").first.click()
+            settle(page)
             row.locator("button").first.click()  # the row's expander
             for job in ("finetune", "select", "register", "quantize/int4_awq"):
                 page.get_by_role("link", name=job, exact=True).wait_for()
@@ -106,13 +115,15 @@ def test_reviewer_follows_the_pipeline_run_in_the_mlflow_ui(zero2, ui, tmp_path_
             page.get_by_role("link", name=parent.info.run_name).first.click()
             page.get_by_text("accuracy >= evaluate.gate.min_accuracy").first.wait_for()
             page.get_by_text("Child runs").first.wait_for()
-            if page.get_by_text("Show more").count():
-                page.get_by_text("Show more").first.click()
+            page.get_by_text("Show more").first.click()  # the whole description
+            page.get_by_role("link", name="register", exact=True).first.wait_for()
+            settle(page)
             page.screenshot(path=shots / "2-pipeline-run.png", full_page=True)
             with page.expect_popup() as opened:  # MLflow opens a description's links in a new tab
                 page.get_by_role("link", name="finetune", exact=True).first.click()
             child = opened.value
             child.get_by_text("final train loss").first.wait_for()
+            settle(child)
             assert child.url.endswith(f"#/experiments/{experiment.experiment_id}/runs/{finetune.info.run_id}")
             child.screenshot(path=shots / "3-finetune-run.png")
             child.close()
@@ -127,14 +138,17 @@ def test_reviewer_follows_the_pipeline_run_in_the_mlflow_ui(zero2, ui, tmp_path_
             assert summary.locator("#gates tr").count() >= 10
             assert summary.locator(".dag svg").count() == 1
             assert summary.locator("#registry .alias", has_text="candidate").count() == 1
+            settle(page)
             page.screenshot(path=shots / "4-summary.png")
 
             # 4. The registered model: the version from this run, alias candidate, its gates in the description.
-            page.goto(f"{ui}/#/models/ft2prod-model")
+            page.goto(f"{ui}/#/models/ft2prod-model{TRAINING_VIEW}")
             page.get_by_text("candidate").first.wait_for()
+            settle(page)
             page.screenshot(path=shots / "5-model.png")
-            page.goto(f"{ui}/#/models/ft2prod-model/versions/{candidate.version}")
+            page.goto(f"{ui}/#/models/ft2prod-model/versions/{candidate.version}{TRAINING_VIEW}")
             page.get_by_text("quantization gate").first.wait_for()
+            settle(page)
             assert page.get_by_text(candidate.tags["package_sha256"]).count() >= 1
             page.get_by_text("@ candidate").or_(page.get_by_text("candidate", exact=True)).first.wait_for()
             page.screenshot(path=shots / "6-model-version.png")

@@ -290,13 +290,19 @@ def build(snakefile: str | Path, config: dict, out_html: str | Path, out_md: str
     return data
 
 
+def merged(base: dict, override: dict) -> dict:
+    return base | {k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in override.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results", help="the pipeline's results directory")
-    parser.add_argument("--configfile", default="config/config.yaml", help="the config the pipeline ran with")
+    parser.add_argument("--configfile", help="the config the pipeline ran with, over the embedded default")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    config = yaml.safe_load(Path(args.configfile).read_text())
+    config = yaml.safe_load((Path(__file__).parent.parent / "config" / "config.yaml").read_text())
+    if args.configfile:
+        config = merged(config, yaml.safe_load(Path(args.configfile).read_text()) or {})
     data = refresh(Tracking.from_config(config, results_dir=args.results))
     print(f"summary refreshed: gate {data['gate']}, {len(data['runs'])} runs")
 

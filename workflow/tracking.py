@@ -104,9 +104,7 @@ def _experiment_id(tracking: Tracking) -> str:
     if tracking.resolved_uri().startswith("sqlite:"):
         # Without a server, artifacts go beside the store rather than into ./mlruns of whatever cwd.
         artifact_location = (Path(tracking.results_dir) / "mlartifacts").resolve().as_uri()
-    # A model-training experiment: the UI opens on its runs rather than on GenAI trace views.
-    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location)
 
 
 def pipeline_run_id(tracking: Tracking) -> str:
