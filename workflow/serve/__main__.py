@@ -16,6 +16,7 @@ import logging
 import sys
 
 from workflow.config import ConfigError, load
+from workflow.package.kms import KmsError
 from workflow.serve.access import KeyStore
 from workflow.serve.audit import AuditLog, AuditTampered
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"audit log verified: {result['records']} records from #{result['first_seq']}, head {result['head']}")
             else:
                 print(f"pruned {log.prune()} records older than {gateway['audit']['retention_days']} days")
-    except (ConfigError, ValueError, AuditTampered) as err:
+    except (ConfigError, ValueError, AuditTampered, OSError, KmsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

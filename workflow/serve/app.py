@@ -280,6 +280,14 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         limit = max_new_tokens(req, settings.limits)
         if len(prompt_ids) > settings.limits.max_prompt_tokens:
             raise BadRequest(f"prompt is {len(prompt_ids)} tokens, over the gateway's limit of {settings.limits.max_prompt_tokens}")
+        room = backend.package["context_length"] - len(prompt_ids)
+        if limit > room:
+            if req.max_tokens or getattr(req, "max_completion_tokens", None):
+                raise BadRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({limit}) is over the model's context "
+                                 f"length of {backend.package['context_length']}; ask for at most {max(room, 0)}")
+            limit = room  # the default limit shrinks to what fits
+        if limit < 1:
+            raise BadRequest(f"prompt ({len(prompt_ids)} tokens) fills the model's context length of {backend.package['context_length']}")
         state["prompt_tokens"] = len(prompt_ids)
         request_id = state["request_id"] = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created, obj = int(time.time()), "chat.completion" if kind == "chat" else "text_completion"

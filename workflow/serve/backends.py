@@ -7,6 +7,7 @@ open the package themselves (the Kubernetes manifests' init container); the gate
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 
 class NotReady(RuntimeError):
     """No model is loaded (still loading, undeployed, or the load failed)."""
+
+
+def context_length(model_dir: Path) -> int:
+    """Prompt plus generated tokens the engine can hold (ONNX Runtime GenAI's genai_config, else config.json)."""
+    genai = model_dir / "genai_config.json"
+    if genai.exists():
+        return json.loads(genai.read_text())["model"]["context_length"]
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("max_position_embeddings") or config["max_seq_len"]
 
 
 class InProcess:
@@ -56,7 +66,8 @@ class InProcess:
         engine = load_engine(model_dir, manifest.target.backend, self.engine_settings)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         info = (info or {"path": str(model_dir)}) | {"scheme": manifest.scheme, "precision": manifest.precision,
-                                                     "backend": manifest.target.backend}
+                                                     "backend": manifest.target.backend,
+                                                     "context_length": context_length(Path(model_dir))}
         with self._lock:
             self.engine, self.tokenizer, self.package, self.error = engine, tokenizer, info, None
         log.info("serving %s (%s)", info["path"], info["scheme"])
@@ -120,9 +131,10 @@ class Upstream:
 
     kind = "upstream"
 
-    def __init__(self, url: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
         self.url = url.rstrip("/")
-        self.client = httpx2.AsyncClient(base_url=self.url, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # the engine server's own key, not the caller's
+        self.client = httpx2.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers)
         self.package = {"upstream": self.url}
 
     async def ready_async(self) -> bool:
