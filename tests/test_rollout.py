@@ -93,11 +93,11 @@ def test_promotion_keeps_previous_and_rollback_restores_it(tmp_path):
     assert registry.promote("m", "1")["previous"] is None
     assert registry.promote("m", "2")["previous"] == "1"
     assert registry.promote("m", "3")["previous"] == "2"
-    aliases = {a: client.get_model_version_by_alias("m", a).version for a in ("production", "previous")}
+    aliases = {a: str(client.get_model_version_by_alias("m", a).version) for a in ("production", "previous")}
     assert aliases == {"production": "3", "previous": "2"}
     back = registry.rollback("m")
     assert back["production"] == "2" and back["rolled_back"] == "3"
-    assert client.get_model_version_by_alias("m", "production").version == "2"
+    assert str(client.get_model_version_by_alias("m", "production").version) == "2"
     assert "ft2prod.rolled_back_at" in client.get_model_version("m", "3").tags
     with pytest.raises(registry.RollbackImpossible):
         registry.rollback("m")
