@@ -29,8 +29,12 @@ def data_settings():
 
 
 def pipeline_targets():
-    """What the pipeline makes; the summary rule comes after all of it."""
-    return [f"{RESULTS}/package/registered.json", f"{RESULTS}/package/backup.json"]
+    """Through promotion, unless the target is Kubernetes with no context to apply to: then the validated manifests.
+    The summary rule comes after all of it."""
+    rollout = config["rollout"]
+    if rollout["target"] == "kubernetes" and not rollout["kubernetes"]["context"]:
+        return [f"{RESULTS}/rollout/report.json"]
+    return [f"{RESULTS}/rollout/promoted.json"]
 
 
 def final_targets():
@@ -93,4 +97,4 @@ def selected_engine(wildcards):
 
 
 def package_settings():
-    return {key: value for key, value in config["package"].items() if key not in ("model_name", "backup_dir")}
+    return {key: value for key, value in config["package"].items() if key not in ("model_name", "backup_dir", "trusted_signer")}
