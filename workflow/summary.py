@@ -122,6 +122,12 @@ def overall_gate(runs: list, rollout: dict | None) -> str:
     return "passed" if verdicts.get("select") == "passed" else "skipped"
 
 
+def rollout_report(results: Path) -> dict | None:
+    """The newest rollout report: report.json when the canary passed, failed-report.json when it did not."""
+    found = [p for p in (results / "rollout" / "report.json", results / "rollout" / "failed-report.json") if p.is_file()]
+    return read_json(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
 def registry(client: MlflowClient, model_name: str | None) -> list[dict]:
     """The registered versions of the pipeline's model, newest first, with their aliases."""
     if not model_name:
@@ -156,7 +162,7 @@ def collect(tracking: Tracking, results_dir: str | Path) -> dict:
     by_job = {run.info.run_name: run for run in runs}
     base = ui_base(tracking)
     registered = read_json(results / "package" / "registered.json")
-    rollout = read_json(results / "rollout" / "report.json")
+    rollout = rollout_report(results)
     package_run = by_job.get("package")
     data = {
         "title": parent.info.run_name,
@@ -192,6 +198,9 @@ def collect(tracking: Tracking, results_dir: str | Path) -> dict:
 def fmt(value, spec: str = ".3f") -> str:
     if value is None:
         return "–"
+    if isinstance(value, dict | list):  # a check's structured value: compact, numbers rounded
+        text = json.dumps(json.loads(json.dumps(value), parse_float=lambda f: round(float(f), 4)), separators=(", ", ": "))
+        return text if len(text) <= 120 else text[:117] + "…"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     return format(value, spec)

@@ -53,6 +53,9 @@ STAGES = {
     "select": "Chooses the production scheme by policy among the schemes that passed every gate and the latency SLO.",
     "package": "Encrypts (AES-256-GCM, KMS-wrapped key), signs (Ed25519), attests (in-toto) and verifies the selected engine.",
     "register": "Registers the package as a new model version in the MLflow model registry, alias `candidate`.",
+    "rollout": "Serves the package behind the gateway and runs the canary checks (TLS 1.3, roles, generation, latency, audit).",
+    "promote": "Moves the registry alias `production` to the checked version; the version it replaces keeps `previous`.",
+    "rollback": "Moves `production` back to the `previous` version and redeploys it.",
     "summary": "Builds the pipeline summary, the DAG picture and the Snakemake report, and logs them on the pipeline run.",
 }
 GATED = {"evaluate", "evaluate_quantized", "build_engine", "select", "rollout"}
