@@ -91,12 +91,17 @@ def test_summary_shows_gates_rollout_registry_and_links_to_child_runs(named):
               "checks": [{"name": "canary error rate", "passed": True, "value": 0.0, "threshold": 0.01, "detail": "0 of 50 requests"},
                          {"name": "TLS 1.3 only", "passed": True, "value": "TLSv1.3", "threshold": "TLSv1.3", "detail": "handshake"}]}
     (results / "rollout" / "report.json").write_text(json.dumps(report))
+    with job_run(named, "rollout"):
+        record_gate(report["checks"])
 
     data = summary.refresh(named)
     client = MlflowClient()
     parent = client.get_run(pipeline_run_id(named))
     runs = children(named)
-    assert [g["verdict"] for g in data["gates"]] == ["passed", "failed"] and data["gate"] == "skipped", "select has not run"
+    assert [(g["job"], g["verdict"]) for g in data["gates"]] == [("evaluate", "passed"), ("evaluate_quantized/fp8", "failed"),
+                                                                ("rollout", "passed")]
+    assert data["gates"][2]["check"] == "canary checks passed" and data["gates"][2]["value"] == "2/2", "one row; in full under Rollout"
+    assert data["gate"] == "skipped", "select has not run"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {"summary/summary.html", "summary/summary.md"}
     html = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="summary/summary.html")).read_text()
     for text in ("accuracy loss &lt;= quantize.max_accuracy_loss.fp8", "0.062", "0.040", "canary error rate", "0 of 50 requests",
@@ -107,7 +112,8 @@ def test_summary_shows_gates_rollout_registry_and_links_to_child_runs(named):
     assert "| evaluate_quantized/fp8 | accuracy loss <= quantize.max_accuracy_loss.fp8 | 0.062 | 0.040 | failed |" in note
     assert "- version 1 — **candidate**: int4_awq" in note and "| canary error rate | 0.000 | 0.010 | passed |" in note
     experiment = parent.info.experiment_id
-    for name in ("evaluate", "evaluate_quantized/fp8", "register"):
+    assert "| TLS 1.3 only | TLSv1.3 | TLSv1.3 | passed |" in note
+    for name in ("evaluate", "evaluate_quantized/fp8", "register", "rollout"):
         assert f"[{name}](#/experiments/{experiment}/runs/{runs[name].info.run_id})" in note
         assert f'href="#/experiments/{experiment}/runs/{runs[name].info.run_id}"' in html
     assert parent.data.tags["ft2prod.gate"] == "skipped" and parent.data.tags["ft2prod.package.sha256"] == "ab" * 32

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
 ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
 JOBS = (
-    {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register"}
+    {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register",
+     "rollout", "promote"}
     | {f"{stage}/{s}" for stage in ("quantize", "evaluate_quantized") for s in SCHEMES}
     | {f"{stage}/{s}" for stage in ("build_engine", "benchmark") for s in ENGINES}
 )
@@ -150,14 +151,15 @@ def test_review_summary_dag_report_descriptions_and_registry(zero2):
     selection = json.loads((results / "select" / "selection.json").read_text())
     for text in ("Pipeline gate: <span class=\"passed\"", f"selected <b>{selection['selected']}</b>", "<svg", "data:image/png;base64,",
                  "accuracy loss &lt;= quantize.max_accuracy_loss.int4_awq", "p95 latency &lt;= select.latency_slo_p95_s",
-                 '<span class="alias">candidate</span>', f"#/experiments/{experiment.experiment_id}/runs/{children['finetune'].info.run_id}"):
+                 '<span class="alias">production</span><span class="alias">candidate</span>', "<h2>Rollout</h2>",
+                 '<td>role_matrix</td>', f"#/experiments/{experiment.experiment_id}/runs/{children['finetune'].info.run_id}"):
         assert text in html, text
     assert {"summary/summary.html", "summary/summary.md", "summary/dag.svg", "summary/snakemake-report.html"} <= {
         a.path for a in mlflow.list_artifacts(parent.info.run_id, "summary")}
     assert parent.data.tags["ft2prod.gate"] == "passed" and parent.data.tags["ft2prod.selected_scheme"] == selection["selected"]
     assert f"[register](#/experiments/{experiment.experiment_id}/runs/{children['register'].info.run_id})" in parent.data.tags["mlflow.note.content"]
     gates = {name: run.data.tags["ft2prod.gate"] for name, run in children.items()}
-    assert gates["evaluate"] == gates["select"] == "passed" and gates["finetune"] == gates["package"] == "none"
+    assert gates["evaluate"] == gates["select"] == gates["rollout"] == "passed" and gates["finetune"] == gates["package"] == "none"
     for name, run in children.items():
         assert run.data.tags["mlflow.note.content"].startswith(f"**{name.split('/')[0]}**"), name
     assert "final train loss **" in children["finetune"].data.tags["mlflow.note.content"]
@@ -200,7 +202,7 @@ def test_no_plaintext_weights_or_keys_in_results_package_or_mlflow(zero2):
 def test_config_change_reruns_only_what_it_affects(zero2):
     upstream = {"bootstrap", "generate_data", "prepare_data"}
     load = snakemake(zero2, {"finetune": {"zero_stage": 2}, "benchmark": {"requests": 3}}, "-n")
-    assert jobs_planned(load) == {"benchmark_onnxruntime", "select", "package", "register", "backup", "summary", "all"}
+    assert jobs_planned(load) == {"benchmark_onnxruntime", "select", "package", "register", "backup", "rollout", "promote", "summary", "all"}
     evaluation = snakemake(zero2, {"finetune": {"zero_stage": 2}, "evaluate": {"max_new_tokens": 40}}, "-n")
     assert {"evaluate_base", "evaluate", "evaluate_quantized"} <= jobs_planned(evaluation)
     assert not (upstream | {"finetune", "export", "quantize"}) & jobs_planned(evaluation)

@@ -96,15 +96,20 @@ def artifact_json(client: MlflowClient, run, name: str) -> dict | None:
 
 
 def gate_rows(client: MlflowClient, runs: list) -> list[dict]:
-    """Every check of every gated job: job, check, value, threshold, verdict, detail."""
+    """Every check of every gated job: job, check, value, threshold, verdict, detail. The rollout's checks are one
+    row here (the summary shows them in full under Rollout)."""
     rows = []
     for run in runs:
         verdict = run.data.tags.get(GATE_TAG)
-        if verdict not in ("passed", "failed"):
-            continue
-        gate = artifact_json(client, run, "gate.json")
+        gate = artifact_json(client, run, "gate.json") if verdict in ("passed", "failed") else None
+        if gate is None and "ft2prod.gate_reason" not in run.data.tags:
+            continue  # no gate of its own (promote tags itself passed)
         checks = gate["checks"] if gate else [{"name": "gate", "passed": verdict == "passed", "value": None, "threshold": None,
-                                                "detail": run.data.tags.get("ft2prod.gate_reason", "")}]
+                                                "detail": run.data.tags["ft2prod.gate_reason"]}]
+        if run.data.tags.get("ft2prod.stage") == "rollout":
+            passed = sum(bool(c["passed"]) for c in checks)
+            checks = [{"name": "canary checks passed", "passed": passed == len(checks), "value": f"{passed}/{len(checks)}",
+                       "threshold": "all", "detail": "; ".join(f"{c['name']}: {c.get('detail', '')}" for c in checks)}]
         for check in checks:
             rows.append({"job": run.info.run_name, "run_id": run.info.run_id, "check": check["name"],
                          "value": check.get("value"), "threshold": check.get("threshold"),
@@ -128,6 +133,10 @@ def rollout_report(results: Path) -> dict | None:
     return read_json(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
+def alias_order(alias: str) -> tuple:
+    return (ALIASES.index(alias) if alias in ALIASES else len(ALIASES), alias)
+
+
 def registry(client: MlflowClient, model_name: str | None) -> list[dict]:
     """The registered versions of the pipeline's model, newest first, with their aliases."""
     if not model_name:
@@ -138,7 +147,7 @@ def registry(client: MlflowClient, model_name: str | None) -> list[dict]:
         return []
     # search_model_versions leaves aliases out; get_model_version has them.
     versions = [client.get_model_version(model_name, v.version) for v in found]
-    return [{"name": model_name, "version": v.version, "aliases": sorted(v.aliases, key=lambda a: (a not in ALIASES, a)),
+    return [{"name": model_name, "version": v.version, "aliases": sorted(v.aliases, key=alias_order),
              "scheme": v.tags.get("scheme", ""), "package_sha256": v.tags.get("package_sha256", ""),
              "run_id": v.run_id, "status": v.status, "created": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC)}
             for v in sorted(versions, key=lambda v: -int(v.version))]
