@@ -173,7 +173,8 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
     mlflow = client(work)
     first = str(mlflow.get_model_version_by_alias("ft2prod-model", "production").version)
     second = str(mlflow.get_model_version_by_alias("ft2prod-model", "candidate").version)
-    assert first != second and not (work / "results" / "rollout" / "promoted.json").exists()
+    assert first != second  # the new package is the candidate; production stays on the one promoted before
+    assert json.loads((work / "results" / "rollout" / "promoted.json").read_text())["production"] == first
     assert not json.loads((work / "results" / "rollout" / "failed-report.json").read_text())["passed"]
 
     snakemake(work, repackaged)
