@@ -211,6 +211,19 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
     assert again.returncode == 2 and "no version with alias 'previous'" in again.stderr
 
 
+def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zero2, tmp_path):
+    work = tmp_path / "k8s"
+    shutil.copytree(zero2, work, symlinks=True)
+    settings = {"finetune": {"zero_stage": 2}, "rollout": {"target": "kubernetes"}}
+    planned = jobs_planned(snakemake(work, settings, "-n"))
+    assert planned == {"rollout", "all"}  # no context to apply to: nothing is promoted
+    snakemake(work, settings)
+    report = json.loads((work / "results" / "rollout" / "report.json").read_text())
+    assert report["passed"] and report["target"] == "kubernetes" and not report["applied"]
+    assert report["checks"][0]["name"] == "manifests" and "Deployment/ft2prod-gateway" in report["checks"][0]["value"]
+    assert (work / "results" / "rollout" / "k8s" / "kustomization.yaml").exists()
+
+
 def windows(path: Path, count: int = 8, size: int = 64) -> list[bytes]:
     data = path.read_bytes()
     step = max(1, (len(data) - size) // count)
