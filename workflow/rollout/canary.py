@@ -52,9 +52,8 @@ class Check:
 def check_tls(host: str, port: int, ca: Path) -> Check:
     """The gateway speaks TLS 1.3 and refuses a client that offers at most TLS 1.2."""
     def handshake(context: ssl.SSLContext) -> str:
-        with socket.create_connection((host, port), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname=host) as tls:
-                return tls.version()
+        with socket.create_connection((host, port), timeout=10) as raw, context.wrap_socket(raw, server_hostname=host) as tls:
+            return tls.version()
 
     modern = handshake(client_context(ca))
     try:

@@ -60,6 +60,10 @@ def _open_args(config: dict, package_path: str) -> tuple[list[str], list[dict]]:
     return args + ["--vault-url", v["url"], "--vault-key", v["key_name"]], env
 
 
+def mount(volume: str, read_only: bool = True) -> dict:
+    return {"name": volume, "mountPath": MOUNTS[volume], "readOnly": read_only}
+
+
 def _probe(path: str, period: int, failures: int) -> dict:
     return {"httpGet": {"path": path, "port": GATEWAY_PORT, "scheme": "HTTPS"}, "periodSeconds": period,
             "timeoutSeconds": 5, "failureThreshold": failures}
@@ -69,7 +73,6 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
     """Write the kustomize folder: Deployment, Service, NetworkPolicy, PodDisruptionBudget, config and signer."""
     k8s, gateway, engine = config["rollout"]["kubernetes"], config["rollout"]["gateway"], config["engine"]
     name, labels = k8s["name"], {"app.kubernetes.io/name": k8s["name"], "app.kubernetes.io/part-of": "ft2prod"}
-    mount = lambda volume, read_only=True: {"name": volume, "mountPath": MOUNTS[volume], "readOnly": read_only}  # noqa: E731
     open_args, open_env = _open_args(config, f"{MOUNTS['packages']}/{package_sha256}")
     gateway_container = {
         "name": "gateway", "image": k8s["image"],

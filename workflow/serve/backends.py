@@ -110,20 +110,25 @@ class InProcess:
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[str, str | None, int]]:
         """(text delta, finish reason or None, tokens so far) per step; the last step's reason is 'stop' (end of
-        sequence) or 'length'."""
+        sequence) or 'length'. Text is decoded incrementally over a short window of tokens (as vLLM and TGI do),
+        holding back a delta while it ends in an incomplete multi-byte character."""
         engine, tokenizer = self.current()
-        tokens, sent = [], ""
+        tokens, prefix_offset, read_offset = [], 0, 0
+
+        def pending() -> str:
+            before = tokenizer.decode(tokens[prefix_offset:read_offset], skip_special_tokens=True)
+            return tokenizer.decode(tokens[prefix_offset:], skip_special_tokens=True)[len(before):]
+
         for token in engine.stream(prompt_ids, max_tokens):
             if token == tokenizer.eos_token_id:
-                yield "", "stop", len(tokens)
+                yield pending(), "stop", len(tokens)
                 return
             tokens.append(token)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
-                continue
-            yield text[len(sent):], None, len(tokens)
-            sent = text
-        yield tokenizer.decode(tokens, skip_special_tokens=True)[len(sent):], "length", len(tokens)
+            delta = pending()
+            if delta and not delta.endswith("\ufffd"):
+                prefix_offset, read_offset = read_offset, len(tokens)
+                yield delta, None, len(tokens)
+        yield pending(), "length", len(tokens)
 
 
 class Upstream:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflow.package import archive, kms as kms_providers
+from workflow.package import archive
+from workflow.package import kms as kms_providers
 from workflow.serve.access import Policy
 
 
