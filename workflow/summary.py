@@ -37,7 +37,7 @@ from workflow.tracking import GATE_TAG, STAGES, Tracking, pipeline_run_id, set_n
 
 log = logging.getLogger(__name__)
 
-ORDER = [*STAGES, "rollout", "promote"]  # stages in DAG order, for tables
+ORDER = list(STAGES)  # stages in DAG order, for tables
 BLOCKING = ("evaluate", "select", "rollout")  # gates that stop the pipeline (a failed scheme gate only drops the scheme)
 ALIASES = ("production", "candidate", "previous")
 TEMPLATES = jinja2.Environment(
