@@ -92,5 +92,5 @@ def test_missing_nodelist_and_bad_hostlist_are_clear_errors(tmp_path):
     with pytest.raises(RuntimeError, match="SLURM_JOB_NUM_NODES > 1 but SLURM_JOB_NODELIST is not set"):
         slurm_hosts(env)
     (tmp_path / "empty.conf").write_text("")
-    with pytest.raises(RuntimeError, match=r"`scontrol show hostnames gpu\[07-08\]` failed \(1\): .*ClusterName needs to be specified"):
+    with pytest.raises(RuntimeError, match=r"(?s)`scontrol show hostnames gpu\[07-08\]` failed \(1\): .*ClusterName needs to be specified"):
         slurm_hosts(batch_env(tmp_path, "gpu[07-08]", 2) | {"SLURM_CONF": str(tmp_path / "empty.conf")})
