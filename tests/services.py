@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,7 +206,7 @@ class MlflowServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.pg_port, self.port = free_port(), free_port()
-        self.pgdata = root / "pgdata"
+        self.pgdata: Path | None = None
         self.artifacts = root / "artifacts"
         self.server: subprocess.Popen | None = None
 
@@ -224,8 +225,8 @@ class MlflowServer:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
-        self.pgdata.mkdir()
+        # The postgres user cannot enter pytest's root-only folders: its data folder lives in /tmp, owner-only.
+        self.pgdata = Path(tempfile.mkdtemp(prefix="ft2prod-pgdata-"))
         shutil.chown(self.pgdata, "postgres", "postgres")
         self._as_postgres("initdb", "-D", str(self.pgdata), "-A", "trust", "-U", "postgres")
         self._as_postgres("pg_ctl", "-D", str(self.pgdata), "-l", str(self.pgdata / "server.log"), "-w", "start",
@@ -251,8 +252,10 @@ class MlflowServer:
                 self.server.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.server.pid, signal.SIGKILL)
-        if (self.pgdata / "postmaster.pid").exists():
-            self._as_postgres("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+        if self.pgdata is not None:
+            if (self.pgdata / "postmaster.pid").exists():
+                self._as_postgres("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+            shutil.rmtree(self.pgdata)
 
 
 def _healthy(uri: str) -> bool:
