@@ -94,3 +94,37 @@ def test_missing_nodelist_and_bad_hostlist_are_clear_errors(tmp_path):
     (tmp_path / "empty.conf").write_text("")
     with pytest.raises(RuntimeError, match=r"(?s)`scontrol show hostnames gpu\[07-08\]` failed \(1\): .*ClusterName needs to be specified"):
         slurm_hosts(batch_env(tmp_path, "gpu[07-08]", 2) | {"SLURM_CONF": str(tmp_path / "empty.conf")})
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_node_command_trains_when_each_node_runs_its_part(tmp_path, tiny_base, tracking, launcher):
+    """What srun does on each node, done here: the per-node script of a 2-node allocation runs twice on this
+    machine (SLURM_NODEID 0 and 1, both "nodes" resolving to this host), one rank per node, over gloo."""
+    import json
+
+    from workflow.bootstrap.problems import write_jsonl
+    from workflow.data import DataConfig, prepare
+    from workflow.finetune.launch import launch_env
+
+    write_jsonl(str(tmp_path / "rows.jsonl"), 120, seed=0)
+    prepare(tmp_path / "rows.jsonl", tiny_base, tmp_path / "data", DataConfig(test_fraction=0.1), tracking)
+    cfg = FinetuneConfig(launcher=launcher, nproc_per_node=1, zero_stage=2, max_steps=3, micro_batch_size=4, save_steps=3, logging_steps=1)
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    job = checkpoints / "job.json"
+    job.write_text(json.dumps({
+        "finetune": cfg.as_dict(), "seed": 0, "model_dir": str(tiny_base), "data_dir": str(tmp_path / "data"),
+        "checkpoint_dir": str(checkpoints), "summary": str(tmp_path / "summary.json"), "fingerprint": "test", "resume_from": None,
+    }))
+    command = launch_command(cfg, job, batch_env(tmp_path, "localhost,127.0.0.1", 2))
+    env = {k: v for k, v in launch_env(cfg, "", "").items() if not k.startswith(("MLFLOW_", "SLURM_"))} | {"OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(["sh", "-c", command[-1]], env=env | {"SLURM_NODEID": str(node)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["global_step"] == 3
+    assert (checkpoints / "checkpoint-3" / ".complete").exists()
+    # one ZeRO-2 optimizer partition per rank: the two "nodes" formed one world of 2
+    assert len(list((checkpoints / "checkpoint-3").rglob("*zero_pp_rank_*_optim_states.pt"))) == 2

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
 ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
 JOBS = (
-    {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register"}
+    {"plan", "bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register"}
     | {f"{stage}/{s}" for stage in ("quantize", "evaluate_quantized") for s in SCHEMES}
     | {f"{stage}/{s}" for stage in ("build_engine", "benchmark") for s in ENGINES}
 )
@@ -183,6 +183,9 @@ def test_config_change_reruns_only_what_it_affects(zero2):
     training = snakemake(zero2, {"finetune": {"zero_stage": 2, "learning_rate": 0.002}}, "-n")
     assert {"finetune", "export", "evaluate", "quantize"} <= jobs_planned(training)
     assert not (upstream | {"evaluate_base"}) & jobs_planned(training)
+    # a re-plan that still fits reruns the plan only: the stages wait for it but do not rerun after it
+    replanned = snakemake(zero2, {"finetune": {"zero_stage": 2}, "cluster": {"overhead_gib": 1.5}}, "-n")
+    assert "plan" in jobs_planned(replanned) and jobs_planned(replanned) <= {"plan", "all"}
 
 
 def test_failed_gate_stops_the_dag_and_says_why(zero2):

@@ -302,7 +302,7 @@ def model_architecture(model_dir: str | None, bootstrap: dict) -> tuple[Architec
         config = {"vocab_size": bootstrap["vocab_size"], "hidden_size": bootstrap["hidden_size"], "num_hidden_layers": bootstrap["num_layers"],
                   "num_attention_heads": bootstrap["num_heads"], "num_key_value_heads": bootstrap["num_kv_heads"],
                   "intermediate_size": bootstrap["intermediate_size"], "model_type": "llama"}
-        return Architecture.from_hf_config(config, "bootstrap settings"), "bootstrap settings (vocab_size is an upper bound)"
+        return Architecture.from_hf_config(config, "bootstrap settings"), "the bootstrap settings; vocab_size as an upper bound"
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise PlanError(f"plan: {path} not found; base_model must be a Hugging Face checkpoint folder with a config.json")
@@ -353,7 +353,7 @@ def plan(arch: Architecture, settings: dict) -> dict:
     p = arch.params()
     return {
         "model": asdict(arch) | {"params": p["total"], "params_billion": round(p["total"] / 1e9, 3),
-                                 "weights_bf16_gb": round(2 * p["total"] / 1e9, 1)},
+                                 "weights_bf16_gb": round(2 * p["total"] / 1e9, 4)},
         "cluster": asdict(cluster),
         "training": train,
         "serving": serving,
@@ -398,7 +398,7 @@ def markdown(result: dict, source: str) -> str:
     device = f"{c['gpus_per_node']} x {c['gpu_memory_gib']} GiB GPUs per node" if c["gpus_per_node"] else "no GPUs (CPU ranks in host memory)"
     lines = [
         f"# Plan: {'fits' if result['fits'] else 'DOES NOT FIT'}", "",
-        f"Model ({source}): {m['params']:,} parameters ({m['params_billion']} B), {m['weights_bf16_gb']} GB of bf16 weights. "
+        f"Model ({source}): {m['params']:,} parameters ({m['params_billion']} B), {m['weights_bf16_gb']:.4g} GB of bf16 weights. "
         f"Cluster: {c['nodes']} node(s), {device}, {c['host_memory_gib']} GiB host memory per node, {c['overhead_gib']} GiB overhead per process.", "",
         "## Training, per process", "",
         "| part | GiB |", "| --- | --- |", *[f"| {k} | {_g(v)} |" for k, v in t["per_process_gib"].items()],
