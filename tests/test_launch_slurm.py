@@ -107,7 +107,7 @@ def test_two_node_command_trains_when_each_node_runs_its_part(tmp_path, tiny_bas
     from workflow.data import DataConfig, prepare
     from workflow.finetune.launch import launch_env
 
-    write_jsonl(str(tmp_path / "rows.jsonl"), 120, seed=0)
+    write_jsonl(str(tmp_path / "rows.jsonl"), 120, seed=0, tracking=tracking)
     prepare(tmp_path / "rows.jsonl", tiny_base, tmp_path / "data", DataConfig(test_fraction=0.1), tracking)
     cfg = FinetuneConfig(launcher=launcher, nproc_per_node=1, zero_stage=2, max_steps=3, micro_batch_size=4, save_steps=3, logging_steps=1)
     checkpoints = tmp_path / "checkpoints"
