@@ -197,3 +197,11 @@ def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_p
     assert (resources["gpu"], resources["nodes"], resources["mpi"], resources["tasks"], resources["tasks_per_gpu"]) == ("16", "2", "srun", "2", "0")
     single = snakemake(tmp_path, {}, "-n", "results/finetune/summary.json").stdout.split("rule finetune:")[1].split("\n\n")[0]
     assert "gpu=0" in single and "mpi=" not in single and "tasks=" not in single
+
+
+def test_bad_cluster_values_name_the_key(tmp_path):
+    done = snakemake(tmp_path, {"cluster": {"nodes": 0, "gpu_memory_gib": -1}}, "-n", check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "config: cluster.nodes: 0 is less than the minimum of 1" in out
+    assert "config: cluster.gpu_memory_gib: -1 is less than or equal to the minimum of 0" in out
