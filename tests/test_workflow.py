@@ -182,12 +182,13 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
     assert str(mlflow.get_model_version_by_alias("ft2prod-model", "previous").version) == first
 
     serve = [sys.executable, "-m", "workflow.serve", "--config", "config.yaml"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the copy's own store, as snakemake() does
     admin = subprocess.run([*serve, "keys", "add", "--id", "ops", "--role", "admin"], cwd=work, capture_output=True, text=True, check=True)
     port = 18000 + os.getpid() % 1000
     gateway = subprocess.Popen([*serve, "start", "--package", "results/package/model.ftpkg", "--port", str(port)], cwd=work,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        env = {**os.environ, "FT2PROD_ADMIN_KEY": admin.stdout.strip()}
+        env["FT2PROD_ADMIN_KEY"] = admin.stdout.strip()
         url = f"https://127.0.0.1:{port}"
         for _ in range(120):
             if subprocess.run(["curl", "-sf", "--cacert", "keys/tls/ca.pem", f"{url}/readyz"], cwd=work, capture_output=True).returncode == 0:
@@ -207,7 +208,7 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
         gateway.wait(timeout=60)
     assert str(mlflow.get_model_version_by_alias("ft2prod-model", "production").version) == first
     again = subprocess.run([sys.executable, "-m", "workflow.rollout", "--config", "config.yaml", "rollback"], cwd=work,
-                           capture_output=True, text=True)
+                           env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "no version with alias 'previous'" in again.stderr
 
 
