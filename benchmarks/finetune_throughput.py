@@ -68,6 +68,11 @@ VARIANTS = {
     "baseline": dict(zero_stage=2, packing=False, attention="sdpa", liger_kernel=False, optimizer="adamw_foreach", dataloader_workers=0),
     "optimized": dict(zero_stage=2),
     "optimized-zero3": dict(zero_stage=3),
+    # One optimization off at a time (to see what each is worth).
+    "optimized-no-liger": dict(zero_stage=2, liger_kernel=False),
+    "optimized-unpacked": dict(zero_stage=2, packing=False, attention="sdpa"),
+    "optimized-zero0": dict(zero_stage=0),
+    "baseline-fused-adamw": dict(zero_stage=2, packing=False, attention="sdpa", liger_kernel=False, dataloader_workers=0),
 }
 H100_BF16_DENSE = 989e12
 
@@ -141,8 +146,9 @@ def run_variant(name: str, args, model_dir: Path, data_dir: Path, out: Path) -> 
     cfg = FinetuneConfig(**settings)
     work = args.work / f"{args.shape_name}-{name}-{args.nproc}gpu"
     shutil.rmtree(work, ignore_errors=True)
+    extra = {"profile_dir": str(args.out / f"profile-{args.shape_name}-{name}")} if args.profile else {}
     job = write_job(model_dir, data_dir, work / "summary.json", cfg, args.seed,
-                    save_checkpoints=args.consolidate, timing_skip_steps=args.warmup)
+                    save_checkpoints=args.consolidate, timing_skip_steps=args.warmup, **extra)
     command = launch_command(cfg, job)
     env = launch_env(cfg, run_id="", tracking_uri="")
     log_path = out / f"{args.shape_name}-{name}-{args.nproc}gpu.log"
@@ -193,7 +199,7 @@ def main() -> None:
     parser.add_argument("--shape", nargs="+", default=["llama-1b"], choices=[s for s in SHAPES if s != "tiny"])
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short rows (CPU debugging)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["baseline", "optimized", "optimized-zero3"], choices=list(VARIANTS))
     parser.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) per variant")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
@@ -207,6 +213,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="per GPU, for MFU")
     parser.add_argument("--consolidate", action="store_true", help="save the final checkpoint and consolidate it as export does")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler over 3 steps after warm-up: profile-*/profile.txt")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ft2prod-finetune-bench"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/ft2prod-finetune-bench/out")))
     args = parser.parse_args()

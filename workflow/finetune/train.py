@@ -111,6 +111,41 @@ class Throughput(TrainerCallback):
             }
 
 
+class Profile(TrainerCallback):
+    """torch.profiler over a few steps after warm-up (rank 0): the kernels that take the time and how busy the
+    device was. Used by benchmarks/finetune_throughput.py --profile; the rule never sets it."""
+
+    def __init__(self, out_dir: str, start: int, steps: int = 3) -> None:
+        self.out_dir, self.start, self.steps = Path(out_dir), start, steps
+        self.profiler = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if state.global_step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.began = time.perf_counter()
+        elif self.profiler and state.global_step == self.start + self.steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.began
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            # Kernel events only: an operator's self device time is its kernels' time again.
+            device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            table = events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+            header = (f"{self.steps} steps, wall {wall * 1e3:.0f} ms, device kernels {device_us / 1e3:.0f} ms "
+                      f"({device_us / 1e6 / wall:.0%} busy)\n")
+            (self.out_dir / "profile.txt").write_text(header + table)
+            self.profiler = None
+
+
 def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: bool, speed: SpeedSettings,
                        evaluate: bool = True, save: bool = True) -> TrainingArguments:
     return TrainingArguments(
@@ -213,6 +248,8 @@ def train(job: dict) -> dict:
         data_collator=collator(cfg, speed),
         callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save), throughput],
     )
+    if job.get("profile_dir"):
+        trainer.add_callback(Profile(job["profile_dir"], start=job.get("timing_skip_steps", 2)))
     resume = job["resume_from"]
     if args.process_index == 0:
         log.info("resuming from %s" % resume if resume else "starting from step 0 (no checkpoint)")
