@@ -38,6 +38,13 @@ ablation() {
     timeout 140 $B --shape llama-1b --nproc 2 --variants optimized optimized-zero3 --work /tmp/b0 --out /tmp/out/x2 > /tmp/out-x2.txt 2>&1
     head -1 /tmp/out/profile/profile-*/profile.txt
 }
+# After the ablation: rows of one length stacked (batched cuDNN attention), one shape at a time, GPU 0 only.
+final() {
+    F="python3 benchmarks/finetune_throughput.py --steps 20 --warmup 5 --lr 1e-4"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 $F --shape llama-1b --variants baseline optimized optimized-zero0 optimized-zero3 --work /tmp/b0 --out /tmp/out/llama > /tmp/out-llama.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 130 $F --shape qwen2-1.5b --variants baseline optimized --work /tmp/b1 --out /tmp/out/qwen > /tmp/out-qwen.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 90 $F --steps 15 --lengths mixed --shape llama-1b --variants baseline optimized --work /tmp/b0 --out /tmp/out/mixed > /tmp/out-mixed.txt 2>&1
+}
 ${PHASE:-headline}
 cp /tmp/out-*.txt $OUT/ 2>/dev/null
 tar czf $OUT/logs.tar.gz -C /tmp out 2>/dev/null

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.launch import launch_command
 from workflow.finetune.speed import register_varlen_attention, resolve, varlen_available
-from workflow.finetune.train import pad_to_longest
+from workflow.finetune.train import PaddingFree, pad_to_longest
 
 
 @pytest.mark.parametrize(
@@ -124,6 +124,19 @@ def test_padding_collator_masks_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_padding_free_stacks_equal_rows_and_packs_the_rest():
+    collate = PaddingFree(DataCollatorWithFlattening(return_flash_attn_kwargs=True))
+    same = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10], "labels": [-100, 9, 10]}])
+    assert same["input_ids"].tolist() == [[5, 6, 7], [8, 9, 10]] and "position_ids" not in same
+    # The same targets as packing gives: the first token of a row is never predicted.
+    assert same["labels"].tolist() == [[-100, 6, 7], [-100, 9, 10]]
+    mixed = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert mixed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert mixed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert mixed["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert mixed["cu_seq_lens_q"].tolist() == [0, 3, 5] and mixed["max_length_q"] == 3
+
+
 def _gqa_llama(attention: str) -> torch.nn.Module:
     from transformers import LlamaConfig
 
@@ -147,3 +160,7 @@ def test_varlen_attention_keeps_packed_sequences_apart():
         together = model(**packed).logits[0].float()
     error = (together - apart).norm() / apart.norm()
     assert error < 1e-2, f"relative error {error:.2e}"
+    # Rows of one length come stacked (PaddingFree) and take the batched SDPA path.
+    stacked = torch.randint(0, 1000, (3, 64), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=stacked).logits, reference(input_ids=stacked).logits)

@@ -83,8 +83,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     query/key/value come as (1, heads, tokens, head_dim); the sequence boundaries (cu_seq_lens_q) and the
     longest sequence (max_length_q) come from DataCollatorWithFlattening(return_flash_attn_kwargs=True).
     """
-    if cu_seq_lens_q is None or max_length_q is None:
-        raise ValueError("finetune: varlen attention got no packed sequence boundaries; it needs finetune.packing: true")
+    if cu_seq_lens_q is None:
+        # A micro-batch whose rows share one length comes stacked, not packed (train.PaddingFree): no padding
+        # and no boundaries, so plain causal SDPA applies (cuDNN's fused attention on Hopper).
+        if attention_mask is not None:
+            raise ValueError("finetune: varlen attention got a padded batch; it needs finetune.packing: true")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(f"finetune: varlen attention has no attention dropout (the model asks for {dropout})")
     kernel, windowed, has_gqa, has_scale = _varlen_kernel()

@@ -187,8 +187,25 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
 def collator(cfg: FinetuneConfig, speed: SpeedSettings):
     if cfg.packing:
         # The varlen kernel reads the sequence boundaries the collator computes on the CPU, once per batch.
-        return DataCollatorWithFlattening(return_flash_attn_kwargs=speed.attention == VARLEN)
+        return PaddingFree(DataCollatorWithFlattening(return_flash_attn_kwargs=speed.attention == VARLEN))
     return pad_to_longest
+
+
+class PaddingFree:
+    """Micro-batches without padding: rows of one length are stacked as they are, so attention runs batched
+    (cuDNN's fused attention on an H100, faster than the varlen kernel: measured in the README); rows of
+    different lengths are packed into one row with restarting position ids and sequence boundaries.
+    Both give the loss the same targets: the first token of each row is never a target."""
+
+    def __init__(self, flatten: DataCollatorWithFlattening) -> None:
+        self.flatten = flatten
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if len({len(r["input_ids"]) for r in rows}) > 1:
+            return self.flatten(rows)
+        labels = torch.tensor([r["labels"] for r in rows])
+        labels[:, 0] = -100
+        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]), "labels": labels}
 
 
 def pad_to_longest(rows: list[dict]) -> dict[str, torch.Tensor]:
