@@ -286,6 +286,13 @@ def test_finetune_variants_run_end_to_end(tmp_path, settings):
     assert (tmp_path / "results" / "model" / "model.safetensors").read_bytes() != base, "training changed the weights"
     log = (tmp_path / "results" / "logs" / "finetune.log").read_text()
     assert f"'stage': {settings['zero_stage']}" in log or f'"zero_stage": {settings["zero_stage"]}' in log
+    # The GPU-only speed settings are skipped on this CPU, said in the log, and recorded as resolved in MLflow.
+    assert "skipped liger_kernel: Liger's Triton kernels need a CUDA GPU" in log
+    mlflow_client = client(tmp_path)
+    [run] = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ft2prod").experiment_id],
+                                      filter_string="attributes.run_name = 'finetune'")
+    assert run.data.params["finetune.liger_kernel"] == "True"
+    assert (run.data.params["resolved.liger_kernel"], run.data.params["resolved.attention"]) == ("False", "sdpa")
 
 
 def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path):
