@@ -1,4 +1,4 @@
-# ft2prod: fine-tune -> evaluate -> quantize -> engines -> benchmark -> select, for a private LLM, tracked in MLflow.
+# ft2prod: fine-tune -> evaluate -> quantize -> engines -> benchmark -> select -> package -> rollout, tracked in MLflow.
 #   snakemake --profile profiles/default          (the embedded default; see README.md)
 from snakemake.utils import min_version, validate
 
@@ -22,6 +22,7 @@ include: "rules/evaluate.smk"
 include: "rules/quantize.smk"
 include: "rules/engine.smk"
 include: "rules/package.smk"
+include: "rules/rollout.smk"
 
 
 rule all:

@@ -29,7 +29,11 @@ def data_settings():
 
 
 def final_targets():
-    return [f"{RESULTS}/package/registered.json", f"{RESULTS}/package/backup.json"]
+    """Through promotion, unless the target is Kubernetes with no context to apply to: then the validated manifests."""
+    rollout = config["rollout"]
+    if rollout["target"] == "kubernetes" and not rollout["kubernetes"]["context"]:
+        return [f"{RESULTS}/rollout/report.json"]
+    return [f"{RESULTS}/rollout/promoted.json"]
 
 
 def eval_settings():
@@ -88,7 +92,7 @@ def selected_engine(wildcards):
 
 
 def package_settings():
-    return {key: value for key, value in config["package"].items() if key not in ("model_name", "backup_dir")}
+    return {key: value for key, value in config["package"].items() if key not in ("model_name", "backup_dir", "trusted_signer")}
 
 
 def base_model_config(wildcards=None):

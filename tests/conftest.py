@@ -21,6 +21,7 @@ TINY = {
     "evaluate": {"max_samples": 8, "max_new_tokens": 48, "gate": {"min_accuracy": 0.0, "min_gain": -1.0}},
     "quantize": {"calib_samples": 4, "max_accuracy_loss": {"bf16": 1.0, "fp8": 1.0, "int8_sq": 1.0, "int4_awq": 1.0}},
     "benchmark": {"input_len": 24, "output_len": 8, "concurrency": [1, 2], "requests": 4},
+    "rollout": {"canary": {"samples": 4, "requests": 4}},
 }
 
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
 ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
 JOBS = (
-    {"plan", "bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register"}
+    {"plan", "bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register",
+       "rollout", "promote"}
     | {f"{stage}/{s}" for stage in ("quantize", "evaluate_quantized") for s in SCHEMES}
     | {f"{stage}/{s}" for stage in ("build_engine", "benchmark") for s in ENGINES}
 )
@@ -144,6 +145,86 @@ def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_pac
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def test_rollout_passes_its_canary_and_promotes_to_production(zero2):
+    from workflow.serve.audit import AuditLog
+
+    results = zero2 / "results"
+    report = json.loads((results / "rollout" / "report.json").read_text())
+    registered = json.loads((results / "package" / "registered.json").read_text())
+    assert report["passed"] and report["version"] == registered["version"]
+    assert [c["name"] for c in report["checks"]] == ["tls", "role_matrix", "generation", "latency", "audit"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["tls"]["value"]["negotiated"] == "TLSv1.3" and checks["tls"]["value"]["tls1.2_client"].startswith("refused")
+    assert checks["generation"]["value"]["equal"] == TINY["rollout"]["canary"]["samples"]
+    assert checks["audit"]["value"]["head"] == AuditLog(results / "rollout" / "canary-audit.jsonl").verify()["head"]
+    promoted = json.loads((results / "rollout" / "promoted.json").read_text())
+    production = client(zero2).get_model_version_by_alias("ft2prod-model", "production")
+    assert promoted["production"] == str(production.version) == str(registered["version"])
+    assert production.tags["ft2prod.rollout.package_sha256"] == registered["package_sha256"]
+
+
+def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero2, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(zero2, work, symlinks=True)  # .snakemake too: its provenance decides what reruns
+    repackaged = {"finetune": {"zero_stage": 2}, "package": {"chunk_mb": 1}}
+    failed = snakemake(work, merge(repackaged, {"rollout": {"canary": {"latency_p95_s": 1e-6}}}), check=False)
+    assert failed.returncode != 0
+    assert "rollout: canary failed, production not changed: latency: p95" in (work / "results" / "logs" / "rollout.log").read_text()
+    mlflow = client(work)
+    first = str(mlflow.get_model_version_by_alias("ft2prod-model", "production").version)
+    second = str(mlflow.get_model_version_by_alias("ft2prod-model", "candidate").version)
+    assert first != second  # the new package is the candidate; production stays on the one promoted before
+    assert json.loads((work / "results" / "rollout" / "promoted.json").read_text())["production"] == first
+    assert not json.loads((work / "results" / "rollout" / "failed-report.json").read_text())["passed"]
+
+    snakemake(work, repackaged)
+    assert str(mlflow.get_model_version_by_alias("ft2prod-model", "production").version) == second
+    assert str(mlflow.get_model_version_by_alias("ft2prod-model", "previous").version) == first
+
+    serve = [sys.executable, "-m", "workflow.serve", "--config", "config.yaml"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the copy's own store, as snakemake() does
+    admin = subprocess.run([*serve, "keys", "add", "--id", "ops", "--role", "admin"], cwd=work, capture_output=True, text=True, check=True)
+    port = 18000 + os.getpid() % 1000
+    gateway = subprocess.Popen([*serve, "start", "--package", "results/package/model.ftpkg", "--port", str(port)], cwd=work,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env["FT2PROD_ADMIN_KEY"] = admin.stdout.strip()
+        url = f"https://127.0.0.1:{port}"
+        for _ in range(120):
+            if subprocess.run(["curl", "-sf", "--cacert", "keys/tls/ca.pem", f"{url}/readyz"], cwd=work, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        back = subprocess.run([sys.executable, "-m", "workflow.rollout", "--config", "config.yaml", "rollback", "--gateway", url],
+                              cwd=work, env=env, capture_output=True, text=True)
+        assert back.returncode == 0, back.stderr
+        record = json.loads(back.stdout)
+        assert record["production"] == first and record["rolled_back"] == second
+        served = subprocess.run(["curl", "-sf", "--cacert", "keys/tls/ca.pem", "-H", f"Authorization: Bearer {admin.stdout.strip()}",
+                                 f"{url}/v1/deployment"], cwd=work, capture_output=True, text=True, check=True)
+        assert json.loads(served.stdout)["package"]["sha256"] == record["package_sha256"]
+        assert mlflow.get_model_version(f"ft2prod-model", first).tags["package_sha256"] == record["package_sha256"]
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=60)
+    assert str(mlflow.get_model_version_by_alias("ft2prod-model", "production").version) == first
+    again = subprocess.run([sys.executable, "-m", "workflow.rollout", "--config", "config.yaml", "rollback"], cwd=work,
+                           env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "no version with alias 'previous'" in again.stderr
+
+
+def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zero2, tmp_path):
+    work = tmp_path / "k8s"
+    shutil.copytree(zero2, work, symlinks=True)
+    settings = {"finetune": {"zero_stage": 2}, "rollout": {"target": "kubernetes"}}
+    planned = jobs_planned(snakemake(work, settings, "-n"))
+    assert planned == {"rollout", "all"}  # no context to apply to: nothing is promoted
+    snakemake(work, settings)
+    report = json.loads((work / "results" / "rollout" / "report.json").read_text())
+    assert report["passed"] and report["target"] == "kubernetes" and not report["applied"]
+    assert report["checks"][0]["name"] == "manifests" and "Deployment/ft2prod-gateway" in report["checks"][0]["value"]
+    assert (work / "results" / "rollout" / "k8s" / "kustomization.yaml").exists()
+
+
 def windows(path: Path, count: int = 8, size: int = 64) -> list[bytes]:
     data = path.read_bytes()
     step = max(1, (len(data) - size) // count)
@@ -208,6 +289,13 @@ def test_finetune_variants_run_end_to_end(tmp_path, settings):
     assert (tmp_path / "results" / "model" / "model.safetensors").read_bytes() != base, "training changed the weights"
     log = (tmp_path / "results" / "logs" / "finetune.log").read_text()
     assert f"'stage': {settings['zero_stage']}" in log or f'"zero_stage": {settings["zero_stage"]}' in log
+    # The GPU-only speed settings are skipped on this CPU, said in the log, and recorded as resolved in MLflow.
+    assert "skipped liger_kernel: Liger's Triton kernels need a CUDA GPU" in log
+    mlflow_client = client(tmp_path)
+    [run] = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ft2prod").experiment_id],
+                                      filter_string="attributes.run_name = 'finetune'")
+    assert run.data.params["finetune.liger_kernel"] == "True"
+    assert (run.data.params["resolved.liger_kernel"], run.data.params["resolved.attention"]) == ("False", "sdpa")
 
 
 def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path):

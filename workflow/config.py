@@ -30,3 +30,21 @@ def check(config: dict, schema_path: str | Path) -> None:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("\n".join(_describe(e) for e in errors))
+
+
+def with_defaults(schema: dict, config: dict) -> dict:
+    """config with every missing key that has a schema default filled in, at any depth."""
+    out = dict(config)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = sub["default"]
+        if isinstance(out.get(key), dict) and sub.get("type") == "object":
+            out[key] = with_defaults(sub, out[key])
+    return out
+
+
+def load(path: str | Path, schema_path: str | Path = Path(__file__).parent.parent / "config" / "schema.yaml") -> dict:
+    """A config file, checked and completed with the schema's defaults (for tools run outside Snakemake)."""
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    check(config, schema_path)
+    return with_defaults(yaml.safe_load(Path(schema_path).read_text()), config)

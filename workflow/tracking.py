@@ -22,6 +22,8 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
+from workflow.digest import sha256_file
+
 PARENT_TAG = "ft2prod.results_dir"
 SECRET_WORDS = {"key", "secret", "token", "password", "passphrase", "credential", "credentials"}
 
@@ -152,14 +154,6 @@ def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterato
                     mlflow.log_artifact(tracking.log_path)
     finally:
         client.update_run(parent, status=status)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_tree(directory: str | Path) -> tuple[str, dict[str, str]]:

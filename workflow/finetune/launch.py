@@ -24,10 +24,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import mlflow
+from typing import TYPE_CHECKING
 
+from workflow.digest import sha256_file
 from workflow.finetune.config import FinetuneConfig, latest_complete_checkpoint
-from workflow.tracking import Tracking, job_run, sha256_file
+
+if TYPE_CHECKING:
+    from workflow.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +128,8 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, cfg: FinetuneConfig, seed: int,
-        tracking: Tracking, log_path: str | Path) -> dict:
-    """Fine-tune model_dir on data_dir/train.jsonl; write summary_path naming the final checkpoint."""
-    model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
+def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: FinetuneConfig, seed: int, **extra) -> Path:
+    """The job file the ranks read: settings, paths and the checkpoint to resume from (if it matches)."""
     checkpoint_dir = summary_path.parent / "checkpoints"
     job_file = checkpoint_dir / "job.json"
     mark = fingerprint(cfg, seed, model_dir, data_dir)
@@ -146,7 +147,22 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
         "fingerprint": mark,
         "resume_from": latest_complete_checkpoint(checkpoint_dir.resolve()),
     }
+    job.update(extra)
     job_file.write_text(json.dumps(job, indent=2))
+    return job_file
+
+
+def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, cfg: FinetuneConfig, seed: int,
+        tracking: Tracking, log_path: str | Path) -> dict:
+    """Fine-tune model_dir on data_dir/train.jsonl; write summary_path naming the final checkpoint."""
+    # MLflow is imported here, not at the top: benchmarks/finetune_throughput.py launches through this module
+    # on GPU hosts that have no MLflow.
+    import mlflow
+
+    from workflow.tracking import job_run
+
+    model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
+    job_file = write_job(model_dir, data_dir, summary_path, cfg, seed)
     with job_run(tracking, "finetune", {"finetune": cfg.as_dict(), "seed": seed, "base_model": str(model_dir)}) as run:
         command = launch_command(cfg, job_file)
         log.info("launching: %s", " ".join(command))

@@ -1,0 +1,15 @@
+# The gateway image the Kubernetes manifests run (rollout.kubernetes.image): the package opener (init
+# container) and the TLS 1.3 gateway, as a non-root user with a read-only root filesystem.
+#   docker build -f envs/gateway.Dockerfile -t registry.internal/ft2prod/gateway:0.1.0 .
+# Not built on our CI machines (no container engine there); the manifests that use it are validated offline.
+FROM python:3.11-slim
+WORKDIR /app
+COPY requirements.txt requirements.lock pyproject.toml ./
+RUN pip install --no-cache-dir -r requirements.txt -c requirements.lock
+COPY workflow/ workflow/
+COPY config/schema.yaml config/schema.yaml
+RUN useradd --uid 10001 --no-create-home gateway
+USER 10001
+ENV PYTHONPATH=/app HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+EXPOSE 8443
+ENTRYPOINT []

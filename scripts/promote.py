@@ -1,0 +1,9 @@
+"""Snakemake adapter for rule promote: MLflow alias production -> the checked version (previous kept)."""
+from workflow.logs import to_file
+
+to_file(snakemake.log[0])
+
+from workflow.rollout.stage import promote
+from workflow.tracking import Tracking
+
+promote(snakemake.input[0], snakemake.output[0], Tracking.from_config(snakemake.config, snakemake.log[0]))

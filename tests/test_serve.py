@@ -1,0 +1,323 @@
+"""The gateway, run for real: uvicorn over TLS 1.3 serving a package built from the tiny model, called with the
+official openai client, httpx and raw TLS sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+import uvicorn
+import yaml
+
+from workflow.config import load
+from workflow.engine import onnxruntime
+from workflow.package import archive
+from workflow.package.kms import LocalKeyFile
+from workflow.serve.access import KeyStore
+from workflow.serve.server import build
+from workflow.serve.tls import client_context
+
+MODEL = "tiny-model"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Served:
+    """A gateway process on a loopback port, with one key per role."""
+
+    def __init__(self, root: Path, package: Path | None, overrides: dict | None = None, env: dict | None = None,
+                 keys_dir: Path | None = None) -> None:
+        self.root, self.port = root, free_port()
+        keys_dir = keys_dir or package.parent
+        gateway = {
+            "port": self.port, "api_keys": str(root / "api_keys.json"), "tls": {"dir": str(root.parent / "tls")},
+            "audit": {"path": str(root / "audit.jsonl")}, "trusted_proxies": ["127.0.0.1/32"],
+            "allow": {"admin": ["127.0.0.0/8"], "analyst": ["127.0.0.0/8", "10.0.0.0/8"], "auditor": ["127.0.0.0/8"]},
+            "limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 32},
+        } | (overrides or {})
+        config = {"package": {"model_name": MODEL, "signing_key": str(keys_dir / "signing.pem"),
+                              "kms": {"local": {"key_file": str(keys_dir / "kek.bin")}}},
+                  "rollout": {"gateway": gateway}}
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.yaml").write_text(yaml.safe_dump(config))
+        self.config = load(root / "config.yaml")
+        store = KeyStore(root / "api_keys.json")
+        self.keys = {role: store.add(role, role) for role in ("admin", "analyst", "auditor")}
+        command = [sys.executable, "-m", "workflow.serve", "--config", str(root / "config.yaml"), "start"]
+        self.process = subprocess.Popen(command + (["--package", str(package)] if package else []),
+                                        stdout=open(root / "gateway.log", "w"), stderr=subprocess.STDOUT, env=env)
+        self.url, self.ca = f"https://127.0.0.1:{self.port}", root.parent / "tls" / "ca.pem"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.process.poll() is None, (self.root / "gateway.log").read_text()
+            try:
+                if self.http().get("/readyz").status_code == 200:
+                    return
+            except (httpx2.TransportError, FileNotFoundError, ssl.SSLError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError((self.root / "gateway.log").read_text())
+
+    def http(self, role: str | None = None, **headers) -> httpx2.Client:
+        if role:
+            headers["Authorization"] = f"Bearer {self.keys[role]}"
+        return httpx2.Client(base_url=self.url, verify=client_context(self.ca), headers=headers, timeout=60)
+
+    def openai(self, role: str = "analyst") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[role], http_client=self.http())
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+# uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop ends by that signal.
+STOPPED = (0, -signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def package(tiny_base, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("served")
+    engine = root / "engine"
+    onnxruntime.build(tiny_base, engine, "bf16", "cpu", 32, 4, "test")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_base / name).exists() and not (engine / name).exists():
+            (engine / name).write_bytes((tiny_base / name).read_bytes())
+    archive.pack(engine, root / "model.ftpkg", LocalKeyFile(root / "kek.bin", create=True),
+                 archive.load_signing_key(root / "signing.pem"), {}, 1 << 20)
+    return root / "model.ftpkg"
+
+
+@pytest.fixture(scope="module")
+def gateway(package):
+    served = Served(package.parent / "gateway", package)
+    served.wait_ready()
+    yield served
+    assert served.stop() in STOPPED
+
+
+def chat(text: str = "What is 2 + 3?", **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8} | extra
+
+
+def test_openai_client_plain_and_streaming(gateway):
+    client = gateway.openai()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=12)
+    assert plain.choices[0].finish_reason in ("stop", "length") and plain.usage.completion_tokens <= 12
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                            max_tokens=12, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == plain.choices[0].message.content  # greedy: the same text either way
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    text = client.completions.create(model=MODEL, prompt="2 + 3 =", max_tokens=5)
+    assert text.usage.prompt_tokens > 0 and text.choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt="2 + 3 =", max_tokens=5, stream=True)) == text.choices[0].text
+
+
+def test_tls_1_2_is_refused_at_the_handshake(gateway):
+    def handshake(context):
+        with socket.create_connection(("127.0.0.1", gateway.port)) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.version()
+
+    assert handshake(client_context(gateway.ca)) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(client_context(gateway.ca, maximum=ssl.TLSVersion.TLSv1_2))
+
+
+# The access matrix, written out: True = the role may call it (it may still get a 4xx for its body).
+MATRIX = {
+    ("GET", "/v1/models"): {"analyst"},
+    ("POST", "/v1/chat/completions"): {"analyst"},
+    ("POST", "/v1/completions"): {"analyst"},
+    ("GET", "/v1/deployment"): {"admin", "analyst", "auditor"},
+    ("POST", "/admin/deploy"): {"admin"},
+    ("POST", "/admin/undeploy"): {"admin"},
+    ("GET", "/admin/limits"): {"admin"},
+    ("PUT", "/admin/limits"): {"admin"},
+    ("GET", "/audit/events"): {"auditor"},
+    ("GET", "/audit/alerts"): {"auditor"},
+    ("GET", "/metrics"): {"auditor"},
+}
+
+
+def test_every_role_against_every_endpoint(gateway):
+    bodies = {"/v1/chat/completions": chat(max_tokens=1), "/v1/completions": {"model": MODEL, "prompt": "1", "max_tokens": 1},
+              "/admin/deploy": {}, "/admin/undeploy": {}, "/admin/limits": {}}
+    for role in ("admin", "analyst", "auditor", None):
+        with gateway.http(role) as client:
+            for (method, path), allowed in MATRIX.items():
+                status = client.request(method, path, json=bodies.get(path) if method != "GET" else None).status_code
+                if role is None:
+                    assert status == 401, (method, path)
+                elif role in allowed:
+                    assert status in (200, 202, 400), (role, method, path, status)  # 400: admin's empty deploy bodies
+                else:
+                    assert status == 403, (role, method, path, status)
+    assert gateway.http().get("/healthz").status_code == 200 and gateway.http().get("/readyz").status_code == 200
+
+
+def test_ip_allow_lists_follow_forwarded_for_only_from_a_trusted_proxy(gateway):
+    # The test connects from 127.0.0.1, configured as a trusted proxy, so X-Forwarded-For names the client.
+    with gateway.http("analyst", **{"X-Forwarded-For": "10.1.2.3"}) as inside:
+        assert inside.post("/v1/chat/completions", json=chat()).status_code == 200
+    with gateway.http("analyst", **{"X-Forwarded-For": "10.1.2.3, 203.0.113.9"}) as outside:
+        answer = outside.post("/v1/chat/completions", json=chat())
+        assert answer.status_code == 403 and "203.0.113.9 is not on the allow-list of role analyst" in answer.json()["error"]["message"]
+    with gateway.http("auditor", **{"X-Forwarded-For": "10.1.2.3"}) as auditor_away:
+        assert auditor_away.get("/audit/events").status_code == 403  # auditors only from loopback
+    with gateway.http("auditor") as auditor:
+        found = auditor.get("/audit/alerts").json()["alerts"]
+    assert {"outside_allow_list"} <= {a["kind"] for a in found}
+    assert any(a.get("client_ip") == "203.0.113.9" for a in found)
+
+
+def test_untrusted_peer_cannot_spoof_forwarded_for(package, tmp_path):
+    served = Served(tmp_path / "untrusted", package, {"trusted_proxies": [], "allow": {"analyst": ["10.0.0.0/8"]}})
+    try:
+        served.wait_ready()
+        with served.http("analyst", **{"X-Forwarded-For": "10.1.2.3"}) as spoofing:
+            answer = spoofing.post("/v1/chat/completions", json=chat())
+        assert answer.status_code == 403 and "127.0.0.1 is not on the allow-list" in answer.json()["error"]["message"]
+    finally:
+        served.stop()
+
+
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(gateway):
+    with gateway.http("analyst") as client:
+        cases = {
+            413: client.post("/v1/chat/completions", json=chat("x" * 5000)),
+            400: client.post("/v1/chat/completions", json=chat(max_tokens=33)),
+            404: client.post("/v1/chat/completions", json=chat() | {"model": "gpt-4"}),
+        }
+        assert "max_body_bytes = 4096" in cases[413].json()["error"]["message"]
+        assert "max_tokens 33 is over the gateway's limit of 32" in cases[400].json()["error"]["message"]
+        assert "'gpt-4' is not served here" in cases[404].json()["error"]["message"]
+        long_prompt = client.post("/v1/chat/completions", json=chat("1 + 1 = 2. " * 40))
+        assert long_prompt.status_code == 400 and "over the gateway's limit of 64" in long_prompt.json()["error"]["message"]
+        sampled = client.post("/v1/chat/completions", json=chat(temperature=0.7))
+        assert sampled.status_code == 400 and "decodes greedily" in sampled.json()["error"]["message"]
+        broken = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert broken.status_code == 400
+        missing = client.post("/v1/chat/completions", json={"model": MODEL})
+        assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", json=chat()).status_code == 200
+
+
+def test_admin_adjusts_limits_undeploys_and_redeploys_refusing_a_tampered_package(gateway, package, tmp_path):
+    admin, analyst = gateway.http("admin"), gateway.http("analyst")
+    try:
+        assert admin.put("/admin/limits", json={"max_tokens": 4}).json()["max_tokens"] == 4
+        assert analyst.post("/v1/chat/completions", json=chat(max_tokens=5)).status_code == 400
+        assert admin.put("/admin/limits", json={"max_tokens": -1}).status_code == 400
+        served = analyst.get("/v1/deployment").json()["package"]["sha256"]
+        assert admin.post("/admin/undeploy", json={"package_sha256": "0" * 64}).status_code == 409
+        assert admin.post("/admin/undeploy", json={"package_sha256": served}).status_code == 200
+        assert gateway.http().get("/readyz").status_code == 503
+        assert analyst.post("/v1/chat/completions", json=chat()).status_code == 503
+        tampered = tmp_path / "tampered.ftpkg"
+        shutil.copytree(package, tampered)
+        blob = next(p for p in sorted(tampered.rglob("*")) if p.is_file() and p.stat().st_size > 10000)
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 1
+        blob.write_bytes(bytes(data))
+        assert admin.post("/admin/deploy", json={"package": str(tampered)}).status_code == 202
+        deadline = time.time() + 30
+        while "Tampered" not in gateway.http().get("/readyz").json().get("reason", "") and time.time() < deadline:
+            time.sleep(0.2)
+        assert "TamperedPackage" in gateway.http().get("/readyz").json()["reason"]
+        assert admin.post("/admin/deploy", json={"package": str(package)}).status_code == 202
+        gateway.wait_ready(60)
+        assert analyst.post("/v1/chat/completions", json=chat(max_tokens=4)).status_code == 200
+    finally:
+        admin.put("/admin/limits", json={"max_tokens": 32})
+
+
+def test_audit_log_records_every_request_without_text_and_metrics_count_them(gateway):
+    for _ in range(5):
+        assert gateway.http(Authorization="Bearer ftk-wrong").get("/v1/models").status_code == 401
+    with gateway.http("auditor") as auditor:
+        events = auditor.get("/audit/events", params={"key_id": "analyst", "endpoint": "/v1/chat/completions"}).json()["events"]
+        alerts = auditor.get("/audit/alerts").json()["alerts"]
+        metrics = auditor.get("/metrics").text
+    assert events and all(e["role"] == "analyst" and e["latency_ms"] > 0 for e in events)
+    assert any(e["completion_tokens"] > 0 for e in events)
+    assert {"denied_burst"} <= {a["kind"] for a in alerts}
+    log_text = Path(gateway.root / "audit.jsonl").read_text()
+    assert "What is 2 + 3?" not in log_text and gateway.keys["analyst"] not in log_text
+    assert 'ft2prod_gateway_requests_total{endpoint="/v1/chat/completions",role="analyst",status="200"}' in metrics
+    assert 'ft2prod_gateway_denied_total{reason="unknown_key"}' in metrics
+    assert "ft2prod_gateway_request_seconds_bucket" in metrics and "ft2prod_gateway_ready 1.0" in metrics
+    done = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(gateway.root / "config.yaml"), "audit", "verify"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "audit log verified" in done.stdout
+
+
+def test_sigterm_finishes_the_request_in_flight(package, tmp_path):
+    served = Served(tmp_path / "graceful", package, {"limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 4000}})
+    served.wait_ready()
+    too_long = served.http("analyst").post("/v1/completions", json={"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 4000})
+    assert too_long.status_code == 400 and "over the model's context length of 512" in too_long.json()["error"]["message"]
+    body = {"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 500, "stream": True}
+    with served.http("analyst") as client, client.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        served.process.send_signal(signal.SIGTERM)
+        signalled = time.perf_counter()
+        rest = [line for line in lines if line.startswith("data: ")]
+        print(f"stream went on {time.perf_counter() - signalled:.2f} s after SIGTERM, {len(rest)} more events")
+    assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert served.process.wait(timeout=60) in STOPPED
+
+
+def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
+    # The upstream: this gateway's own app on plain HTTP, as trtllm-serve or vLLM would listen inside a pod.
+    upstream_root = tmp_path / "upstream"
+    upstream_root.mkdir()
+    (upstream_root / "config.yaml").write_text(yaml.safe_dump({
+        "package": {"model_name": MODEL, "signing_key": str(package.parent / "signing.pem"),
+                    "kms": {"local": {"key_file": str(package.parent / "kek.bin")}}},
+        "rollout": {"gateway": {"api_keys": str(upstream_root / "keys.json"), "audit": {"path": str(upstream_root / "audit.jsonl")}}}}))
+    engine_key = KeyStore(upstream_root / "keys.json").add("gateway", "analyst")
+    app, engine = build(load(upstream_root / "config.yaml"), str(package))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    served = Served(tmp_path / "front", None, {"upstream": f"http://127.0.0.1:{port}", "upstream_key_env": "ENGINE_KEY"},
+                    env={**os.environ, "ENGINE_KEY": engine_key}, keys_dir=package.parent)
+    try:
+        served.wait_ready()
+        client = served.openai()
+        plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=6)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=6, stream=True))
+        assert streamed == plain.choices[0].message.content
+        assert served.http("analyst").post("/v1/chat/completions", json=chat(max_tokens=99)).status_code == 400
+        assert served.http("admin").post("/admin/deploy", json={"package": str(package)}).status_code == 409
+        front_log = (served.root / "audit.jsonl").read_text()
+        assert '"completion_tokens":' in front_log and engine.audit.verify()["records"] >= 2
+    finally:
+        served.stop()
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,1 @@
+"""Rollout: canary checks, Kubernetes manifests, promotion and rollback."""

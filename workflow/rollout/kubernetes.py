@@ -1,0 +1,203 @@
+"""Kubernetes manifests for the gateway (a kustomize folder), validated offline, applied with kubectl.
+
+    kubectl kustomize results/rollout/k8s            # what would be applied
+    kubectl --context CTX apply -k results/rollout/k8s
+
+The pod: an init container verifies and opens the package into a memory-backed volume; the gateway serves it
+in-process (ONNX Runtime GenAI), or an engine container (trtllm-serve, GPUs = tp x pp) serves it and the
+gateway forwards. A startup probe gives loading its own budget so liveness (3 failures) never kills a pod that
+is still loading; readiness holds traffic until the model answers. Secrets are referenced by name only.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+GATEWAY_PORT, ENGINE_PORT = 8443, 8000
+MOUNTS = {"packages": "/packages", "model": "/model", "config": "/etc/ft2prod/config", "tls": "/etc/ft2prod/tls",
+          "api-keys": "/etc/ft2prod/keys", "kms": "/etc/ft2prod/kms", "audit": "/var/log/ft2prod"}
+
+
+class InvalidManifest(ValueError):
+    """A rendered manifest the Kubernetes API schema rejects."""
+
+
+def pod_config(config: dict) -> dict:
+    """The workflow config the pods read, with in-pod paths (rendered into a ConfigMap by kustomize)."""
+    gateway = config["rollout"]["gateway"]
+    kms = dict(config["package"]["kms"])
+    if kms["provider"] == "local":
+        kms["local"] = {"key_file": f"{MOUNTS['kms']}/kek.bin"}
+    upstream = f"http://127.0.0.1:{ENGINE_PORT}" if config["engine"]["backend"] == "tensorrt_llm" else None
+    return {
+        "engine": config["engine"],
+        "package": {"model_name": config["package"]["model_name"], "trusted_signer": f"{MOUNTS['config']}/signer.pub", "kms": kms},
+        "rollout": {"gateway": {**gateway, "host": "0.0.0.0", "port": GATEWAY_PORT, "upstream": upstream,
+                                "api_keys": f"{MOUNTS['api-keys']}/api_keys.json", "tls": {"dir": MOUNTS["tls"], "hosts": gateway["tls"]["hosts"]},
+                                "audit": {**gateway["audit"], "path": f"{MOUNTS['audit']}/gateway.jsonl"}}},
+    }
+
+
+def _open_args(config: dict, package_path: str) -> tuple[list[str], list[dict]]:
+    """The init container's `workflow.package open` arguments and environment for the configured KMS."""
+    kms, secret = config["package"]["kms"], config["rollout"]["kubernetes"]["secrets"]["kms"]
+    args = ["python", "-m", "workflow.package", "open", package_path, "--signer-pub", f"{MOUNTS['config']}/signer.pub",
+            "--into", MOUNTS["model"]]
+    if kms["provider"] == "local":
+        return args + ["--key-file", f"{MOUNTS['kms']}/kek.bin"], []
+    if kms["provider"] == "pkcs11":
+        p = kms["pkcs11"]
+        env = [{"name": "PKCS11_PIN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "pin"}}}]
+        return args + ["--pkcs11-module", p["module"], "--token", p["token_label"], "--key-label", p["key_label"]], env
+    v = kms["vault"]
+    env = [{"name": "VAULT_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}}]
+    return args + ["--vault-url", v["url"], "--vault-key", v["key_name"]], env
+
+
+def mount(volume: str, read_only: bool = True) -> dict:
+    return {"name": volume, "mountPath": MOUNTS[volume], "readOnly": read_only}
+
+
+def _probe(path: str, period: int, failures: int) -> dict:
+    return {"httpGet": {"path": path, "port": GATEWAY_PORT, "scheme": "HTTPS"}, "periodSeconds": period,
+            "timeoutSeconds": 5, "failureThreshold": failures}
+
+
+def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: bytes) -> Path:
+    """Write the kustomize folder: Deployment, Service, NetworkPolicy, PodDisruptionBudget, config and signer."""
+    k8s, gateway, engine = config["rollout"]["kubernetes"], config["rollout"]["gateway"], config["engine"]
+    name, labels = k8s["name"], {"app.kubernetes.io/name": k8s["name"], "app.kubernetes.io/part-of": "ft2prod"}
+    open_args, open_env = _open_args(config, f"{MOUNTS['packages']}/{package_sha256}")
+    gateway_container = {
+        "name": "gateway", "image": k8s["image"],
+        "args": ["python", "-m", "workflow.serve", "--config", f"{MOUNTS['config']}/config.yaml", "start", "--model-dir",
+                 MOUNTS["model"], "--audit-log", f"{MOUNTS['audit']}/$(POD_NAME).jsonl"],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}] + open_env,
+        "ports": [{"name": "https", "containerPort": GATEWAY_PORT}],
+        "startupProbe": _probe("/readyz", 10, math.ceil(k8s["startup_timeout_s"] / 10)),
+        "livenessProbe": _probe("/healthz", 10, 3),
+        "readinessProbe": _probe("/readyz", 5, 3),
+        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False)]
+                        + ([mount("kms")] if config["package"]["kms"]["provider"] == "local" else []),
+    }
+    containers = [gateway_container]
+    if engine["backend"] == "tensorrt_llm":
+        trt = engine["tensorrt_llm"]
+        gpus = trt["tp_size"] * trt["pp_size"]
+        containers.append({
+            "name": "engine", "image": k8s["engine_image"],
+            "args": ["trtllm-serve", MOUNTS["model"], "--host", "127.0.0.1", "--port", str(ENGINE_PORT),
+                     "--tp_size", str(trt["tp_size"]), "--pp_size", str(trt["pp_size"])],
+            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}},
+            "volumeMounts": [mount("model")],
+        })
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
+        "spec": {
+            "replicas": k8s["replicas"], "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "automountServiceAccountToken": False,
+                    "initContainers": [{
+                        "name": "open-package", "image": k8s["image"], "args": open_args, "env": open_env,
+                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [mount("packages"), mount("model", False), mount("config")]
+                                        + ([mount("kms")] if config["package"]["kms"]["provider"] == "local" else []),
+                    }],
+                    "containers": containers,
+                    "volumes": [
+                        {"name": "packages", "persistentVolumeClaim": {"claimName": k8s["package_claim"], "readOnly": True}},
+                        {"name": "model", "emptyDir": {"medium": "Memory"}},
+                        {"name": "config", "configMap": {"name": f"{name}-config"}},
+                        {"name": "tls", "secret": {"secretName": k8s["secrets"]["tls"],
+                                                   "items": [{"key": "tls.crt", "path": "server.pem"}, {"key": "tls.key", "path": "server.key"},
+                                                             {"key": "ca.crt", "path": "ca.pem"}]}},
+                        {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"]}},
+                        {"name": "kms", "secret": {"secretName": k8s["secrets"]["kms"], "defaultMode": 0o400}},
+                        {"name": "audit", "persistentVolumeClaim": {"claimName": f"{name}-audit"}},
+                    ],
+                },
+            },
+        },
+    }
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+               "spec": {"selector": labels, "ports": [{"name": "https", "port": 443, "targetPort": "https"}]}}
+    cidrs = sorted({cidr for role_cidrs in gateway["allow"].values() for cidr in role_cidrs})
+    network_policy = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "labels": labels},
+        "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs],
+                              "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}]},
+    }
+    budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name, "labels": labels},
+              "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}
+    audit_claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": f"{name}-audit", "labels": labels},
+                   "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}}}}
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    resources = {"deployment.yaml": deployment, "service.yaml": service, "networkpolicy.yaml": network_policy,
+                 "poddisruptionbudget.yaml": budget, "audit-claim.yaml": audit_claim}
+    for file_name, resource in resources.items():
+        (out_dir / file_name).write_text(yaml.safe_dump(resource, sort_keys=False))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(pod_config(config), sort_keys=False))
+    (out_dir / "signer.pub").write_bytes(signer_pub)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": k8s["namespace"],
+        "resources": list(resources),
+        "configMapGenerator": [{"name": f"{name}-config", "files": ["config.yaml", "signer.pub"]}],
+    }
+    (out_dir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    return out_dir
+
+
+def build(kustomize_dir: str | Path) -> list[dict]:
+    """What `kubectl apply -k` would send: kustomize's output when kubectl is here, else the resource files."""
+    kustomize_dir = Path(kustomize_dir)
+    if shutil.which("kubectl"):
+        done = subprocess.run(["kubectl", "kustomize", str(kustomize_dir)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise InvalidManifest(f"kustomize build of {kustomize_dir} failed: {done.stderr.strip()}")
+        return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    listed = yaml.safe_load((kustomize_dir / "kustomization.yaml").read_text())["resources"]
+    return [yaml.safe_load((kustomize_dir / name).read_text()) for name in listed]
+
+
+def validate(resources: list[dict], kubernetes_version: str) -> list[str]:
+    """Check every resource against the Kubernetes API schema (strict: unknown fields are errors)."""
+    checked = []
+    for resource in resources:
+        where = f"{resource.get('kind')}/{resource.get('metadata', {}).get('name')}"
+        try:
+            kubernetes_validate.validate(resource, kubernetes_version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            raise InvalidManifest(f"{where}: {err.message} at {'.'.join(map(str, err.path))}") from None
+        checked.append(where)
+    return checked
+
+
+def apply(kustomize_dir: str | Path, context: str, namespace: str, name: str, timeout_s: int) -> dict:
+    """kubectl apply, then wait for the rollout; undo it when the new pods do not become ready."""
+    kubectl = ["kubectl", "--context", context, "--namespace", namespace]
+    subprocess.run([*kubectl, "apply", "-k", str(kustomize_dir)], check=True, capture_output=True, text=True)
+    status = subprocess.run([*kubectl, "rollout", "status", f"deployment/{name}", f"--timeout={timeout_s}s"],
+                            capture_output=True, text=True)
+    if status.returncode != 0:
+        subprocess.run([*kubectl, "rollout", "undo", f"deployment/{name}"], check=True, capture_output=True, text=True)
+        return {"applied": True, "ready": False, "undone": True, "status": status.stderr.strip() or status.stdout.strip()}
+    return {"applied": True, "ready": True, "undone": False, "status": status.stdout.strip()}

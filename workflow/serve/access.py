@@ -1,0 +1,137 @@
+"""Who may call what, from where: API keys (stored only as SHA-256), roles, per-role IP allow-lists.
+
+    python -m workflow.serve keys add --id alice --role analyst   # prints the key once
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+# The source document's access matrix. Health probes need no key.
+ROLES = {
+    "admin": {"deploy", "adjust", "view"},
+    "analyst": {"infer", "view"},
+    "auditor": {"audit", "monitor", "view"},
+}
+KEY_PREFIX = "ftk-"
+
+
+class Denied(Exception):
+    """A refused request: the HTTP status and the reason given to the caller and the audit log."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Identity:
+    key_id: str
+    role: str
+
+
+def key_hash(key: str) -> str:
+    # Keys are 256-bit random tokens, so a plain SHA-256 is enough (no dictionary to guess from).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """The API-key file: {"keys": [{"id", "role", "sha256", "created"}]}, owner-only. Keys never stored."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        entries = json.loads(self.path.read_text())["keys"] if self.path.exists() else []
+        self.by_hash = {entry["sha256"]: Identity(entry["id"], entry["role"]) for entry in entries}
+        self.entries = entries
+
+    def add(self, key_id: str, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"keys: role must be one of {', '.join(ROLES)} (got {role!r})")
+        if any(entry["id"] == key_id for entry in self.entries):
+            raise ValueError(f"keys: id {key_id!r} exists in {self.path}; revoke it first or pick another id")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        entry = {"id": key_id, "role": role, "sha256": key_hash(key), "created": datetime.now(UTC).isoformat()}
+        self.entries.append(entry)
+        self.by_hash[entry["sha256"]] = Identity(key_id, role)
+        self._write()
+        return key
+
+    def revoke(self, key_id: str) -> None:
+        kept = [entry for entry in self.entries if entry["id"] != key_id]
+        if len(kept) == len(self.entries):
+            raise ValueError(f"keys: no key with id {key_id!r} in {self.path}")
+        self.entries = kept
+        self.by_hash = {entry["sha256"]: Identity(entry["id"], entry["role"]) for entry in kept}
+        self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"keys": self.entries}, handle, indent=1)
+        partial.replace(self.path)
+
+    def identify(self, authorization: str | None) -> Identity:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Denied(401, "no_key", "missing API key: send 'Authorization: Bearer <key>'")
+        identity = self.by_hash.get(key_hash(authorization.removeprefix("Bearer ").strip()))
+        if identity is None:
+            raise Denied(401, "unknown_key", "unknown API key")
+        return identity
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(cidrs: list[str], key: str) -> list[Network]:
+    try:
+        return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+    except ValueError as err:
+        raise ValueError(f"config: {key}: {err}") from None
+
+
+def client_ip(peer: str, forwarded_for: str | None, trusted_proxies: list[Network]) -> str:
+    """The socket address, unless it is a trusted proxy: then the right-most X-Forwarded-For address that is
+    not itself a trusted proxy (entries left of it could be forged by the client)."""
+    address = ipaddress.ip_address(peer)
+    if not forwarded_for or not any(address in net for net in trusted_proxies):
+        return peer
+    for hop in reversed([part.strip() for part in forwarded_for.split(",") if part.strip()]):
+        try:
+            hop_address = ipaddress.ip_address(hop)
+        except ValueError:
+            raise Denied(400, "bad_forwarded_for", f"X-Forwarded-For has a malformed address {hop!r}") from None
+        if not any(hop_address in net for net in trusted_proxies):
+            return hop
+    return peer
+
+
+@dataclass(frozen=True)
+class Policy:
+    allow: dict[str, list[Network]]
+    trusted_proxies: list[Network]
+
+    @classmethod
+    def from_config(cls, gateway: dict) -> Policy:
+        unknown = set(gateway["allow"]) - set(ROLES)
+        if unknown:
+            raise ValueError(f"config: rollout.gateway.allow: unknown role(s) {sorted(unknown)}; roles: {', '.join(ROLES)}")
+        return cls(
+            allow={role: networks(gateway["allow"].get(role, []), f"rollout.gateway.allow.{role}") for role in ROLES},
+            trusted_proxies=networks(gateway["trusted_proxies"], "rollout.gateway.trusted_proxies"),
+        )
+
+    def authorize(self, identity: Identity, ip: str, permission: str) -> None:
+        address = ipaddress.ip_address(ip)
+        if not any(address in net for net in self.allow[identity.role]):
+            raise Denied(403, "ip_not_allowed", f"{ip} is not on the allow-list of role {identity.role}")
+        if permission not in ROLES[identity.role]:
+            raise Denied(403, "role_forbidden", f"role {identity.role} may not {permission}")

@@ -1,0 +1,46 @@
+"""Run the gateway under uvicorn, TLS 1.3 only, with graceful shutdown (SIGTERM finishes in-flight requests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from workflow.serve.app import Gateway, create_app
+from workflow.serve.backends import InProcess, Upstream
+from workflow.serve.settings import GatewaySettings
+from workflow.serve.tls import ensure_certificates, restrict_to_tls13
+
+log = logging.getLogger(__name__)
+
+
+def build(config: dict, package: str | None = None, model_dir: str | None = None, audit_path: str | None = None):
+    """The FastAPI app and its Gateway for a workflow config."""
+    settings = GatewaySettings.from_config(config, audit_path)
+    key_env = config["rollout"]["gateway"]["upstream_key_env"]
+    upstream_key = os.environ.get(key_env) if key_env else None
+    backend = Upstream(settings.upstream, upstream_key) if settings.upstream else InProcess(config["engine"])
+    gateway = Gateway(settings, backend)
+    return create_app(gateway, package, model_dir), gateway
+
+
+def serve(config: dict, package: str | None = None, model_dir: str | None = None, host: str | None = None,
+          port: int | None = None, audit_path: str | None = None) -> None:
+    gateway_section = config["rollout"]["gateway"]
+    tls = gateway_section["tls"]
+    files = ensure_certificates(tls["dir"], tls["hosts"])
+    app, gateway = build(config, package, model_dir, audit_path)
+    if package:  # fail now, with a clear message, rather than inside the server's start-up
+        gateway.settings.trusted_signer(), gateway.settings.kms()
+    settings = uvicorn.Config(
+        app, host=host or gateway_section["host"], port=port if port is not None else gateway_section["port"],
+        ssl_certfile=str(files.cert), ssl_keyfile=str(files.key), timeout_graceful_shutdown=gateway_section["graceful_shutdown_s"],
+        log_level="info", access_log=False, limit_concurrency=gateway_section["max_connections"],
+        proxy_headers=False,  # X-Forwarded-For is believed only from rollout.gateway.trusted_proxies (access.client_ip)
+    )
+    settings.load()
+    restrict_to_tls13(settings.ssl)
+    log.info("gateway on https://%s:%s (TLS 1.3 only), CA %s", settings.host, settings.port, Path(files.ca).resolve())
+    uvicorn.Server(settings).run()

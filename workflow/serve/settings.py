@@ -1,0 +1,76 @@
+"""The gateway's settings, read from the workflow config's `rollout.gateway` section (and `package` for keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workflow.package import archive
+from workflow.package import kms as kms_providers
+from workflow.serve.access import Policy
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int
+    """Largest request body accepted (413 above)."""
+    max_prompt_tokens: int
+    """Longest prompt accepted, in tokens (400 above)."""
+    max_tokens: int
+    """Most tokens a request may ask to generate, and the default when it asks for none (400 above)."""
+
+    def update(self, changes: dict) -> None:
+        for name, value in changes.items():
+            if name not in self.__dataclass_fields__:
+                raise ValueError(f"limits: unknown limit {name!r}; limits: {', '.join(self.__dataclass_fields__)}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"limits: {name} must be a positive integer (got {value!r})")
+        for name, value in changes.items():
+            setattr(self, name, value)
+
+
+@dataclass
+class GatewaySettings:
+    model_name: str
+    """The model id clients name in requests (`package.model_name`)."""
+    limits: Limits
+    policy: Policy
+    api_keys: Path
+    audit_path: Path
+    retention_days: int
+    log_text: bool
+    """Write prompts and outputs into the audit log (off by default: the log holds metadata only)."""
+    denied_burst: int
+    alert_window_s: float
+    engine: dict = field(default_factory=dict)
+    """The workflow's `engine` section: how to load the package's engine in-process."""
+    upstream: str | None = None
+    package_settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict, audit_path: str | Path | None = None) -> GatewaySettings:
+        gateway = config["rollout"]["gateway"]
+        return cls(
+            model_name=config["package"]["model_name"],
+            limits=Limits(**gateway["limits"]),
+            policy=Policy.from_config(gateway),
+            api_keys=Path(gateway["api_keys"]),
+            audit_path=Path(audit_path or gateway["audit"]["path"]),
+            retention_days=gateway["audit"]["retention_days"],
+            log_text=gateway["audit"]["log_text"],
+            denied_burst=gateway["alerts"]["denied_burst"],
+            alert_window_s=gateway["alerts"]["window_s"],
+            engine=config["engine"],
+            upstream=gateway["upstream"],
+            package_settings=config["package"],
+        )
+
+    def kms(self):
+        return kms_providers.from_config(self.package_settings["kms"])
+
+    def trusted_signer(self):
+        """The signer packages must carry: `package.trusted_signer` (a public key), else the local signing key's."""
+        public = self.package_settings.get("trusted_signer")
+        if public:
+            return archive.load_public_key(public)
+        return archive.load_signing_key(self.package_settings["signing_key"], create=False).public_key()
