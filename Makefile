@@ -17,8 +17,9 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 
 # Debian packages the tests use for real (needs root, as on CI); only missing ones are installed:
 # SoftHSM2 (a PKCS#11 HSM); slurm-wlm, slurmdbd, munge and mariadb-server (a one-node SLURM cluster with job
-# accounting); postgresql (the MLflow tracking server's backend store). The tests start and stop their own daemons.
-SYSTEM_PACKAGES := softhsm2 slurm-wlm slurmdbd munge mariadb-server postgresql
+# accounting); postgresql (the MLflow tracking server's backend store); graphviz (the summary's DAG picture) and
+# chromium (the MLflow UI review test). The tests start and stop their own daemons.
+SYSTEM_PACKAGES := softhsm2 slurm-wlm slurmdbd munge mariadb-server postgresql graphviz chromium
 system:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

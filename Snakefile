@@ -23,6 +23,7 @@ include: "rules/quantize.smk"
 include: "rules/engine.smk"
 include: "rules/package.smk"
 include: "rules/rollout.smk"
+include: "rules/summary.smk"
 
 
 rule all:

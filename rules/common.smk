@@ -28,12 +28,17 @@ def data_settings():
     return {key: config["data"][key] for key in keys} | {"seed": config["seed"]}
 
 
-def final_targets():
-    """Through promotion, unless the target is Kubernetes with no context to apply to: then the validated manifests."""
+def pipeline_targets():
+    """Through promotion, unless the target is Kubernetes with no context to apply to: then the validated manifests.
+    The summary rule comes after all of it."""
     rollout = config["rollout"]
     if rollout["target"] == "kubernetes" and not rollout["kubernetes"]["context"]:
         return [f"{RESULTS}/rollout/report.json"]
     return [f"{RESULTS}/rollout/promoted.json"]
+
+
+def final_targets():
+    return pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
 
 
 def eval_settings():

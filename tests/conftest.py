@@ -47,6 +47,15 @@ def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> su
 
 
 @pytest.fixture(scope="session")
+def zero2(tmp_path_factory) -> Path:
+    """The whole DAG on the tiny config (ZeRO-2), run once per session: test_workflow looks at what it made and
+    test_review_ui reviews it in the MLflow UI."""
+    workdir = tmp_path_factory.mktemp("zero2")
+    snakemake(workdir, {"finetune": {"zero_stage": 2}})
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer bootstrap model with its R1-style tokenizer, pretrained for a few steps."""
     from workflow.bootstrap.model import BootstrapConfig, bootstrap

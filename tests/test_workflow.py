@@ -41,13 +41,6 @@ def client(workdir) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow.db")
 
 
-@pytest.fixture(scope="module")
-def zero2(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("zero2")
-    snakemake(workdir, {"finetune": {"zero_stage": 2}})
-    return workdir
-
-
 def test_dag_exports_a_self_describing_model(zero2):
     model = zero2 / "results" / "model"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "ft2prod.json"):
@@ -64,7 +57,7 @@ def test_mlflow_has_parent_children_metrics_and_artifacts(zero2):
     experiment = mlflow.get_experiment_by_name("ft2prod")
     runs = mlflow.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("ft2prod.stage") == "pipeline"]
-    assert len(parents) == 1 and parents[0].info.run_name == "tiny"
+    assert len(parents) == 1 and parents[0].info.run_name.startswith("tiny · bootstrap · 20")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(children) == JOBS
     assert all(r.info.status == "FINISHED" for r in children.values())
@@ -145,6 +138,38 @@ def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_pac
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def test_review_summary_dag_report_descriptions_and_registry(zero2):
+    results, mlflow = zero2 / "results", client(zero2)
+    experiment = mlflow.get_experiment_by_name("ft2prod")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("ft2prod.stage") == "pipeline")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    dag = (results / "summary" / "dag.svg").read_text()
+    assert dag.lstrip().startswith("<?xml") and all(f">{job}<" in dag for job in ("finetune", "select", "register", "summary"))
+    assert "<html" in (results / "summary" / "snakemake-report.html").read_text()[:2000].lower()
+    html = (results / "summary" / "summary.html").read_text()
+    selection = json.loads((results / "select" / "selection.json").read_text())
+    for text in ("Pipeline gate: <span class=\"passed\"", f"selected <b>{selection['selected']}</b>", "<svg", "data:image/png;base64,",
+                 "accuracy loss &lt;= quantize.max_accuracy_loss.int4_awq", "p95 latency &lt;= select.latency_slo_p95_s",
+                 '<span class="alias">production</span><span class="alias">candidate</span>', "<h2>Rollout</h2>",
+                 '<td>role_matrix</td>', f"#/experiments/{experiment.experiment_id}/runs/{children['finetune'].info.run_id}"):
+        assert text in html, text
+    assert {"summary/summary.html", "summary/summary.md", "summary/dag.svg", "summary/snakemake-report.html"} <= {
+        a.path for a in mlflow.list_artifacts(parent.info.run_id, "summary")}
+    assert parent.data.tags["ft2prod.gate"] == "passed" and parent.data.tags["ft2prod.selected_scheme"] == selection["selected"]
+    assert f"[register](#/experiments/{experiment.experiment_id}/runs/{children['register'].info.run_id})" in parent.data.tags["mlflow.note.content"]
+    gates = {name: run.data.tags["ft2prod.gate"] for name, run in children.items()}
+    assert gates["evaluate"] == gates["select"] == gates["rollout"] == "passed" and gates["finetune"] == gates["package"] == "none"
+    for name, run in children.items():
+        assert run.data.tags["mlflow.note.content"].startswith(f"**{name.split('/')[0]}**"), name
+    assert "final train loss **" in children["finetune"].data.tags["mlflow.note.content"]
+    assert "output tokens/s" in children["benchmark/int4_awq"].data.tags["mlflow.note.content"]
+    version = mlflow.get_model_version_by_alias("ft2prod-model", "candidate")
+    assert version.tags["scheme"] == selection["selected"] and version.tags["pipeline_run_id"] == parent.info.run_id
+    assert "- quantization gate: " in version.description and version.tags["package_sha256"] in version.description
+    assert "`production`" in mlflow.get_registered_model("ft2prod-model").description
+
+
 def test_rollout_passes_its_canary_and_promotes_to_production(zero2):
     from workflow.serve.audit import AuditLog
 
@@ -217,7 +242,7 @@ def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zer
     shutil.copytree(zero2, work, symlinks=True)
     settings = {"finetune": {"zero_stage": 2}, "rollout": {"target": "kubernetes"}}
     planned = jobs_planned(snakemake(work, settings, "-n"))
-    assert planned == {"rollout", "all"}  # no context to apply to: nothing is promoted
+    assert planned == {"rollout", "summary", "all"}  # no context to apply to: nothing is promoted
     snakemake(work, settings)
     report = json.loads((work / "results" / "rollout" / "report.json").read_text())
     assert report["passed"] and report["target"] == "kubernetes" and not report["applied"]
@@ -257,7 +282,7 @@ def test_no_plaintext_weights_or_keys_in_results_package_or_mlflow(zero2):
 def test_config_change_reruns_only_what_it_affects(zero2):
     upstream = {"bootstrap", "generate_data", "prepare_data"}
     load = snakemake(zero2, {"finetune": {"zero_stage": 2}, "benchmark": {"requests": 3}}, "-n")
-    assert jobs_planned(load) == {"benchmark_onnxruntime", "select", "package", "register", "backup", "all"}
+    assert jobs_planned(load) == {"benchmark_onnxruntime", "select", "package", "register", "backup", "rollout", "promote", "summary", "all"}
     evaluation = snakemake(zero2, {"finetune": {"zero_stage": 2}, "evaluate": {"max_new_tokens": 40}}, "-n")
     assert {"evaluate_base", "evaluate", "evaluate_quantized"} <= jobs_planned(evaluation)
     assert not (upstream | {"finetune", "export", "quantize"}) & jobs_planned(evaluation)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlflow
 
-from workflow.tracking import Tracking, job_run
+from workflow.tracking import Tracking, describe, job_run
 
 log = logging.getLogger(__name__)
 
@@ -159,4 +159,7 @@ def benchmark(engine_dir: str | Path, tokenizer_dir: str | Path, out_path: str |
         mlflow.log_dict(record, "benchmark.json")
         for level in levels:
             mlflow.log_metrics({k: v for k, v in level.items() if k != "concurrency"}, step=level["concurrency"])
+        describe(f"{scheme} on {settings['backend']}, input {cfg.input_len} / output {cfg.output_len} tokens, {cfg.requests} requests per level:\n\n"
+                 + "\n".join(f"- concurrency {lv['concurrency']}: **{lv['output_tokens_per_s']:.1f}** output tokens/s, "
+                              f"p95 latency {lv['latency_p95_s']:.3f} s" for lv in levels))
         return record

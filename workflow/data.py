@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from workflow.tracking import Tracking, job_run, log_dataset
+from workflow.tracking import Tracking, describe, job_run, log_dataset
 
 log = logging.getLogger(__name__)
 
@@ -195,5 +195,8 @@ def prepare(source: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, 
         )
         (out_dir / "stats.json").write_text(json.dumps(stats.__dict__, indent=2))
         mlflow.log_artifact(str(out_dir / "stats.json"))
+        describe(f"{stats.rows_read} rows read from `{source}`: {len(stats.bad_rows)} bad, {stats.duplicates} duplicates, "
+                 f"{stats.too_long} longer than {cfg.max_seq_len} tokens. Splits: "
+                 + ", ".join(f"{k} **{v}** rows" for k, v in stats.rows.items()) + f". Source sha256 `{stats.digests['source']}`.")
         log.info("prepared %s", json.dumps({k: v for k, v in stats.__dict__.items() if k != "bad_rows"}))
         return stats

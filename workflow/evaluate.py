@@ -19,7 +19,7 @@ import mlflow
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workflow.tracking import Tracking, job_run
+from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def evaluate_base(model_dir: str | Path, test_path: str | Path, out_path: str | 
         metrics, results = evaluate_model(model_dir, test_path, cfg)
         log_results("base", metrics, results, cfg.sample_generations)
         Path(out_path).write_text(json.dumps({"metrics": metrics, "results": results}, indent=1))
+        describe(f"Base model: accuracy **{metrics['accuracy']:.3f}**, format adherence {metrics['format_adherence']:.3f}, "
+                 f"perplexity {metrics['perplexity']:.2f} on {cfg.max_samples} test rows at most.")
         log.info("base model: %s", json.dumps(metrics))
         return metrics
 
@@ -204,7 +206,16 @@ def evaluate_finetuned(model_dir: str | Path, test_path: str | Path, base_path: 
         ])
         Path(report_path).write_text(report + "\n")
         mlflow.log_artifact(str(report_path))
-        mlflow.set_tag("ft2prod.gate", "failed" if failures else "passed")
+        gain = metrics["gain_over_base"]
+        record_gate([
+            {"name": "accuracy >= evaluate.gate.min_accuracy", "passed": metrics["accuracy"] >= gate["min_accuracy"],
+             "value": metrics["accuracy"], "threshold": gate["min_accuracy"], "detail": "exact-match accuracy on the test split"},
+            {"name": "gain over base >= evaluate.gate.min_gain", "passed": gain >= gate["min_gain"], "value": gain,
+             "threshold": gate["min_gain"], "detail": f"base {base['accuracy']:.3f} -> fine-tuned {metrics['accuracy']:.3f}"},
+        ])
+        describe(f"Fine-tuned accuracy **{metrics['accuracy']:.3f}** (base {base['accuracy']:.3f}, gain {gain:+.3f}), format adherence "
+                 f"{metrics['format_adherence']:.3f}, perplexity {metrics['perplexity']:.2f}.\n\nGate (min accuracy {gate['min_accuracy']}, "
+                 f"min gain {gate['min_gain']}): **{verdict}**.")
         log.info("fine-tuned model: %s; gate %s", json.dumps(metrics), verdict)
         if failures:
             raise GateFailed(f"evaluate gate {verdict}")
@@ -222,6 +233,12 @@ def accuracy_gate(scheme: str, accuracy: float, baseline: float, max_loss: float
     )
     return {"scheme": scheme, "accuracy": accuracy, "baseline_accuracy": baseline, "accuracy_loss": loss,
             "max_accuracy_loss": max_loss, "passed": passed, "reason": reason}
+
+
+def gate_check(gate: dict, key: str) -> dict:
+    """An accuracy_gate result as a check of record_gate."""
+    return {"name": f"accuracy loss <= {key}", "passed": gate["passed"], "value": gate["accuracy_loss"],
+            "threshold": gate["max_accuracy_loss"], "detail": gate["reason"]}
 
 
 def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_path: str | Path, finetuned_path: str | Path,
@@ -245,7 +262,10 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
                          "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"]}
         log_results(scheme, metrics, results, cfg.sample_generations)
         mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20})
-        mlflow.set_tags({"ft2prod.gate": "passed" if gate["passed"] else "failed", "ft2prod.gate_reason": gate["reason"]})
+        mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
+        record_gate([gate_check(gate, f"quantize.max_accuracy_loss.{scheme}")])
+        describe(f"Quantized {scheme}: accuracy **{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}), checkpoint "
+                 f"{record['checkpoint_bytes'] / 2**20:.2f} MB.\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
         (log.info if gate["passed"] else log.warning)("quantization gate %s: %s", "passed" if gate["passed"] else "FAILED, scheme dropped", gate["reason"])
         Path(out_path).write_text(json.dumps(result, indent=1))
         return result

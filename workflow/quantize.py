@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from workflow.evaluate import read_split
-from workflow.tracking import Tracking, dir_bytes, job_run
+from workflow.tracking import Tracking, describe, dir_bytes, job_run
 
 log = logging.getLogger(__name__)
 
@@ -124,5 +124,7 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
         mlflow.log_dict(record, "quantize.json")
         mlflow.log_metric("checkpoint_mb", record["checkpoint_bytes"] / 2**20)
         mlflow.set_tag("ft2prod.calib_sha256", record["calib_sha256"] or "none")
+        describe(f"{record['description']}: recipe `{record['recipe'].get('quant_algo')}`, {record['calib_samples']} calibration rows "
+                 f"(sha256 `{record['calib_sha256']}`), checkpoint **{record['checkpoint_bytes'] / 2**20:.2f} MB**.")
         log.info("quantized %s: %s", scheme, json.dumps(record))
         return record

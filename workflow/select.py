@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 
 from workflow.evaluate import GateFailed
-from workflow.tracking import Tracking, job_run
+from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,16 @@ def plot(rows: list[dict], chosen: str, path: Path) -> None:
     plt.close(fig)
 
 
+def gate_checks(rows: list[dict], slo_p95_s: float) -> list[dict]:
+    """select's gate for record_gate: each benchmarked scheme's p95 latency vs the SLO, and at least one eligible scheme."""
+    checks = [{"name": f"{r['scheme']}: p95 latency <= select.latency_slo_p95_s", "passed": r["latency_p95_s"] <= slo_p95_s,
+               "value": r["latency_p95_s"], "threshold": slo_p95_s, "detail": f"at concurrency {r['concurrency']}"}
+              for r in rows if r["latency_p95_s"] is not None]
+    eligible = [r["scheme"] for r in rows if r["verdict"] == "eligible"]
+    return checks + [{"name": "eligible schemes >= 1", "passed": bool(eligible), "value": len(eligible), "threshold": 1,
+                      "detail": ", ".join(eligible) or "; ".join(f"{r['scheme']}: {r['verdict']}" for r in rows)}]
+
+
 def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchmark_paths: dict, policy: str, slo_p95_s: float,
            backend: str, out_path: str | Path, report_path: str | Path, tracking: Tracking) -> dict:
     out_path, report_path = Path(out_path), Path(report_path)
@@ -117,12 +127,13 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         benchmarks = {s: read_json(p) for s, p in benchmark_paths.items()}
         rows = compare(schemes, quantized, engines, benchmarks, slo_p95_s, backend)
         mlflow.log_table({key: [r[key] for r in rows] for key in rows[0]}, "comparison.json")
+        record_gate(gate_checks(rows, slo_p95_s))
         try:
             chosen = choose(rows, policy)
         except GateFailed:
             report_path.write_text("# Scheme selection: nothing eligible\n\n" + table(rows) + "\n")
             mlflow.log_artifact(str(report_path))
-            mlflow.set_tag("ft2prod.gate", "failed")
+            describe("Nothing eligible:\n\n" + table(rows))
             raise
         figure = report_path.with_name("accuracy_vs_throughput.png")
         plot(rows, chosen["scheme"], figure)
@@ -142,6 +153,9 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         out_path.write_text(json.dumps(decision, indent=1))
         for artifact in (report_path, figure, out_path):
             mlflow.log_artifact(str(artifact))
-        mlflow.set_tags({"ft2prod.selected_scheme": chosen["scheme"], "ft2prod.gate": "passed"})
+        mlflow.set_tags({"ft2prod.selected_scheme": chosen["scheme"]})
+        describe(f"Selected **{chosen['scheme']}** by `{policy}`: {chosen['output_tokens_per_s']:.1f} output tokens/s at concurrency "
+                 f"{chosen['concurrency']}, engine accuracy {chosen['engine_accuracy']:.3f}, p95 {chosen['latency_p95_s']:.3f} s "
+                 f"(SLO {slo_p95_s} s).\n\n" + table(rows))
         log.info("selected %s (%s)", chosen["scheme"], policy)
         return decision

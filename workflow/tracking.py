@@ -2,6 +2,12 @@
 
 Every stage opens its job run with `job_run(settings, "finetune", params)`; the parent is found or made
 under a file lock, so parallel jobs and reruns of failed jobs attach to the same pipeline run.
+
+What a reviewer sees on every run: the tags `ft2prod.stage`, `ft2prod.scheme` (per-scheme jobs),
+`ft2prod.git_commit` and `ft2prod.gate` (passed / failed for a stage with a gate; skipped when a gated job
+stopped before its gate; none for a stage without one), and a Markdown description (the run page's
+Description) saying what the stage does, with its headline numbers once the stage calls `describe`.
+When a job ends, the pipeline summary on the parent run is refreshed (`workflow.summary`).
 """
 
 from __future__ import annotations
@@ -9,12 +15,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -24,7 +32,35 @@ from mlflow.tracking import MlflowClient
 
 from workflow.digest import sha256_file
 
+log = logging.getLogger(__name__)
+
 PARENT_TAG = "ft2prod.results_dir"
+GATE_TAG = "ft2prod.gate"
+NOTE_TAG = "mlflow.note.content"  # the run page's Markdown "Description"
+MAX_TAG_CHARS = 7900  # MLflow refuses tag values over 8000 characters
+# What each stage does, the first line of its run description; a stage missing here is described by name.
+STAGES = {
+    "pipeline": "The pipeline run: one per results directory; every job is a child run.",
+    "bootstrap": "Builds the small base model locally (BPE tokenizer, DeepSeek-R1 chat template) and pretrains it briefly.",
+    "generate_data": "Generates the built-in arithmetic reasoning dataset (chat rows with a think block and a checkable answer).",
+    "prepare_data": "Checks, deduplicates, splits and renders the dataset with the base model's chat template.",
+    "finetune": "Fine-tunes the base model with DeepSpeed (full parameters or LoRA), with resumable checkpoints.",
+    "export": "Exports the trained checkpoint as a self-describing Hugging Face model, logged by reference (digests, no weights).",
+    "evaluate_base": "Scores the base model on the held-out test split: the reference the fine-tuned model must beat.",
+    "evaluate": "Scores the fine-tuned model on the held-out test split and applies the evaluation gate.",
+    "quantize": "Post-training quantization with NVIDIA ModelOpt, calibrated on rows of the training split.",
+    "evaluate_quantized": "Scores the quantized model itself and gates its accuracy loss against the fine-tuned model.",
+    "build_engine": "Builds the inference engine and gates its accuracy on the engine's own generations.",
+    "benchmark": "Continuous-load benchmark of the engine: throughput, time to first token, latency percentiles.",
+    "select": "Chooses the production scheme by policy among the schemes that passed every gate and the latency SLO.",
+    "package": "Encrypts (AES-256-GCM, KMS-wrapped key), signs (Ed25519), attests (in-toto) and verifies the selected engine.",
+    "register": "Registers the package as a new model version in the MLflow model registry, alias `candidate`.",
+    "rollout": "Serves the package behind the gateway and runs the canary checks (TLS 1.3, roles, generation, latency, audit).",
+    "promote": "Moves the registry alias `production` to the checked version; the version it replaces keeps `previous`.",
+    "rollback": "Moves `production` back to the `previous` version and redeploys it.",
+    "summary": "Builds the pipeline summary, the DAG picture and the Snakemake report, and logs them on the pipeline run.",
+}
+GATED = {"evaluate", "evaluate_quantized", "build_engine", "select", "rollout"}
 SECRET_WORDS = {"key", "secret", "token", "password", "passphrase", "credential", "credentials"}
 
 
@@ -37,7 +73,9 @@ class Tracking:
     results_dir: str = "results"
     """The pipeline's results directory: one parent run per directory."""
     run_name: str = "pipeline"
-    """Name of the parent run."""
+    """The pipeline's name (config run_name); the parent run is named `<run_name> · <base model> · <date>`."""
+    base_model: str = ""
+    """The base model (config base_model: "bootstrap" or a checkpoint path), named in the parent run's name."""
     log_path: str | None = None
     """The job's log file, attached to its run when the job ends (failed jobs too)."""
 
@@ -49,6 +87,7 @@ class Tracking:
             experiment=section["experiment"],
             results_dir=results_dir,
             run_name=config["run_name"],
+            base_model=str(config.get("base_model", "")),
             log_path=log_path,
         )
 
@@ -88,11 +127,21 @@ def pipeline_run_id(tracking: Tracking) -> str:
             return found[0].info.run_id
         run = MlflowClient().create_run(
             experiment_id,
-            run_name=tracking.run_name,
-            tags={PARENT_TAG: str(results), "ft2prod.stage": "pipeline", "ft2prod.git_commit": git_commit()},
+            run_name=parent_name(tracking),
+            tags={PARENT_TAG: str(results), "ft2prod.stage": "pipeline", "ft2prod.git_commit": git_commit(),
+                  "ft2prod.run_name": tracking.run_name, "ft2prod.base_model": tracking.base_model, GATE_TAG: "skipped",
+                  NOTE_TAG: f"**Pipeline {tracking.run_name}** on base model `{tracking.base_model}`. {STAGES['pipeline']} "
+                            "The summary appears here as jobs finish."},
         )
         MlflowClient().set_terminated(run.info.run_id, "RUNNING")
         return run.info.run_id
+
+
+def parent_name(tracking: Tracking) -> str:
+    """`<run_name> · <base model> · <UTC date>`, set once when the parent is made: reruns into the same results
+    directory find the parent by its tag and keep the name (and the date the pipeline started)."""
+    base = Path(tracking.base_model.rstrip("/")).name or "unknown base"
+    return f"{tracking.run_name} · {base} · {datetime.now(UTC):%Y-%m-%d}"
 
 
 def git_commit() -> str:
@@ -126,15 +175,53 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def what_it_does(job: str) -> str:
+    """The first lines of a job's run description: the job and what its stage does."""
+    stage, _, scheme = job.partition("/")
+    title = f"**{stage}**" + (f" · scheme `{scheme}`" if scheme else "")
+    return f"{title} — {STAGES.get(stage, f'The {stage} stage.')}"
+
+
+def set_note(text: str, run_id: str | None = None) -> None:
+    """Set a run's Markdown description (the active run's without run_id), cut to what MLflow accepts."""
+    if len(text) > MAX_TAG_CHARS:
+        text = text[: MAX_TAG_CHARS - 40].rsplit("\n", 1)[0] + "\n\n… (cut: see the run's artifacts)"
+    if run_id is None:
+        mlflow.set_tag(NOTE_TAG, text)
+    else:
+        MlflowClient().set_tag(run_id, NOTE_TAG, text)
+
+
+def describe(markdown: str) -> None:
+    """The active job run's description: what its stage does, then `markdown` (its headline numbers)."""
+    set_note(what_it_does(mlflow.active_run().info.run_name) + "\n\n" + markdown.strip())
+
+
+def record_gate(checks: list[dict]) -> bool:
+    """Record the active job's gate: `ft2prod.gate` passed/failed and `gate.json` with every check.
+
+    A check is {"name", "passed", "value", "threshold", "detail"} (the rollout report's form); the gate
+    passes when every check does. Returns whether it passed.
+    """
+    passed = all(check["passed"] for check in checks)
+    mlflow.set_tag(GATE_TAG, "passed" if passed else "failed")
+    mlflow.log_dict({"passed": passed, "checks": checks}, "gate.json")
+    return passed
+
+
 @contextmanager
 def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
     """A child run of the pipeline run, named after the job; failed if the body raises.
 
-    The parent's status follows its jobs: running while one runs, failed when the last one failed.
+    The parent's status follows its jobs: running while one runs, failed when the last one failed. A job that
+    raises gets the error at the end of its description; a job that set no gate is tagged skipped (a gated
+    stage that stopped before its gate) or none (a stage without a gate). The summary is refreshed at the end.
     """
     parent = pipeline_run_id(tracking)
     stage = job.split("/")[0]
-    tags = {"ft2prod.stage": stage, "ft2prod.git_commit": git_commit()}
+    commit = git_commit()
+    tags = {"ft2prod.stage": stage, "ft2prod.git_commit": commit, NOTE_TAG: what_it_does(job),
+            "mlflow.source.name": f"ft2prod {stage}", "mlflow.source.type": "JOB", "mlflow.source.git.commit": commit}
     if "/" in job:
         tags["ft2prod.scheme"] = job.split("/", 1)[1]
     client = MlflowClient()
@@ -149,11 +236,22 @@ def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterato
             try:
                 yield run
                 status = "FINISHED"
+            except BaseException as err:
+                note = client.get_run(run.info.run_id).data.tags.get(NOTE_TAG, what_it_does(job))
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                set_note(f"{note}\n\n**Failed:** `{type(err).__name__}: {first_line}`")
+                raise
             finally:
+                if GATE_TAG not in client.get_run(run.info.run_id).data.tags:
+                    mlflow.set_tag(GATE_TAG, "skipped" if stage in GATED else "none")
                 if tracking.log_path and Path(tracking.log_path).exists():
                     mlflow.log_artifact(tracking.log_path)
     finally:
-        client.update_run(parent, status=status)
+        client.set_terminated(parent, status=status)  # end time: when its latest job ended
+        if stage != "summary":
+            from workflow import summary
+
+            summary.refresh_quietly(tracking)
 
 
 def sha256_tree(directory: str | Path) -> tuple[str, dict[str, str]]:

@@ -178,7 +178,7 @@ def build(cfg: BootstrapConfig, out_dir: str | Path, tracking) -> dict:
     """bootstrap, tracked as the pipeline's `bootstrap` job."""
     import mlflow
 
-    from workflow.tracking import job_run
+    from workflow.tracking import describe, job_run
 
     with job_run(tracking, "bootstrap", {"bootstrap": asdict(cfg)}):
         result = bootstrap(cfg, out_dir)
@@ -187,4 +187,6 @@ def build(cfg: BootstrapConfig, out_dir: str | Path, tracking) -> dict:
                 mlflow.log_metric("pretrain_loss", loss, step=step)
         mlflow.log_metrics({"parameters": result["summary"]["parameters"], "vocab_size": result["summary"]["vocab_size"]})
         mlflow.log_artifact(str(Path(out_dir) / "bootstrap.json"))
+        describe(f"{result['summary']['parameters']:,} parameters, vocabulary {result['summary']['vocab_size']}, "
+                 f"final pretraining loss **{result['losses'][-1]:.3f}** after {len(result['losses'])} steps.")
         return result["summary"]

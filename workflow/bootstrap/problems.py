@@ -73,12 +73,13 @@ def make_problems(rows: int, seed: int) -> list[Problem]:
 
 def write_jsonl(path: str, rows: int, seed: int, tracking=None) -> None:
     """The generated dataset as chat-form JSONL, tracked as the pipeline's `generate_data` job."""
-    from workflow.tracking import job_run, log_dataset
+    from workflow.tracking import describe, job_run, log_dataset
 
     with job_run(tracking, "generate_data", {"rows": rows, "seed": seed}):
         with open(path, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(p.as_chat()) + "\n" for p in make_problems(rows, seed))
-        log_dataset(path, "generated", "raw")
+        digest = log_dataset(path, "generated", "raw")
+        describe(f"**{rows}** rows (seed {seed}), sha256 `{digest}`.")
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.engine import onnxruntime, tensorrt_llm
-from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, log_results, read_split, score
-from workflow.tracking import Tracking, dir_bytes, job_run, sha256_tree
+from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, gate_check, log_results, read_split, score
+from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
         log_results(f"engine_{scheme}", metrics, results, eval_cfg.sample_generations)
         mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "engine_mb": size / 2**20})
         mlflow.log_dict(record["manifest"], "engine_manifest.json")
-        mlflow.set_tags({"ft2prod.gate": "passed" if gate["passed"] else "failed", "ft2prod.gate_reason": gate["reason"]})
+        mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
+        record_gate([gate_check(gate, f"quantize.max_accuracy_loss.{scheme}")])
+        describe(f"{backend} engine ({record['manifest']['precision']}), {size / 2**20:.2f} MB: accuracy on its own generations "
+                 f"**{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}).\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
         (log.info if gate["passed"] else log.warning)("engine accuracy gate: %s", gate["reason"])
         return record

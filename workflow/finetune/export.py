@@ -56,7 +56,7 @@ def export(base_dir: str | Path, summary_path: str | Path, out_dir: str | Path, 
     # hosts that have no MLflow.
     import mlflow
 
-    from workflow.tracking import job_run, log_model_dir
+    from workflow.tracking import describe, job_run, log_model_dir
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     summary = json.loads(Path(summary_path).read_text())
@@ -75,6 +75,9 @@ def export(base_dir: str | Path, summary_path: str | Path, out_dir: str | Path, 
         }
         (out_dir / "ft2prod.json").write_text(json.dumps(described, indent=2))
         digest = log_model_dir(out_dir, "model")
-        mlflow.log_metric("parameters", sum(p.numel() for p in model.parameters()))
+        parameters = sum(p.numel() for p in model.parameters())
+        mlflow.log_metric("parameters", parameters)
+        describe(f"Step {summary['global_step']} exported to `{out_dir}`: {parameters:,} parameters, tree sha256 `{digest}` "
+                 "(per-file digests in `model.sha256.json`; no weights in MLflow).")
         log.info("exported step %d to %s (sha256 %s)", summary["global_step"], out_dir, digest)
         return out_dir

@@ -159,7 +159,7 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
     # on GPU hosts that have no MLflow.
     import mlflow
 
-    from workflow.tracking import job_run
+    from workflow.tracking import describe, job_run
 
     model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
     job_file = write_job(model_dir, data_dir, summary_path, cfg, seed)
@@ -177,4 +177,7 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
         mlflow.log_artifact(str(job_file))
         mlflow.log_metrics({"final_train_loss": summary["train_loss"], "global_step": summary["global_step"]})
         mlflow.set_tag("ft2prod.resumed_from", summary["resumed_from"] or "none")
+        describe(f"{cfg.method} fine-tune, ZeRO-{cfg.zero_stage}, {cfg.nproc_per_node} processes ({cfg.launcher}): "
+                 f"**{summary['global_step']}** steps, final train loss **{summary['train_loss']:.3f}**"
+                 + (f", resumed from `{summary['resumed_from']}`." if summary["resumed_from"] else ".") + " Loss curve: `loss.png`.")
         return summary

@@ -16,9 +16,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from workflow.package import archive, kms as kms_providers
-from workflow.tracking import Tracking, dir_bytes, git_commit, job_run, pipeline_run_id, sha256_tree
+from workflow.tracking import Tracking, describe, dir_bytes, git_commit, job_run, pipeline_run_id, sha256_tree
 
 log = logging.getLogger(__name__)
+
+REGISTERED_MODEL_DESCRIPTION = (
+    "ft2prod packages: encrypted, signed, attested inference engines, one version per pipeline run that reached register.\n\n"
+    "Aliases: `candidate` — the newest registered version, awaiting rollout; `production` — the version serving; "
+    "`previous` — the one production replaced (the rollback target). Each version's description lists its gates and package digest."
+)
 
 
 def read_json(path: str | Path) -> dict:
@@ -66,8 +72,31 @@ def package(selection_path: str | Path, base_model: str | Path, out_dir: str | P
         mlflow.log_artifact(str(out_dir / "attestation.json"))
         mlflow.log_artifact(str(out_dir / "signer.pub"))
         mlflow.set_tags({"ft2prod.package.sha256": record["sha256"], "ft2prod.package.signer": record["signer"]})
+        describe(f"Package of the **{record['scheme']}** engine, verified end to end: sha256 `{record['sha256']}`, signer "
+                 f"`{record['signer']}`, KMS key `{record['kms_key_id']}`, {record['files']} files, {record['bytes']:,} bytes encrypted.")
         log.info("packed and verified %s: %s", out_dir, json.dumps(record))
         return record
+
+
+def version_card(statement: dict, digest: str, signer: str, pipeline_run: str) -> tuple[str, dict]:
+    """A model version's Markdown description and tags: what it is, its scheme, every gate's numbers, the package."""
+    predicate = statement["predicate"]
+    gates, selection = predicate["gates"], predicate["gates"]["selection"]
+    scheme, evaluation = selection["selected"], gates["evaluate"]
+    quantization, engine, manifest = gates["quantization"], gates["engine"], predicate["engine_manifest"]
+    description = "\n".join([
+        f"{scheme} {manifest.get('target', {}).get('backend', selection['backend'])} engine of the fine-tuned model, "
+        f"chosen by `{selection['policy']}` (p95 SLO {selection['latency_slo_p95_s']} s); an encrypted, signed, attested package.",
+        "",
+        f"- evaluation gate: accuracy {evaluation['accuracy']:.3f} (gain over base {evaluation['gain_over_base']:+.3f})",
+        f"- quantization gate: {quantization['reason']}",
+        f"- engine gate: {engine['reason']}",
+        f"- package sha256 `{digest}`, signed by `{signer}`",
+        f"- base model sha256 `{predicate['base_model']['sha256']}`, code `{predicate['code_commit'][:12]}`, pipeline run `{pipeline_run}`",
+    ])
+    tags = {"package_sha256": digest, "signer": signer, "scheme": scheme, "engine_accuracy": f"{engine['accuracy']:.4f}",
+            "gates": "passed", "pipeline_run_id": pipeline_run, "git_commit": predicate["code_commit"]}
+    return description, tags
 
 
 def register(package_dir: str | Path, out_path: str | Path, model_name: str, settings: dict, tracking: Tracking) -> dict:
@@ -75,7 +104,6 @@ def register(package_dir: str | Path, out_path: str | Path, model_name: str, set
     package_dir = Path(package_dir)
     manifest = read_json(package_dir / "manifest.json")
     statement = read_json(package_dir / "attestation.json")
-    scheme = statement["predicate"]["gates"]["selection"]["selected"]
     size_mb = dir_bytes(package_dir) / 2**20
     with job_run(tracking, "register", {"model_name": model_name, "package": str(package_dir)}) as run:
         if size_mb <= settings["log_max_mb"]:
@@ -85,16 +113,17 @@ def register(package_dir: str | Path, out_path: str | Path, model_name: str, set
             source = package_dir.resolve().as_uri()
         client = MlflowClient()
         try:
-            client.create_registered_model(model_name, description="ft2prod packages: encrypted, signed, attested engines")
+            client.create_registered_model(model_name, description=REGISTERED_MODEL_DESCRIPTION)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         digest = archive.digest(package_dir)
-        tags = {"package_sha256": digest, "signer": manifest["signer"], "scheme": scheme}
-        version = client.create_model_version(model_name, source=source, run_id=run.info.run_id, tags=tags,
-                                              description=f"{scheme} engine, package sha256 {digest}, signed by {manifest['signer']}")
+        description, tags = version_card(statement, digest, manifest["signer"], pipeline_run_id(tracking))
+        version = client.create_model_version(model_name, source=source, run_id=run.info.run_id, tags=tags, description=description)
         client.set_registered_model_alias(model_name, "candidate", version.version)
         record = {"model_name": model_name, "version": version.version, "alias": "candidate", "source": source} | tags
+        describe(f"Registered **{model_name}** version **{version.version}**, alias `candidate` ([open](#/models/{model_name}/versions/"
+                 f"{version.version})).\n\n{description}")
         Path(out_path).write_text(json.dumps(record, indent=1))
         mlflow.log_dict(record, "registered.json")
         return record

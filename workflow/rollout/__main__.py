@@ -26,7 +26,7 @@ from workflow.package import archive
 from workflow.rollout import kubernetes, registry
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import client_context
-from workflow.tracking import Tracking, job_run
+from workflow.tracking import Tracking, describe, job_run
 
 
 def redeploy_gateway(url: str, ca: Path, admin_key: str, package: Path, digest: str, timeout_s: float = 300) -> None:
@@ -63,6 +63,8 @@ def rollback(config: dict, gateway_url: str | None, admin_key: str | None, resul
             record["redeployed"] = {"gateway": gateway_url, "package": str(package)}
         record["package_sha256"] = digest
         mlflow.log_dict(record, "rollback.json")
+        describe(f"{model_name}: `production` → version **{record['production']}** (rolled back from {record['rolled_back']}), "
+                 f"package `{digest}`, by {record['by']} at {record['at']}.")
         return record
 
 

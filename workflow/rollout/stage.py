@@ -34,7 +34,7 @@ from workflow.rollout import canary, kubernetes, registry
 from workflow.serve.access import ROLES, KeyStore
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import client_context, ensure_certificates
-from workflow.tracking import Tracking, job_run
+from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per canary request is noise
@@ -164,7 +164,11 @@ def rollout(package_dir: str | Path, registered_path: str | Path, selection_path
                   "checks": [c.as_dict() for c in checks], "at": datetime.now(UTC).isoformat(timespec="seconds"),
                   "by": registry.who(), **where}
         mlflow.log_dict(report, "rollout_report.json")
-        mlflow.set_tags({"ft2prod.gate": "passed" if report["passed"] else "failed", "ft2prod.package.sha256": report["package_sha256"]})
+        mlflow.set_tag("ft2prod.package.sha256", report["package_sha256"])
+        record_gate(report["checks"])
+        describe(f"{target} rollout of {registered['model_name']} version {registered['version']} ({selection['selected']}): "
+                 f"**{'passed' if report['passed'] else 'failed'}** — " + "; ".join(
+                     f"{c.name} {'passed' if c.passed else 'FAILED'}" for c in checks) + ".")
         for check in checks:
             mlflow.log_metric(f"check_{check.name}", float(check.passed))
             log.info("%s %s: %s", "PASS" if check.passed else "FAIL", check.name, check.detail)
@@ -192,6 +196,8 @@ def promote(report_path: str | Path, out_path: str | Path, tracking: Tracking) -
         mlflow.log_dict(report, "rollout_report.json")
         mlflow.log_dict(record, "promoted.json")
         mlflow.set_tags({"ft2prod.gate": "passed", "ft2prod.production_version": record["production"]})
+        describe(f"{record['model_name']}: `production` → version **{record['production']}** (`previous`: {record['previous']}), "
+                 f"by {record['by']} at {record['at']}.")
         Path(out_path).write_text(json.dumps(record, indent=1))
         log.info("promoted %s version %s to production (previous: %s)", record["model_name"], record["production"], record["previous"])
         return record
