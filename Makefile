@@ -15,11 +15,17 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --no-deps -e . >> $(VENV)/pip.log 2>&1
 	touch $@
 
-# Debian packages the tests use for real: SoftHSM2 (a PKCS#11 HSM); graphviz (the summary's DAG picture) and
-# chromium (the MLflow UI review test). Each is installed only when missing. Needs root, as on CI.
+# Debian packages the tests use for real (needs root, as on CI); only missing ones are installed:
+# SoftHSM2 (a PKCS#11 HSM); slurm-wlm, slurmdbd, munge and mariadb-server (a one-node SLURM cluster with job
+# accounting); postgresql (the MLflow tracking server's backend store); graphviz (the summary's DAG picture) and
+# chromium (the MLflow UI review test). The tests start and stop their own daemons.
+SYSTEM_PACKAGES := softhsm2 slurm-wlm slurmdbd munge mariadb-server postgresql graphviz chromium
 system:
-	@command -v softhsm2-util >/dev/null || (apt-get update -qq && apt-get install -y -qq softhsm2 >/dev/null)
-	@(command -v dot && command -v chromium) >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz chromium >/dev/null)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 run: setup
 	$(BIN)/snakemake

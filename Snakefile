@@ -15,6 +15,7 @@ check_config(config)
 validate(config, "config/schema.yaml")
 
 
+include: "rules/plan.smk"
 include: "rules/data.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"

@@ -98,3 +98,48 @@ def selected_engine(wildcards):
 
 def package_settings():
     return {key: value for key, value in config["package"].items() if key not in ("model_name", "backup_dir", "trusted_signer")}
+
+
+def base_model_config(wildcards=None):
+    """The base model's config.json for the plan; none for bootstrap (the plan reads the bootstrap settings)."""
+    if config["base_model"] == "bootstrap":
+        return []
+    return [f"{config['base_model']}/config.json"]
+
+
+PLAN_FINETUNE_KEYS = ("method", "precision", "zero_stage", "offload_optimizer", "offload_params", "micro_batch_size",
+                      "gradient_checkpointing", "nproc_per_node", "lora")
+BOOTSTRAP_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+
+
+def plan_settings():
+    """Only what the plan reads, so unrelated config changes do not rerun it."""
+    return {
+        "finetune": {key: config["finetune"][key] for key in PLAN_FINETUNE_KEYS},
+        "max_seq_len": config["data"]["max_seq_len"],
+        "cluster": config["cluster"],
+        "engine": config["engine"],
+        "benchmark": {key: config["benchmark"][key] for key in ("input_len", "output_len", "concurrency")},
+        "schemes": schemes(),
+        "bootstrap": {key: config["bootstrap"][key] for key in BOOTSTRAP_SHAPE_KEYS},
+    }
+
+
+def plan_done():
+    """Every stage waits for a passing plan; ancient(): a re-planned config that still fits reruns nothing."""
+    return ancient(f"{RESULTS}/plan/plan.json")
+
+
+def finetune_gpus():
+    """GPUs the finetune job requests: gpus_per_node x nodes (0 on a CPU machine)."""
+    return config["cluster"]["gpus_per_node"] * config["cluster"]["nodes"]
+
+
+def finetune_nodes():
+    return config["cluster"]["nodes"]
+
+
+def multi_node(value):
+    """A resource only multi-node jobs carry: the SLURM plugin then runs the job script once on the first
+    node (no `srun -n1` around it) and the launcher starts one process per node itself with srun."""
+    return value if config["cluster"]["nodes"] > 1 else None

@@ -1,4 +1,6 @@
 rule bootstrap:
+    input:
+        plan=plan_done(),
     output:
         model=directory(f"{RESULTS}/bootstrap/model"),
     params:
@@ -19,6 +21,8 @@ rule bootstrap:
 
 
 rule generate_data:
+    input:
+        plan=plan_done(),
     output:
         f"{RESULTS}/data/generated.jsonl",
     params:
@@ -41,6 +45,7 @@ rule prepare_data:
     input:
         dataset=dataset_file,
         model=base_model_dir,
+        plan=plan_done(),
     output:
         train=f"{RESULTS}/data/train.jsonl",
         val=f"{RESULTS}/data/val.jsonl",

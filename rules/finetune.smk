@@ -3,6 +3,7 @@ rule finetune:
         model=base_model_dir,
         train=f"{RESULTS}/data/train.jsonl",
         val=f"{RESULTS}/data/val.jsonl",
+        plan=plan_done(),
     output:
         summary=f"{RESULTS}/finetune/summary.json",
     params:
@@ -16,7 +17,11 @@ rule finetune:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=0,
+        gpu=finetune_gpus(),
+        nodes=finetune_nodes(),
+        mpi=multi_node("srun"),
+        tasks=multi_node(finetune_nodes()),
+        tasks_per_gpu=multi_node(0),
     conda:
         "../envs/train.yaml"
     script:

@@ -1,9 +1,13 @@
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.launch import launch_command
+from workflow.finetune.speed import register_varlen_attention, resolve, varlen_available
+from workflow.finetune.train import PaddingFree, pad_to_longest
 
 
 @pytest.mark.parametrize(
@@ -68,3 +72,95 @@ def test_packed_sequences_do_not_see_each_other(tiny_base):
         together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
         apart = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows])
     torch.testing.assert_close(together, apart, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"attention": "flash"}, "finetune.attention must be one of auto, varlen, sdpa, flex_attention, eager (got 'flash')"),
+        ({"optimizer": "sgd"}, "finetune.optimizer must be one of adamw_fused, adamw_foreach (got 'sgd')"),
+        ({"attention": "varlen", "packing": False}, "finetune.attention varlen needs packing: true"),
+        ({"dataloader_workers": -1}, "finetune.dataloader_workers must be 0 or more (got -1)"),
+    ],
+)
+def test_invalid_speed_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        FinetuneConfig(**settings)
+
+
+def test_cpu_skips_gpu_only_speed_settings_and_says_why():
+    speed = resolve(FinetuneConfig(), cuda=False)
+    assert (speed.attention, speed.liger_kernel, speed.torch_compile, speed.dataloader_workers, speed.pin_memory) == ("sdpa", False, False, 0, False)
+    assert speed.optimizer == "adamw_torch_fused"
+    assert any(s.startswith("liger_kernel: Liger's Triton kernels need a CUDA GPU") for s in speed.skipped)
+    assert any(s.startswith("dataloader_workers: 2 -> 0 on CPU") for s in speed.skipped)
+    assert resolve(FinetuneConfig(optimizer="adamw_foreach", torch_compile=True), cuda=False).optimizer == "adamw_torch"
+    with pytest.raises(ValueError, match="finetune.attention varlen runs FlashAttention kernels and needs a CUDA GPU"):
+        resolve(FinetuneConfig(attention="varlen"), cuda=False)
+
+
+def test_gpu_speed_settings():
+    speed = resolve(FinetuneConfig(liger_kernel=False, torch_compile=True), cuda=True)
+    assert speed.attention == ("varlen" if varlen_available() else "sdpa")
+    assert (speed.torch_compile, speed.dataloader_workers, speed.pin_memory, speed.skipped) == (True, 2, True, ())
+    assert resolve(FinetuneConfig(liger_kernel=False, packing=False), cuda=True).attention == "sdpa"
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ValueError, match="liger-kernel package is not installed; pip install liger-kernel==0.8.5"):
+            resolve(FinetuneConfig(), cuda=True)
+    else:
+        assert resolve(FinetuneConfig(), cuda=True).liger_kernel
+
+
+def test_zero_buckets_are_left_to_the_trainer():
+    zero3 = deepspeed_config(FinetuneConfig(zero_stage=3))["zero_optimization"]
+    assert zero3["reduce_bucket_size"] == zero3["stage3_prefetch_bucket_size"] == zero3["stage3_param_persistence_threshold"] == "auto"
+    assert "reduce_bucket_size" not in deepspeed_config(FinetuneConfig(zero_stage=1))["zero_optimization"]
+
+
+def test_padding_collator_masks_padding():
+    batch = pad_to_longest([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_padding_free_stacks_equal_rows_and_packs_the_rest():
+    collate = PaddingFree(DataCollatorWithFlattening(return_flash_attn_kwargs=True))
+    same = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10], "labels": [-100, 9, 10]}])
+    assert same["input_ids"].tolist() == [[5, 6, 7], [8, 9, 10]] and "position_ids" not in same
+    # The same targets as packing gives: the first token of a row is never predicted.
+    assert same["labels"].tolist() == [[-100, 6, 7], [-100, 9, 10]]
+    mixed = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert mixed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert mixed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert mixed["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert mixed["cu_seq_lens_q"].tolist() == [0, 3, 5] and mixed["max_length_q"] == 3
+
+
+def _gqa_llama(attention: str) -> torch.nn.Module:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=512, vocab_size=1000, max_position_embeddings=512, use_cache=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attention).cuda().eval()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not varlen_available(), reason="varlen FlashAttention needs a CUDA GPU")
+def test_varlen_attention_keeps_packed_sequences_apart():
+    """On a GPU: the packed row through varlen attention gives the logits of each sequence run on its own (SDPA)."""
+    register_varlen_attention()
+    reference, model = _gqa_llama("sdpa"), _gqa_llama("varlen")
+    model.load_state_dict(reference.state_dict())
+    rows = [{"input_ids": torch.randint(0, 1000, (n,)).tolist()} for n in (37, 128, 5, 300)]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(rows)
+    packed = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in packed.items() if k != "labels"}
+    with torch.no_grad():
+        apart = torch.cat([reference(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0] for r in rows]).float()
+        together = model(**packed).logits[0].float()
+    error = (together - apart).norm() / apart.norm()
+    assert error < 1e-2, f"relative error {error:.2e}"
+    # Rows of one length come stacked (PaddingFree) and take the batched SDPA path.
+    stacked = torch.randint(0, 1000, (3, 64), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=stacked).logits, reference(input_ids=stacked).logits)

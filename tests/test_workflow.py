@@ -24,8 +24,8 @@ pytestmark = pytest.mark.e2e
 SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
 ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
 JOBS = (
-    {"bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register",
-     "rollout", "promote"}
+    {"plan", "bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register",
+       "rollout", "promote"}
     | {f"{stage}/{s}" for stage in ("quantize", "evaluate_quantized") for s in SCHEMES}
     | {f"{stage}/{s}" for stage in ("build_engine", "benchmark") for s in ENGINES}
 )
@@ -207,12 +207,13 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
     assert str(mlflow.get_model_version_by_alias("ft2prod-model", "previous").version) == first
 
     serve = [sys.executable, "-m", "workflow.serve", "--config", "config.yaml"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the copy's own store, as snakemake() does
     admin = subprocess.run([*serve, "keys", "add", "--id", "ops", "--role", "admin"], cwd=work, capture_output=True, text=True, check=True)
     port = 18000 + os.getpid() % 1000
     gateway = subprocess.Popen([*serve, "start", "--package", "results/package/model.ftpkg", "--port", str(port)], cwd=work,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        env = {**os.environ, "FT2PROD_ADMIN_KEY": admin.stdout.strip()}
+        env["FT2PROD_ADMIN_KEY"] = admin.stdout.strip()
         url = f"https://127.0.0.1:{port}"
         for _ in range(120):
             if subprocess.run(["curl", "-sf", "--cacert", "keys/tls/ca.pem", f"{url}/readyz"], cwd=work, capture_output=True).returncode == 0:
@@ -232,7 +233,7 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
         gateway.wait(timeout=60)
     assert str(mlflow.get_model_version_by_alias("ft2prod-model", "production").version) == first
     again = subprocess.run([sys.executable, "-m", "workflow.rollout", "--config", "config.yaml", "rollback"], cwd=work,
-                           capture_output=True, text=True)
+                           env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "no version with alias 'previous'" in again.stderr
 
 
@@ -288,6 +289,9 @@ def test_config_change_reruns_only_what_it_affects(zero2):
     training = snakemake(zero2, {"finetune": {"zero_stage": 2, "learning_rate": 0.002}}, "-n")
     assert {"finetune", "export", "evaluate", "quantize"} <= jobs_planned(training)
     assert not (upstream | {"evaluate_base"}) & jobs_planned(training)
+    # a re-plan that still fits reruns the plan only: the stages wait for it but do not rerun after it
+    replanned = snakemake(zero2, {"finetune": {"zero_stage": 2}, "cluster": {"overhead_gib": 1.5}}, "-n")
+    assert "plan" in jobs_planned(replanned) and jobs_planned(replanned) <= {"plan", "all"}
 
 
 def test_failed_gate_stops_the_dag_and_says_why(zero2):
@@ -310,6 +314,13 @@ def test_finetune_variants_run_end_to_end(tmp_path, settings):
     assert (tmp_path / "results" / "model" / "model.safetensors").read_bytes() != base, "training changed the weights"
     log = (tmp_path / "results" / "logs" / "finetune.log").read_text()
     assert f"'stage': {settings['zero_stage']}" in log or f'"zero_stage": {settings["zero_stage"]}' in log
+    # The GPU-only speed settings are skipped on this CPU, said in the log, and recorded as resolved in MLflow.
+    assert "skipped liger_kernel: Liger's Triton kernels need a CUDA GPU" in log
+    mlflow_client = client(tmp_path)
+    [run] = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("ft2prod").experiment_id],
+                                      filter_string="attributes.run_name = 'finetune'")
+    assert run.data.params["finetune.liger_kernel"] == "True"
+    assert (run.data.params["resolved.liger_kernel"], run.data.params["resolved.attention"]) == ("False", "sdpa")
 
 
 def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path):

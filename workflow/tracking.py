@@ -30,6 +30,8 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
+from workflow.digest import sha256_file
+
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "ft2prod.results_dir"
@@ -250,14 +252,6 @@ def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterato
             from workflow import summary
 
             summary.refresh_quietly(tracking)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_tree(directory: str | Path) -> tuple[str, dict[str, str]]:

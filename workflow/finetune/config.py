@@ -11,6 +11,11 @@ COMPLETE = ".complete"
 """Marker written into a checkpoint folder once every rank has saved its part."""
 
 
+ATTENTION = ("auto", "varlen", "sdpa", "flex_attention", "eager")
+OPTIMIZERS = {"adamw_fused": "adamw_torch_fused", "adamw_foreach": "adamw_torch"}
+"""The optimizer setting and the Transformers optimizer name it stands for."""
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
@@ -44,6 +49,16 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     packing: bool = True
     """Padding-free micro-batches with per-sequence position ids (block-diagonal attention)."""
+    attention: str = "auto"
+    """auto, varlen, sdpa, flex_attention or eager; auto is varlen on a CUDA GPU with packing, sdpa otherwise."""
+    liger_kernel: bool = True
+    """Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA GPUs; skipped on CPU."""
+    optimizer: str = "adamw_fused"
+    """adamw_fused (one fused kernel per step) or adamw_foreach (torch's multi-tensor AdamW)."""
+    torch_compile: bool = False
+    """torch.compile the model (CUDA GPUs; skipped on CPU)."""
+    dataloader_workers: int = 2
+    """Processes that read and collate batches beside each rank (0: in the training process)."""
     save_steps: int = 40
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -56,6 +71,8 @@ class FinetuneConfig:
             "zero_stage": (0, 1, 2, 3),
             "precision": ("fp32", "bf16"),
             "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
+            "attention": ATTENTION,
+            "optimizer": tuple(OPTIMIZERS),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -64,6 +81,10 @@ class FinetuneConfig:
             raise ValueError(f"finetune.offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("finetune.offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        if self.attention == "varlen" and not self.packing:
+            raise ValueError("finetune.attention varlen needs packing: true (it reads the packed sequence boundaries); use auto or sdpa")
+        if self.dataloader_workers < 0:
+            raise ValueError(f"finetune.dataloader_workers must be 0 or more (got {self.dataloader_workers})")
         if isinstance(self.lora, dict):
             object.__setattr__(self, "lora", LoraSettings(**{**self.lora, "target_modules": tuple(self.lora.get("target_modules", LoraSettings.target_modules))}))
 
@@ -78,7 +99,12 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if cfg.zero_stage >= 2:
+        # Gradients go into one contiguous buffer; "auto" buckets are sized from the model's hidden size by the
+        # Trainer (hidden^2), which keeps reduce and prefetch launches few and large.
+        zero.update(contiguous_gradients=True, overlap_comm=True, reduce_bucket_size="auto")
     if cfg.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
         # Full fine-tunes are consolidated from the fp32 shards on export; LoRA adapters are gathered on save.
         zero["stage3_gather_16bit_weights_on_model_save"] = cfg.method == "lora"
     config = {

@@ -13,12 +13,15 @@ import json
 import logging
 from pathlib import Path
 
-import mlflow
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workflow.finetune.config import FinetuneConfig
-from workflow.tracking import Tracking, describe, job_run, log_model_dir
+
+if TYPE_CHECKING:
+    from workflow.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,12 @@ def load_trained(base_dir: Path, checkpoint: Path, cfg: FinetuneConfig) -> torch
 
 
 def export(base_dir: str | Path, summary_path: str | Path, out_dir: str | Path, cfg: FinetuneConfig, tracking: Tracking) -> Path:
+    # MLflow is imported here: benchmarks/finetune_throughput.py consolidates through load_trained on GPU
+    # hosts that have no MLflow.
+    import mlflow
+
+    from workflow.tracking import describe, job_run, log_model_dir
+
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     summary = json.loads(Path(summary_path).read_text())
     checkpoint = Path(summary["checkpoint"])

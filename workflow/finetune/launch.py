@@ -2,6 +2,10 @@
 
     snakemake results/finetune/summary.json
 
+Inside a SLURM allocation of several nodes (cluster.nodes > 1; the rule then carries the `mpi` resource so the
+SLURM executor runs this once, on the first node), srun starts one launcher per node, meeting at the first node
+(`scontrol show hostnames $SLURM_JOB_NODELIST`); on one node the command is the same as without SLURM.
+
 Resumable state lives in results/finetune/checkpoints (not a Snakemake output, so a killed job keeps it);
 a rerun resumes from the newest checkpoint whose settings and data match, and starts afresh otherwise.
 """
@@ -12,16 +16,21 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-import mlflow
+from typing import TYPE_CHECKING
 
+from workflow.digest import sha256_file
 from workflow.finetune.config import FinetuneConfig, latest_complete_checkpoint
-from workflow.tracking import Tracking, describe, job_run, sha256_file
+
+if TYPE_CHECKING:
+    from workflow.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +41,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(cfg: FinetuneConfig, job_file: Path) -> list[str]:
-    """The launcher command line: one process per device on this node."""
+NODE_RANK = object()
+"""Stands for this node's rank in a multi-node command: srun's per-task $SLURM_NODEID, expanded on each node."""
+
+
+def slurm_hosts(env: Mapping[str, str]) -> list[str]:
+    """The nodes of a multi-node SLURM allocation, first one first (it runs this script: the master); [] when
+    not under SLURM or on one node."""
+    if int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1) <= 1:
+        return []
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("finetune: SLURM_JOB_NUM_NODES > 1 but SLURM_JOB_NODELIST is not set; run inside an sbatch/salloc allocation")
+    done = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=dict(env), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"finetune: `scontrol show hostnames {nodelist}` failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout.split()
+
+
+def launch_command(cfg: FinetuneConfig, job_file: Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """The launcher command line: one process per device on this node, or, inside a multi-node SLURM
+    allocation, one launcher per node started by srun, all meeting at the first node."""
+    env = os.environ if env is None else env
     entry = ["workflow.finetune.train", "--job", str(job_file)]
+    hosts = slurm_hosts(env)
+    if not hosts:
+        if cfg.launcher == "deepspeed":
+            return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc_per_node),
+                    "--master_port", str(free_port()), "--module", *entry]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc_per_node), "-m", *entry]
+    rendezvous = ["--master_addr", hosts[0], "--master_port", str(free_port())]
     if cfg.launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.nproc_per_node),
-                "--master_port", str(free_port()), "--module", *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc_per_node), "-m", *entry]
+        # DeepSpeed's own multi-node launch (pdsh/ssh) is replaced by srun: each node runs the runner with
+        # --no_ssh and its --node_rank; the hostfile gives every node's slots.
+        hostfile = job_file.parent / "hostfile"
+        hostfile.write_text("".join(f"{host} slots={cfg.nproc_per_node}\n" for host in hosts))
+        per_node = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", NODE_RANK,
+                    *rendezvous, "--module", *entry]
+    else:
+        per_node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(hosts)), "--node_rank", NODE_RANK,
+                    "--nproc_per_node", str(cfg.nproc_per_node), *rendezvous, "-m", *entry]
+    script = "exec " + " ".join('"$SLURM_NODEID"' if arg is NODE_RANK else shlex.quote(arg) for arg in per_node)
+    return ["srun", f"--nodes={len(hosts)}", f"--ntasks={len(hosts)}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "sh", "-c", script]
 
 
 def launch_env(cfg: FinetuneConfig, run_id: str, tracking_uri: str) -> dict[str, str]:
@@ -84,10 +128,8 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, cfg: FinetuneConfig, seed: int,
-        tracking: Tracking, log_path: str | Path) -> dict:
-    """Fine-tune model_dir on data_dir/train.jsonl; write summary_path naming the final checkpoint."""
-    model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
+def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: FinetuneConfig, seed: int, **extra) -> Path:
+    """The job file the ranks read: settings, paths and the checkpoint to resume from (if it matches)."""
     checkpoint_dir = summary_path.parent / "checkpoints"
     job_file = checkpoint_dir / "job.json"
     mark = fingerprint(cfg, seed, model_dir, data_dir)
@@ -105,7 +147,22 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
         "fingerprint": mark,
         "resume_from": latest_complete_checkpoint(checkpoint_dir.resolve()),
     }
+    job.update(extra)
     job_file.write_text(json.dumps(job, indent=2))
+    return job_file
+
+
+def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, cfg: FinetuneConfig, seed: int,
+        tracking: Tracking, log_path: str | Path) -> dict:
+    """Fine-tune model_dir on data_dir/train.jsonl; write summary_path naming the final checkpoint."""
+    # MLflow is imported here, not at the top: benchmarks/finetune_throughput.py launches through this module
+    # on GPU hosts that have no MLflow.
+    import mlflow
+
+    from workflow.tracking import describe, job_run
+
+    model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
+    job_file = write_job(model_dir, data_dir, summary_path, cfg, seed)
     with job_run(tracking, "finetune", {"finetune": cfg.as_dict(), "seed": seed, "base_model": str(model_dir)}) as run:
         command = launch_command(cfg, job_file)
         log.info("launching: %s", " ".join(command))

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
+from workflow.finetune.speed import VARLEN, SpeedSettings, register_varlen_attention, resolve
 
 log = logging.getLogger("workflow.finetune")
 
@@ -45,8 +45,9 @@ class TokenDataset(torch.utils.data.Dataset):
 class MlflowMetrics(TrainerCallback):
     """Training loss, learning rate and tokens/s per logging step into the job's MLflow run (rank 0 only)."""
 
-    def __init__(self, run_id: str | None) -> None:
+    def __init__(self, run_id: str | None, save_final: bool = True) -> None:
         self.run_id = run_id
+        self.save_final = save_final
         self.last = (time.perf_counter(), 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -74,11 +75,79 @@ class MlflowMetrics(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # Always checkpoint the final step: export reads it, and a finished run is never retrained.
-        if state.global_step >= state.max_steps:
+        if self.save_final and state.global_step >= state.max_steps:
             control.should_save = True
 
 
-def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: bool) -> TrainingArguments:
+class Throughput(TrainerCallback):
+    """Tokens/s over the steps after the first `skip` (compilation, allocator and kernel warm-up), and peak memory.
+
+    The clock is read after a device synchronize at two steps only, so timing does not stall the steps between.
+    """
+
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.start: tuple[float, int, int] | None = None
+        self.result: dict = {}
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == min(self.skip, state.max_steps - 1):
+            self.start = (self._now(), state.num_input_tokens_seen, state.global_step)
+        elif state.global_step == state.max_steps and self.start:
+            seconds = self._now() - self.start[0]
+            tokens = state.num_input_tokens_seen - self.start[1]
+            self.result = {
+                "timed_steps": state.global_step - self.start[2],
+                "seconds": seconds,
+                "tokens": int(tokens),
+                "tokens_per_second": tokens / seconds,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+            }
+
+
+class Profile(TrainerCallback):
+    """torch.profiler over a few steps after warm-up (rank 0): the kernels that take the time and how busy the
+    device was. Used by benchmarks/finetune_throughput.py --profile; the rule never sets it."""
+
+    def __init__(self, out_dir: str, start: int, steps: int = 3) -> None:
+        self.out_dir, self.start, self.steps = Path(out_dir), start, steps
+        self.profiler = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if state.global_step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.began = time.perf_counter()
+        elif self.profiler and state.global_step == self.start + self.steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.began
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            # Kernel events only: an operator's self device time is its kernels' time again.
+            device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            table = events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+            header = (f"{self.steps} steps, wall {wall * 1e3:.0f} ms, device kernels {device_us / 1e3:.0f} ms "
+                      f"({device_us / 1e6 / wall:.0%} busy)\n")
+            (self.out_dir / "profile.txt").write_text(header + table)
+            self.profiler = None
+
+
+def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: bool, speed: SpeedSettings,
+                       evaluate: bool = True, save: bool = True) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -94,24 +163,73 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.precision == "bf16",
         logging_steps=cfg.logging_steps,
-        save_strategy="steps",
+        save_strategy="steps" if save else "no",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy="epoch",
+        eval_strategy="epoch" if evaluate else "no",
         deepspeed=deepspeed_config(cfg),
         report_to=[],
         seed=seed,
         use_cpu=on_cpu,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="all",
+        # Real tokens: padded batches carry an attention mask to count them by; packed ones have no padding.
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
         disable_tqdm=True,
+        optim=speed.optimizer,
+        use_liger_kernel=speed.liger_kernel,
+        torch_compile=speed.torch_compile,
+        dataloader_num_workers=speed.dataloader_workers,
+        dataloader_persistent_workers=speed.dataloader_workers > 0,
+        dataloader_pin_memory=speed.pin_memory,
     )
+
+
+def collator(cfg: FinetuneConfig, speed: SpeedSettings):
+    if cfg.packing:
+        # The varlen kernel reads the sequence boundaries the collator computes on the CPU, once per batch.
+        return PaddingFree(DataCollatorWithFlattening(return_flash_attn_kwargs=speed.attention == VARLEN))
+    return pad_to_longest
+
+
+class PaddingFree:
+    """Micro-batches without padding: rows of one length are stacked as they are, so attention runs batched
+    (cuDNN's fused attention on an H100, faster than the varlen kernel: measured in the README); rows of
+    different lengths are packed into one row with restarting position ids and sequence boundaries.
+    Both give the loss the same targets: the first token of each row is never a target."""
+
+    def __init__(self, flatten: DataCollatorWithFlattening) -> None:
+        self.flatten = flatten
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if len({len(r["input_ids"]) for r in rows}) > 1:
+            return self.flatten(rows)
+        labels = torch.tensor([r["labels"] for r in rows])
+        labels[:, 0] = -100
+        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]), "labels": labels}
+
+
+def pad_to_longest(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded micro-batch: labels -100 and attention mask 0 on the padding (no tokenizer needed)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def train(job: dict) -> dict:
     cfg = FinetuneConfig(**job["finetune"])
     on_cpu = not torch.cuda.is_available()
-    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu)
+    speed = resolve(cfg, cuda=not on_cpu)
+    val = Path(job["data_dir"]) / "val.jsonl"
+    has_val = val.exists() and val.stat().st_size > 0
+    save = job.get("save_checkpoints", True)
+    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, evaluate=has_val, save=save)
     if on_cpu:
         import deepspeed
 
@@ -119,8 +237,14 @@ def train(job: dict) -> dict:
         deepspeed.init_distributed(dist_backend="gloo")
     if args.process_index == 0:
         log.info("resolved settings: %s", json.dumps(job, indent=1))
+        log.info("speed settings on this device: %s", json.dumps(speed.as_dict()))
+        for reason in speed.skipped:
+            log.info("skipped %s", reason)
+        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed)
+    if speed.attention == VARLEN:
+        register_varlen_attention()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, attn_implementation=speed.attention)
     # Training needs no KV cache, and packing needs it off: with a cache, transformers ignores the
     # restarting position ids and lets packed sequences attend to each other.
     model.config.use_cache = False
@@ -132,19 +256,17 @@ def train(job: dict) -> dict:
             model,
             LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"),
         )
-    if cfg.packing:
-        collator = DataCollatorWithFlattening()
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer=None, label_pad_token_id=-100, padding=True)
-    val = Path(job["data_dir"]) / "val.jsonl"
+    throughput = Throughput(skip=job.get("timing_skip_steps", 2))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=TokenDataset(Path(job["data_dir"]) / "train.jsonl"),
-        eval_dataset=TokenDataset(val) if val.stat().st_size else None,
-        data_collator=collator,
-        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"))],
+        eval_dataset=TokenDataset(val) if has_val else None,
+        data_collator=collator(cfg, speed),
+        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save), throughput],
     )
+    if job.get("profile_dir"):
+        trainer.add_callback(Profile(job["profile_dir"], start=job.get("timing_skip_steps", 2)))
     resume = job["resume_from"]
     if args.process_index == 0:
         log.info("resuming from %s" % resume if resume else "starting from step 0 (no checkpoint)")
@@ -157,7 +279,22 @@ def train(job: dict) -> dict:
         "train_loss": result.training_loss,
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "log_history": trainer.state.log_history,
+        "speed": speed.as_dict(),
+        "throughput": throughput.result,
     }
+
+
+def record_speed(run_id: str | None, speed: SpeedSettings) -> None:
+    """The speed settings as this device resolved them, beside the configured ones in the job's MLflow run."""
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in speed.as_dict().items():
+        client.log_param(run_id, f"resolved.{key}", value)
+    if speed.skipped:
+        client.set_tag(run_id, "ft2prod.finetune.skipped", "; ".join(speed.skipped))
 
 
 def main() -> None:

@@ -1,0 +1,207 @@
+"""The plan's figures against hand computations for published architectures and against DeepSpeed's own
+estimators, its refusals, and the plan rule stopping a config that cannot fit before anything else runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, snakemake
+from workflow.plan import GIB, Architecture, PlanError, Serving, Training, model_states, plan, run, serving_memory, training_memory, Cluster
+
+# config.json values of the published checkpoints (Hugging Face), written here so no hub is needed.
+QWEN_7B = {  # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-Math-7B architecture)
+    "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "intermediate_size": 18944, "tie_word_embeddings": False,
+}
+LLAMA_70B = {  # DeepSeek-R1-Distill-Llama-70B (Llama-3.3-70B architecture)
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "intermediate_size": 28672, "tie_word_embeddings": False,
+}
+DEEPSEEK_67B = {  # deepseek-llm-67b-base: the "67B" the source document sized at 536 GB in FP16
+    "model_type": "llama", "vocab_size": 102400, "hidden_size": 8192, "num_hidden_layers": 95, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "intermediate_size": 22016,
+}
+
+
+def test_parameter_counts_match_the_published_models():
+    # Qwen2 7B: embed + lm_head 2 x 152064 x 3584; per layer q 3584^2 + bias, k and v 3584 x 512 + bias,
+    # o 3584^2, MLP 3 x 3584 x 18944, two norms; final norm.
+    qwen_layer = 3584 * 3584 + 3584 + 2 * (3584 * 512 + 512) + 3584 * 3584 + 3 * 3584 * 18944 + 2 * 3584
+    assert Architecture.from_hf_config(QWEN_7B).params()["total"] == 28 * qwen_layer + 2 * 152064 * 3584 + 3584 == 7_615_616_512
+    llama_layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+    assert Architecture.from_hf_config(LLAMA_70B).params()["total"] == 80 * llama_layer + 2 * 128256 * 8192 + 8192 == 70_553_706_496
+
+
+def test_the_source_documents_67b_is_134_gb_of_fp16_weights_not_536():
+    params = Architecture.from_hf_config(DEEPSEEK_67B).params()["total"]
+    assert 66.5e9 < params < 68e9
+    assert round(2 * params / 1e9) == 135  # 2 bytes per parameter: ~134-135 GB, a quarter of the document's 536 GB
+
+
+@pytest.mark.parametrize("config", [QWEN_7B, LLAMA_70B], ids=["qwen7b", "llama70b"])
+@pytest.mark.parametrize("gpus,nodes", [(8, 1), (8, 2), (4, 1)])
+def test_model_states_equal_deepspeeds_estimators(config, gpus, nodes):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p = Architecture.from_hf_config(config).params()
+    total, largest = p["total"], p["largest_layer"]
+
+    def ours(stage, opt, par):
+        states = model_states(total, total, largest, Training(zero_stage=stage, offload_optimizer=opt, offload_params=par, ranks_per_node=gpus, nodes=nodes))
+        states.pop("host_offload")
+        return sum(states.values())
+
+    assert ours(2, False, False) == estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=False)[1]
+    assert ours(2, True, False) == estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=True)[1]
+    for opt, par in [(False, False), (True, False), (True, True)]:
+        deepspeed = estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=opt, cpu_offload_params=par)[1]
+        assert ours(3, opt, par) == deepspeed, (opt, par)
+
+
+def test_training_figures_by_hand_qwen_7b_zero2_on_8_gpus():
+    arch = Architecture.from_hf_config(QWEN_7B)
+    P = 7_615_616_512
+    t = Training(precision="bf16", zero_stage=2, micro_batch_size=1, seq_len=4096, ranks_per_node=8)
+    got = training_memory(arch, t, Cluster(gpus_per_node=8, gpu_memory_gib=80, overhead_gib=0))["per_process_gib"]
+    expected = {
+        "weights": 2 * P,                    # bf16 weights, replicated below ZeRO-3
+        "gradients": 2 * P / 8,              # bf16 gradients, partitioned by ZeRO-2
+        "fp32_gradients": 4 * P / 8,         # DeepSpeed's fp32 gradient partition
+        "optimizer": 12 * P / 8,             # fp32 master + Adam m, v, partitioned
+        "gathered_layer": 0,
+        # per token and layer: 4h + 2q + 2kv + 4i elements of 2 bytes, 28 layers, 4096 tokens
+        "activations": 4096 * 2 * (4 * 3584 + 2 * 3584 + 2 * 512 + 4 * 18944) * 28,
+        "logits": 4096 * 152064 * (2 + 4),   # bf16 logits and their fp32 copy in the loss
+        "overhead": 0,
+    }
+    assert got == {k: round(v / GIB, 4) for k, v in expected.items()}
+    assert round(expected["activations"] / GIB, 1) == 21.0
+
+    checkpointed = training_memory(arch, Training(precision="bf16", zero_stage=2, seq_len=4096, ranks_per_node=8, gradient_checkpointing=True),
+                                   Cluster(gpus_per_node=8))["per_process_gib"]["activations"]
+    assert checkpointed == round((28 * 4096 * 2 * 3584 + 4096 * 2 * 98304) / GIB, 4)  # layer inputs + one layer recomputed
+
+
+def test_offload_moves_states_to_host_memory_per_node():
+    arch = Architecture.from_hf_config(QWEN_7B)
+    P = arch.params()["total"]
+    m = training_memory(arch, Training(zero_stage=3, offload_optimizer=True, offload_params=True, ranks_per_node=8, seq_len=512),
+                        Cluster(gpus_per_node=8, host_memory_gib=512))
+    # all 18 bytes/param of the partitions (weights 2, fp32 gradients 4, master + moments 12) on the node's host
+    assert m["host_per_node_gib"] == round(18 * P / GIB, 4)
+
+
+def test_serving_figures_by_hand_llama_70b_tp4_pp2():
+    arch = Architecture.from_hf_config(LLAMA_70B)
+    p = arch.params()
+    cluster = Cluster(gpus_per_node=8, gpu_memory_gib=80, overhead_gib=0)
+    kv = 64 * 2048 * (80 // 2) * 2 * (8 // 4) * 128 * 2  # batch x seq x layers/pp x (K, V) x kv heads/tp x head_dim x bf16
+    assert kv == 5 * GIB
+    norms = 80 * 2 * 8192 + 8192
+    for scheme, per_weight in [("bf16", 2), ("fp8", 1), ("int8_sq", 1), ("int4_awq", 0.5 + 2 / 128)]:
+        m = serving_memory(arch, Serving(scheme, tp=4, pp=2, max_batch=64, max_seq_len=2048), cluster)
+        weights = p["linear"] * per_weight / 8 + 2 * norms / 8 + 2 * 128256 * 8192 / 4  # embedding (stage 0) or lm_head (last), split by tp
+        assert m["per_device_gib"] == {"weights": round(weights / GIB, 4), "kv_cache": round(kv / GIB, 4), "overhead": 0.0}
+        assert m["fits"]
+    bf16 = serving_memory(arch, Serving("bf16", tp=1, pp=1, max_batch=64, max_seq_len=2048), cluster)
+    assert bf16["weights_total_gib"] == round(2 * p["total"] / GIB, 4) and not bf16["fits"]
+
+
+def default_settings(**changes) -> dict:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    settings = {
+        "finetune": cfg["finetune"], "max_seq_len": cfg["data"]["max_seq_len"], "cluster": cfg["cluster"], "engine": cfg["engine"],
+        "benchmark": cfg["benchmark"], "schemes": cfg["quantize"]["schemes"], "bootstrap": cfg["bootstrap"],
+    }
+    for key, value in changes.items():
+        settings[key] = settings[key] | value if isinstance(value, dict) else value
+    return settings
+
+
+def cluster_70b(**finetune) -> dict:
+    return default_settings(
+        finetune={"precision": "bf16", "nproc_per_node": 8, "micro_batch_size": 1, "zero_stage": 2} | finetune,
+        max_seq_len=4096,
+        cluster={"gpus_per_node": 8, "gpu_memory_gib": 80, "nodes": 2, "host_memory_gib": 1024, "overhead_gib": 2},
+        engine={"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2, "max_batch_size": 64, "max_input_len": 1024, "max_seq_len": 2048}},
+    )
+
+
+def test_70b_with_zero2_fails_with_numbers_and_the_smallest_change_that_fits(tmp_path, tracking):
+    model = tmp_path / "llama70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+    with pytest.raises(PlanError) as err:
+        run(str(model), cluster_70b(), tmp_path / "plan.json", tmp_path / "plan.md", tracking)
+    message = str(err.value)
+    assert "training does not fit: 312 GiB per GPU > cluster.gpu_memory_gib 80 (ZeRO-2, 16 ranks, micro-batch 1 x 4096 tokens" in message
+    assert "smallest change that fits: finetune.zero_stage: 3, finetune.gradient_checkpointing: true, finetune.offload_optimizer: true" in message
+    result = json.loads((tmp_path / "plan.json").read_text())
+    changes = result["training"]["suggestion"]["changes"]
+    assert not result["fits"] and result["training"]["suggestion"]["memory"]["fits"]
+    # the suggestion, applied, fits
+    applied = plan(Architecture.from_hf_config(LLAMA_70B), cluster_70b(**{k.split(".")[1]: v for k, v in changes.items()}))
+    assert applied["fits"], applied["problems"]
+    assert "# Plan: DOES NOT FIT" in (tmp_path / "plan.md").read_text()
+    runs = MlflowClient(tracking.resolved_uri()).search_runs(
+        [MlflowClient(tracking.resolved_uri()).get_experiment_by_name("tests").experiment_id], filter_string="attributes.run_name = 'plan'")
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["ft2prod.plan"] == "does not fit"
+    assert runs[0].data.metrics["training_gib_per_gpu"] == pytest.approx(311.52, abs=0.01)
+
+
+def test_serving_that_cannot_fit_suggests_more_gpus():
+    settings = cluster_70b(zero_stage=3, gradient_checkpointing=True, offload_optimizer=True)
+    settings["engine"] = settings["engine"] | {"tensorrt_llm": settings["engine"]["tensorrt_llm"] | {"tp_size": 1, "pp_size": 1}}
+    result = plan(Architecture.from_hf_config(LLAMA_70B), settings)
+    assert not result["serving"]["bf16"]["fits"] and result["serving"]["int4_awq"]["fits"]
+    # tp 2 would hold 65.7 GiB of weights + 20 GiB of KV cache (64 x 2048 x 80 layers x 2 x 4 heads x 128 x 2 B) + 2: too much
+    assert result["serving"]["bf16"]["suggestion"]["changes"] == {"engine.tensorrt_llm.tp_size": 4, "engine.tensorrt_llm.pp_size": 1}
+    assert any(p.startswith("serving bf16 does not fit: 173 GiB per device > 80 GiB at tp 1 x pp 1, batch 64 x 2048 tokens (weights 131 GiB, KV cache 40 GiB)") for p in result["problems"])
+
+
+def test_bad_model_configs_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(PlanError, match=r"plan: x.json lacks hidden_size; expected a Hugging Face causal-LM config.json"):
+        Architecture.from_hf_config({k: v for k, v in QWEN_7B.items() if k != "hidden_size"}, "x.json")
+    with pytest.raises(PlanError, match="mixture-of-experts"):
+        Architecture.from_hf_config(QWEN_7B | {"n_routed_experts": 256}, "r1.json")
+    with pytest.raises(PlanError, match="config.json not found"):
+        run(str(tmp_path), default_settings(), tmp_path / "p.json", tmp_path / "p.md", None)
+    result = plan(Architecture.from_hf_config(QWEN_7B), default_settings(engine={"backend": "tensorrt_llm"}))
+    assert "engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0" in result["problems"] and not result["fits"]
+
+
+def test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit(tmp_path):
+    done = snakemake(tmp_path / "fits", {}, "results/plan/plan.json")
+    result = json.loads((tmp_path / "fits" / "results" / "plan" / "plan.json").read_text())
+    assert result["fits"] and result["training"]["device_gib"] is None and result["training"]["host_per_node_gib"] < 16
+
+    dry = snakemake(tmp_path / "fits", {}, "-n", "results/finetune/summary.json")
+    assert "plan" not in dry.stdout.split("Job stats:")[1].split("\n\n")[0], "a passing plan is not rerun"
+
+    stopped = snakemake(tmp_path / "tight", {"cluster": {"host_memory_gib": 0.5}}, check=False)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0
+    assert "training does not fit:" in out and "of host memory per node > cluster.host_memory_gib 0.5" in out
+    assert not (tmp_path / "tight" / "results" / "bootstrap").exists() and not (tmp_path / "tight" / "results" / "data").exists()
+
+
+def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_path):
+    done = snakemake(tmp_path, {"cluster": {"gpus_per_node": 8, "nodes": 2}}, "-n", "-p", "results/finetune/summary.json")
+    block = done.stdout.split("rule finetune:")[1].split("\n\n")[0]
+    resources = dict(item.split("=", 1) for item in block.split("resources:")[1].strip().splitlines()[0].split(", "))
+    assert (resources["gpu"], resources["nodes"], resources["mpi"], resources["tasks"], resources["tasks_per_gpu"]) == ("16", "2", "srun", "2", "0")
+    single = snakemake(tmp_path, {}, "-n", "results/finetune/summary.json").stdout.split("rule finetune:")[1].split("\n\n")[0]
+    assert "gpu=0" in single and "mpi=" not in single and "tasks=" not in single
+
+
+def test_bad_cluster_values_name_the_key(tmp_path):
+    done = snakemake(tmp_path, {"cluster": {"nodes": 0, "gpu_memory_gib": -1}}, "-n", check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "config: cluster.nodes: 0 is less than the minimum of 1" in out
+    assert "config: cluster.gpu_memory_gib: -1 is less than or equal to the minimum of 0" in out

@@ -1,0 +1,444 @@
+"""plan: does this config fit its machines? Memory per device for training and serving, before any job queues.
+
+    snakemake results/plan/plan.json        (runs first, on the submit host, in seconds; every stage waits for it)
+
+From the base model's config.json (or the bootstrap settings) and the workflow config, it computes:
+- training, per process (one per GPU, or per CPU rank on a CPU machine): DeepSpeed's model states for the ZeRO
+  stage and offload settings, the gathered layer of ZeRO-3, and activations for the micro-batch and sequence
+  length with and without gradient checkpointing;
+- serving, per GPU, for every quantization scheme: weights at the scheme's precision and the KV cache for
+  max_batch x max_seq_len, split over tp x pp;
+and compares them with the declared `cluster:`. When something does not fit it fails with the numbers and the
+smallest change that fits. Figures are estimates of what stays resident; `cluster.overhead_gib` covers the CUDA
+context, communication buffers and allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+GIB = 2**30
+KV_BYTES = 2
+"""The KV cache is kept in bf16 by every scheme here (FP8 KV caches are an engine option, not a scheme)."""
+LINEAR_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8_sq": 1.0, "int4_awq": 0.5 + 2 / 128}
+"""Bytes per linear-layer weight when served: int4 AWQ adds one fp16 scale per group of 128 weights. Embeddings,
+lm_head and norms stay bf16 in every scheme (ModelOpt quantizes the decoder's linear layers)."""
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PlanError(RuntimeError):
+    """The config does not fit the declared cluster; the message has the numbers and a change that fits."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A dense decoder-only transformer (Llama, Qwen2, Mistral shapes), read from a Hugging Face config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: dict, source: str = "config.json") -> Architecture:
+        if any(key in config for key in ("num_experts", "n_routed_experts", "num_local_experts")):
+            raise PlanError(f"plan: {source} is a mixture-of-experts model; only dense decoders are modelled")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in config]
+        if missing:
+            raise PlanError(f"plan: {source} lacks {', '.join(missing)}; expected a Hugging Face causal-LM config.json")
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate_size=config["intermediate_size"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # Qwen2 has biases on q, k and v; Llama names the flag attention_bias.
+            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder block."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim), "o_proj": (self.q_dim, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def params(self) -> dict[str, int]:
+        linear = sum(a * b for a, b in self.linear_shapes().values())
+        bias = self.q_dim + 2 * self.kv_dim if self.attention_bias else 0
+        layer = linear + bias + 2 * self.hidden_size
+        embed = self.vocab_size * self.hidden_size
+        lm_head = 0 if self.tie_word_embeddings else embed
+        return {
+            "total": self.num_layers * layer + embed + lm_head + self.hidden_size,
+            "linear": self.num_layers * linear,
+            "embed": embed,
+            "lm_head": lm_head,
+            "layer": layer,
+            # ZeRO-3 gathers one module at a time; the embedding (or lm_head) is the largest in these models.
+            "largest_layer": max(embed, max(a * b for a, b in self.linear_shapes().values())),
+        }
+
+    def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
+        return self.num_layers * sum(r * (a + b) for name, (a, b) in self.linear_shapes().items() if name in targets)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpus_per_node: int = 0
+    """GPUs per node; 0 is a CPU machine, where every rank's memory comes out of host memory."""
+    gpu_memory_gib: float = 80.0
+    nodes: int = 1
+    host_memory_gib: float = 16.0
+    overhead_gib: float = 1.0
+    """Per process: CUDA context, communication buffers, allocator fragmentation (or the Python process on CPU)."""
+
+
+@dataclass(frozen=True)
+class Training:
+    method: str = "full"
+    precision: str = "bf16"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = False
+    ranks_per_node: int = 1
+    nodes: int = 1
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = LORA_MODULES
+
+    @property
+    def ranks(self) -> int:
+        return self.ranks_per_node * self.nodes
+
+    def valid(self) -> bool:
+        return not (self.offload_params and self.zero_stage != 3) and not (self.offload_optimizer and self.zero_stage == 0)
+
+
+def model_states(total: int, trainable: int, largest_layer: int, t: Training) -> dict[str, float]:
+    """Bytes per process of weights, gradients and optimizer states, as DeepSpeed keeps them.
+
+    Mixed precision (bf16) with Adam is 16 bytes per trainable parameter (bf16 weights 2 + bf16 gradients 2 +
+    fp32 master weights 4 + Adam moments 8), and DeepSpeed adds an fp32 copy of the gradient partition (4) that
+    its optimizer steps on. In fp32 the weights are the master copy: 4 + 4 + 8. ZeRO-1 partitions the optimizer
+    states over the data-parallel ranks, ZeRO-2 the gradients too, ZeRO-3 the weights too (and gathers one layer
+    at a time). Offloading moves the optimizer states and fp32 gradients (and with offload_params the weights)
+    to host memory. These are the figures of DeepSpeed's own estimators (tests compare them).
+    """
+    n, s = t.ranks, t.zero_stage
+    w = 2 if t.precision == "bf16" else 4
+    frozen = total - trainable
+    per = {"weights": float(w * frozen / n if s == 3 else w * frozen)}
+    trainable_weights = w * trainable / n if s == 3 else w * trainable
+    grads = 0.0 if s == 3 else (w * trainable / n if s == 2 else w * trainable)
+    fp32_grads = 4 * trainable / (n if s >= 1 else 1) if t.precision == "bf16" else 0.0
+    optimizer = (12 if t.precision == "bf16" else 8) * trainable / (n if s >= 1 else 1)
+    if s == 3 and t.precision != "bf16":
+        grads = w * trainable / n  # fp32 ZeRO-3: the gradient partition is the fp32 one
+    host = 0.0
+    if t.offload_optimizer:
+        host += fp32_grads + optimizer + (w * trainable / n if s < 3 else 0.0)
+        grads, fp32_grads, optimizer = 0.0, 0.0, 0.0
+    if t.offload_params:
+        host += per["weights"] + trainable_weights
+        per["weights"], trainable_weights = 0.0, 0.0
+    per["weights"] += trainable_weights
+    per.update(gradients=grads, fp32_gradients=fp32_grads, optimizer=optimizer)
+    per["gathered_layer"] = float(4 * largest_layer) if s == 3 else 0.0
+    per["host_offload"] = host
+    return per
+
+
+def activations(arch: Architecture, t: Training) -> dict[str, float]:
+    """Bytes per process kept for the backward pass of one micro-batch (FlashAttention/SDPA: no seq^2 term).
+
+    Per token and layer a Llama block keeps its norm inputs and outputs, Q, K, V and the attention output, and
+    the MLP's gate, up, activation and product: 4h + 2q + 2kv + 4i elements. With gradient checkpointing only
+    each layer's input (h) stays, plus one layer's activations while it is recomputed. The logits and their
+    fp32 copy for the loss come on top.
+    """
+    a = 2 if t.precision == "bf16" else 4
+    tokens = t.micro_batch_size * t.seq_len
+    per_layer = tokens * a * (4 * arch.hidden_size + 2 * arch.q_dim + 2 * arch.kv_dim + 4 * arch.intermediate_size)
+    layers = (arch.num_layers * tokens * a * arch.hidden_size + per_layer) if t.gradient_checkpointing else arch.num_layers * per_layer
+    return {"activations": float(layers), "logits": float(tokens * arch.vocab_size * (a + 4))}
+
+
+def training_memory(arch: Architecture, t: Training, cluster: Cluster) -> dict:
+    p = arch.params()
+    trainable = p["total"] if t.method == "full" else arch.lora_params(t.lora_r, t.lora_targets)
+    per = model_states(p["total"], trainable, p["largest_layer"], t)
+    host_offload = per.pop("host_offload")
+    per.update(activations(arch, t))
+    per["overhead"] = cluster.overhead_gib * GIB
+    device = sum(per.values())
+    on_gpu = cluster.gpus_per_node > 0
+    host = t.ranks_per_node * (host_offload + (0.0 if on_gpu else device))
+    return {
+        "setup": asdict(t) | {"ranks": t.ranks, "trainable_params": trainable},
+        "per_process_gib": {k: round(v / GIB, 4) for k, v in per.items()},
+        "device_gib": round(device / GIB, 4) if on_gpu else None,
+        "device_limit_gib": cluster.gpu_memory_gib if on_gpu else None,
+        "host_per_node_gib": round(host / GIB, 4),
+        "host_limit_gib": cluster.host_memory_gib,
+        "fits": (device <= cluster.gpu_memory_gib * GIB or not on_gpu) and host <= cluster.host_memory_gib * GIB,
+    }
+
+
+def training_suggestion(arch: Architecture, t: Training, cluster: Cluster) -> dict | None:
+    """The cheapest change that fits: gradient checkpointing, then a higher ZeRO stage, a smaller micro-batch,
+    offload, and only then more nodes (costs are rough ranks of slowdown and hardware)."""
+    best = None
+    halvings = [t.micro_batch_size >> k for k in range(8) if t.micro_batch_size >> k >= 1]
+    node_counts = [t.nodes * 2**k for k in range(7)]
+    for stage, gc, mb, off_opt, off_par, nodes in itertools.product(
+        range(t.zero_stage, 4), (t.gradient_checkpointing, True), halvings, (t.offload_optimizer, True), (t.offload_params, True), node_counts
+    ):
+        c = replace(t, zero_stage=stage, gradient_checkpointing=gc, micro_batch_size=mb, offload_optimizer=off_opt, offload_params=off_par, nodes=nodes)
+        if not c.valid() or c == t:
+            continue
+        cost = (stage - t.zero_stage) + 2 * (gc != t.gradient_checkpointing) + 2 * halvings.index(mb) + 3 * (off_opt != t.offload_optimizer) \
+            + 4 * (off_par != t.offload_params) + 6 * node_counts.index(nodes)
+        if best is not None and cost >= best[0]:
+            continue
+        if training_memory(arch, c, replace(cluster, nodes=nodes))["fits"]:
+            best = (cost, c)
+    if best is None:
+        return None
+    c = best[1]
+    changes = {f"finetune.{k}": getattr(c, k) for k in ("zero_stage", "gradient_checkpointing", "micro_batch_size", "offload_optimizer", "offload_params")
+               if getattr(c, k) != getattr(t, k)}
+    if c.nodes != t.nodes:
+        changes["cluster.nodes"] = c.nodes
+    return {"changes": changes, "memory": training_memory(arch, c, replace(cluster, nodes=c.nodes))}
+
+
+@dataclass(frozen=True)
+class Serving:
+    scheme: str
+    tp: int = 1
+    pp: int = 1
+    max_batch: int = 1
+    max_seq_len: int = 2048
+    on_gpu: bool = True
+    fp32_baseline: bool = False
+    """ONNX Runtime on CPU builds the unquantized baseline in fp32 (4 bytes), not bf16."""
+
+    @property
+    def linear_bytes(self) -> float:
+        return 4.0 if self.fp32_baseline and self.scheme == "bf16" else LINEAR_BYTES[self.scheme]
+
+    @property
+    def other_bytes(self) -> float:
+        return 4.0 if self.fp32_baseline else 2.0
+
+
+def serving_memory(arch: Architecture, s: Serving, cluster: Cluster) -> dict:
+    """Bytes per GPU: the scheme's weights split over tp x pp (embedding on the first pipeline stage, lm_head on
+    the last, each split by tp) and the KV cache (layers split by pp, KV heads by tp, replicated when tp > heads)."""
+    p = arch.params()
+    linear = p["linear"] * s.linear_bytes / (s.tp * s.pp)
+    other = s.other_bytes * (p["total"] - p["linear"] - p["embed"] - p["lm_head"]) / (s.tp * s.pp)
+    ends = s.other_bytes * (max(p["embed"], p["lm_head"]) if s.pp > 1 else p["embed"] + p["lm_head"]) / s.tp
+    kv_heads = max(1, arch.num_kv_heads // s.tp)
+    kv = s.max_batch * s.max_seq_len * math.ceil(arch.num_layers / s.pp) * 2 * kv_heads * arch.head_dim * KV_BYTES
+    per = {"weights": linear + other + ends, "kv_cache": float(kv), "overhead": cluster.overhead_gib * GIB}
+    total = sum(per.values())
+    limit = cluster.gpu_memory_gib if s.on_gpu else cluster.host_memory_gib
+    gpus = cluster.gpus_per_node * cluster.nodes
+    return {
+        "setup": asdict(s),
+        "weights_total_gib": round((p["linear"] * s.linear_bytes + s.other_bytes * (p["total"] - p["linear"])) / GIB, 4),
+        "per_device_gib": {k: round(v / GIB, 4) for k, v in per.items()},
+        "device_gib": round(total / GIB, 4),
+        "device_limit_gib": limit,
+        "fits": total <= limit * GIB and (not s.on_gpu or s.tp * s.pp <= gpus) and arch.num_heads % s.tp == 0,
+    }
+
+
+def serving_suggestion(arch: Architecture, s: Serving, cluster: Cluster) -> dict | None:
+    """The fewest GPUs (tp within a node first, then pp across nodes) that fit, else a smaller batch."""
+    if not s.on_gpu:
+        batches = [s.max_batch >> k for k in range(1, 12) if s.max_batch >> k >= 1]
+        for b in batches:
+            if serving_memory(arch, replace(s, max_batch=b), cluster)["fits"]:
+                return {"changes": {"max_batch": b}, "memory": serving_memory(arch, replace(s, max_batch=b), cluster)}
+        return None
+    options = sorted(((tp * pp, pp, tp) for tp in (1, 2, 4, 8, 16) for pp in (1, 2, 4, 8, 16)
+                      if tp <= max(cluster.gpus_per_node, 1) and arch.num_heads % tp == 0 and pp <= arch.num_layers))
+    for _, pp, tp in options:
+        c = replace(s, tp=tp, pp=pp)
+        if (tp, pp) != (s.tp, s.pp) and serving_memory(arch, c, replace(cluster, nodes=max(cluster.nodes, math.ceil(tp * pp / max(cluster.gpus_per_node, 1)))))["fits"]:
+            return {"changes": {"engine.tensorrt_llm.tp_size": tp, "engine.tensorrt_llm.pp_size": pp},
+                    "gpus": tp * pp, "memory": serving_memory(arch, c, replace(cluster, nodes=math.ceil(tp * pp / max(cluster.gpus_per_node, 1))))}
+    return None
+
+
+def model_architecture(model_dir: str | None, bootstrap: dict) -> tuple[Architecture, str]:
+    """The base model's architecture: its config.json, or the bootstrap settings (built later by the DAG)."""
+    if model_dir is None:
+        config = {"vocab_size": bootstrap["vocab_size"], "hidden_size": bootstrap["hidden_size"], "num_hidden_layers": bootstrap["num_layers"],
+                  "num_attention_heads": bootstrap["num_heads"], "num_key_value_heads": bootstrap["num_kv_heads"],
+                  "intermediate_size": bootstrap["intermediate_size"], "model_type": "llama"}
+        return Architecture.from_hf_config(config, "bootstrap settings"), "the bootstrap settings; vocab_size as an upper bound"
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise PlanError(f"plan: {path} not found; base_model must be a Hugging Face checkpoint folder with a config.json")
+    return Architecture.from_hf_config(json.loads(path.read_text()), str(path)), str(path)
+
+
+def plan(arch: Architecture, settings: dict) -> dict:
+    """The plan for the workflow settings passed by the rule (finetune, data, cluster, engine, benchmark, schemes)."""
+    cluster = Cluster(**settings["cluster"])
+    ft = settings["finetune"]
+    training = Training(
+        method=ft["method"], precision=ft["precision"], zero_stage=ft["zero_stage"], offload_optimizer=ft["offload_optimizer"],
+        offload_params=ft["offload_params"], micro_batch_size=ft["micro_batch_size"], seq_len=settings["max_seq_len"],
+        gradient_checkpointing=ft["gradient_checkpointing"], ranks_per_node=ft["nproc_per_node"], nodes=cluster.nodes,
+        lora_r=ft["lora"]["r"], lora_targets=tuple(ft["lora"]["target_modules"]),
+    )
+    problems = []
+    if cluster.gpus_per_node and ft["nproc_per_node"] > cluster.gpus_per_node:
+        problems.append(f"finetune.nproc_per_node {ft['nproc_per_node']} > cluster.gpus_per_node {cluster.gpus_per_node}: one process per GPU")
+    train = training_memory(arch, training, cluster)
+    train["alternatives"] = [
+        {"zero_stage": s, "offload": o, "gradient_checkpointing": gc, "device_or_host_gib": m["device_gib"] or m["host_per_node_gib"], "fits": m["fits"]}
+        for s, o, gc in itertools.product(range(4), ("none", "optimizer", "optimizer+params"), (False, True))
+        if (t := replace(training, zero_stage=s, offload_optimizer=o != "none", offload_params=o == "optimizer+params", gradient_checkpointing=gc)).valid()
+        for m in [training_memory(arch, t, cluster)]
+    ]
+    if not train["fits"]:
+        train["suggestion"] = training_suggestion(arch, training, cluster)
+        problems.append(training_problem(train))
+
+    engine = settings["engine"]
+    if engine["backend"] == "tensorrt_llm":
+        trt = engine["tensorrt_llm"]
+        base = Serving("bf16", trt["tp_size"], trt["pp_size"], trt["max_batch_size"], trt["max_seq_len"], on_gpu=True)
+        if not cluster.gpus_per_node:
+            problems.append("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0")
+    else:
+        bench = settings["benchmark"]
+        on_gpu = engine["onnxruntime"]["execution_provider"] == "cuda" and cluster.gpus_per_node > 0
+        base = Serving("bf16", 1, 1, max(bench["concurrency"]), bench["input_len"] + bench["output_len"], on_gpu=on_gpu, fp32_baseline=not on_gpu)
+    serving = {}
+    for scheme in settings["schemes"]:
+        s = replace(base, scheme=scheme)
+        serving[scheme] = serving_memory(arch, s, cluster)
+        if not serving[scheme]["fits"]:
+            serving[scheme]["suggestion"] = serving_suggestion(arch, s, cluster)
+            problems.append(serving_problem(scheme, serving[scheme]))
+    p = arch.params()
+    return {
+        "model": asdict(arch) | {"params": p["total"], "params_billion": round(p["total"] / 1e9, 3),
+                                 "weights_bf16_gb": round(2 * p["total"] / 1e9, 4)},
+        "cluster": asdict(cluster),
+        "training": train,
+        "serving": serving,
+        "fits": not problems,
+        "problems": problems,
+    }
+
+
+def _changes(suggestion: dict | None) -> str:
+    if not suggestion:
+        return "nothing tried fits (up to 64x the nodes): use a smaller model, or LoRA"
+    return ", ".join(f"{k}: {json.dumps(v)}" for k, v in suggestion["changes"].items())
+
+
+def training_problem(train: dict) -> str:
+    t = train["setup"]
+    where = (f"{_g(train['device_gib'])} GiB per GPU > cluster.gpu_memory_gib {train['device_limit_gib']}"
+             if train["device_gib"] is not None and train["device_gib"] > train["device_limit_gib"]
+             else f"{_g(train['host_per_node_gib'])} GiB of host memory per node > cluster.host_memory_gib {train['host_limit_gib']}")
+    text = (f"training does not fit: {where} (ZeRO-{t['zero_stage']}, {t['ranks']} ranks, micro-batch {t['micro_batch_size']} x "
+            f"{t['seq_len']} tokens; {', '.join(f'{k} {_g(v)}' for k, v in train['per_process_gib'].items() if v)} GiB per process)")
+    s = train.get("suggestion")
+    fit = s and (s["memory"]["device_gib"] or s["memory"]["host_per_node_gib"])
+    return text + f"; smallest change that fits: {_changes(s)}" + (f" ({_g(fit)} GiB)" if s else "")
+
+
+def serving_problem(scheme: str, serve: dict) -> str:
+    s = serve["setup"]
+    text = (f"serving {scheme} does not fit: {_g(serve['device_gib'])} GiB per device > {serve['device_limit_gib']} GiB at tp {s['tp']} x pp {s['pp']}, "
+            f"batch {s['max_batch']} x {s['max_seq_len']} tokens (weights {_g(serve['per_device_gib']['weights'])} GiB, KV cache "
+            f"{_g(serve['per_device_gib']['kv_cache'])} GiB)")
+    sug = serve.get("suggestion")
+    return text + f"; smallest change that fits: {_changes(sug)}" + (f" ({_g(sug['memory']['device_gib'])} GiB per device)" if sug else "")
+
+
+def _g(gib: float | None) -> str:
+    return "-" if gib is None else f"{gib:.3g}"
+
+
+def markdown(result: dict, source: str) -> str:
+    m, c, t = result["model"], result["cluster"], result["training"]
+    device = f"{c['gpus_per_node']} x {c['gpu_memory_gib']} GiB GPUs per node" if c["gpus_per_node"] else "no GPUs (CPU ranks in host memory)"
+    lines = [
+        f"# Plan: {'fits' if result['fits'] else 'DOES NOT FIT'}", "",
+        f"Model ({source}): {m['params']:,} parameters ({m['params_billion']} B), {m['weights_bf16_gb']:.4g} GB of bf16 weights. "
+        f"Cluster: {c['nodes']} node(s), {device}, {c['host_memory_gib']} GiB host memory per node, {c['overhead_gib']} GiB overhead per process.", "",
+        "## Training, per process", "",
+        "| part | GiB |", "| --- | --- |", *[f"| {k} | {_g(v)} |" for k, v in t["per_process_gib"].items()],
+        f"| **total per GPU** | **{_g(t['device_gib'])}** (limit {t['device_limit_gib']}) |" if t["device_gib"] is not None else "| **total per GPU** | no GPUs |",
+        f"| host per node | {_g(t['host_per_node_gib'])} (limit {t['host_limit_gib']}) |", "",
+        "### ZeRO stages and offload (same micro-batch)", "",
+        "| ZeRO | offload | grad. checkpointing | GiB per GPU (host per node without GPUs) | fits |", "| --- | --- | --- | --- | --- |",
+        *[f"| {a['zero_stage']} | {a['offload']} | {a['gradient_checkpointing']} | {_g(a['device_or_host_gib'])} | {a['fits']} |" for a in t["alternatives"]], "",
+        "## Serving, per device", "",
+        "| scheme | tp x pp | batch x seq | weights total GiB | weights per device | KV cache per device | total per device | limit | fits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[f"| {k} | {s['setup']['tp']} x {s['setup']['pp']} | {s['setup']['max_batch']} x {s['setup']['max_seq_len']} | {_g(s['weights_total_gib'])} | "
+          f"{_g(s['per_device_gib']['weights'])} | {_g(s['per_device_gib']['kv_cache'])} | {_g(s['device_gib'])} | {s['device_limit_gib']} | {s['fits']} |"
+          for k, s in result["serving"].items()], "",
+    ]
+    if result["problems"]:
+        lines += ["## Problems", "", *[f"- {p}" for p in result["problems"]], ""]
+    return "\n".join(lines)
+
+
+def run(model_dir: str | None, settings: dict, json_path: str | Path, md_path: str | Path, tracking) -> dict:
+    """Write the plan (JSON and Markdown), log it to MLflow, and raise PlanError when it does not fit."""
+    import mlflow
+
+    from workflow.tracking import job_run
+
+    arch, source = model_architecture(model_dir, settings["bootstrap"])
+    result = plan(arch, settings)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(result, indent=2))
+    Path(md_path).write_text(markdown(result, source))
+    with job_run(tracking, "plan", {k: v for k, v in settings.items() if k != "bootstrap"}):
+        mlflow.log_artifact(str(json_path))
+        mlflow.log_artifact(str(md_path))
+        metrics = {"params": result["model"]["params"], "training_host_per_node_gib": result["training"]["host_per_node_gib"]}
+        if result["training"]["device_gib"] is not None:
+            metrics["training_gib_per_gpu"] = result["training"]["device_gib"]
+        metrics |= {f"serving_{k}_gib_per_device": v["device_gib"] for k, v in result["serving"].items()}
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("ft2prod.plan", "fits" if result["fits"] else "does not fit")
+        if not result["fits"]:
+            raise PlanError("plan: the config does not fit cluster:\n" + "\n".join(f"  {p}" for p in result["problems"]))
+    return result
