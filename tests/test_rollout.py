@@ -82,8 +82,17 @@ def test_an_invalid_manifest_is_refused_with_the_field(tmp_path):
         kubernetes.validate(resources, config["rollout"]["kubernetes"]["kubernetes_version"])
 
 
-def test_promotion_keeps_previous_and_rollback_restores_it(tmp_path):
+@pytest.fixture
+def registry_store(tmp_path, monkeypatch):
+    """The registry functions use MLflow's current store: point it here, and back afterwards."""
+    before = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    yield
+    mlflow.set_tracking_uri(before)
+
+
+def test_promotion_keeps_previous_and_rollback_restores_it(tmp_path, registry_store):
     client = MlflowClient()
     client.create_registered_model("m")
     for _ in range(3):

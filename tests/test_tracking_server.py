@@ -58,4 +58,4 @@ def test_jobs_attach_to_one_parent_run_on_a_postgresql_backed_server(server, tmp
     with psycopg2.connect(server.backend_uri) as db, db.cursor() as cursor:
         cursor.execute("SELECT name, status FROM runs WHERE experiment_id = %s", (int(experiment.experiment_id),))
         rows = dict(cursor.fetchall())
-    assert rows == {name: "FINISHED" for name in JOBS | {"tiny"}}  # the parent (named after run_name) finishes with its last job
+    assert rows == {name: "FINISHED" for name in JOBS | {parents[0].info.run_name}}  # the parent finishes with its last job
