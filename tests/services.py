@@ -21,13 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from workflow.finetune.launch import free_port
+
 MARIADB_PASSWORD = "slurmdbd-test"  # a throwaway database on loopback, gone when the test ends
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check, what: str, timeout: float = 60.0, every: float = 0.5):

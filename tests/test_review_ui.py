@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from workflow.finetune.launch import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +35,6 @@ def settle(page) -> None:
     if close.count():
         close.first.click()
     page.wait_for_timeout(2000)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import yaml
 
 from workflow.config import load
 from workflow.engine import onnxruntime
+from workflow.finetune.launch import free_port
 from workflow.package import archive
 from workflow.package.kms import LocalKeyFile
 from workflow.serve.access import KeyStore
@@ -30,12 +31,6 @@ from workflow.serve.server import build
 from workflow.serve.tls import client_context
 
 MODEL = "tiny-model"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Served:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from transformers import AutoTokenizer
 
 from workflow.engine.build import load_engine
 from workflow.evaluate import engine_completions, read_split
+from workflow.finetune.launch import free_port
 from workflow.package import archive
 from workflow.rollout import canary, kubernetes, registry
 from workflow.serve.access import ROLES, KeyStore
@@ -46,12 +46,6 @@ class CanaryFailed(RuntimeError):
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LocalGateway:
