@@ -164,3 +164,34 @@ def test_varlen_attention_keeps_packed_sequences_apart():
     stacked = torch.randint(0, 1000, (3, 64), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=stacked).logits, reference(input_ids=stacked).logits)
+
+
+def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
+    """DeepSpeed JIT-builds its CPU all-reduce in the ranks; a build killed half way (here SIGKILL, on a cluster
+    scancel) leaves torch's lock file, on which every later load waited forever. The launcher's build clears it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    extensions = tmp_path / "torch_extensions"
+    env = os.environ | {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    load = "from deepspeed.accelerator import get_accelerator\nget_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+    killed = subprocess.Popen([sys.executable, "-c", load], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert lock.exists(), "the build was killed while holding torch's lock"
+
+    script = ("from pathlib import Path\nfrom workflow.finetune import ops\nfrom workflow.finetune.config import FinetuneConfig\n"
+              f"print(ops.build(FinetuneConfig(), Path({str(extensions)!r})))")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "['deepspeed_shm_comm']"
+    assert f"removing {lock}, left by an op build that was killed" in done.stderr
+    assert not lock.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()

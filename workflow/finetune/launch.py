@@ -23,10 +23,10 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from workflow.digest import sha256_file
+from workflow.finetune import ops
 from workflow.finetune.config import FinetuneConfig, latest_complete_checkpoint
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def slurm_hosts(env: Mapping[str, str]) -> list[str]:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise RuntimeError("finetune: SLURM_JOB_NUM_NODES > 1 but SLURM_JOB_NODELIST is not set; run inside an sbatch/salloc allocation")
-    done = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=dict(env), capture_output=True, text=True)
+    done = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, env=dict(env), capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"finetune: `scontrol show hostnames {nodelist}` failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout.split()
@@ -164,10 +164,13 @@ def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, c
     model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
     job_file = write_job(model_dir, data_dir, summary_path, cfg, seed)
     with job_run(tracking, "finetune", {"finetune": cfg.as_dict(), "seed": seed, "base_model": str(model_dir)}) as run:
+        env = launch_env(cfg, run.info.run_id, tracking.resolved_uri())
+        built = ops.build(cfg, Path(env["TORCH_EXTENSIONS_DIR"]))
+        log.info("DeepSpeed ops ready in %s: %s", env["TORCH_EXTENSIONS_DIR"], ", ".join(built) or "none needed")
         command = launch_command(cfg, job_file)
         log.info("launching: %s", " ".join(command))
         with open(log_path, "a") as sink:
-            done = subprocess.run(command, env=launch_env(cfg, run.info.run_id, tracking.resolved_uri()), stdout=sink, stderr=subprocess.STDOUT)
+            done = subprocess.run(command, check=False, env=env, stdout=sink, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise RuntimeError(f"finetune: the {cfg.launcher} launcher exited with status {done.returncode}; see {log_path}")
         summary = json.loads(summary_path.read_text())
