@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     DataCollatorWithFlattening,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.speed import VARLEN, SpeedSettings, register_varlen_attention, resolve
+from workflow.finetune.trainer import DeferredSyncTrainer
 
 log = logging.getLogger("workflow.finetune")
 
@@ -82,11 +83,13 @@ class MlflowMetrics(TrainerCallback):
 class Throughput(TrainerCallback):
     """Tokens/s over the steps after the first `skip` (compilation, allocator and kernel warm-up), and peak memory.
 
-    The clock is read after a device synchronize at two steps only, so timing does not stall the steps between.
+    The clock is read after a device synchronize at two steps only, so timing does not stall the steps between;
+    tokens_seen (every rank calls it at the same steps) folds in the tokens counted since it was last read.
     """
 
-    def __init__(self, skip: int) -> None:
+    def __init__(self, skip: int, tokens_seen) -> None:
         self.skip = skip
+        self.tokens_seen = tokens_seen
         self.start: tuple[float, int, int] | None = None
         self.result: dict = {}
 
@@ -97,10 +100,10 @@ class Throughput(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == min(self.skip, state.max_steps - 1):
-            self.start = (self._now(), state.num_input_tokens_seen, state.global_step)
+            self.start = (self._now(), self.tokens_seen(), state.global_step)
         elif state.global_step == state.max_steps and self.start:
             seconds = self._now() - self.start[0]
-            tokens = state.num_input_tokens_seen - self.start[1]
+            tokens = self.tokens_seen() - self.start[1]
             self.result = {
                 "timed_steps": state.global_step - self.start[2],
                 "seconds": seconds,
@@ -147,7 +150,7 @@ class Profile(TrainerCallback):
 
 
 def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: bool, speed: SpeedSettings,
-                       evaluate: bool = True, save: bool = True) -> TrainingArguments:
+                       evaluate: bool = True, save: bool = True, deepspeed: dict | None = None) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -167,13 +170,15 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="epoch" if evaluate else "no",
-        deepspeed=deepspeed_config(cfg),
+        deepspeed=deepspeed or deepspeed_config(cfg),
         report_to=[],
         seed=seed,
         use_cpu=on_cpu,
         remove_unused_columns=False,
         # Real tokens: padded batches carry an attention mask to count them by; packed ones have no padding.
         include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
+        # A finite-loss check reads the loss back every step; without it a non-finite loss shows in the log.
+        logging_nan_inf_filter=cfg.sync_every_step,
         disable_tqdm=True,
         optim=speed.optimizer,
         use_liger_kernel=speed.liger_kernel,
@@ -229,7 +234,11 @@ def train(job: dict) -> dict:
     val = Path(job["data_dir"]) / "val.jsonl"
     has_val = val.exists() and val.stat().st_size > 0
     save = job.get("save_checkpoints", True)
-    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, evaluate=has_val, save=save)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
+    ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
+    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, evaluate=has_val, save=save,
+                              deepspeed=ds_config)
     if on_cpu:
         import deepspeed
 
@@ -238,6 +247,7 @@ def train(job: dict) -> dict:
     if args.process_index == 0:
         log.info("resolved settings: %s", json.dumps(job, indent=1))
         log.info("speed settings on this device: %s", json.dumps(speed.as_dict()))
+        log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
         for reason in speed.skipped:
             log.info("skipped %s", reason)
         record_speed(os.environ.get("MLFLOW_RUN_ID"), speed)
@@ -256,15 +266,17 @@ def train(job: dict) -> dict:
             model,
             LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"),
         )
-    throughput = Throughput(skip=job.get("timing_skip_steps", 2))
-    trainer = Trainer(
+    trainer = DeferredSyncTrainer(
+        sync_every_step=cfg.sync_every_step,
         model=model,
         args=args,
         train_dataset=TokenDataset(Path(job["data_dir"]) / "train.jsonl"),
         eval_dataset=TokenDataset(val) if has_val else None,
         data_collator=collator(cfg, speed),
-        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save), throughput],
+        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save)],
     )
+    throughput = Throughput(skip=job.get("timing_skip_steps", 2), tokens_seen=trainer.tokens_seen)
+    trainer.add_callback(throughput)
     if job.get("profile_dir"):
         trainer.add_callback(Profile(job["profile_dir"], start=job.get("timing_skip_steps", 2)))
     resume = job["resume_from"]
@@ -277,11 +289,18 @@ def train(job: dict) -> dict:
         "global_step": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_seen": trainer.tokens_seen(),
         "log_history": trainer.state.log_history,
         "speed": speed.as_dict(),
         "throughput": throughput.result,
     }
+
+
+def count_parameters(model_dir: str) -> int:
+    """The model's parameter count, from its config on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
 
 
 def record_speed(run_id: str | None, speed: SpeedSettings) -> None:
