@@ -112,6 +112,14 @@ def test_gpu_speed_settings():
         assert resolve(FinetuneConfig(), cuda=True).liger_kernel
 
 
+def test_torch_compile_with_liger_is_refused_on_gpus(monkeypatch):
+    # Measured: compiling Liger's Triton kernels gives NaN losses, so the pair is refused where both would apply.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+    with pytest.raises(ValueError, match="finetune.torch_compile with liger_kernel gives NaN losses"):
+        resolve(FinetuneConfig(torch_compile=True), cuda=True)
+    assert resolve(FinetuneConfig(torch_compile=True, liger_kernel=False), cuda=True).torch_compile
+
+
 def test_zero_buckets_stock_are_left_to_the_trainer():
     stock = FinetuneConfig(zero_stage=3, zero_tuning="stock")
     zero3 = deepspeed_config(stock, parameters=10**9, world_size=1)["zero_optimization"]

@@ -60,9 +60,6 @@ class FinetuneConfig:
     """torch.compile the model (CUDA GPUs; skipped on CPU)."""
     dataloader_workers: int = 2
     """Processes that read and collate batches beside each rank (0: in the training process)."""
-    sync_every_step: bool = False
-    """Read the loss check, token count and gradient norm back from the GPU after every step, as the stock
-    Trainer does; false reads them only when they are logged, saved or timed (workflow.finetune.trainer)."""
     zero_tuning: str = "auto"
     """auto: ZeRO-2/3 buckets and ZeRO-3 parameter persistence sized from the model and the number of ranks
     (full fine-tunes; LoRA keeps stock); stock: the Trainer's own "auto" values (buckets of hidden_size^2)."""

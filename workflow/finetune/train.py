@@ -20,12 +20,12 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     DataCollatorWithFlattening,
+    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.speed import VARLEN, SpeedSettings, register_varlen_attention, resolve
-from workflow.finetune.trainer import DeferredSyncTrainer
 
 log = logging.getLogger("workflow.finetune")
 
@@ -83,13 +83,11 @@ class MlflowMetrics(TrainerCallback):
 class Throughput(TrainerCallback):
     """Tokens/s over the steps after the first `skip` (compilation, allocator and kernel warm-up), and peak memory.
 
-    The clock is read after a device synchronize at two steps only, so timing does not stall the steps between;
-    tokens_seen (every rank calls it at the same steps) folds in the tokens counted since it was last read.
+    The clock is read after a device synchronize at two steps only, so timing does not stall the steps between.
     """
 
-    def __init__(self, skip: int, tokens_seen) -> None:
+    def __init__(self, skip: int) -> None:
         self.skip = skip
-        self.tokens_seen = tokens_seen
         self.start: tuple[float, int, int] | None = None
         self.result: dict = {}
 
@@ -100,10 +98,10 @@ class Throughput(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == min(self.skip, state.max_steps - 1):
-            self.start = (self._now(), self.tokens_seen(), state.global_step)
+            self.start = (self._now(), state.num_input_tokens_seen, state.global_step)
         elif state.global_step == state.max_steps and self.start:
             seconds = self._now() - self.start[0]
-            tokens = self.tokens_seen() - self.start[1]
+            tokens = state.num_input_tokens_seen - self.start[1]
             self.result = {
                 "timed_steps": state.global_step - self.start[2],
                 "seconds": seconds,
@@ -150,7 +148,7 @@ class Profile(TrainerCallback):
 
 
 def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: bool, speed: SpeedSettings,
-                       evaluate: bool = True, save: bool = True, deepspeed: dict | None = None) -> TrainingArguments:
+                       deepspeed: dict, evaluate: bool = True, save: bool = True) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -170,15 +168,13 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="epoch" if evaluate else "no",
-        deepspeed=deepspeed or deepspeed_config(cfg),
+        deepspeed=deepspeed,
         report_to=[],
         seed=seed,
         use_cpu=on_cpu,
         remove_unused_columns=False,
         # Real tokens: padded batches carry an attention mask to count them by; packed ones have no padding.
         include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
-        # A finite-loss check reads the loss back every step; without it a non-finite loss shows in the log.
-        logging_nan_inf_filter=cfg.sync_every_step,
         disable_tqdm=True,
         optim=speed.optimizer,
         use_liger_kernel=speed.liger_kernel,
@@ -237,8 +233,7 @@ def train(job: dict) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
     ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
-    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, evaluate=has_val, save=save,
-                              deepspeed=ds_config)
+    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=has_val, save=save)
     if on_cpu:
         import deepspeed
 
@@ -250,7 +245,7 @@ def train(job: dict) -> dict:
         log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
         for reason in speed.skipped:
             log.info("skipped %s", reason)
-        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed)
+        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed, ds_config["zero_optimization"])
     if speed.attention == VARLEN:
         register_varlen_attention()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -266,17 +261,15 @@ def train(job: dict) -> dict:
             model,
             LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"),
         )
-    trainer = DeferredSyncTrainer(
-        sync_every_step=cfg.sync_every_step,
+    throughput = Throughput(skip=job.get("timing_skip_steps", 2))
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=TokenDataset(Path(job["data_dir"]) / "train.jsonl"),
         eval_dataset=TokenDataset(val) if has_val else None,
         data_collator=collator(cfg, speed),
-        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save)],
+        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save), throughput],
     )
-    throughput = Throughput(skip=job.get("timing_skip_steps", 2), tokens_seen=trainer.tokens_seen)
-    trainer.add_callback(throughput)
     if job.get("profile_dir"):
         trainer.add_callback(Profile(job["profile_dir"], start=job.get("timing_skip_steps", 2)))
     resume = job["resume_from"]
@@ -289,7 +282,7 @@ def train(job: dict) -> dict:
         "global_step": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,
-        "tokens_seen": trainer.tokens_seen(),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "log_history": trainer.state.log_history,
         "speed": speed.as_dict(),
         "throughput": throughput.result,
@@ -303,8 +296,8 @@ def count_parameters(model_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def record_speed(run_id: str | None, speed: SpeedSettings) -> None:
-    """The speed settings as this device resolved them, beside the configured ones in the job's MLflow run."""
+def record_speed(run_id: str | None, speed: SpeedSettings, zero: dict) -> None:
+    """The speed settings and ZeRO knobs as this device resolved them, beside the configured ones in the job's MLflow run."""
     if not run_id:
         return
     from mlflow.tracking import MlflowClient
@@ -312,6 +305,7 @@ def record_speed(run_id: str | None, speed: SpeedSettings) -> None:
     client = MlflowClient()
     for key, value in speed.as_dict().items():
         client.log_param(run_id, f"resolved.{key}", value)
+    client.log_param(run_id, "resolved.zero_optimization", json.dumps(zero))
     if speed.skipped:
         client.set_tag(run_id, "ft2prod.finetune.skipped", "; ".join(speed.skipped))
 
