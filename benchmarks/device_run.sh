@@ -45,6 +45,17 @@ final() {
     CUDA_VISIBLE_DEVICES=0 timeout 130 $F --shape qwen2-1.5b --variants baseline optimized --work /tmp/b1 --out /tmp/out/qwen > /tmp/out-qwen.txt 2>&1
     CUDA_VISIBLE_DEVICES=0 timeout 90 $F --steps 15 --lengths mixed --shape llama-1b --variants baseline optimized --work /tmp/b0 --out /tmp/out/mixed > /tmp/out-mixed.txt 2>&1
 }
+# ZeRO knobs sized from the model (zero_tuning) against the Trainer's, torch.compile once, the 1.5B shape, and a
+# profile of what is left; on nvidia-h200-x2 (one shape or variant list per GPU, the two GPUs side by side).
+tune() {
+    CUDA_VISIBLE_DEVICES=0 timeout 330 $B --shape llama-1b --variants baseline optimized optimized-stock-zero optimized-zero0 --work /tmp/b0 --out /tmp/out/tune0 > /tmp/out-tune0.txt 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 330 $B --shape llama-1b --variants optimized-zero3 optimized-zero3-stock-zero optimized-compile --work /tmp/b1 --out /tmp/out/tune1 > /tmp/out-tune1.txt 2>&1 &
+    wait
+    CUDA_VISIBLE_DEVICES=0 timeout 180 $B --shape qwen2-1.5b --variants baseline optimized --work /tmp/b0 --out /tmp/out/qwen > /tmp/out-qwen.txt 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 150 $B --steps 12 --profile --shape llama-1b --variants optimized --work /tmp/b1 --out /tmp/out/profile > /tmp/out-profile.txt 2>&1 &
+    wait
+    head -1 /tmp/out/profile/profile-*/profile.txt
+}
 ${PHASE:-headline}
 cp /tmp/out-*.txt $OUT/ 2>/dev/null
 tar czf $OUT/logs.tar.gz -C /tmp out 2>/dev/null

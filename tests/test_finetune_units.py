@@ -17,6 +17,7 @@ from workflow.finetune.train import PaddingFree, pad_to_longest
         ({"method": "qlora"}, "finetune.method must be one of full, lora"),
         ({"offload_params": True, "zero_stage": 2}, "finetune.offload_params needs zero_stage 3"),
         ({"offload_optimizer": True, "zero_stage": 0}, "finetune.offload_optimizer needs zero_stage 1, 2 or 3"),
+        ({"zero_tuning": "fast"}, "finetune.zero_tuning must be one of auto, stock (got 'fast')"),
     ],
 )
 def test_invalid_settings_are_refused(settings, message):
@@ -111,10 +112,37 @@ def test_gpu_speed_settings():
         assert resolve(FinetuneConfig(), cuda=True).liger_kernel
 
 
-def test_zero_buckets_are_left_to_the_trainer():
-    zero3 = deepspeed_config(FinetuneConfig(zero_stage=3))["zero_optimization"]
+def test_torch_compile_with_liger_is_refused_on_gpus(monkeypatch):
+    # Measured: compiling Liger's Triton kernels gives NaN losses, so the pair is refused where both would apply.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+    with pytest.raises(ValueError, match="finetune.torch_compile with liger_kernel gives NaN losses"):
+        resolve(FinetuneConfig(torch_compile=True), cuda=True)
+    assert resolve(FinetuneConfig(torch_compile=True, liger_kernel=False), cuda=True).torch_compile
+
+
+def test_zero_buckets_stock_are_left_to_the_trainer():
+    stock = FinetuneConfig(zero_stage=3, zero_tuning="stock")
+    zero3 = deepspeed_config(stock, parameters=10**9, world_size=1)["zero_optimization"]
     assert zero3["reduce_bucket_size"] == zero3["stage3_prefetch_bucket_size"] == zero3["stage3_param_persistence_threshold"] == "auto"
-    assert "reduce_bucket_size" not in deepspeed_config(FinetuneConfig(zero_stage=1))["zero_optimization"]
+    assert "reduce_bucket_size" not in deepspeed_config(FinetuneConfig(zero_stage=1), parameters=10**9)["zero_optimization"]
+    # Without the model's size (and for LoRA adapters) auto leaves them to the Trainer too.
+    assert deepspeed_config(FinetuneConfig(zero_stage=2))["zero_optimization"]["reduce_bucket_size"] == "auto"
+    lora = deepspeed_config(FinetuneConfig(zero_stage=2, method="lora"), parameters=10**9)["zero_optimization"]
+    assert lora["reduce_bucket_size"] == "auto"
+
+
+def test_zero_buckets_auto_follow_model_and_ranks():
+    one = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=1)["zero_optimization"]
+    assert (one["reduce_bucket_size"], one["overlap_comm"]) == (1_200_000_000, False)
+    two = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=2)["zero_optimization"]
+    assert (two["reduce_bucket_size"], two["overlap_comm"]) == (500_000_000, True)
+    gpu = 80 * 2**30
+    alone = deepspeed_config(FinetuneConfig(zero_stage=3), 1_200_000_000, 1, gpu)["zero_optimization"]
+    assert alone["stage3_param_persistence_threshold"] == 1_200_000_000
+    small = deepspeed_config(FinetuneConfig(zero_stage=3), 1_200_000_000, 4, gpu)["zero_optimization"]
+    assert small["stage3_param_persistence_threshold"] == 1_200_000_000
+    large = deepspeed_config(FinetuneConfig(zero_stage=3), 8_000_000_000, 4, gpu)["zero_optimization"]
+    assert large["stage3_param_persistence_threshold"] == "auto" and large["stage3_prefetch_bucket_size"] == 500_000_000
 
 
 def test_padding_collator_masks_padding():

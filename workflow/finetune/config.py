@@ -12,6 +12,7 @@ COMPLETE = ".complete"
 
 
 ATTENTION = ("auto", "varlen", "sdpa", "flex_attention", "eager")
+ZERO_TUNING = ("auto", "stock")
 OPTIMIZERS = {"adamw_fused": "adamw_torch_fused", "adamw_foreach": "adamw_torch"}
 """The optimizer setting and the Transformers optimizer name it stands for."""
 
@@ -59,6 +60,9 @@ class FinetuneConfig:
     """torch.compile the model (CUDA GPUs; skipped on CPU)."""
     dataloader_workers: int = 2
     """Processes that read and collate batches beside each rank (0: in the training process)."""
+    zero_tuning: str = "auto"
+    """auto: ZeRO-2/3 buckets and ZeRO-3 parameter persistence sized from the model and the number of ranks
+    (full fine-tunes; LoRA keeps stock); stock: the Trainer's own "auto" values (buckets of hidden_size^2)."""
     save_steps: int = 40
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -73,6 +77,7 @@ class FinetuneConfig:
             "lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
             "attention": ATTENTION,
             "optimizer": tuple(OPTIMIZERS),
+            "zero_tuning": ZERO_TUNING,
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -92,8 +97,12 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def deepspeed_config(cfg: FinetuneConfig) -> dict:
-    """The DeepSpeed config; "auto" values are filled by the Trainer from its own arguments."""
+def deepspeed_config(cfg: FinetuneConfig, parameters: int | None = None, world_size: int = 1,
+                     gpu_bytes: int | None = None) -> dict:
+    """The DeepSpeed config; "auto" values are filled by the Trainer from its own arguments.
+
+    parameters, world_size and gpu_bytes (one GPU's memory) size the ZeRO knobs under zero_tuning: auto.
+    """
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -107,6 +116,8 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
         zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
         # Full fine-tunes are consolidated from the fp32 shards on export; LoRA adapters are gathered on save.
         zero["stage3_gather_16bit_weights_on_model_save"] = cfg.method == "lora"
+    if cfg.zero_tuning == "auto" and cfg.method == "full" and parameters and cfg.zero_stage >= 2:
+        zero.update(zero_knobs(cfg.zero_stage, parameters, world_size, gpu_bytes))
     config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -120,6 +131,30 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
         # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam.
         config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
     return config
+
+
+DEEPSPEED_BUCKET = 500_000_000
+"""DeepSpeed's own default bucket (elements) for reductions and gathers."""
+
+
+def zero_knobs(stage: int, parameters: int, world_size: int, gpu_bytes: int | None) -> dict:
+    """ZeRO-2/3 settings for a model of `parameters` on `world_size` ranks (zero_tuning: auto).
+
+    The Trainer's "auto" buckets hold hidden_size^2 elements (4 M for a 2048-wide model): hundreds of small
+    gradient copies and reductions a step. One rank has nothing to reduce, so its whole gradient goes in one
+    bucket with no side stream; several ranks use DeepSpeed's 500 M buckets, overlapped with the backward.
+    ZeRO-3 keeps every parameter whole on each rank (persistent: no gather and release around each module)
+    when there is one rank or the 16-bit weights take at most 1/16 of a GPU; gradients and optimizer states
+    stay partitioned either way.
+    """
+    alone = world_size == 1
+    knobs = {"reduce_bucket_size": parameters if alone else DEEPSPEED_BUCKET, "overlap_comm": not alone}
+    if stage == 3:
+        small = gpu_bytes is not None and 2 * parameters * 16 <= gpu_bytes
+        if alone or small:
+            knobs["stage3_param_persistence_threshold"] = parameters
+        knobs["stage3_prefetch_bucket_size"] = min(parameters, DEEPSPEED_BUCKET)
+    return knobs
 
 
 def latest_complete_checkpoint(checkpoint_dir: str | Path) -> str | None:

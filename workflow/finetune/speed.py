@@ -61,6 +61,10 @@ def resolve(cfg: FinetuneConfig, cuda: bool) -> SpeedSettings:
     if compile_model and not cuda:
         skipped.append("torch_compile: compiled training is only used on CUDA GPUs; running eagerly")
         compile_model = False
+    elif compile_model and liger:
+        # Measured on an H200 (torch 2.11, Liger 0.8.5): Dynamo fails to trace Liger's Triton kernels and the loss is NaN.
+        raise ValueError("finetune.torch_compile with liger_kernel gives NaN losses (Liger's Triton kernels do not "
+                         "compile under torch 2.11); set torch_compile: false, or liger_kernel: false to compile")
     workers = cfg.dataloader_workers
     if workers and not cuda:
         skipped.append(f"dataloader_workers: {workers} -> 0 on CPU, where the ranks already use every core")

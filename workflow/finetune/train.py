@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     DataCollatorWithFlattening,
     Trainer,
@@ -147,7 +148,7 @@ class Profile(TrainerCallback):
 
 
 def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: bool, speed: SpeedSettings,
-                       evaluate: bool = True, save: bool = True) -> TrainingArguments:
+                       deepspeed: dict, evaluate: bool = True, save: bool = True) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -167,7 +168,7 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         eval_strategy="epoch" if evaluate else "no",
-        deepspeed=deepspeed_config(cfg),
+        deepspeed=deepspeed,
         report_to=[],
         seed=seed,
         use_cpu=on_cpu,
@@ -229,7 +230,10 @@ def train(job: dict) -> dict:
     val = Path(job["data_dir"]) / "val.jsonl"
     has_val = val.exists() and val.stat().st_size > 0
     save = job.get("save_checkpoints", True)
-    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, evaluate=has_val, save=save)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
+    ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
+    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=has_val, save=save)
     if on_cpu:
         import deepspeed
 
@@ -238,9 +242,10 @@ def train(job: dict) -> dict:
     if args.process_index == 0:
         log.info("resolved settings: %s", json.dumps(job, indent=1))
         log.info("speed settings on this device: %s", json.dumps(speed.as_dict()))
+        log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
         for reason in speed.skipped:
             log.info("skipped %s", reason)
-        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed)
+        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed, ds_config["zero_optimization"])
     if speed.attention == VARLEN:
         register_varlen_attention()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -284,8 +289,15 @@ def train(job: dict) -> dict:
     }
 
 
-def record_speed(run_id: str | None, speed: SpeedSettings) -> None:
-    """The speed settings as this device resolved them, beside the configured ones in the job's MLflow run."""
+def count_parameters(model_dir: str) -> int:
+    """The model's parameter count, from its config on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def record_speed(run_id: str | None, speed: SpeedSettings, zero: dict) -> None:
+    """The speed settings and ZeRO knobs as this device resolved them, beside the configured ones in the job's MLflow run."""
     if not run_id:
         return
     from mlflow.tracking import MlflowClient
@@ -293,6 +305,7 @@ def record_speed(run_id: str | None, speed: SpeedSettings) -> None:
     client = MlflowClient()
     for key, value in speed.as_dict().items():
         client.log_param(run_id, f"resolved.{key}", value)
+    client.log_param(run_id, "resolved.zero_optimization", json.dumps(zero))
     if speed.skipped:
         client.set_tag(run_id, "ft2prod.finetune.skipped", "; ".join(speed.skipped))
 
