@@ -136,6 +136,8 @@ def test_zero_buckets_auto_follow_model_and_ranks():
     assert (one["reduce_bucket_size"], one["overlap_comm"]) == (1_200_000_000, False)
     two = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=2)["zero_optimization"]
     assert (two["reduce_bucket_size"], two["overlap_comm"]) == (500_000_000, True)
+    tiny = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=3_000_000, world_size=2)["zero_optimization"]
+    assert tiny["reduce_bucket_size"] == 3_000_000  # allocated up front, twice: not DeepSpeed's 500 M for a small model
     gpu = 80 * 2**30
     alone = deepspeed_config(FinetuneConfig(zero_stage=3), 1_200_000_000, 1, gpu)["zero_optimization"]
     assert alone["stage3_param_persistence_threshold"] == 1_200_000_000

@@ -142,13 +142,14 @@ def zero_knobs(stage: int, parameters: int, world_size: int, gpu_bytes: int | No
 
     The Trainer's "auto" buckets hold hidden_size^2 elements (4 M for a 2048-wide model): hundreds of small
     gradient copies and reductions a step. One rank has nothing to reduce, so its whole gradient goes in one
-    bucket with no side stream; several ranks use DeepSpeed's 500 M buckets, overlapped with the backward.
+    bucket with no side stream; several ranks use DeepSpeed's 500 M buckets (at most the model), overlapped with the backward.
     ZeRO-3 keeps every parameter whole on each rank (persistent: no gather and release around each module)
     when there is one rank or the 16-bit weights take at most 1/16 of a GPU; gradients and optimizer states
     stay partitioned either way.
     """
     alone = world_size == 1
-    knobs = {"reduce_bucket_size": parameters if alone else DEEPSPEED_BUCKET, "overlap_comm": not alone}
+    # DeepSpeed allocates the bucket (two with overlap_comm) up front: never larger than the model.
+    knobs = {"reduce_bucket_size": parameters if alone else min(parameters, DEEPSPEED_BUCKET), "overlap_comm": not alone}
     if stage == 3:
         small = gpu_bytes is not None and 2 * parameters * 16 <= gpu_bytes
         if alone or small:
