@@ -11,11 +11,12 @@ builds the torchrun command, and workflow.finetune.train runs the Trainer + Deep
   baseline         stock Trainer + DeepSpeed ZeRO-2: the model's own layers, SDPA attention, right-padded
                    micro-batches (no packing), torch's multi-tensor (foreach) AdamW, no dataloader workers
   optimized        the config defaults: Liger kernels, padding-free packing with varlen FlashAttention,
-                   fused AdamW, dataloader workers with pinned memory; ZeRO-2
+                   fused AdamW, dataloader workers with pinned memory, ZeRO knobs sized from the model; ZeRO-2
   optimized-zero3  the same with ZeRO-3
 
-The baseline also leaves ZeRO's buckets to the Trainer (zero_tuning: stock). Every variant logs every
---log-every steps; loss parity compares those logged means (each the mean loss over its steps).
+The baseline also leaves ZeRO's buckets to the Trainer and DeepSpeed's bf16 overflow scan on (zero_tuning:
+stock). Every variant logs every --log-every steps; loss parity compares those logged means (each the mean
+loss over its steps).
 
 The model is made from config (random weights, one seed, shared by all variants) and the data is synthetic,
 made locally: rows of a learnable token process with the first quarter of each row masked out of the loss
@@ -79,7 +80,6 @@ VARIANTS = {
     "optimized-stock-zero": dict(zero_stage=2, zero_tuning="stock"),
     "optimized-zero3-stock-zero": dict(zero_stage=3, zero_tuning="stock"),
     "optimized-compile": dict(zero_stage=2, torch_compile=True),
-    "baseline-fused-adamw": dict(zero_stage=2, packing=False, attention="sdpa", liger_kernel=False, dataloader_workers=0),
 }
 H100_BF16_DENSE = 989e12
 

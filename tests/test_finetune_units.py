@@ -1,13 +1,14 @@
 import importlib.util
+import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, TrainerState, TrainingArguments
 
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.launch import launch_command
-from workflow.finetune.speed import register_varlen_attention, resolve, varlen_available
-from workflow.finetune.train import PaddingFree, pad_to_longest
+from workflow.finetune.speed import compile_decoder_layers, decoder_layers, register_varlen_attention, resolve, varlen_available
+from workflow.finetune.train import PaddingFree, StopOnNonFiniteLoss, pad_to_longest
 
 
 @pytest.mark.parametrize(
@@ -18,6 +19,7 @@ from workflow.finetune.train import PaddingFree, pad_to_longest
         ({"offload_params": True, "zero_stage": 2}, "finetune.offload_params needs zero_stage 3"),
         ({"offload_optimizer": True, "zero_stage": 0}, "finetune.offload_optimizer needs zero_stage 1, 2 or 3"),
         ({"zero_tuning": "fast"}, "finetune.zero_tuning must be one of auto, stock (got 'fast')"),
+        ({"torch_compile": "yes"}, "finetune.torch_compile must be one of true, false (got 'yes')"),
     ],
 )
 def test_invalid_settings_are_refused(settings, message):
@@ -36,7 +38,9 @@ def test_deepspeed_config_follows_settings():
     assert zero["stage"] == 3
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"] is False
-    assert cfg["bf16"] == {"enabled": True}
+    # bf16 needs no loss scaling: DeepSpeed's per-tensor overflow scan is off unless zero_tuning is stock.
+    assert cfg["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert deepspeed_config(FinetuneConfig(precision="bf16", zero_tuning="stock"))["bf16"] == {"enabled": True}
     assert cfg["optimizer"]["type"] == "AdamW"
     plain = deepspeed_config(FinetuneConfig(zero_stage=2))
     assert "optimizer" not in plain and "offload_optimizer" not in plain["zero_optimization"]
@@ -95,15 +99,15 @@ def test_cpu_skips_gpu_only_speed_settings_and_says_why():
     assert speed.optimizer == "adamw_torch_fused"
     assert any(s.startswith("liger_kernel: Liger's Triton kernels need a CUDA GPU") for s in speed.skipped)
     assert any(s.startswith("dataloader_workers: 2 -> 0 on CPU") for s in speed.skipped)
-    assert resolve(FinetuneConfig(optimizer="adamw_foreach", torch_compile=True), cuda=False).optimizer == "adamw_torch"
+    assert resolve(FinetuneConfig(optimizer="adamw_foreach"), cuda=False).optimizer == "adamw_torch"
     with pytest.raises(ValueError, match="finetune.attention varlen runs FlashAttention kernels and needs a CUDA GPU"):
         resolve(FinetuneConfig(attention="varlen"), cuda=False)
 
 
 def test_gpu_speed_settings():
-    speed = resolve(FinetuneConfig(liger_kernel=False, torch_compile=True), cuda=True)
+    speed = resolve(FinetuneConfig(liger_kernel=False), cuda=True)
     assert speed.attention == ("varlen" if varlen_available() else "sdpa")
-    assert (speed.torch_compile, speed.dataloader_workers, speed.pin_memory, speed.skipped) == (True, 2, True, ())
+    assert (speed.torch_compile, speed.dataloader_workers, speed.pin_memory, speed.skipped) == (False, 2, True, ())
     assert resolve(FinetuneConfig(liger_kernel=False, packing=False), cuda=True).attention == "sdpa"
     if importlib.util.find_spec("liger_kernel") is None:
         with pytest.raises(ValueError, match="liger-kernel package is not installed; pip install liger-kernel==0.8.5"):
@@ -112,12 +116,31 @@ def test_gpu_speed_settings():
         assert resolve(FinetuneConfig(), cuda=True).liger_kernel
 
 
-def test_torch_compile_with_liger_is_refused_on_gpus(monkeypatch):
-    # Measured: compiling Liger's Triton kernels gives NaN losses, so the pair is refused where both would apply.
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
-    with pytest.raises(ValueError, match="finetune.torch_compile with liger_kernel gives NaN losses"):
-        resolve(FinetuneConfig(torch_compile=True), cuda=True)
-    assert resolve(FinetuneConfig(torch_compile=True, liger_kernel=False), cuda=True).torch_compile
+def test_compiled_layers_leave_liger_only_the_loss_and_zero3_runs_eagerly():
+    compiled = resolve(FinetuneConfig(torch_compile=True), cuda=False)
+    assert compiled.torch_compile and compiled.liger_kernel_config == {"rope": False, "rms_norm": False, "swiglu": False}
+    assert resolve(FinetuneConfig(), cuda=False).liger_kernel_config == {}
+    zero3 = resolve(FinetuneConfig(torch_compile=True, zero_stage=3), cuda=False)
+    assert not zero3.torch_compile
+    assert "torch_compile: ZeRO-3's parameter handling recompiles every layer; running eagerly" in zero3.skipped
+
+
+def test_decoder_layers_are_found_and_compiled_in_place(tiny_base):
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    names = [name for name, _ in model.named_parameters()]
+    assert [type(m).__name__ for m in decoder_layers(model)] == ["LlamaDecoderLayer"] * 2
+    assert compile_decoder_layers(model) == 2
+    assert [name for name, _ in model.named_parameters()] == names  # checkpoints keep their keys
+    with pytest.raises(ValueError, match="finetune.torch_compile: found no decoder layers to compile in Linear"):
+        compile_decoder_layers(model.lm_head)
+
+
+def test_a_non_finite_loss_stops_the_run_and_names_the_step():
+    args = TrainingArguments(output_dir="unused", logging_steps=10, report_to=[])
+    state = TrainerState(global_step=30)
+    StopOnNonFiniteLoss().on_log(args, state, None, logs={"loss": 2.5, "grad_norm": 1.0})
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at step 30 \(mean over the last 10 steps\): the run diverged"):
+        StopOnNonFiniteLoss().on_log(args, state, None, logs={"loss": float("nan")})
 
 
 def test_zero_buckets_stock_are_left_to_the_trainer():
@@ -225,3 +248,27 @@ def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "['deepspeed_shm_comm']"
     assert f"removing {lock}, left by an op build that was killed" in done.stderr
     assert not lock.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
+
+
+def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_base, tracking, tmp_path):
+    """torch_compile: true (here on the CPU) runs the real launch and gives the eager run's losses."""
+    from workflow.finetune.launch import run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    with open(data / "train.jsonl", "w") as handle:
+        for _ in range(12):
+            ids = torch.randint(5, 200, (32,), generator=generator).tolist()
+            handle.write(json.dumps({"input_ids": ids, "labels": [-100] * 8 + ids[8:]}) + "\n")
+    losses = {}
+    for compiled in (False, True):
+        cfg = FinetuneConfig(nproc_per_node=1, max_steps=3, micro_batch_size=4, logging_steps=1, save_steps=100, torch_compile=compiled)
+        out = tmp_path / f"compiled-{compiled}"
+        out.mkdir()
+        summary = run(tiny_base, data, out / "summary.json", cfg, 3, tracking, out / "finetune.log")
+        assert summary["speed"]["torch_compile"] is compiled
+        losses[compiled] = [h["loss"] for h in summary["log_history"] if "loss" in h]
+    assert "compiled the forward of 2 decoder layers with torch.compile" in (tmp_path / "compiled-True" / "finetune.log").read_text()
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)

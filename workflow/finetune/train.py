@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,14 @@ from transformers import (
     TrainingArguments,
 )
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
-from workflow.finetune.speed import VARLEN, SpeedSettings, register_varlen_attention, resolve
+from workflow.finetune.speed import (
+    VARLEN,
+    SpeedSettings,
+    compile_decoder_layers,
+    decoder_layers,
+    register_varlen_attention,
+    resolve,
+)
 
 log = logging.getLogger("workflow.finetune")
 
@@ -78,6 +86,19 @@ class MlflowMetrics(TrainerCallback):
         # Always checkpoint the final step: export reads it, and a finished run is never retrained.
         if self.save_final and state.global_step >= state.max_steps:
             control.should_save = True
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop with a clear error when the logged training loss is inf or NaN: the weights have diverged, and
+    training on would only overwrite good checkpoints with broken ones."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"finetune: the training loss is {loss} at step {state.global_step} (mean over the last "
+                f"{args.logging_steps} steps): the run diverged. Checkpoints before it are kept; lower "
+                f"finetune.learning_rate or raise finetune.warmup_ratio and run again.")
 
 
 class Throughput(TrainerCallback):
@@ -175,10 +196,12 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
         remove_unused_columns=False,
         # Real tokens: padded batches carry an attention mask to count them by; packed ones have no padding.
         include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
+        # A non-finite loss is logged as it is, and StopOnNonFiniteLoss stops the run on it.
+        logging_nan_inf_filter=False,
         disable_tqdm=True,
         optim=speed.optimizer,
         use_liger_kernel=speed.liger_kernel,
-        torch_compile=speed.torch_compile,
+        liger_kernel_config=speed.liger_kernel_config,
         dataloader_num_workers=speed.dataloader_workers,
         dataloader_persistent_workers=speed.dataloader_workers > 0,
         dataloader_pin_memory=speed.pin_memory,
@@ -261,6 +284,17 @@ def train(job: dict) -> dict:
             model,
             LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"),
         )
+    if cfg.zero_stage == 3 and cfg.zero_tuning == "auto" and cfg.method == "full":
+        # ZeRO-3 gathers and releases each decoder layer's parameters as one unit (as FSDP wraps them), not each
+        # linear layer's: a tenth of the hooks and fewer, larger all-gathers.
+        from deepspeed.utils import set_z3_leaf_module
+
+        for layer in decoder_layers(model):
+            set_z3_leaf_module(layer, True)
+    if speed.torch_compile:
+        count = compile_decoder_layers(model)
+        if args.process_index == 0:
+            log.info("compiled the forward of %d decoder layers with torch.compile", count)
     throughput = Throughput(skip=job.get("timing_skip_steps", 2))
     trainer = Trainer(
         model=model,
@@ -268,7 +302,7 @@ def train(job: dict) -> dict:
         train_dataset=TokenDataset(Path(job["data_dir"]) / "train.jsonl"),
         eval_dataset=TokenDataset(val) if has_val else None,
         data_collator=collator(cfg, speed),
-        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save), throughput],
+        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save), StopOnNonFiniteLoss(), throughput],
     )
     if job.get("profile_dir"):
         trainer.add_callback(Profile(job["profile_dir"], start=job.get("timing_skip_steps", 2)))
