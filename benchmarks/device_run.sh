@@ -33,6 +33,13 @@ ablation() {
     wait
     head -1 /tmp/out/profile/profile-*/profile.txt
 }
+# Run-to-run spread of the 1B pair: two more baseline/defaults pairs on each GPU.
+repeat() {
+    for gpu in 0 1; do
+        (for i in 1 2; do CUDA_VISIBLE_DEVICES=$gpu timeout 140 $B --shape llama-1b --variants baseline optimized --work /tmp/b$gpu --out /tmp/out/repeat-$gpu-$i > /tmp/out-repeat-$gpu-$i.txt 2>&1; done) &
+    done
+    wait
+}
 ${PHASE:-headline}
 cp /tmp/out-*.txt $OUT/ 2>/dev/null
 tar czf $OUT/logs.tar.gz -C /tmp out 2>/dev/null
