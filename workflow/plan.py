@@ -95,8 +95,9 @@ class Architecture:
             "embed": embed,
             "lm_head": lm_head,
             "layer": layer,
-            # ZeRO-3 gathers one module at a time; the embedding (or lm_head) is the largest in these models.
-            "largest_layer": max(embed, max(a * b for a, b in self.linear_shapes().values())),
+            # ZeRO-3 gathers one module at a time: a whole decoder layer under zero_tuning auto (leaf modules), one
+            # linear layer under stock; the embedding (or lm_head) or a decoder layer is the largest unit either way.
+            "largest_layer": max(embed, layer),
         }
 
     def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
