@@ -99,6 +99,11 @@ class FinetuneConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def tunes_zero(self) -> bool:
+        """Whether zero_tuning: auto applies: full fine-tunes only (LoRA's few trainable weights keep stock values)."""
+        return self.zero_tuning == "auto" and self.method == "full"
+
 
 def deepspeed_config(cfg: FinetuneConfig, parameters: int | None = None, world_size: int = 1,
                      gpu_bytes: int | None = None) -> dict:
@@ -119,7 +124,7 @@ def deepspeed_config(cfg: FinetuneConfig, parameters: int | None = None, world_s
         zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
         # Full fine-tunes are consolidated from the fp32 shards on export; LoRA adapters are gathered on save.
         zero["stage3_gather_16bit_weights_on_model_save"] = cfg.method == "lora"
-    if cfg.zero_tuning == "auto" and cfg.method == "full" and parameters and cfg.zero_stage >= 2:
+    if cfg.tunes_zero and parameters and cfg.zero_stage >= 2:
         zero.update(zero_knobs(cfg.zero_stage, parameters, world_size, gpu_bytes))
     config = {
         "train_micro_batch_size_per_gpu": "auto",

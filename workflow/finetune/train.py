@@ -284,7 +284,7 @@ def train(job: dict) -> dict:
             model,
             LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"),
         )
-    if cfg.zero_stage == 3 and cfg.zero_tuning == "auto" and cfg.method == "full":
+    if cfg.zero_stage == 3 and cfg.tunes_zero:
         # ZeRO-3 gathers and releases each decoder layer's parameters as one unit (as FSDP wraps them), not each
         # linear layer's: a tenth of the hooks and fewer, larger all-gathers.
         from deepspeed.utils import set_z3_leaf_module
