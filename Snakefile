@@ -26,6 +26,14 @@ include: "rules/rollout.smk"
 include: "rules/summary.smk"
 
 
+onsuccess:
+    refresh_summary()
+
+
+onerror:
+    refresh_summary()
+
+
 rule all:
     input:
         final_targets(),

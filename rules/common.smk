@@ -43,6 +43,15 @@ def pipeline_targets():
     return [f"{RESULTS}/rollout/promoted.json"]
 
 
+def refresh_summary():
+    """The review summary on the MLflow parent run, refreshed when a run of snakemake ends (onsuccess, onerror):
+    once per workflow run on the submit host, not inside every job; a summary that cannot be made only warns."""
+    from workflow.summary import refresh_quietly
+    from workflow.tracking import Tracking
+
+    refresh_quietly(Tracking.from_config(config, results_dir=RESULTS))
+
+
 def final_targets():
     return pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
 

@@ -3,7 +3,8 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.evaluate import EvalConfig, evaluate_quantized
+from workflow.evaluate import EvalConfig
+from workflow.quantize import evaluate_quantized
 from workflow.tracking import Tracking
 
 evaluate_quantized(

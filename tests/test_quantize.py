@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from workflow.evaluate import EvalConfig, evaluate_quantized
+from workflow.evaluate import EvalConfig
+from workflow.quantize import evaluate_quantized
 from workflow.quantize import QuantizeConfig, QuantizeError, check_quantizable, quantize, quantized_model
 
 

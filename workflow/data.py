@@ -189,6 +189,11 @@ def read_rows(path: str | Path, on_bad_row: str, stats: Stats) -> list[tuple[str
     return conversations
 
 
+def read_split(path: str | Path, limit: int) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for _, line in zip(range(limit), handle)]
+
+
 def split_of(messages: list[dict], cfg: DataConfig) -> str:
     """A row's split from a hash of its content and the seed: stable when rows are added or reordered."""
     key = f"{cfg.seed}:{json.dumps(messages, sort_keys=True)}".encode()

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workflow.chat import prompt_ids
+from workflow.data import read_split
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,6 @@ class Completion:
     """Generated text after the prompt, special tokens removed."""
     ended: bool
     """The generation stopped at EOS (not at the token budget)."""
-
-
-def read_split(path: str | Path, limit: int) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for _, line in zip(range(limit), handle)]
 
 
 def final_answer(text: str) -> str | None:
@@ -243,33 +239,3 @@ def gate_check(gate: dict, key: str) -> dict:
     """An accuracy_gate result as a check of record_gate."""
     return {"name": f"accuracy loss <= {key}", "passed": gate["passed"], "value": gate["accuracy_loss"],
             "threshold": gate["max_accuracy_loss"], "detail": gate["reason"]}
-
-
-def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_path: str | Path, finetuned_path: str | Path,
-                       out_path: str | Path, scheme: str, max_loss: float, cfg: EvalConfig, tracking: Tracking) -> dict:
-    """Score the quantized model itself (ModelOpt state restored in memory) and gate its accuracy loss.
-
-    A failing scheme does not stop the DAG: it is dropped from engine building and selection, and the
-    reason is in the log, the result file and MLflow.
-    """
-    from workflow.quantize import quantized_model
-
-    quantized_dir = Path(quantized_dir)
-    baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
-    with job_run(tracking, f"evaluate_quantized/{scheme}", {"scheme": scheme, "max_accuracy_loss": max_loss, "evaluate": asdict(cfg)}):
-        state = quantized_dir / "modelopt_state.pth"
-        model = quantized_model(model_dir, scheme, state=state if state.exists() else None)
-        metrics, results = evaluate_model(model_dir, test_path, cfg, model=model)
-        record = json.loads((quantized_dir / "quantize.json").read_text())
-        gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
-        result = gate | {"format_adherence": metrics["format_adherence"], "perplexity": metrics["perplexity"],
-                         "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"]}
-        log_results(scheme, metrics, results, cfg.sample_generations)
-        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20})
-        mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
-        record_gate([gate_check(gate, f"quantize.max_accuracy_loss.{scheme}")])
-        describe(f"Quantized {scheme}: accuracy **{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}), checkpoint "
-                 f"{record['checkpoint_bytes'] / 2**20:.2f} MB.\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
-        (log.info if gate["passed"] else log.warning)("quantization gate %s: %s", "passed" if gate["passed"] else "FAILED, scheme dropped", gate["reason"])
-        Path(out_path).write_text(json.dumps(result, indent=1))
-        return result

@@ -7,9 +7,9 @@
 vs threshold, the scheme comparison and its plot, the package digest and signer, the registered versions and
 their aliases, the rollout checks, the DAG picture) and logs `summary/summary.html` (self-contained: pictures
 inlined) and `summary/summary.md` on the parent run, whose description becomes the Markdown summary with links
-to every child run. Every job calls it when it ends (`job_run`), quietly: a summary that cannot be made is a
-warning there, never a failed job. The summary rule calls it strictly, after drawing the DAG and writing the
-Snakemake report.
+to every child run. The workflow refreshes it when a run of `snakemake` ends (the Snakefile's onsuccess and
+onerror handlers), quietly: a summary that cannot be made is a warning there, never a failed run. The summary
+rule calls it strictly, after drawing the DAG and writing the Snakemake report.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from workflow.tracking import GATE_TAG, STAGES, Tracking, pipeline_run_id, set_note
+from workflow.stages import STAGES
+from workflow.tracking import GATE_TAG, Tracking, pipeline_run_id, set_note
 
 log = logging.getLogger(__name__)
 
-ORDER = list(STAGES)  # stages in DAG order, for tables
-BLOCKING = ("evaluate", "select", "rollout")  # gates that stop the pipeline (a failed scheme gate only drops the scheme)
+ORDER = ["pipeline", *(stage.name for stage in STAGES), "rollback"]  # DAG order, for tables
+BLOCKING = [stage.name for stage in STAGES if stage.blocking]  # a failed scheme gate only drops the scheme
 ALIASES = ("production", "candidate", "previous")
 TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -252,7 +253,7 @@ def refresh(tracking: Tracking, results_dir: str | Path | None = None) -> dict:
 
 
 def refresh_quietly(tracking: Tracking) -> None:
-    """refresh, for the end of every job: a summary that cannot be made is a warning, not a failed job."""
+    """refresh, for the end of a workflow run: a summary that cannot be made is a warning, not a failed run."""
     try:
         refresh(tracking)
     except Exception as err:  # noqa: BLE001 - the job's own result must stand whatever the summary hits

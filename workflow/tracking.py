@@ -7,7 +7,8 @@ What a reviewer sees on every run: the tags `ft2prod.stage`, `ft2prod.scheme` (p
 `ft2prod.git_commit` and `ft2prod.gate` (passed / failed for a stage with a gate; skipped when a gated job
 stopped before its gate; none for a stage without one), and a Markdown description (the run page's
 Description) saying what the stage does, with its headline numbers once the stage calls `describe`.
-When a job ends, the pipeline summary on the parent run is refreshed (`workflow.summary`).
+The pipeline summary on the parent run is the workflow's to refresh (the summary rule, and the Snakefile's
+onsuccess/onerror handlers), not each job's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 from workflow.digest import sha256_file
+from workflow.stages import STAGES, description
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +40,7 @@ PARENT_TAG = "ft2prod.results_dir"
 GATE_TAG = "ft2prod.gate"
 NOTE_TAG = "mlflow.note.content"  # the run page's Markdown "Description"
 MAX_TAG_CHARS = 7900  # MLflow refuses tag values over 8000 characters
-# What each stage does, the first line of its run description; a stage missing here is described by name.
-STAGES = {
-    "pipeline": "The pipeline run: one per results directory; every job is a child run.",
-    "bootstrap": "Builds the small base model locally (BPE tokenizer, DeepSeek-R1 chat template) and pretrains it briefly.",
-    "generate_data": "Generates the built-in arithmetic reasoning dataset (chat rows with a think block and a checkable answer).",
-    "prepare_data": "Checks, deduplicates, splits and renders the dataset with the base model's chat template.",
-    "finetune": "Fine-tunes the base model with DeepSpeed (full parameters or LoRA), with resumable checkpoints.",
-    "export": "Exports the trained checkpoint as a self-describing Hugging Face model, logged by reference (digests, no weights).",
-    "evaluate_base": "Scores the base model on the held-out test split: the reference the fine-tuned model must beat.",
-    "evaluate": "Scores the fine-tuned model on the held-out test split and applies the evaluation gate.",
-    "quantize": "Post-training quantization with NVIDIA ModelOpt, calibrated on rows of the training split.",
-    "evaluate_quantized": "Scores the quantized model itself and gates its accuracy loss against the fine-tuned model.",
-    "build_engine": "Builds the inference engine and gates its accuracy on the engine's own generations.",
-    "benchmark": "Continuous-load benchmark of the engine: throughput, time to first token, latency percentiles.",
-    "select": "Chooses the production scheme by policy among the schemes that passed every gate and the latency SLO.",
-    "package": "Encrypts (AES-256-GCM, KMS-wrapped key), signs (Ed25519), attests (in-toto) and verifies the selected engine.",
-    "register": "Registers the package as a new model version in the MLflow model registry, alias `candidate`.",
-    "rollout": "Serves the package behind the gateway and runs the canary checks (TLS 1.3, roles, generation, latency, audit).",
-    "promote": "Moves the registry alias `production` to the checked version; the version it replaces keeps `previous`.",
-    "rollback": "Moves `production` back to the `previous` version and redeploys it.",
-    "summary": "Builds the pipeline summary, the DAG picture and the Snakemake report, and logs them on the pipeline run.",
-}
-GATED = {"evaluate", "evaluate_quantized", "build_engine", "select", "rollout"}
+GATED = {stage.name for stage in STAGES if stage.gated}
 SECRET_WORDS = {"key", "secret", "token", "password", "passphrase", "credential", "credentials"}
 
 
@@ -130,7 +110,7 @@ def pipeline_run_id(tracking: Tracking) -> str:
             run_name=parent_name(tracking),
             tags={PARENT_TAG: str(results), "ft2prod.stage": "pipeline", "ft2prod.git_commit": git_commit(),
                   "ft2prod.run_name": tracking.run_name, "ft2prod.base_model": tracking.base_model, GATE_TAG: "skipped",
-                  NOTE_TAG: f"**Pipeline {tracking.run_name}** on base model `{tracking.base_model}`. {STAGES['pipeline']} "
+                  NOTE_TAG: f"**Pipeline {tracking.run_name}** on base model `{tracking.base_model}`. {description('pipeline')} "
                             "The summary appears here as jobs finish."},
         )
         MlflowClient().set_terminated(run.info.run_id, "RUNNING")
@@ -179,7 +159,7 @@ def what_it_does(job: str) -> str:
     """The first lines of a job's run description: the job and what its stage does."""
     stage, _, scheme = job.partition("/")
     title = f"**{stage}**" + (f" · scheme `{scheme}`" if scheme else "")
-    return f"{title} — {STAGES.get(stage, f'The {stage} stage.')}"
+    return f"{title} — {description(stage)}"
 
 
 def set_note(text: str, run_id: str | None = None) -> None:
@@ -215,7 +195,7 @@ def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterato
 
     The parent's status follows its jobs: running while one runs, failed when the last one failed. A job that
     raises gets the error at the end of its description; a job that set no gate is tagged skipped (a gated
-    stage that stopped before its gate) or none (a stage without a gate). The summary is refreshed at the end.
+    stage that stopped before its gate) or none (a stage without a gate).
     """
     parent = pipeline_run_id(tracking)
     stage = job.split("/")[0]
@@ -248,10 +228,6 @@ def job_run(tracking: Tracking, job: str, params: dict | None = None) -> Iterato
                     mlflow.log_artifact(tracking.log_path)
     finally:
         client.set_terminated(parent, status=status)  # end time: when its latest job ended
-        if stage != "summary":
-            from workflow import summary
-
-            summary.refresh_quietly(tracking)
 
 
 def sha256_tree(directory: str | Path) -> tuple[str, dict[str, str]]:

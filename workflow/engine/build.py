@@ -13,7 +13,8 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.engine import onnxruntime, tensorrt_llm
-from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, gate_check, log_results, read_split, score
+from workflow.data import read_split
+from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, gate_check, log_results, score
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ import yaml
 from transformers import AutoTokenizer
 
 from workflow.engine.build import load_engine
-from workflow.evaluate import engine_completions, read_split
+from workflow.data import read_split
+from workflow.evaluate import engine_completions
 from workflow.finetune.launch import free_port
 from workflow.package import archive
 from workflow.rollout import canary, kubernetes, registry
