@@ -16,11 +16,14 @@ validate(config, "config/schema.yaml")
 
 
 include: "rules/plan.smk"
+include: "rules/bootstrap.smk"
 include: "rules/data.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
 include: "rules/quantize.smk"
 include: "rules/engine.smk"
+include: "rules/benchmark.smk"
+include: "rules/select.smk"
 include: "rules/package.smk"
 include: "rules/rollout.smk"
 include: "rules/summary.smk"

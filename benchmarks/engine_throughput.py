@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.generation.streamers import BaseStreamer
 
 from workflow.benchmark import LoadConfig, measure
-from workflow.bootstrap.model import BootstrapConfig, bootstrap
+from workflow.bootstrap.model import BootstrapConfig, make_base_model
 from workflow.engine import onnxruntime
 
 
@@ -66,7 +66,7 @@ class TransformersEngine:
 
 def make_model(out: Path, layers: int) -> Path:
     tokenizer_dir = out / "tokenizer"
-    bootstrap(BootstrapConfig(num_layers=1, pretrain_steps=1, pretrain_rows=200), tokenizer_dir)
+    make_base_model(BootstrapConfig(num_layers=1, pretrain_steps=1, pretrain_rows=200), tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024,

@@ -5,4 +5,9 @@ to_file(snakemake.log[0])
 
 from workflow.package.stage import backup
 
-backup(snakemake.input[0], snakemake.params.backup_dir, snakemake.output[0], snakemake.params.signing_key)
+backup(
+    package_dir=snakemake.input[0],
+    backup_root=snakemake.params.backup_dir,
+    out_path=snakemake.output[0],
+    signing_key=snakemake.params.signing_key,
+)

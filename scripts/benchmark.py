@@ -8,11 +8,11 @@ from workflow.tracking import Tracking
 
 load = snakemake.params.load
 benchmark(
-    snakemake.input.engine,
-    snakemake.input.tokenizer,
-    snakemake.output[0],
-    snakemake.wildcards.scheme,
-    snakemake.params.settings,
-    LoadConfig(**{**load, "concurrency": tuple(load["concurrency"])}),
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    engine_dir=snakemake.input.engine,
+    tokenizer_dir=snakemake.input.tokenizer,
+    out_path=snakemake.output[0],
+    scheme=snakemake.wildcards.scheme,
+    settings=snakemake.params.settings,
+    cfg=LoadConfig(**{**load, "concurrency": tuple(load["concurrency"])}),
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

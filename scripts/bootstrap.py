@@ -3,7 +3,11 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.bootstrap.model import BootstrapConfig, build
+from workflow.bootstrap.model import BootstrapConfig, bootstrap
 from workflow.tracking import Tracking
 
-build(BootstrapConfig(**snakemake.params.settings), snakemake.output.model, Tracking.from_config(snakemake.config, snakemake.log[0]))
+bootstrap(
+    cfg=BootstrapConfig(**snakemake.params.settings),
+    out_dir=snakemake.output.model,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+)

@@ -8,14 +8,14 @@ from workflow.evaluate import EvalConfig
 from workflow.tracking import Tracking
 
 build_engine(
-    snakemake.input.model,
-    snakemake.input.quantized,
-    snakemake.output[0],
-    snakemake.wildcards.scheme,
-    snakemake.params.settings,
-    snakemake.input.test,
-    snakemake.input.finetuned,
-    snakemake.params.max_loss,
-    EvalConfig(**snakemake.params.eval_settings),
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    model_dir=snakemake.input.model,
+    quantized_dir=snakemake.input.quantized,
+    engine_dir=snakemake.output[0],
+    scheme=snakemake.wildcards.scheme,
+    settings=snakemake.params.settings,
+    test_path=snakemake.input.test,
+    finetuned_path=snakemake.input.finetuned,
+    max_loss=snakemake.params.max_loss,
+    eval_cfg=EvalConfig(**snakemake.params.eval_settings),
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

@@ -3,16 +3,16 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.evaluate import EvalConfig, evaluate_finetuned
+from workflow.evaluate import EvalConfig, evaluate
 from workflow.tracking import Tracking
 
-evaluate_finetuned(
-    snakemake.input.model,
-    snakemake.input.test,
-    snakemake.input.base,
-    snakemake.output.metrics,
-    snakemake.output.report,
-    EvalConfig(**snakemake.params.settings),
-    snakemake.params.gate,
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+evaluate(
+    model_dir=snakemake.input.model,
+    test_path=snakemake.input.test,
+    base_path=snakemake.input.base,
+    out_path=snakemake.output.metrics,
+    report_path=snakemake.output.report,
+    cfg=EvalConfig(**snakemake.params.settings),
+    gate=snakemake.params.gate,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

@@ -7,9 +7,9 @@ from workflow.evaluate import EvalConfig, evaluate_base
 from workflow.tracking import Tracking
 
 evaluate_base(
-    snakemake.input.model,
-    snakemake.input.test,
-    snakemake.output[0],
-    EvalConfig(**snakemake.params.settings),
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    model_dir=snakemake.input.model,
+    test_path=snakemake.input.test,
+    out_path=snakemake.output[0],
+    cfg=EvalConfig(**snakemake.params.settings),
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

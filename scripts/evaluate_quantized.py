@@ -8,13 +8,13 @@ from workflow.quantize import evaluate_quantized
 from workflow.tracking import Tracking
 
 evaluate_quantized(
-    snakemake.input.model,
-    snakemake.input.quantized,
-    snakemake.input.test,
-    snakemake.input.finetuned,
-    snakemake.output[0],
-    snakemake.wildcards.scheme,
-    snakemake.params.max_loss,
-    EvalConfig(**snakemake.params.settings),
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    model_dir=snakemake.input.model,
+    quantized_dir=snakemake.input.quantized,
+    test_path=snakemake.input.test,
+    finetuned_path=snakemake.input.finetuned,
+    out_path=snakemake.output[0],
+    scheme=snakemake.wildcards.scheme,
+    max_loss=snakemake.params.max_loss,
+    cfg=EvalConfig(**snakemake.params.settings),
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

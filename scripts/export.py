@@ -8,9 +8,9 @@ from workflow.finetune.export import export
 from workflow.tracking import Tracking
 
 export(
-    snakemake.input.model,
-    snakemake.input.summary,
-    snakemake.output.model,
-    FinetuneConfig(**snakemake.params.settings),
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    base_dir=snakemake.input.model,
+    summary_path=snakemake.input.summary,
+    out_dir=snakemake.output.model,
+    cfg=FinetuneConfig(**snakemake.params.settings),
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

@@ -6,15 +6,15 @@ from workflow.logs import to_file
 to_file(snakemake.log[0])
 
 from workflow.finetune.config import FinetuneConfig
-from workflow.finetune.launch import run
+from workflow.finetune.launch import finetune
 from workflow.tracking import Tracking
 
-run(
-    snakemake.input.model,
-    Path(snakemake.input.train).parent,
-    snakemake.output.summary,
-    FinetuneConfig(**snakemake.params.settings),
-    snakemake.params.seed,
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
-    snakemake.log[0],
+finetune(
+    model_dir=snakemake.input.model,
+    data_dir=Path(snakemake.input.train).parent,
+    summary_path=snakemake.output.summary,
+    cfg=FinetuneConfig(**snakemake.params.settings),
+    seed=snakemake.params.seed,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    log_path=snakemake.log[0],
 )

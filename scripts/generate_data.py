@@ -3,7 +3,12 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.bootstrap.problems import write_jsonl
+from workflow.bootstrap.problems import generate_data
 from workflow.tracking import Tracking
 
-write_jsonl(snakemake.output[0], snakemake.params.rows, snakemake.params.seed, Tracking.from_config(snakemake.config, snakemake.log[0]))
+generate_data(
+    path=snakemake.output[0],
+    rows=snakemake.params.rows,
+    seed=snakemake.params.seed,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+)

@@ -7,10 +7,10 @@ from workflow.package.stage import package
 from workflow.tracking import Tracking
 
 package(
-    snakemake.input.selection,
-    snakemake.input.base,
-    snakemake.output[0],
-    snakemake.params.settings,
-    snakemake.config,
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    selection_path=snakemake.input.selection,
+    base_model=snakemake.input.base,
+    out_dir=snakemake.output[0],
+    settings=snakemake.params.settings,
+    config=snakemake.config,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

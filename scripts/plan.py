@@ -5,13 +5,13 @@ to_file(snakemake.log[0])
 
 from pathlib import Path
 
-from workflow.plan import run
+from workflow.plan import plan
 from workflow.tracking import Tracking
 
-run(
-    str(Path(snakemake.input[0]).parent) if len(snakemake.input) else None,  # no config.json: the bootstrap settings
-    snakemake.params.settings,
-    snakemake.output.plan,
-    snakemake.output.report,
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+plan(
+    model_dir=str(Path(snakemake.input[0]).parent) if len(snakemake.input) else None,  # no config.json: the bootstrap settings
+    settings=snakemake.params.settings,
+    json_path=snakemake.output.plan,
+    md_path=snakemake.output.report,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

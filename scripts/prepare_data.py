@@ -5,13 +5,13 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.data import DataConfig, prepare
+from workflow.data import DataConfig, prepare_data
 from workflow.tracking import Tracking
 
-prepare(
-    snakemake.input.dataset,
-    snakemake.input.model,
-    Path(snakemake.output.stats).parent,
-    DataConfig(**snakemake.params.settings),
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+prepare_data(
+    source=snakemake.input.dataset,
+    tokenizer_dir=snakemake.input.model,
+    out_dir=Path(snakemake.output.stats).parent,
+    cfg=DataConfig(**snakemake.params.settings),
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

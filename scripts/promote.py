@@ -6,4 +6,8 @@ to_file(snakemake.log[0])
 from workflow.rollout.stage import promote
 from workflow.tracking import Tracking
 
-promote(snakemake.input[0], snakemake.output[0], Tracking.from_config(snakemake.config, snakemake.log[0]))
+promote(
+    report_path=snakemake.input[0],
+    out_path=snakemake.output[0],
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+)

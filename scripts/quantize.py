@@ -7,10 +7,10 @@ from workflow.quantize import QuantizeConfig, quantize
 from workflow.tracking import Tracking
 
 quantize(
-    snakemake.input.model,
-    snakemake.input.train,
-    snakemake.output[0],
-    snakemake.wildcards.scheme,
-    QuantizeConfig(calib_samples=snakemake.params.calib_samples),
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    model_dir=snakemake.input.model,
+    train_path=snakemake.input.train,
+    out_dir=snakemake.output[0],
+    scheme=snakemake.wildcards.scheme,
+    cfg=QuantizeConfig(calib_samples=snakemake.params.calib_samples),
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

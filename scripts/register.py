@@ -7,9 +7,9 @@ from workflow.package.stage import register
 from workflow.tracking import Tracking
 
 register(
-    snakemake.input[0],
-    snakemake.output[0],
-    snakemake.params.model_name,
-    snakemake.params.settings,
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    package_dir=snakemake.input[0],
+    out_path=snakemake.output[0],
+    model_name=snakemake.params.model_name,
+    settings=snakemake.params.settings,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

@@ -7,11 +7,11 @@ from workflow.rollout.stage import rollout
 from workflow.tracking import Tracking
 
 rollout(
-    snakemake.input.package,
-    snakemake.input.registered,
-    snakemake.input.selection,
-    snakemake.input.test,
-    snakemake.output[0],
-    snakemake.config,
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+    package_dir=snakemake.input.package,
+    registered_path=snakemake.input.registered,
+    selection_path=snakemake.input.selection,
+    test_path=snakemake.input.test,
+    out_path=snakemake.output[0],
+    config=snakemake.config,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

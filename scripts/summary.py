@@ -3,15 +3,15 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.summary import build
+from workflow.summary import summary
 from workflow.tracking import Tracking
 
-build(
-    snakemake.params.snakefile,
-    snakemake.config,
-    snakemake.output.html,
-    snakemake.output.markdown,
-    snakemake.output.dag,
-    snakemake.output.report,
-    Tracking.from_config(snakemake.config, snakemake.log[0]),
+summary(
+    snakefile=snakemake.params.snakefile,
+    config=snakemake.config,
+    out_html=snakemake.output.html,
+    out_md=snakemake.output.markdown,
+    dag_svg=snakemake.output.dag,
+    report_html=snakemake.output.report,
+    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

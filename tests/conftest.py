@@ -58,10 +58,10 @@ def zero2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer bootstrap model with its R1-style tokenizer, pretrained for a few steps."""
-    from workflow.bootstrap.model import BootstrapConfig, bootstrap
+    from workflow.bootstrap.model import BootstrapConfig, make_base_model
 
     out = tmp_path_factory.mktemp("tiny_base")
-    bootstrap(BootstrapConfig(num_layers=2, pretrain_rows=200, pretrain_steps=2), out)
+    make_base_model(BootstrapConfig(num_layers=2, pretrain_rows=200, pretrain_steps=2), out)
     return out
 
 

@@ -12,7 +12,7 @@ import families
 from workflow.bootstrap.model import CHAT_TEMPLATE
 from workflow.bootstrap.problems import FORMS, make_problems
 from workflow.chat import ChatFormat, TemplateError, prompt_ids, prompt_text
-from workflow.data import DataConfig, DataError, prepare, to_messages
+from workflow.data import DataConfig, DataError, prepare_data, to_messages
 from workflow.quantize import QuantizeError, check_quantizable
 
 R1_PROMPT_END = "<｜Assistant｜><think>\n"
@@ -100,7 +100,7 @@ def test_prepare_with_the_r1_template_on_the_default_base(r1_base, tmp_path, tra
     rows = [p.as_row("messages") for p in make_problems(120, seed=5)]
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stats = prepare(source, r1_base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking)
+    stats = prepare_data(source, r1_base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking)
     assert stats.chat_format["style"] == "think" and stats.reasoning_rows == 120
     tokenizer = AutoTokenizer.from_pretrained(r1_base)
     row = json.loads((tmp_path / "out" / "train.jsonl").read_text().splitlines()[0])
@@ -152,7 +152,7 @@ def test_bad_reasoning_rows_name_file_and_line(tmp_path, tiny_base, tracking, ro
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in good[:7] + [row] + good[7:]))
     with pytest.raises(DataError, match=f"{source}:8: .*{message}"):
-        prepare(source, tiny_base, tmp_path / "out", DataConfig(), tracking)
+        prepare_data(source, tiny_base, tmp_path / "out", DataConfig(), tracking)
 
 
 def test_a_scheme_the_shapes_cannot_take_is_refused_with_the_reason(family_dirs):

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from workflow.chat import ChatFormat
-from workflow.data import DataConfig, DataError, Stats, prepare, read_rows, split_of, to_messages
+from workflow.data import DataConfig, DataError, Stats, prepare_data, read_rows, split_of, to_messages
 
 CHAT = {"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "reasoning_content": "2 + 3 = 5", "content": "The answer is 5."}]}
 
@@ -93,7 +93,7 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_base):
 def test_prepare_deduplicates_splits_and_records(tmp_path, tiny_base, tracking):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(200)]
     source = write_jsonl(tmp_path / "d.jsonl", rows + rows[:30] + [{"instruction": "x" * 5000, "output": "y"}])
-    stats = prepare(source, tiny_base, tmp_path / "out", DataConfig(max_seq_len=128, test_fraction=0.2), tracking)
+    stats = prepare_data(source, tiny_base, tmp_path / "out", DataConfig(max_seq_len=128, test_fraction=0.2), tracking)
     assert stats.duplicates == 30 and stats.too_long == 1
     assert sum(stats.rows.values()) == 200
     written = {name: (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines() for name in ("train", "val", "test")}
@@ -106,4 +106,4 @@ def test_prepare_deduplicates_splits_and_records(tmp_path, tiny_base, tracking):
 def test_prepare_fails_on_empty_test_split(tmp_path, tiny_base, tracking):
     source = write_jsonl(tmp_path / "d.jsonl", [CHAT])
     with pytest.raises(DataError, match="the test split is empty"):
-        prepare(source, tiny_base, tmp_path / "out", DataConfig(test_fraction=0.01), tracking)
+        prepare_data(source, tiny_base, tmp_path / "out", DataConfig(test_fraction=0.01), tracking)

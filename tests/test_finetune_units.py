@@ -252,7 +252,7 @@ def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
 
 def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_base, tracking, tmp_path):
     """torch_compile: true (here on the CPU) runs the real launch and gives the eager run's losses."""
-    from workflow.finetune.launch import run
+    from workflow.finetune.launch import finetune
 
     data = tmp_path / "data"
     data.mkdir()
@@ -266,7 +266,7 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_base, tracking, tm
         cfg = FinetuneConfig(nproc_per_node=1, max_steps=3, micro_batch_size=4, logging_steps=1, save_steps=100, torch_compile=compiled)
         out = tmp_path / f"compiled-{compiled}"
         out.mkdir()
-        summary = run(tiny_base, data, out / "summary.json", cfg, 3, tracking, out / "finetune.log")
+        summary = finetune(tiny_base, data, out / "summary.json", cfg, 3, tracking, out / "finetune.log")
         assert summary["speed"]["torch_compile"] is compiled
         losses[compiled] = [h["loss"] for h in summary["log_history"] if "loss" in h]
     assert "compiled the forward of 2 decoder layers with torch.compile" in (tmp_path / "compiled-True" / "finetune.log").read_text()

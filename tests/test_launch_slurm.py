@@ -103,12 +103,12 @@ def test_two_node_command_trains_when_each_node_runs_its_part(tmp_path, tiny_bas
     machine (SLURM_NODEID 0 and 1, both "nodes" resolving to this host), one rank per node, over gloo."""
     import json
 
-    from workflow.bootstrap.problems import write_jsonl
-    from workflow.data import DataConfig, prepare
+    from workflow.bootstrap.problems import generate_data
+    from workflow.data import DataConfig, prepare_data
     from workflow.finetune.launch import launch_env
 
-    write_jsonl(str(tmp_path / "rows.jsonl"), 120, seed=0, tracking=tracking)
-    prepare(tmp_path / "rows.jsonl", tiny_base, tmp_path / "data", DataConfig(test_fraction=0.1), tracking)
+    generate_data(str(tmp_path / "rows.jsonl"), 120, seed=0, tracking=tracking)
+    prepare_data(tmp_path / "rows.jsonl", tiny_base, tmp_path / "data", DataConfig(test_fraction=0.1), tracking)
     cfg = FinetuneConfig(launcher=launcher, nproc_per_node=1, zero_stage=2, max_steps=3, micro_batch_size=4, save_steps=3, logging_steps=1)
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

@@ -10,7 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, snakemake
-from workflow.plan import GIB, Architecture, PlanError, Serving, Training, model_states, plan, run, serving_memory, training_memory, Cluster
+from workflow.plan import GIB, Architecture, PlanError, Serving, Training, model_states, plan, plan_for, serving_memory, training_memory, Cluster
 
 # config.json values of the published checkpoints (Hugging Face), written here so no hub is needed.
 QWEN_7B = {  # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-Math-7B architecture)
@@ -137,7 +137,7 @@ def test_70b_with_zero2_fails_with_numbers_and_the_smallest_change_that_fits(tmp
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA_70B))
     with pytest.raises(PlanError) as err:
-        run(str(model), cluster_70b(), tmp_path / "plan.json", tmp_path / "plan.md", tracking)
+        plan(str(model), cluster_70b(), tmp_path / "plan.json", tmp_path / "plan.md", tracking)
     message = str(err.value)
     assert "training does not fit: 312 GiB per GPU > cluster.gpu_memory_gib 80 (ZeRO-2, 16 ranks, micro-batch 1 x 4096 tokens" in message
     assert "smallest change that fits: finetune.zero_stage: 3, finetune.gradient_checkpointing: true, finetune.offload_optimizer: true" in message
@@ -145,7 +145,7 @@ def test_70b_with_zero2_fails_with_numbers_and_the_smallest_change_that_fits(tmp
     changes = result["training"]["suggestion"]["changes"]
     assert not result["fits"] and result["training"]["suggestion"]["memory"]["fits"]
     # the suggestion, applied, fits
-    applied = plan(Architecture.from_hf_config(LLAMA_70B), cluster_70b(**{k.split(".")[1]: v for k, v in changes.items()}))
+    applied = plan_for(Architecture.from_hf_config(LLAMA_70B), cluster_70b(**{k.split(".")[1]: v for k, v in changes.items()}))
     assert applied["fits"], applied["problems"]
     assert "# Plan: DOES NOT FIT" in (tmp_path / "plan.md").read_text()
     runs = MlflowClient(tracking.resolved_uri()).search_runs(
@@ -157,7 +157,7 @@ def test_70b_with_zero2_fails_with_numbers_and_the_smallest_change_that_fits(tmp
 def test_serving_that_cannot_fit_suggests_more_gpus():
     settings = cluster_70b(zero_stage=3, gradient_checkpointing=True, offload_optimizer=True)
     settings["engine"] = settings["engine"] | {"tensorrt_llm": settings["engine"]["tensorrt_llm"] | {"tp_size": 1, "pp_size": 1}}
-    result = plan(Architecture.from_hf_config(LLAMA_70B), settings)
+    result = plan_for(Architecture.from_hf_config(LLAMA_70B), settings)
     assert not result["serving"]["bf16"]["fits"] and result["serving"]["int4_awq"]["fits"]
     # tp 2 would hold 65.7 GiB of weights + 20 GiB of KV cache (64 x 2048 x 80 layers x 2 x 4 heads x 128 x 2 B) + 2: too much
     assert result["serving"]["bf16"]["suggestion"]["changes"] == {"engine.tensorrt_llm.tp_size": 4, "engine.tensorrt_llm.pp_size": 1}
@@ -170,8 +170,8 @@ def test_bad_model_configs_are_refused_with_the_reason(tmp_path):
     with pytest.raises(PlanError, match="mixture-of-experts"):
         Architecture.from_hf_config(QWEN_7B | {"n_routed_experts": 256}, "r1.json")
     with pytest.raises(PlanError, match="config.json not found"):
-        run(str(tmp_path), default_settings(), tmp_path / "p.json", tmp_path / "p.md", None)
-    result = plan(Architecture.from_hf_config(QWEN_7B), default_settings(engine={"backend": "tensorrt_llm"}))
+        plan(str(tmp_path), default_settings(), tmp_path / "p.json", tmp_path / "p.md", None)
+    result = plan_for(Architecture.from_hf_config(QWEN_7B), default_settings(engine={"backend": "tensorrt_llm"}))
     assert "engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0" in result["problems"] and not result["fits"]
 
 

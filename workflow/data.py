@@ -1,6 +1,6 @@
 """prepare_data: read the user's JSONL, check every row, drop duplicates, split, render with the chat template.
 
-    python -c "from workflow.data import prepare; ..."   (normally run by `snakemake results/data/stats.json`)
+    python -c "from workflow.data import prepare_data; ..."   (normally run by `snakemake results/data/stats.json`)
 
 Rows come in OpenAI chat form ({"messages": [{"role", "content", "reasoning_content"?}, ...]}), ShareGPT form
 ({"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...], "system"?}) or alpaca form
@@ -217,7 +217,7 @@ def examples(messages: list[dict], fmt: ChatFormat, where: str, stats: Stats) ->
     return made
 
 
-def prepare(source: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig, tracking: Tracking) -> Stats:
+def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig, tracking: Tracking) -> Stats:
     """Read, check, deduplicate, split and render `source` into out_dir/{train,val,test}.jsonl and stats.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

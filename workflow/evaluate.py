@@ -176,7 +176,7 @@ def gate_failures(metrics: dict, base: dict, min_accuracy: float, min_gain: floa
     return failures
 
 
-def evaluate_finetuned(model_dir: str | Path, test_path: str | Path, base_path: str | Path, out_path: str | Path,
+def evaluate(model_dir: str | Path, test_path: str | Path, base_path: str | Path, out_path: str | Path,
                        report_path: str | Path, cfg: EvalConfig, gate: dict, tracking: Tracking) -> dict:
     """Score the fine-tuned model, compare with the base, write the report, and stop the DAG if the gate fails."""
     base = json.loads(Path(base_path).read_text())["metrics"]

@@ -310,7 +310,7 @@ def model_architecture(model_dir: str | None, bootstrap: dict) -> tuple[Architec
     return Architecture.from_hf_config(json.loads(path.read_text()), str(path)), str(path)
 
 
-def plan(arch: Architecture, settings: dict) -> dict:
+def plan_for(arch: Architecture, settings: dict) -> dict:
     """The plan for the workflow settings passed by the rule (finetune, data, cluster, engine, benchmark, schemes)."""
     cluster = Cluster(**settings["cluster"])
     ft = settings["finetune"]
@@ -420,14 +420,14 @@ def markdown(result: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def run(model_dir: str | None, settings: dict, json_path: str | Path, md_path: str | Path, tracking) -> dict:
+def plan(model_dir: str | None, settings: dict, json_path: str | Path, md_path: str | Path, tracking) -> dict:
     """Write the plan (JSON and Markdown), log it to MLflow, and raise PlanError when it does not fit."""
     import mlflow
 
     from workflow.tracking import job_run
 
     arch, source = model_architecture(model_dir, settings["bootstrap"])
-    result = plan(arch, settings)
+    result = plan_for(arch, settings)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=2))
     Path(md_path).write_text(markdown(result, source))

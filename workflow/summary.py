@@ -1,4 +1,4 @@
-"""The pipeline summary on the parent run: what a reviewer reads in the MLflow UI, refreshed as jobs finish.
+"""The pipeline summary on the parent run: what a reviewer reads in the MLflow UI, refreshed when a run of the workflow ends.
 
     snakemake results/summary/summary.html                  # the summary rule: DAG picture, Snakemake report, summary
     python -m workflow.summary --results results             # refresh by hand (after a promotion, say)
@@ -286,7 +286,7 @@ def snakemake_report(snakefile: str | Path, config_file: Path, out_html: Path) -
         raise RuntimeError(f"summary: `snakemake --report` failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
-def build(snakefile: str | Path, config: dict, out_html: str | Path, out_md: str | Path, dag_svg: str | Path,
+def summary(snakefile: str | Path, config: dict, out_html: str | Path, out_md: str | Path, dag_svg: str | Path,
           report_html: str | Path, tracking: Tracking) -> dict:
     """The summary rule: draw the DAG, write the Snakemake report, refresh the summary, and keep all four files
     in results/summary/ and on the parent run (summary/dag.svg, summary/snakemake-report.html)."""

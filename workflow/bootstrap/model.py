@@ -1,6 +1,6 @@
 """Make the embedded default base model: a small Llama with a DeepSeek-R1-style tokenizer, briefly pretrained.
 
-    python -c "from workflow.bootstrap.model import bootstrap, BootstrapConfig; bootstrap(BootstrapConfig(), 'out')"
+    python -c "from workflow.bootstrap.model import make_base_model, BootstrapConfig; make_base_model(BootstrapConfig(), 'out')"
 
 The base is pretrained on arithmetic word problems written as plain prose, so it knows numbers and
 sums but has never seen the chat template or a think block: a weak model, not noise. Every linear
@@ -156,7 +156,7 @@ def pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts:
     return losses
 
 
-def bootstrap(cfg: BootstrapConfig, out_dir: str | Path) -> dict:
+def make_base_model(cfg: BootstrapConfig, out_dir: str | Path) -> dict:
     """Train the tokenizer, build and pretrain the model, save a Hugging Face checkpoint to out_dir."""
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
@@ -176,14 +176,14 @@ def bootstrap(cfg: BootstrapConfig, out_dir: str | Path) -> dict:
     return {"summary": summary, "losses": losses}
 
 
-def build(cfg: BootstrapConfig, out_dir: str | Path, tracking) -> dict:
-    """bootstrap, tracked as the pipeline's `bootstrap` job."""
+def bootstrap(cfg: BootstrapConfig, out_dir: str | Path, tracking) -> dict:
+    """make_base_model, tracked as the pipeline's `bootstrap` job."""
     import mlflow
 
     from workflow.tracking import describe, job_run
 
     with job_run(tracking, "bootstrap", {"bootstrap": asdict(cfg)}):
-        result = bootstrap(cfg, out_dir)
+        result = make_base_model(cfg, out_dir)
         for step, loss in enumerate(result["losses"], start=1):
             if step % 10 == 0 or step == len(result["losses"]):
                 mlflow.log_metric("pretrain_loss", loss, step=step)

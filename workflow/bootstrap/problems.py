@@ -90,7 +90,7 @@ def make_problems(rows: int, seed: int) -> list[Problem]:
     return [make_problem(rng) for _ in range(rows)]
 
 
-def write_jsonl(path: str, rows: int, seed: int, tracking=None) -> None:
+def generate_data(path: str, rows: int, seed: int, tracking=None) -> None:
     """The generated dataset as chat-form JSONL, tracked as the pipeline's `generate_data` job."""
     from workflow.tracking import describe, job_run, log_dataset
 

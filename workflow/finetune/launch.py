@@ -152,7 +152,7 @@ def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: Finetune
     return job_file
 
 
-def run(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, cfg: FinetuneConfig, seed: int,
+def finetune(model_dir: str | Path, data_dir: str | Path, summary_path: str | Path, cfg: FinetuneConfig, seed: int,
         tracking: Tracking, log_path: str | Path) -> dict:
     """Fine-tune model_dir on data_dir/train.jsonl; write summary_path naming the final checkpoint."""
     # MLflow is imported here, not at the top: benchmarks/finetune_throughput.py launches through this module
