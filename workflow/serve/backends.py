@@ -3,6 +3,9 @@
 In-process: the package is verified and decrypted into a memory-backed folder, the engine and tokenizer are
 loaded from it, and the plaintext folder is deleted again. Upstream: `trtllm-serve` or vLLM on GPU nodes, which
 open the package themselves (the Kubernetes manifests' init container); the gateway only forwards.
+
+Both have one interface, which the gateway's routes call: start, is_ready, not_ready_reason, serving, models,
+complete (a chat or text completion), deploy and undeploy.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from workflow.chat import prompt_ids
 from workflow.engine.build import load_engine
 from workflow.engine.manifest import EngineManifest
 from workflow.package import archive
+from workflow.serve.protocol import BadRequest, max_new_tokens, respond
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,42 @@ class InProcess:
         self.package: dict = {}
         self.error: str | None = None
         self._lock = threading.Lock()
+
+    def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
+        """Begin loading the package (encrypted) or the folder (already opened) given at start, if any."""
+        if package:
+            self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
+        elif model_dir:
+            self.load_in_background(self.load_opened, model_dir)
+
+    async def is_ready(self) -> bool:
+        return self.ready()
+
+    def serving(self) -> bool:
+        return self.ready()
+
+    def not_ready_reason(self) -> str:
+        return self.error or "loading"
+
+    async def models(self, settings) -> dict:
+        self.current()
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ft2prod",
+                                            "package_sha256": self.package.get("sha256")}]}
+
+    async def complete(self, kind: str, req, body: dict, state: dict, settings):
+        """A chat ("chat") or text ("text") completion from the loaded engine."""
+        prompt = (self.chat_prompt([m.model_dump(exclude_none=True) for m in req.messages]) if kind == "chat"
+                  else self.text_prompt(req.prompt))
+        return await respond(req, kind, prompt, self.package["context_length"], self.generate, state, settings)
+
+    def deploy(self, package: str, settings) -> None:
+        self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
+
+    def undeploy(self, package_sha256: str) -> None:
+        if package_sha256 != self.package.get("sha256"):
+            raise BadRequest(f"package_sha256 {package_sha256[:16]}… is not the served package "
+                             f"({str(self.package.get('sha256'))[:16]}…); GET /v1/deployment shows it", 409)
+        self.unload()
 
     def load(self, package: str | Path, trusted, kms) -> None:
         """Open, load, then swap in atomically: requests keep using the old model until the new one is ready."""
@@ -142,11 +183,36 @@ class Upstream:
         self.client = httpx2.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers)
         self.package = {"upstream": self.url}
 
-    async def ready_async(self) -> bool:
+    def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
+        """Nothing to load: the engine server opens the package itself."""
+
+    async def is_ready(self) -> bool:
         try:
             return (await self.client.get("/v1/models", timeout=2.0)).status_code == 200
         except httpx2.HTTPError:
             return False
+
+    def serving(self) -> bool:
+        return True  # readiness is the engine server's: /readyz asks it
+
+    def not_ready_reason(self) -> str:
+        return "the engine server does not answer"
+
+    async def complete(self, kind: str, req, body: dict, state: dict, settings):
+        """Forward the request's body to the engine server and relay its answer."""
+        max_new_tokens(req, settings.limits)
+        status, answer = await self.forward("/v1/chat/completions" if kind == "chat" else "/v1/completions", body)
+        if isinstance(answer, dict):
+            usage = answer.get("usage") or {}
+            state["prompt_tokens"], state["completion_tokens"] = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            return JSONResponse(answer, status)
+        return StreamingResponse(answer, status, media_type="text/event-stream")
+
+    def deploy(self, package: str, settings) -> None:
+        raise BadRequest("this gateway forwards to an upstream engine server: deploy the package there", 409)
+
+    def undeploy(self, package_sha256: str) -> None:
+        raise BadRequest("this gateway forwards to an upstream engine server: undeploy it there", 409)
 
     async def forward(self, path: str, body: dict):
         """(status, JSON) for plain requests, or (status, async byte iterator) for streams."""
@@ -164,7 +230,7 @@ class Upstream:
         await response.aread()
         return response.status_code, response.json()
 
-    async def models(self) -> dict:
+    async def models(self, settings) -> dict:
         response = await self.client.get("/v1/models")
         response.raise_for_status()
         return response.json()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import uvicorn
 
-from workflow.serve.app import Gateway, create_app
+from workflow.serve.app import create_app
 from workflow.serve.backends import InProcess, Upstream
+from workflow.serve.guard import Gateway
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import ensure_certificates, restrict_to_tls13
 

@@ -1,0 +1,126 @@
+"""What every request goes through: the ASGI guard (client address, body limit, metrics, one audit record per
+request) and the gateway's state that the routes share (settings, keys, audit log, metrics, the backend)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from workflow.serve.access import Denied, KeyStore, client_ip
+from workflow.serve.audit import AuditLog
+from workflow.serve.backends import InProcess, Upstream
+from workflow.serve.protocol import error_body
+from workflow.serve.settings import GatewaySettings
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ft2prod_gateway_requests", "Requests by endpoint, status and role",
+                                ["endpoint", "status", "role"], registry=self.registry)
+        self.latency = Histogram("ft2prod_gateway_request_seconds", "Request latency (to the last byte)", ["endpoint"],
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=self.registry)
+        self.tokens = Counter("ft2prod_gateway_tokens", "Prompt and completion tokens", ["kind"], registry=self.registry)
+        self.denied = Counter("ft2prod_gateway_denied", "Refused requests by reason", ["reason"], registry=self.registry)
+        self.ready = Gauge("ft2prod_gateway_ready", "1 when a model is loaded and serving", registry=self.registry)
+        self.in_flight = Gauge("ft2prod_gateway_in_flight", "Requests being served", registry=self.registry)
+
+
+class Guard:
+    """ASGI middleware around every HTTP request: client address, body-size limit, metrics and one audit record
+    written when the last byte of the answer (streams included) has been sent."""
+
+    def __init__(self, app, gateway: Gateway) -> None:
+        self.app, self.gateway = app, gateway
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        g, began = self.gateway, time.perf_counter()
+        state = scope.setdefault("state", {})
+        outcome = {"status": 500}
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        endpoint = scope["path"] if scope["path"] in g.paths else "other"
+        g.metrics.in_flight.inc()
+        try:
+            state["client_ip"] = client_ip(scope["client"][0], headers.get("x-forwarded-for"), g.settings.policy.trusted_proxies)
+            body = await self._bounded_body(receive, headers)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            async def watch(message):
+                if message["type"] == "http.response.start":
+                    outcome["status"] = message["status"]
+                await send(message)
+
+            await self.app(scope, replay, watch)
+        except Denied as denied:
+            state["reason"] = denied.reason
+            outcome["status"] = denied.status
+            await JSONResponse(error_body(str(denied), "invalid_request_error", denied.reason), denied.status)(scope, receive, send)
+        finally:
+            g.metrics.in_flight.dec()
+            g.record(state, scope["method"], endpoint, outcome["status"], time.perf_counter() - began)
+
+    async def _bounded_body(self, receive, headers: dict) -> bytes:
+        limit = self.gateway.settings.limits.max_body_bytes
+        if int(headers.get("content-length") or 0) > limit:
+            raise Denied(413, "body_too_large", f"request body over limits.max_body_bytes = {limit}")
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise Denied(413, "body_too_large", f"request body over limits.max_body_bytes = {limit}")
+            if not message.get("more_body"):
+                return body
+
+
+class Gateway:
+    """The gateway's state: settings, keys, audit log, metrics and what it serves."""
+
+    def __init__(self, settings: GatewaySettings, backend: InProcess | Upstream) -> None:
+        """backend: either kind; both have the interface workflow.serve.backends describes."""
+        self.settings, self.backend = settings, backend
+        self.keys = KeyStore(settings.api_keys)
+        self.audit = AuditLog(settings.audit_path, settings.retention_days)
+        self.metrics = Metrics()
+        self.paths: set[str] = set()
+
+    def record(self, state: dict, method: str, endpoint: str, status: int, seconds: float) -> None:
+        identity = state.get("identity")
+        role = identity.role if identity else "none"
+        event = {"event": "request", "method": method, "endpoint": endpoint, "status": status,
+                 "key_id": identity.key_id if identity else None, "role": role, "client_ip": state.get("client_ip"),
+                 "latency_ms": round(seconds * 1000, 1), "prompt_tokens": state.get("prompt_tokens", 0),
+                 "completion_tokens": state.get("completion_tokens", 0)}
+        for name in ("reason", "detail", "request_id"):
+            if name in state:
+                event[name] = state[name]
+        if self.settings.log_text and "text" in state:
+            event["text"] = state["text"]
+        self.audit.append(event)
+        self.metrics.requests.labels(endpoint, str(status), role).inc()
+        self.metrics.latency.labels(endpoint).observe(seconds)
+        self.metrics.tokens.labels("prompt").inc(state.get("prompt_tokens", 0))
+        self.metrics.tokens.labels("completion").inc(state.get("completion_tokens", 0))
+        if status in (401, 403, 413) or "reason" in state:
+            self.metrics.denied.labels(state.get("reason", str(status))).inc()
+
+    def require(self, permission: str):
+        def check(request: Request) -> None:
+            state = request.scope["state"]
+            identity = self.keys.identify(request.headers.get("authorization"))
+            state["identity"] = identity
+            self.settings.policy.authorize(identity, state["client_ip"], permission)
+
+        return Depends(check)

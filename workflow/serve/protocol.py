@@ -1,0 +1,137 @@
+"""The OpenAI protocol as the gateway speaks it: request bodies, limits on them, and answers (JSON or SSE streams)
+generated from a local engine's token steps."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Literal
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+
+class BadRequest(ValueError):
+    """A request the gateway will not run; the message says what to change."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    reasoning_content: str | None = None
+    """An earlier assistant turn's reasoning, for templates that render it (most drop it from history)."""
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: dict | None = None
+    temperature: float | None = None
+    n: int = 1
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str
+
+
+def error_body(message: str, kind: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def max_new_tokens(req: Sampling, limits) -> int:
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if asked and asked > limits.max_tokens:
+        raise BadRequest(f"max_tokens {asked} is over the gateway's limit of {limits.max_tokens}")
+    return asked or limits.max_tokens
+
+
+def check_sampling(req: Sampling, model_name: str) -> None:
+    if req.model != model_name:
+        raise BadRequest(f"model {req.model!r} is not served here; GET /v1/models lists {model_name!r}", 404)
+    if req.temperature not in (None, 0, 0.0):
+        raise BadRequest(f"temperature {req.temperature} is not supported: this gateway decodes greedily (send 0 or omit it)")
+    if req.n != 1:
+        raise BadRequest(f"n = {req.n} is not supported: one choice per request")
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_length: int,
+                  generate: callable, state: dict, settings):
+    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(prompt_ids, limit)`
+    yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked against
+    the gateway's limits and the model's context length first; state gets the token counts for the audit log."""
+    limit = max_new_tokens(req, settings.limits)
+    if len(prompt_ids) > settings.limits.max_prompt_tokens:
+        raise BadRequest(f"prompt is {len(prompt_ids)} tokens, over the gateway's limit of {settings.limits.max_prompt_tokens}")
+    room = context_length - len(prompt_ids)
+    if limit > room:
+        if req.max_tokens or getattr(req, "max_completion_tokens", None):
+            raise BadRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({limit}) is over the model's context "
+                             f"length of {context_length}; ask for at most {max(room, 0)}")
+        limit = room  # the default limit shrinks to what fits
+    if limit < 1:
+        raise BadRequest(f"prompt ({len(prompt_ids)} tokens) fills the model's context length of {context_length}")
+    state["prompt_tokens"] = len(prompt_ids)
+    request_id = state["request_id"] = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    created, obj = int(time.time()), "chat.completion" if kind == "chat" else "text_completion"
+
+    def choice(text: str, finish: str | None, final: bool) -> dict:
+        if kind == "chat":
+            key = "message" if final else "delta"
+            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+    def usage() -> dict:
+        done = state.get("completion_tokens", 0)
+        return {"prompt_tokens": len(prompt_ids), "completion_tokens": done, "total_tokens": len(prompt_ids) + done}
+
+    def steps() -> Iterator[tuple[str, str | None]]:
+        for delta, finish, count in generate(prompt_ids, limit):
+            state["completion_tokens"] = count
+            yield delta, finish
+
+    if not req.stream:
+        def whole() -> dict:
+            parts, finish = [], None
+            for delta, finish in steps():
+                parts.append(delta)
+            text = "".join(parts)
+            if settings.log_text:
+                state["text"] = {"prompt_tokens": prompt_ids, "output": text}
+            return {"id": request_id, "object": obj, "created": created, "model": settings.model_name,
+                    "choices": [choice(text, finish, final=True)], "usage": usage()}
+        return await run_in_threadpool(whole)
+
+    chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+    def events():
+        for step, (delta, finish) in enumerate(steps()):
+            chunk = choice(delta, finish, final=False)
+            if kind == "chat" and step > 0:
+                del chunk["delta"]["role"]  # OpenAI sends the role in the first chunk only
+            yield sse({"id": request_id, "object": chunk_obj, "created": created, "model": settings.model_name,
+                       "choices": [chunk]})
+        if include_usage:
+            yield sse({"id": request_id, "object": chunk_obj, "created": created, "model": settings.model_name,
+                       "choices": [], "usage": usage()})
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
