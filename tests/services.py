@@ -18,22 +18,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from workflow.finetune.launch import free_port
+from workflow.wait import wait_for
 
 MARIADB_PASSWORD = "slurmdbd-test"  # a throwaway database on loopback, gone when the test ends
-
-
-def wait_for(check, what: str, timeout: float = 60.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def stop_pid_file(path: Path, timeout: float = 30.0) -> None:

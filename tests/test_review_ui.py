@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from workflow.finetune.launch import free_port
+from workflow.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,15 +50,15 @@ def ui(zero2, tmp_path_factory):
         stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
+        def up() -> bool:
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
+                return True
             except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"mlflow server did not come up on {base}:\n{log.read_text()[-3000:]}") from None
-                time.sleep(0.5)
+                assert server.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
+                return False
+
+        wait_for(up, f"the mlflow server on {base}", 120)
         yield base
     finally:
         os.killpg(server.pid, signal.SIGTERM)

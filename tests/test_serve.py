@@ -29,6 +29,7 @@ from workflow.package.kms import LocalKeyFile
 from workflow.serve.access import KeyStore
 from workflow.serve.server import build
 from workflow.serve.tls import client_context
+from workflow.wait import wait_for
 
 MODEL = "tiny-model"
 
@@ -60,16 +61,14 @@ class Served:
         self.url, self.ca = f"https://127.0.0.1:{self.port}", root.parent / "tls" / "ca.pem"
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        def ready() -> bool:
             assert self.process.poll() is None, (self.root / "gateway.log").read_text()
             try:
-                if self.http().get("/readyz").status_code == 200:
-                    return
+                return self.http().get("/readyz").status_code == 200
             except (httpx2.TransportError, FileNotFoundError, ssl.SSLError):
-                pass
-            time.sleep(0.3)
-        raise AssertionError((self.root / "gateway.log").read_text())
+                return False
+
+        wait_for(ready, f"the gateway to be ready; its log: {self.root / 'gateway.log'}", timeout, every=0.3)
 
     def http(self, role: str | None = None, **headers) -> httpx2.Client:
         if role:
@@ -236,9 +235,7 @@ def test_admin_adjusts_limits_undeploys_and_redeploys_refusing_a_tampered_packag
         data[len(data) // 2] ^= 1
         blob.write_bytes(bytes(data))
         assert admin.post("/admin/deploy", json={"package": str(tampered)}).status_code == 202
-        deadline = time.time() + 30
-        while "Tampered" not in gateway.http().get("/readyz").json().get("reason", "") and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: "Tampered" in gateway.http().get("/readyz").json().get("reason", ""), "the refusal", 30, every=0.2)
         assert "TamperedPackage" in gateway.http().get("/readyz").json()["reason"]
         assert admin.post("/admin/deploy", json={"package": str(package)}).status_code == 202
         gateway.wait_ready(60)

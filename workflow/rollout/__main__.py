@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import httpx2
@@ -27,18 +26,18 @@ from workflow.rollout import kubernetes, registry
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import client_context
 from workflow.tracking import Tracking, describe, job_run
+from workflow.wait import wait_for
 
 
 def redeploy_gateway(url: str, ca: Path, admin_key: str, package: Path, digest: str, timeout_s: float = 300) -> None:
     headers = {"Authorization": f"Bearer {admin_key}"}
     with httpx2.Client(base_url=url, verify=client_context(ca), timeout=30, headers=headers) as client:
         client.post("/admin/deploy", json={"package": str(package.resolve())}).raise_for_status()
-        began = time.perf_counter()
-        while time.perf_counter() - began < timeout_s:
-            if client.get("/v1/deployment").json()["package"].get("sha256") == digest:
-                return
-            time.sleep(0.5)
-    raise RuntimeError(f"rollback: {url} did not serve package {digest[:16]}… within {timeout_s} s")
+        try:
+            wait_for(lambda: client.get("/v1/deployment").json()["package"].get("sha256") == digest,
+                     f"{url} to serve package {digest[:16]}…", timeout_s)
+        except TimeoutError as err:
+            raise RuntimeError(f"rollback: {err}") from None
 
 
 def rollback(config: dict, gateway_url: str | None, admin_key: str | None, results_dir: str = "results") -> dict:

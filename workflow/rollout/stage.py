@@ -26,8 +26,8 @@ import mlflow
 import yaml
 from transformers import AutoTokenizer
 
-from workflow.engine.build import load_engine
 from workflow.data import read_split
+from workflow.engine.build import load_engine
 from workflow.evaluate import engine_completions
 from workflow.finetune.launch import free_port
 from workflow.package import archive
@@ -36,6 +36,7 @@ from workflow.serve.access import ROLES, KeyStore
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import client_context, ensure_certificates
 from workflow.tracking import Tracking, describe, job_run, record_gate
+from workflow.wait import wait_for
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per canary request is noise
@@ -83,19 +84,22 @@ class LocalGateway:
     def wait_ready(self, timeout_s: float) -> float:
         began = time.perf_counter()
         with httpx2.Client(base_url=self.url, verify=client_context(self.ca), timeout=5) as client:
-            while time.perf_counter() - began < timeout_s:
+            def ready() -> bool:
                 if self.process.poll() is not None:
                     raise CanaryFailed(f"rollout: the gateway exited with status {self.process.returncode} before it was ready; see {self.log_path}")
                 try:
                     answer = client.get("/readyz")
-                    if answer.status_code == 200:
-                        return time.perf_counter() - began
-                    if "Error" in answer.json().get("reason", ""):
-                        raise CanaryFailed(f"rollout: the gateway could not load the package: {answer.json()['reason']}")
                 except httpx2.TransportError:
-                    pass
-                time.sleep(0.5)
-        raise CanaryFailed(f"rollout: the gateway was not ready within rollout.canary.ready_timeout_s = {timeout_s}")
+                    return False
+                if "Error" in answer.json().get("reason", ""):
+                    raise CanaryFailed(f"rollout: the gateway could not load the package: {answer.json()['reason']}")
+                return answer.status_code == 200
+
+            try:
+                wait_for(ready, "the gateway to load the package", timeout_s)
+            except TimeoutError:
+                raise CanaryFailed(f"rollout: the gateway was not ready within rollout.canary.ready_timeout_s = {timeout_s}") from None
+        return time.perf_counter() - began
 
     def __exit__(self, *exc) -> None:
         self.process.send_signal(signal.SIGTERM)  # graceful: in-flight requests finish
