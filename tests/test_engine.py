@@ -47,6 +47,14 @@ def test_engine_refuses_a_mismatched_target(ort_engine):
         onnxruntime.OrtEngine(moved)
 
 
+def test_an_engine_states_the_quantization_it_really_holds(tiny_base, tmp_path, ort_engine):
+    assert json.loads((ort_engine / MANIFEST).read_text())["algorithm"] == "none: unquantized weights"
+    manifest = onnxruntime.build(tiny_base, tmp_path / "int4", "int4_awq", "cpu", 32, 4, "sha")
+    assert manifest.algorithm == ("int4 weight-only, round-to-nearest (not AWQ: the quantize stage's activation-aware "
+                                  "scales are not applied), block 32")
+    assert json.loads((tmp_path / "int4" / MANIFEST).read_text())["algorithm"] == manifest.algorithm
+
+
 def test_fp8_has_no_onnxruntime_engine():
     with pytest.raises(ValueError, match="scheme fp8 has no ONNX Runtime GenAI engine on cpu .* use engine.backend: tensorrt_llm"):
         onnxruntime.precision_for("fp8", "cpu")
@@ -94,8 +102,9 @@ def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path):
     done = snakemake(tmp_path, config, "-n", "results/engine/tensorrt_llm/fp8")
     job = done.stdout.split("rule build_engine_tensorrt_llm:")[1].split("\n\n")[0]
     assert "gpu=8" in job
-    rules = (REPO / "rules" / "engine.smk").read_text()
-    assert rules.count(f'"{tensorrt_llm.CONTAINER}"') == 2, "both TensorRT-LLM rules run in the pinned release container"
+    for stage in ("engine", "benchmark"):  # build_engine_tensorrt_llm, benchmark_tensorrt_llm
+        rules = (REPO / "rules" / f"{stage}.smk").read_text()
+        assert rules.count(f'"{tensorrt_llm.CONTAINER}"') == 1, f"rules/{stage}.smk: TensorRT-LLM runs in the pinned release container"
 
 
 class TimedEngine:

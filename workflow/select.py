@@ -42,6 +42,7 @@ def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict
             "engine_loss": e["accuracy_loss"] if e else None,
             "engine_mb": e["engine_bytes"] / 2**20 if e else None,
             "engine_precision": e["manifest"]["precision"] if e else None,
+            "engine_algorithm": e["manifest"].get("algorithm") if e else None,
             "output_tokens_per_s": top["output_tokens_per_s"] if top else None,
             "latency_p95_s": top["latency_p95_s"] if top else None,
             "concurrency": top["concurrency"] if top else None,
@@ -76,12 +77,14 @@ def fmt(value, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| scheme | accuracy (quantized) | loss vs fine-tuned | engine accuracy | engine loss | checkpoint MB | engine MB | output tok/s | p95 latency s | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scheme | accuracy (quantized) | loss vs fine-tuned | engine quantization | engine accuracy | engine loss | checkpoint MB "
+        "| engine MB | output tok/s | p95 latency s | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['scheme']} | {r['quantized_accuracy']:.3f} | {r['quantized_loss']:+.3f} | {fmt(r['engine_accuracy'], '.3f')} | "
+            f"| {r['scheme']} | {r['quantized_accuracy']:.3f} | {r['quantized_loss']:+.3f} | {r.get('engine_algorithm') or '–'} | "
+            f"{fmt(r['engine_accuracy'], '.3f')} | "
             f"{fmt(r['engine_loss'], '+.3f')} | {r['checkpoint_mb']:.2f} | {fmt(r['engine_mb'], '.2f')} | "
             f"{fmt(r['output_tokens_per_s'], '.1f')} | {fmt(r['latency_p95_s'], '.3f')} | {r['verdict']} |"
         )

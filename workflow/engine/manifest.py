@@ -42,6 +42,10 @@ class EngineManifest:
     """Tree digest of the checkpoint the engine was built from."""
     build: dict
     """Backend-specific build settings (max batch size, sequence lengths, block size, ...)."""
+    algorithm: str = ""
+    """The quantization actually applied to the weights the engine runs, which can differ from what the scheme's
+    name says: e.g. an ONNX Runtime int4_awq engine holds round-to-nearest int4 weights (the AWQ calibration of the
+    quantize stage does not reach it)."""
 
     def write(self, engine_dir: str | Path) -> None:
         (Path(engine_dir) / MANIFEST).write_text(json.dumps(asdict(self), indent=2))

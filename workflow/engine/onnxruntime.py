@@ -22,6 +22,14 @@ PRECISIONS = {
 }
 
 
+# What each scheme's engine really is here: the builder quantizes the unquantized fine-tuned weights itself.
+ALGORITHMS = {
+    "bf16": "none: unquantized weights",
+    "int8_sq": "int8 weight-only, round-to-nearest (not SmoothQuant: the quantize stage's smoothing is not applied)",
+    "int4_awq": "int4 weight-only, round-to-nearest (not AWQ: the quantize stage's activation-aware scales are not applied)",
+}
+
+
 def precision_for(scheme: str, provider: str) -> str:
     table = PRECISIONS.get(provider)
     if table is None:
@@ -52,7 +60,9 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
     if done.returncode != 0:
         raise RuntimeError(f"build_engine: the ONNX Runtime GenAI builder failed (status {done.returncode}); see {log_path}")
     described = f"{precision} weights" + (f" (MatMulNBits, block {block_size}, round-to-nearest)" if precision in ("int4", "int8") else "")
-    manifest = EngineManifest(scheme=scheme, precision=described, target=target(provider), source_sha256=source_sha256, build=build_options)
+    algorithm = ALGORITHMS[scheme] + (f", block {block_size}" if precision in ("int4", "int8") else "")
+    manifest = EngineManifest(scheme=scheme, precision=described, target=target(provider), source_sha256=source_sha256,
+                              build=build_options, algorithm=algorithm)
     manifest.write(engine_dir)
     return manifest
 

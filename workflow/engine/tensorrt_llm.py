@@ -124,7 +124,9 @@ def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
     llm.save(build_plan.engine_dir)
     here = target(build_plan.settings.tp_size, build_plan.settings.pp_size)
     manifest = EngineManifest(build_plan.scheme, build_plan.quant_algo or "bf16", here, source_sha256,
-                              {"release": RELEASE, **asdict(build_plan.settings)})
+                              {"release": RELEASE, **asdict(build_plan.settings)},
+                              algorithm=f"ModelOpt {build_plan.quant_algo}, calibrated by the quantize stage"
+                              if build_plan.quant_algo else "none: unquantized weights")
     manifest.write(build_plan.engine_dir)
     return manifest
 
