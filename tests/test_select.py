@@ -9,7 +9,7 @@ def quantized(scheme, accuracy, max_loss=0.05, baseline=0.8):
 
 
 def engine(scheme, accuracy, baseline=0.8):
-    return accuracy_gate(scheme, accuracy, baseline, 0.05) | {"engine_bytes": 2**20, "manifest": {"precision": "int4"}}
+    return accuracy_gate(scheme, accuracy, baseline, 0.05) | {"engine_bytes": 2**20, "manifest": {"precision": "int4", "algorithm": "int4 RTN"}}
 
 
 def bench(tokens_per_s, p95):
@@ -32,7 +32,7 @@ def test_every_scheme_gets_a_verdict_with_its_numbers():
     assert rows["bf16"]["verdict"] == "eligible" and rows["int4_awq"]["verdict"] == "eligible"
     assert rows["fp8"]["verdict"] == "no onnxruntime engine for fp8"
     assert rows["int8_sq"]["verdict"] == "dropped: int8_sq: accuracy loss +0.100 (0.800 -> 0.700) > quantize.max_accuracy_loss.int8_sq 0.050"
-    assert "| int4_awq | 0.780 | +0.020 | 0.790 | +0.010 |" in table(list(rows.values()))
+    assert "| int4_awq | 0.780 | +0.020 | int4 RTN | 0.790 | +0.010 |" in table(list(rows.values()))
 
 
 def test_policies_choose_among_eligible_schemes():
