@@ -249,7 +249,37 @@ def refresh(tracking: Tracking, results_dir: str | Path | None = None) -> dict:
             tags["ft2prod.package.sha256"] = data["summary"]["package_sha256"]
         for key, value in tags.items():
             client.set_tag(parent_id, key, value)
+        log_headline(client, parent_id, data)
         return data
+
+
+def headline(data: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """The numbers and choices that compare pipeline runs side by side in the MLflow runs table."""
+    evaluation, selection = data["evaluation"] or {}, data["selection"] or {}
+    metrics = {f"finetuned_{k}": v for k, v in (evaluation.get("metrics") or {}).items() if k in ("accuracy", "perplexity")}
+    metrics |= {f"base_{k}": v for k, v in (evaluation.get("base") or {}).items() if k in ("accuracy", "perplexity")}
+    if "accuracy" in (evaluation.get("metrics") or {}):
+        metrics["gain_over_base"] = evaluation["metrics"]["gain_over_base"]
+    chosen = next((row for row in selection.get("evidence", []) if row["scheme"] == selection.get("selected")), None)
+    if chosen and chosen.get("output_tokens_per_s") is not None:
+        metrics |= {"selected_output_tokens_per_s": chosen["output_tokens_per_s"], "selected_latency_p95_s": chosen["latency_p95_s"]}
+    params = {"selected_scheme": data["summary"]["selected"], "package_sha256": data["summary"]["package_sha256"],
+              "base_model": data["base_model"]}
+    return {k: float(v) for k, v in metrics.items() if v is not None}, {k: v for k, v in params.items() if v}
+
+
+def log_headline(client: MlflowClient, parent_id: str, data: dict) -> None:
+    """Headline metrics and params on the parent run. Params cannot change in MLflow: one that a rerun changed (a
+    new selected scheme, say) keeps its first value there, and the ft2prod.* tags hold the current one."""
+    metrics, params = headline(data)
+    for key, value in metrics.items():
+        client.log_metric(parent_id, key, value)
+    logged = client.get_run(parent_id).data.params
+    for key, value in params.items():
+        if key not in logged:
+            client.log_param(parent_id, key, value)
+        elif logged[key] != str(value):
+            log.warning("parent run param %s stays %s (now %s: see the tags)", key, logged[key], value)
 
 
 def refresh_quietly(tracking: Tracking) -> None:

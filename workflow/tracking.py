@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "ft2prod.results_dir"
 GATE_TAG = "ft2prod.gate"
 NOTE_TAG = "mlflow.note.content"  # the run page's Markdown "Description"
+EXPERIMENT_KIND = "mlflow.experimentKind"
 MAX_TAG_CHARS = 7900  # MLflow refuses tag values over 8000 characters
 GATED = {stage.name for stage in STAGES if stage.gated}
 SECRET_WORDS = {"key", "secret", "token", "password", "passphrase", "credential", "credentials"}
@@ -84,12 +85,15 @@ class Tracking:
 def _experiment_id(tracking: Tracking) -> str:
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
+        if EXPERIMENT_KIND not in experiment.tags:
+            MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return experiment.experiment_id
     artifact_location = None
     if tracking.resolved_uri().startswith("sqlite:"):
         # Without a server, artifacts go beside the store rather than into ./mlruns of whatever cwd.
         artifact_location = (Path(tracking.results_dir) / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location)
+    # The UI opens a model-training experiment in its classic runs view, not the GenAI evaluation view.
+    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
 def pipeline_run_id(tracking: Tracking) -> str:
