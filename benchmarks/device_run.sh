@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a $O
 python3 -c "import torch, transformers, deepspeed, liger_kernel, inspect; from torch.nn.attention.varlen import varlen_attn; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__); print('varlen_attn', inspect.signature(varlen_attn))" 2>&1 | tee -a $OUT/device.txt
 [ -n "${SKIPTEST:-}" ] || python3 -m pytest -q -p no:cacheprovider tests/test_finetune_units.py -k "varlen or speed" 2>&1 | tail -5 | tee -a $OUT/device.txt
 B="python3 benchmarks/finetune_throughput.py --steps ${STEPS:-25} --warmup 5 --lr 1e-4"
-# The numbers in the README, on nvidia-h200-x2: the 1B shape's variants on GPU 0 while the 1.5B pair and the
+# The numbers in docs/finetuning.md, on nvidia-h200-x2: the 1B shape's variants on GPU 0 while the 1.5B pair and the
 # mixed-length pair run on GPU 1, then ZeRO-2 against ZeRO-3 across both GPUs (add --consolidate to also run the
 # export stage's consolidation of their checkpoints). Timeouts keep the whole call inside 10 minutes.
 headline() {

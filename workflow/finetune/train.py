@@ -217,7 +217,7 @@ def collator(cfg: FinetuneConfig, speed: SpeedSettings):
 
 class PaddingFree:
     """Micro-batches without padding: rows of one length are stacked as they are, so attention runs batched
-    (cuDNN's fused attention on an H100, faster than the varlen kernel: measured in the README); rows of
+    (cuDNN's fused attention on an H100, faster than the varlen kernel: measured in docs/finetuning.md); rows of
     different lengths are packed into one row with restarting position ids and sequence boundaries.
     Both give the loss the same targets: the first token of each row is never a target."""
 
