@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Train
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.launch import launch_command
 from workflow.finetune.speed import compile_decoder_layers, decoder_layers, register_varlen_attention, resolve, varlen_available
-from workflow.finetune.train import PaddingFree, StopOnNonFiniteLoss, pad_to_longest
+from workflow.finetune.memory import checkpointed_indices, memory_plan
+from workflow.finetune.train import CheckpointLayers, PaddingFree, StopOnNonFiniteLoss, pad_to_longest
 
 
 @pytest.mark.parametrize(
@@ -20,6 +21,7 @@ from workflow.finetune.train import PaddingFree, StopOnNonFiniteLoss, pad_to_lon
         ({"offload_optimizer": True, "zero_stage": 0}, "finetune.offload_optimizer needs zero_stage 1, 2 or 3"),
         ({"zero_tuning": "fast"}, "finetune.zero_tuning must be one of auto, stock (got 'fast')"),
         ({"torch_compile": "yes"}, "finetune.torch_compile must be one of true, false (got 'yes')"),
+        ({"gradient_checkpointing": "some"}, "finetune.gradient_checkpointing must be one of true, false, auto (got 'some')"),
     ],
 )
 def test_invalid_settings_are_refused(settings, message):
@@ -272,3 +274,32 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_base, tracking, tm
     assert "compiled the forward of 2 decoder layers with torch.compile" in (tmp_path / "compiled-True" / "finetune.log").read_text()
     assert len(losses[True]) == 3
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_checkpointing_resolves_from_the_plan_on_gpus_and_to_nothing_on_cpus(tiny_base):
+    cfg = FinetuneConfig(precision="bf16", micro_batch_size=1)
+    assert cfg.gradient_checkpointing == "auto"
+    cpu = memory_plan(cfg, tiny_base, world_size=2, gpu_bytes=None, longest_row=64, liger_kernel=False)
+    assert cpu["checkpointed_layers"] == 0 and cpu["predicted_peak_gib"] is None
+    roomy = memory_plan(cfg, tiny_base, world_size=2, gpu_bytes=80 * 2**30, longest_row=64, liger_kernel=True)
+    assert roomy["checkpointed_layers"] == 0 and roomy["fits"] and 0 < roomy["predicted_peak_gib"] < roomy["limit_gib"] == 72.0
+    # a GPU just large enough for the run with both layers recomputed: auto then checkpoints, and fits
+    full = memory_plan(FinetuneConfig(precision="bf16", micro_batch_size=1, gradient_checkpointing=True), tiny_base, 2, 80 * 2**30, 8192, True)
+    none = memory_plan(FinetuneConfig(precision="bf16", micro_batch_size=1, gradient_checkpointing=False), tiny_base, 2, 80 * 2**30, 8192, True)
+    assert full["predicted_peak_gib"] < none["predicted_peak_gib"]
+    tight = memory_plan(cfg, tiny_base, 2, int((full["predicted_peak_gib"] + 1e-3) * 2**30 / 0.9), 8192, True)
+    assert tight["checkpointed_layers"] in (1, 2) and tight["fits"]
+    assert memory_plan(FinetuneConfig(gradient_checkpointing=True), tiny_base, 2, None, 64, False)["checkpointed_layers"] == 2
+
+
+def test_only_the_chosen_layers_recompute(tiny_base):
+    assert checkpointed_indices(9, 32) == [3, 7, 10, 14, 17, 21, 24, 28, 31]
+    assert checkpointed_indices(32, 32) == list(range(32)) and checkpointed_indices(0, 32) == []
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    CheckpointLayers(1).on_train_begin(None, None, None, model=model)
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [False, True]
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -47,7 +47,9 @@ class FinetuneConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"
+    """auto: on GPUs the fewest decoder layers recompute their activations for the run to fit (the planner's memory
+    model on the GPU that trains; none when everything fits, none on CPUs); true: every layer; false: none."""
     packing: bool = True
     """Padding-free micro-batches with per-sequence position ids (block-diagonal attention)."""
     attention: str = "auto"
@@ -80,6 +82,7 @@ class FinetuneConfig:
             "optimizer": tuple(OPTIMIZERS),
             "zero_tuning": ZERO_TUNING,
             "torch_compile": (True, False),
+            "gradient_checkpointing": (True, False, "auto"),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
