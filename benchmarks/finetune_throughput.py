@@ -79,7 +79,7 @@ SHAPES = {
 }
 VARIANTS = {
     "baseline": dict(zero_stage=2, packing=False, attention="sdpa", liger_kernel=False, optimizer="adamw_foreach", dataloader_workers=0,
-                     zero_tuning="stock", gradient_checkpointing=False),
+                     zero_tuning="stock", gradient_checkpointing=False, micro_batch_fill="off"),
     "optimized": dict(zero_stage=2),
     "optimized-zero3": dict(zero_stage=3),
     # One optimization off at a time (to see what each is worth).
@@ -89,6 +89,8 @@ VARIANTS = {
     "optimized-stock-zero": dict(zero_stage=2, zero_tuning="stock"),
     "optimized-zero3-stock-zero": dict(zero_stage=3, zero_tuning="stock"),
     "optimized-compile": dict(zero_stage=2, torch_compile=True),
+    "optimized-no-fill": dict(zero_stage=2, micro_batch_fill="off"),
+    "optimized-zero3-no-fill": dict(zero_stage=3, micro_batch_fill="off"),
     # Every decoder layer checkpointed by hand, against gradient_checkpointing: auto (the defaults).
     "optimized-full-ckpt": dict(zero_stage=2, gradient_checkpointing=True),
     "optimized-zero3-full-ckpt": dict(zero_stage=3, gradient_checkpointing=True),
@@ -191,7 +193,8 @@ def run_variant(name: str, args, model_dir: Path, data_dir: Path, out: Path) -> 
     result = {"variant": name, "settings": settings, "speed": summary["speed"], **summary["throughput"],
               "losses": losses, "wall_seconds": wall, "checkpoint": summary["checkpoint"], "cfg": cfg, "memory": summary["memory"]}
     memory = summary["memory"]
-    print(f"   {result['tokens_per_second']:.0f} tokens/s over {result['timed_steps']} steps, peak "
+    print(f"   micro-batch {memory['micro_batch_size']} x accumulation {memory['gradient_accumulation_steps']}; "
+          f"{result['tokens_per_second']:.0f} tokens/s over {result['timed_steps']} steps, peak "
           f"{result['peak_memory_gib'] or 0:.1f} GiB (planner: {memory['predicted_peak_gib']} GiB; {memory['checkpointed_layers']} of "
           f"{memory['num_layers']} layers checkpointed), losses {losses[0]:.3f} -> {losses[-1]:.3f}, wall {wall:.0f} s", flush=True)
     return result

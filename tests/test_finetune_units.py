@@ -1,5 +1,6 @@
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Train
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.launch import launch_command
 from workflow.finetune.speed import compile_decoder_layers, decoder_layers, register_varlen_attention, resolve, varlen_available
-from workflow.finetune.memory import checkpointed_indices, memory_plan
+from workflow.finetune.memory import checkpointed_indices, fill_micro_batch, memory_plan
 from workflow.finetune.train import CheckpointLayers, PaddingFree, StopOnNonFiniteLoss, pad_to_longest
 
 
@@ -22,6 +23,7 @@ from workflow.finetune.train import CheckpointLayers, PaddingFree, StopOnNonFini
         ({"zero_tuning": "fast"}, "finetune.zero_tuning must be one of auto, stock (got 'fast')"),
         ({"torch_compile": "yes"}, "finetune.torch_compile must be one of true, false (got 'yes')"),
         ({"gradient_checkpointing": "some"}, "finetune.gradient_checkpointing must be one of true, false, auto (got 'some')"),
+        ({"micro_batch_fill": "on"}, "finetune.micro_batch_fill must be one of auto, off (got 'on')"),
     ],
 )
 def test_invalid_settings_are_refused(settings, message):
@@ -160,7 +162,8 @@ def test_zero_buckets_auto_follow_model_and_ranks():
     one = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=1)["zero_optimization"]
     assert (one["reduce_bucket_size"], one["overlap_comm"]) == (1_200_000_000, False)
     two = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=2)["zero_optimization"]
-    assert (two["reduce_bucket_size"], two["overlap_comm"]) == (500_000_000, True)
+    assert (two["reduce_bucket_size"], two["overlap_comm"], two["use_multi_rank_bucket_allreduce"]) == (500_000_000, True, False)
+    assert "use_multi_rank_bucket_allreduce" not in one
     tiny = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=3_000_000, world_size=2)["zero_optimization"]
     assert tiny["reduce_bucket_size"] == 3_000_000  # allocated up front, twice: not DeepSpeed's 500 M for a small model
     gpu = 80 * 2**30
@@ -303,3 +306,16 @@ def test_only_the_chosen_layers_recompute(tiny_base):
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_micro_batch_fill_keeps_the_rows_per_step_and_fits(tiny_base):
+    cfg = FinetuneConfig(precision="bf16", micro_batch_size=1, gradient_accumulation_steps=6)
+    filled, plan = fill_micro_batch(cfg, tiny_base, 2, 80 * 2**30, 64, True)
+    assert (filled.micro_batch_size, filled.gradient_accumulation_steps) == (6, 1) and plan["fits"]
+    assert fill_micro_batch(cfg, tiny_base, 2, None, 64, True)[0] == cfg  # CPU ranks: as configured
+    assert fill_micro_batch(replace(cfg, micro_batch_fill="off"), tiny_base, 2, 80 * 2**30, 64, True)[0].micro_batch_size == 1
+    # a GPU that holds 2 rows of 8192 tokens without checkpointing but not 3 or 6: 2 x 3
+    two = memory_plan(replace(cfg, micro_batch_size=2, gradient_checkpointing=False), tiny_base, 2, 80 * 2**30, 8192, True)
+    gpu = int((two["predicted_peak_gib"] + 1e-3) * 2**30 / 0.9)
+    filled, plan = fill_micro_batch(replace(cfg, gradient_checkpointing=False), tiny_base, 2, gpu, 8192, True)
+    assert (filled.micro_batch_size, filled.gradient_accumulation_steps) == (2, 3) and plan["checkpointed_layers"] == 0

@@ -9,6 +9,7 @@ checkpointing only what memory needs is faster than checkpointing every layer.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from workflow.finetune.config import FinetuneConfig
@@ -53,3 +54,22 @@ def memory_plan(cfg: FinetuneConfig, model_dir: str | Path, world_size: int, gpu
 def checkpointed_indices(count: int, layers: int) -> list[int]:
     """Which of `layers` decoder layers recompute: `count` of them, spread evenly (every layer for count == layers)."""
     return [i for i in range(layers) if (i * count) // layers != ((i + 1) * count) // layers]
+
+
+def fill_micro_batch(cfg: FinetuneConfig, model_dir: str | Path, world_size: int, gpu_bytes: int | None, longest_row: int,
+                     liger_kernel: bool) -> tuple[FinetuneConfig, dict]:
+    """micro_batch_fill auto: the largest micro-batch that divides the rows per optimizer step (micro_batch_size x
+    gradient_accumulation_steps) and fits without checkpointing more layers than the configured micro-batch needs,
+    with the accumulation that keeps the rows per step; and its memory plan. Unchanged on CPUs and with fill off."""
+    configured = memory_plan(cfg, model_dir, world_size, gpu_bytes, longest_row, liger_kernel)
+    rows = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    if cfg.micro_batch_fill != "auto" or gpu_bytes is None or cfg.gradient_accumulation_steps == 1:
+        return cfg, configured
+    for size in range(rows, cfg.micro_batch_size, -1):
+        if rows % size:
+            continue
+        trial = replace(cfg, micro_batch_size=size, gradient_accumulation_steps=rows // size)
+        plan = memory_plan(trial, model_dir, world_size, gpu_bytes, longest_row, liger_kernel)
+        if plan["fits"] and plan["checkpointed_layers"] <= configured["checkpointed_layers"]:
+            return trial, plan
+    return cfg, configured

@@ -26,7 +26,7 @@ from transformers import (
     TrainingArguments,
 )
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
-from workflow.finetune.memory import checkpointed_indices, memory_plan
+from workflow.finetune.memory import checkpointed_indices, fill_micro_batch
 from workflow.finetune.speed import (
     VARLEN,
     SpeedSettings,
@@ -272,9 +272,12 @@ def train(job: dict) -> dict:
     save = job.get("save_checkpoints", True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
-    ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
     train_rows = TokenDataset(Path(job["data_dir"]) / "train.jsonl")
-    memory = memory_plan(cfg, job["model_dir"], world_size, gpu_bytes, max(len(r["input_ids"]) for r in train_rows.rows), speed.liger_kernel)
+    configured = cfg
+    cfg, memory = fill_micro_batch(cfg, job["model_dir"], world_size, gpu_bytes, max(len(r["input_ids"]) for r in train_rows.rows),
+                                   speed.liger_kernel)
+    memory |= {"micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+    ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
     checkpointed = memory["checkpointed_layers"]
     args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=has_val, save=save,
                               checkpointing=checkpointed > 0)
@@ -291,6 +294,9 @@ def train(job: dict) -> dict:
             log.info("skipped %s", reason)
         log.info("gradient_checkpointing %s: %d of %d decoder layers recompute; predicted peak %s GiB per GPU (limit %s GiB)",
                  cfg.gradient_checkpointing, checkpointed, memory["num_layers"], memory["predicted_peak_gib"], memory["limit_gib"])
+        if cfg != configured:
+            log.info("micro_batch_fill auto: micro-batch %d x accumulation %d (configured %d x %d; same rows per optimizer step)",
+                     cfg.micro_batch_size, cfg.gradient_accumulation_steps, configured.micro_batch_size, configured.gradient_accumulation_steps)
         if on_cpu and cfg.gradient_checkpointing == "auto":
             log.info("skipped gradient_checkpointing auto: CPU ranks checkpoint nothing (the plan checks host memory)")
         elif not memory["fits"]:
@@ -373,6 +379,8 @@ def record_speed(run_id: str | None, speed: SpeedSettings, zero: dict, memory: d
         client.log_param(run_id, f"resolved.{key}", value)
     client.log_param(run_id, "resolved.zero_optimization", json.dumps(zero))
     client.log_param(run_id, "resolved.checkpointed_layers", f"{memory['checkpointed_layers']} of {memory['num_layers']}")
+    client.log_param(run_id, "resolved.micro_batch_size", memory["micro_batch_size"])
+    client.log_param(run_id, "resolved.gradient_accumulation_steps", memory["gradient_accumulation_steps"])
     if memory["predicted_peak_gib"] is not None:
         client.log_param(run_id, "resolved.predicted_peak_gib", memory["predicted_peak_gib"])
     if speed.skipped:
