@@ -166,8 +166,11 @@ def run_variant(name: str, args, model_dir: Path, data_dir: Path, out: Path) -> 
     }
     profiled = args.profile is not None and (not args.profile or name in args.profile)
     if profiled:
-        # Three more steps, profiled after the timed ones (the profiler's overhead stays out of the timing).
+        # Three more steps, profiled after the timed ones (the profiler's overhead stays out of the timing), with
+        # the same number of warm-up steps as the other variants (the Trainer rounds ratio x steps up), so that the
+        # learning rates, and the losses, of the timed steps stay comparable.
         settings["max_steps"] = args.steps + 3
+        settings["warmup_ratio"] = (math.ceil(settings["warmup_ratio"] * args.steps) - 0.5) / (args.steps + 3)
     cfg = FinetuneConfig(**settings)
     work = args.work / f"{args.shape_name}-{name}-{args.nproc}gpu"
     shutil.rmtree(work, ignore_errors=True)

@@ -136,6 +136,8 @@ class Training:
     """Liger's kernels (CUDA only): fewer saved activations per layer, and a loss that never holds the logits."""
     zero_tuning: str = "auto"
     """auto or stock: sizes DeepSpeed's gradient buckets (workflow.finetune.config.zero_knobs)."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step; None (not known to the plan rule) counts as several."""
 
     @property
     def ranks(self) -> int:
@@ -196,14 +198,14 @@ def layer_activation_bytes(arch: Architecture, t: Training) -> float:
     """Bytes one decoder layer keeps per token for the backward pass (FlashAttention/cuDNN attention: no seq^2 term).
 
     With Liger's kernels a Llama/Qwen block keeps its input and the post-attention residual (2h), both norm outputs
-    (2h), the rotated Q, K and V and the attention output with its contiguous copy for o_proj (3q + 2kv), and of the
-    MLP 2i: fitted to peaks measured on H200s (8B shape, 16k and 32k tokens with 9 and 22 of 32 layers recomputed,
-    where 3i, the gate, up and product tensors, over-predicted by 9-10 %). The model's own layers keep the norms' fp32
-    copies (+4h) and the MLP's gate, SiLU, up and product (4i): within 1 % of the measured stock peak at 4k tokens.
+    (2h), the rotated Q, K and V and the attention output with its contiguous copy for o_proj (3q + 2kv), and the
+    MLP's gate, up and product (3i). The model's own layers add the norms' fp32 copies (+4h) and SiLU's output (+i).
+    Peaks measured on H200s (8B shape, 4k-32k tokens, ZeRO-2 and 3, none, some or all layers recomputed) are within
+    -1 % to +4 % of the prediction (README, Fine-tuning speed on GPUs; tests/test_plan.py).
     """
     a = 2 if t.precision == "bf16" else 4
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
-    elements = (4 * h + 3 * q + 2 * kv + 2 * i) if t.liger_kernel else (8 * h + 3 * q + 2 * kv + 4 * i)
+    elements = (4 * h + 3 * q + 2 * kv + 3 * i) if t.liger_kernel else (8 * h + 3 * q + 2 * kv + 4 * i)
     return float(a * elements)
 
 
@@ -262,7 +264,11 @@ def training_memory(arch: Architecture, t: Training, cluster: Cluster) -> dict:
     step_only = ("fp32_gradients", "gradient_copy")
     backward_only = ("activations", "logits")
     resident = sum(v for k, v in per.items() if k not in step_only + backward_only)
-    phases = {"forward_backward": resident + sum(per[k] for k in backward_only), "optimizer_step": resident + sum(per[k] for k in step_only)}
+    # ZeRO-2 frees its 16-bit gradient partition after each optimizer step and builds it again in the next backward
+    # pass: without accumulation the forward pass, where activations peak, runs without it (measured: README).
+    unbuilt = per["gradients"] if t.zero_stage == 2 and t.gradient_accumulation_steps == 1 else 0.0
+    phases = {"forward_backward": resident - unbuilt + sum(per[k] for k in backward_only),
+              "optimizer_step": resident + sum(per[k] for k in step_only)}
     device = max(phases.values())
     on_gpu = cluster.gpus_per_node > 0
     host = t.ranks_per_node * (host_offload + (0.0 if on_gpu else device))

@@ -33,6 +33,7 @@ def memory_plan(cfg: FinetuneConfig, model_dir: str | Path, world_size: int, gpu
         offload_params=cfg.offload_params, micro_batch_size=cfg.micro_batch_size, seq_len=longest_row,
         gradient_checkpointing=cfg.gradient_checkpointing, ranks_per_node=world_size, lora_r=cfg.lora.r,
         lora_targets=tuple(cfg.lora.target_modules), liger_kernel=liger_kernel, zero_tuning=cfg.zero_tuning,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
     on_gpu = gpu_bytes is not None
     limit = gpu_bytes * (1 - HEADROOM) / GIB if on_gpu else 0.0
