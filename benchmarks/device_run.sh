@@ -64,6 +64,10 @@ final() {
     timeout 85 $B --shape llama-8b --nproc 2 --seq 32768 --micro-batch 1 --steps 6 --warmup 2 --log-every 2 \
         --variants optimized --work /tmp/b --out /tmp/out/s32768 > /tmp/out-32768.txt 2>&1
 }
+# The 1B pair on one GPU (nvidia-h200), to check the 1B goals still hold with the current defaults.
+onegpu() {
+    timeout 200 $B --shape llama-1b --variants baseline optimized --work /tmp/b0 --out /tmp/out/llama > /tmp/out-llama.txt 2>&1
+}
 ${PHASE:-headline}
 cp /tmp/out-*.txt $OUT/ 2>/dev/null
 tar czf $OUT/logs.tar.gz -C /tmp out 2>/dev/null
