@@ -162,8 +162,9 @@ def test_zero_buckets_auto_follow_model_and_ranks():
     one = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=1)["zero_optimization"]
     assert (one["reduce_bucket_size"], one["overlap_comm"]) == (1_200_000_000, False)
     two = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=2)["zero_optimization"]
-    assert (two["reduce_bucket_size"], two["overlap_comm"], two["use_multi_rank_bucket_allreduce"]) == (500_000_000, True, False)
-    assert "use_multi_rank_bucket_allreduce" not in one
+    assert (two["reduce_bucket_size"], two["overlap_comm"]) == (500_000_000, True)
+    # Reducing each slice to its owner instead of all-reducing whole buckets measured no faster on 2 H200s (README).
+    assert "use_multi_rank_bucket_allreduce" not in two
     tiny = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=3_000_000, world_size=2)["zero_optimization"]
     assert tiny["reduce_bucket_size"] == 3_000_000  # allocated up front, twice: not DeepSpeed's 500 M for a small model
     gpu = 80 * 2**30

@@ -171,10 +171,6 @@ def zero_knobs(stage: int, parameters: int, world_size: int, gpu_bytes: int | No
     alone = world_size == 1
     # DeepSpeed allocates the bucket (two with overlap_comm) up front: never larger than the model.
     knobs = {"reduce_bucket_size": parameters if alone else min(parameters, DEEPSPEED_BUCKET), "overlap_comm": not alone}
-    if stage == 2 and not alone:
-        # By default ZeRO-2 all-reduces every bucket whole and each rank keeps its partition; reducing each slice
-        # to the rank that owns it sends half the bytes on two ranks (measured on 2 H200s: README).
-        knobs["use_multi_rank_bucket_allreduce"] = False
     if stage == 3:
         small = gpu_bytes is not None and 2 * parameters * 16 <= gpu_bytes
         if alone or small:
