@@ -23,8 +23,14 @@ def dataset_file(wildcards=None):
     return config["data"]["path"]
 
 
+def training_template(wildcards=None):
+    """A training template file given as data.chat_template is an input, so editing it reruns prepare_data."""
+    value = config["data"]["chat_template"]
+    return [] if value in ("auto", "model") else [value]
+
+
 def data_settings():
-    keys = ("on_bad_row", "val_fraction", "test_fraction", "max_seq_len")
+    keys = ("on_bad_row", "val_fraction", "test_fraction", "max_seq_len", "chat_template", "reasoning_turns")
     return {key: config["data"][key] for key in keys} | {"seed": config["seed"]}
 
 

@@ -45,6 +45,7 @@ rule prepare_data:
     input:
         dataset=dataset_file,
         model=base_model_dir,
+        template=training_template,
         plan=plan_done(),
     output:
         train=f"{RESULTS}/data/train.jsonl",

@@ -3,7 +3,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from workflow.data import DataConfig, DataError, Stats, prepare, read_rows, render, split_of, to_messages
+from workflow.chat import ChatFormat
+from workflow.data import DataConfig, DataError, Stats, prepare, read_rows, split_of, to_messages
 
 CHAT = {"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "reasoning_content": "2 + 3 = 5", "content": "The answer is 5."}]}
 
@@ -18,10 +19,20 @@ def test_alpaca_rows_become_chats():
     assert messages == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
 
 
+def test_sharegpt_rows_and_inline_reasoning_become_chats():
+    row = {"system": "Be brief.", "conversations": [{"from": "human", "value": "2 + 3?"},
+                                                    {"from": "gpt", "value": "<think>\n2 + 3 = 5\n</think>\n\nThe answer is 5."}]}
+    assert to_messages(row, "f:1") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"},
+                                       {"role": "assistant", "content": "The answer is 5.", "reasoning_content": "2 + 3 = 5"}]
+    # R1-style generations carry </think> without the opening tag (the prompt opened it)
+    assert to_messages({"instruction": "q", "output": "2 + 3 = 5\n</think>\n\nThe answer is 5."}, "f:2")[-1] == \
+        {"role": "assistant", "content": "The answer is 5.", "reasoning_content": "2 + 3 = 5"}
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"text": "hi"}, "expected 'messages' (chat form) or 'instruction'/'output' (alpaca form); found keys ['text']"),
+        ({"text": "hi"}, "expected 'messages' (chat form), 'conversations' (ShareGPT form) or 'instruction'/'output' (alpaca form); found keys ['text']"),
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role must be one of system, user, assistant (got 'bot')"),
         ({"messages": [{"role": "user", "content": "x"}]}, "the last message must be the assistant's answer"),
@@ -70,7 +81,8 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_base):
         {"role": "user", "content": "And now with 1 more?"},
         {"role": "assistant", "content": "The answer is 3."},
     ]
-    input_ids, labels = render(messages, tokenizer)
+    example = ChatFormat.probe(tokenizer).example(to_messages({"messages": messages}, "row"))
+    input_ids, labels = example.input_ids, example.labels
     assert len(input_ids) == len(labels)
     trained = tokenizer.decode([t for t in labels if t != -100])
     assert trained == ("2 + 0 = 2\n</think>\n\nThe answer is 2." + tokenizer.eos_token
@@ -88,7 +100,7 @@ def test_prepare_deduplicates_splits_and_records(tmp_path, tiny_base, tracking):
     assert {name: len(lines) for name, lines in written.items()} == stats.rows
     assert len(stats.digests["train"]) == 64
     test_row = json.loads(written["test"][0])
-    assert set(test_row) == {"messages", "input_ids", "labels"}
+    assert set(test_row) == {"messages", "answer", "input_ids", "labels"}
 
 
 def test_prepare_fails_on_empty_test_split(tmp_path, tiny_base, tracking):

@@ -1,6 +1,7 @@
 from workflow.evaluate import Completion, final_answer, gate_failures, score
 
-ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is 5."}]}
+ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is 5."}],
+       "answer": "The answer is 5."}
 
 
 def test_final_answer_is_text_after_the_last_think_block():
@@ -14,10 +15,10 @@ def test_score_counts_exact_answers_and_format():
         Completion("2 + 3 = 5\n</think>\n\nThe answer is 5.", ended=True),
         Completion("2 + 3 = 5\n</think>\n\nThe answer is 5.", ended=False),  # right answer, ran out of tokens
         Completion("2 + 3 = 6\n</think>\n\nThe answer is 6.", ended=True),
-        Completion("2 + 3 = 5 and so on", ended=False),
+        Completion("2 + 3 = 5 and so on", ended=False),  # ran out of tokens while thinking
     ]
     metrics, results = score([ROW] * 4, completions)
-    assert metrics == {"accuracy": 0.5, "format_adherence": 0.5, "samples": 4}
+    assert metrics == {"accuracy": 0.5, "format_adherence": 0.5, "truncated_thinking": 0.25, "samples": 4}
     assert [r["correct"] for r in results] == [True, True, False, False]
 
 

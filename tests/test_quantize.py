@@ -61,7 +61,7 @@ def test_a_scheme_over_its_accuracy_loss_is_dropped_with_its_reason(tiny_base, t
     quantize(tiny_base, train, tmp_path / "q", "fp8", QuantizeConfig(calib_samples=1), tracking)
     test = tmp_path / "test.jsonl"
     row = {"messages": [{"role": "user", "content": "Ana has 2 pens."}, {"role": "assistant", "content": "The answer is 2."}],
-           "input_ids": list(range(5, 20)), "labels": [-100] * 10 + list(range(15, 20))}
+           "answer": "The answer is 2.", "input_ids": list(range(5, 20)), "labels": [-100] * 10 + list(range(15, 20))}
     test.write_text(json.dumps(row) + "\n")
     finetuned = tmp_path / "finetuned.json"
     finetuned.write_text(json.dumps({"metrics": {"accuracy": 1.0}}))  # the reference the quantized model must keep

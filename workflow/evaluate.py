@@ -2,9 +2,11 @@
 
     snakemake results/evaluate/finetuned.json
 
-Generation is greedy. The answer is the text after the last </think>, up to EOS; it must equal the
-reference answer exactly (whitespace trimmed). Format adherence means the think block was closed and
-the generation ended with EOS rather than running out of tokens.
+Generation is greedy, from the prompt the model's own chat template renders (workflow.chat.prompt_ids). The answer is
+the text after the last </think>, up to EOS; it must equal the reference answer exactly (whitespace trimmed). Format
+adherence means the think block was closed and the generation ended with EOS rather than running out of tokens.
+Truncated thinking counts the generations that hit max_new_tokens before closing the think block, the most common
+silent failure when evaluating R1-style models: raise evaluate.max_new_tokens when it is not zero.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mlflow
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workflow.chat import prompt_ids
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ def score(rows: list[dict], completions: list[Completion]) -> tuple[dict, list[d
     """Accuracy and format adherence of completions against the rows' reference answers, and per-row results."""
     results = []
     for row, completion in zip(rows, completions, strict=True):
-        reference = row["messages"][-1]["content"].strip()
+        reference = row["answer"].strip()
         answer = final_answer(completion.text)
         results.append({
             "prompt": row["messages"][-2]["content"] if len(row["messages"]) > 1 else "",
@@ -69,11 +72,13 @@ def score(rows: list[dict], completions: list[Completion]) -> tuple[dict, list[d
             "answer": answer,
             "correct": answer == reference,
             "well_formed": answer is not None and completion.ended,
+            "truncated_thinking": answer is None and not completion.ended,
         })
     n = len(results)
     metrics = {
         "accuracy": sum(r["correct"] for r in results) / n,
         "format_adherence": sum(r["well_formed"] for r in results) / n,
+        "truncated_thinking": sum(r["truncated_thinking"] for r in results) / n,
         "samples": n,
     }
     return metrics, results
@@ -83,12 +88,13 @@ def score(rows: list[dict], completions: list[Completion]) -> tuple[dict, list[d
 def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> list[Completion]:
     """Greedy completions of each row's prompt (the conversation up to its last answer), batched."""
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token is None:  # Llama-3 tokenizers have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
     completions = []
     for start in range(0, len(rows), cfg.batch_size):
         batch = rows[start : start + cfg.batch_size]
-        prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in batch]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, r["messages"][:-1]) for r in batch]}, return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
         for tokens in out[:, inputs.input_ids.shape[1] :].tolist():
             ended = tokenizer.eos_token_id in tokens
@@ -98,17 +104,12 @@ def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> list[Comple
     return completions
 
 
-def prompt_ids(tokenizer, row: dict) -> list[int]:
-    text = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
 def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
     """Greedy completions from a built engine's own generation loop (anything with `stream(ids, n)`)."""
     completions = []
     for row in rows:
         tokens, ended = [], False
-        for token in engine.stream(prompt_ids(tokenizer, row), max_new_tokens):
+        for token in engine.stream(prompt_ids(tokenizer, row["messages"][:-1]), max_new_tokens):
             if token == tokenizer.eos_token_id:
                 ended = True
                 break
@@ -193,10 +194,13 @@ def evaluate_finetuned(model_dir: str | Path, test_path: str | Path, base_path: 
         report = "\n".join([
             "# Evaluation on the held-out test split",
             "",
-            "| model | accuracy | format adherence | perplexity |",
-            "| --- | --- | --- | --- |",
-            f"| base | {base['accuracy']:.3f} | {base['format_adherence']:.3f} | {base['perplexity']:.2f} |",
-            f"| fine-tuned | {metrics['accuracy']:.3f} | {metrics['format_adherence']:.3f} | {metrics['perplexity']:.2f} |",
+            "| model | accuracy | format adherence | truncated thinking | perplexity |",
+            "| --- | --- | --- | --- | --- |",
+            f"| base | {base['accuracy']:.3f} | {base['format_adherence']:.3f} | {base.get('truncated_thinking', 0):.3f} | {base['perplexity']:.2f} |",
+            f"| fine-tuned | {metrics['accuracy']:.3f} | {metrics['format_adherence']:.3f} | {metrics['truncated_thinking']:.3f} | {metrics['perplexity']:.2f} |",
+            "",
+            f"Truncated thinking: generations that reached evaluate.max_new_tokens ({cfg.max_new_tokens}) before `</think>`; "
+            "raise it if this is not zero.",
             "",
             f"Gate (min accuracy {gate['min_accuracy']}, min gain {gate['min_gain']}): **{verdict}**",
             "",
@@ -214,7 +218,7 @@ def evaluate_finetuned(model_dir: str | Path, test_path: str | Path, base_path: 
              "threshold": gate["min_gain"], "detail": f"base {base['accuracy']:.3f} -> fine-tuned {metrics['accuracy']:.3f}"},
         ])
         describe(f"Fine-tuned accuracy **{metrics['accuracy']:.3f}** (base {base['accuracy']:.3f}, gain {gain:+.3f}), format adherence "
-                 f"{metrics['format_adherence']:.3f}, perplexity {metrics['perplexity']:.2f}.\n\nGate (min accuracy {gate['min_accuracy']}, "
+                 f"{metrics['format_adherence']:.3f}, truncated thinking {metrics['truncated_thinking']:.3f}, perplexity {metrics['perplexity']:.2f}.\n\nGate (min accuracy {gate['min_accuracy']}, "
                  f"min gain {gate['min_gain']}): **{verdict}**.")
         log.info("fine-tuned model: %s; gate %s", json.dumps(metrics), verdict)
         if failures:

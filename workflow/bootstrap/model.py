@@ -73,7 +73,9 @@ class BootstrapConfig:
             )
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: list[str], vocab_size: int, bos: str | None = BOS, eos: str = EOS, pad: str = PAD,
+                    extra_special: tuple[str, ...] = (USER, ASSISTANT), chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with the given special tokens (DeepSeek-R1's by default) and think tags."""
     tokenizer = Tokenizer(models.BPE())
     # Digits one by one, as Llama and DeepSeek do: arithmetic stays learnable.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -81,7 +83,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = [BOS, EOS, PAD, USER, ASSISTANT]
+    specials = [t for t in (bos, eos, pad, *extra_special) if t is not None]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -93,11 +95,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in (THINK, END_THINK)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=[USER, ASSISTANT],
-        chat_template=CHAT_TEMPLATE,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        additional_special_tokens=list(extra_special),
+        chat_template=chat_template,
         model_max_length=1 << 30,
     )
 

@@ -1,9 +1,11 @@
 """Multi-step arithmetic word problems with R1-style reasoning traces and checkable answers.
 
-    python -m workflow.bootstrap.problems --rows 4000 --seed 0 > data/reasoning.jsonl
+    python -m workflow.bootstrap.problems --rows 4000 --seed 0 [--format messages|think|sharegpt|alpaca] > data/reasoning.jsonl
 
 Each row is a chat conversation: the user asks the question, the assistant thinks step by step in
 `reasoning_content` and answers in `content` ("The answer is N."), so an evaluator can check the answer.
+The other formats write the same problems the ways reasoning datasets ship them: reasoning inline as
+`<think>...</think>` in the content, ShareGPT conversations, or alpaca rows with the think block in the output.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "
 ITEMS = ["apples", "pens", "books", "coins", "cards", "eggs", "shells", "stamps", "marbles", "cups"]
 GAINS = ["buys {n} more", "finds {n} more", "gets {n} from a friend", "receives {n} more"]
 LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
+
+
+FORMS = ("messages", "think", "sharegpt", "alpaca")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,20 @@ class Problem:
                 },
             ]
         }
+
+    def as_row(self, form: str = "messages") -> dict:
+        """The problem as a dataset row in one of FORMS."""
+        reasoning, answer = "\n".join(self.steps), f"The answer is {self.answer}."
+        thought = f"<think>\n{reasoning}\n</think>\n\n{answer}"
+        if form == "messages":
+            return self.as_chat()
+        if form == "think":
+            return {"messages": [{"role": "user", "content": self.question}, {"role": "assistant", "content": thought}]}
+        if form == "sharegpt":
+            return {"conversations": [{"from": "human", "value": self.question}, {"from": "gpt", "value": thought}]}
+        if form == "alpaca":
+            return {"instruction": self.question, "input": "", "output": thought}
+        raise ValueError(f"format must be one of {', '.join(FORMS)} (got {form!r})")
 
     def as_text(self) -> str:
         """Plain prose, without the chat template or think block: what the base model pretrains on."""
@@ -86,9 +105,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=FORMS, default="messages")
     args = parser.parse_args()
     for problem in make_problems(args.rows, args.seed):
-        sys.stdout.write(json.dumps(problem.as_chat()) + "\n")
+        sys.stdout.write(json.dumps(problem.as_row(args.format)) + "\n")
 
 
 if __name__ == "__main__":

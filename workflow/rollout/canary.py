@@ -95,7 +95,7 @@ def check_generation(client: openai.OpenAI, model: str, rows: list[dict], refere
         reply = client.chat.completions.create(model=model, messages=row["messages"][:-1], max_tokens=max_tokens, temperature=0)
         text = reply.choices[0].message.content
         served.append(text)
-        correct += final_answer(text) == row["messages"][-1]["content"].strip()
+        correct += final_answer(text) == row["answer"].strip()
     differ = [i for i, (a, b) in enumerate(zip(served, reference, strict=True)) if a != b]
     detail = (f"{len(rows) - len(differ)}/{len(rows)} served completions equal the engine's; accuracy {correct / len(rows):.3f}"
               + (f"; first difference at prompt {differ[0]}: served {served[differ[0]][:80]!r}, engine {reference[differ[0]][:80]!r}" if differ else ""))

@@ -45,6 +45,8 @@ class BadRequest(ValueError):
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+    reasoning_content: str | None = None
+    """An earlier assistant turn's reasoning, for templates that render it (most drop it from history)."""
 
 
 class Sampling(BaseModel):
@@ -342,7 +344,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         if isinstance(backend, Upstream):
             max_new_tokens(req, settings.limits)
             return await forward(request, "/v1/chat/completions", req)
-        return await respond(request, req, backend.chat_prompt([m.model_dump() for m in req.messages]), "chat")
+        return await respond(request, req, backend.chat_prompt([m.model_dump(exclude_none=True) for m in req.messages]), "chat")
 
     @app.post("/v1/completions", dependencies=[gateway.require("infer")])
     async def completions(req: CompletionRequest, request: Request):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx2
 
+from workflow.chat import prompt_ids
 from workflow.engine.build import load_engine
 from workflow.engine.manifest import EngineManifest
 from workflow.package import archive
@@ -101,8 +102,7 @@ class InProcess:
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         _, tokenizer = self.current()
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return prompt_ids(tokenizer, messages)
 
     def text_prompt(self, prompt: str) -> list[int]:
         _, tokenizer = self.current()
