@@ -9,11 +9,14 @@ checkpointing only what memory needs is faster than checkpointing every layer.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 from workflow.finetune.config import FinetuneConfig
-from workflow.plan import GIB, Architecture, Cluster, Training, training_memory
+from workflow.plan import GIB, Architecture, Cluster, PlanError, Training, training_memory
+
+log = logging.getLogger("workflow.finetune")
 
 HEADROOM = 0.10
 """Share of the GPU kept out of the prediction: the CUDA context and NCCL buffers (outside torch's allocator),
@@ -27,7 +30,19 @@ def memory_plan(cfg: FinetuneConfig, model_dir: str | Path, world_size: int, gpu
     The micro-batch is counted as micro_batch_size rows of the longest row's length (packed rows never exceed it).
     On a CPU (gpu_bytes None) auto checkpoints nothing, as before: the plan checks host memory.
     """
-    arch = Architecture.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()), str(Path(model_dir) / "config.json"))
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    try:
+        arch = Architecture.from_hf_config(config, str(Path(model_dir) / "config.json"))
+    except PlanError as unmodelled:
+        if gpu_bytes is not None:
+            log.warning("%s: gradient_checkpointing auto checkpoints nothing and micro_batch_fill keeps the configured micro-batch", unmodelled)
+        arch = None
+    if arch is None or gpu_bytes is None:
+        # CPU ranks (the plan checks host memory) and architectures the planner does not model: nothing is predicted.
+        layers = config.get("num_hidden_layers", 0)
+        return {"gradient_checkpointing": cfg.gradient_checkpointing, "checkpointed_layers": layers if cfg.gradient_checkpointing is True else 0,
+                "num_layers": layers, "tokens_per_micro_batch": cfg.micro_batch_size * longest_row, "predicted_peak_gib": None,
+                "limit_gib": None, "fits": arch is not None, "phases_gib": None, "per_process_gib": None}
     training = Training(
         method=cfg.method, precision=cfg.precision, zero_stage=cfg.zero_stage, offload_optimizer=cfg.offload_optimizer,
         offload_params=cfg.offload_params, micro_batch_size=cfg.micro_batch_size, seq_len=longest_row,
@@ -35,17 +50,16 @@ def memory_plan(cfg: FinetuneConfig, model_dir: str | Path, world_size: int, gpu
         lora_targets=tuple(cfg.lora.target_modules), liger_kernel=liger_kernel, zero_tuning=cfg.zero_tuning,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
-    on_gpu = gpu_bytes is not None
-    limit = gpu_bytes * (1 - HEADROOM) / GIB if on_gpu else 0.0
-    memory = training_memory(arch, training, Cluster(gpus_per_node=world_size if on_gpu else 0, gpu_memory_gib=limit,
-                                                     host_memory_gib=float("inf"), overhead_gib=0.0))
+    limit = gpu_bytes * (1 - HEADROOM) / GIB
+    memory = training_memory(arch, training, Cluster(gpus_per_node=world_size, gpu_memory_gib=limit, host_memory_gib=float("inf"),
+                                                     overhead_gib=0.0))
     return {
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "checkpointed_layers": memory["setup"]["checkpointed_layers"],
         "num_layers": arch.num_layers,
         "tokens_per_micro_batch": cfg.micro_batch_size * longest_row,
-        "predicted_peak_gib": memory["device_gib"] if on_gpu else None,
-        "limit_gib": round(limit, 2) if on_gpu else None,
+        "predicted_peak_gib": memory["device_gib"],
+        "limit_gib": round(limit, 2),
         "fits": memory["fits"],
         "phases_gib": memory["phases_gib"],
         "per_process_gib": memory["per_process_gib"],

@@ -280,7 +280,7 @@ def train(job: dict) -> dict:
     ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
     checkpointed = memory["checkpointed_layers"]
     args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=has_val, save=save,
-                              checkpointing=checkpointed > 0)
+                              checkpointing=cfg.gradient_checkpointing is True or checkpointed > 0)
     if on_cpu:
         import deepspeed
 
@@ -299,7 +299,7 @@ def train(job: dict) -> dict:
                      cfg.micro_batch_size, cfg.gradient_accumulation_steps, configured.micro_batch_size, configured.gradient_accumulation_steps)
         if on_cpu and cfg.gradient_checkpointing == "auto":
             log.info("skipped gradient_checkpointing auto: CPU ranks checkpoint nothing (the plan checks host memory)")
-        elif not memory["fits"]:
+        elif memory["predicted_peak_gib"] is not None and not memory["fits"]:
             log.warning("the planner predicts %s GiB per GPU even with %d layers checkpointed, over %s GiB: this run may run out of memory",
                         memory["predicted_peak_gib"], checkpointed, memory["limit_gib"])
         record_speed(os.environ.get("MLFLOW_RUN_ID"), speed, ds_config["zero_optimization"], memory)
