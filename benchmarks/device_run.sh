@@ -55,13 +55,13 @@ long8b() {
 # Issue 17, the final defaults: the R1-Distill-Qwen-7B shape at seq 4096 beside stock ZeRO-2, then the 8B shape's
 # ZeRO-3 at 4096 and the defaults at 16384 and 32768.
 final() {
-    timeout 255 $B --shape qwen2-7b --nproc 2 --seq 4096 --micro-batch 1 --grad-accum 4 --steps 10 --warmup 3 \
+    timeout 240 $B --shape qwen2-7b --nproc 2 --seq 4096 --micro-batch 1 --grad-accum 4 --steps 10 --warmup 3 \
         --variants baseline optimized optimized-zero3 --work /tmp/b --out /tmp/out/q4096 > /tmp/out-q4096.txt 2>&1
-    timeout 95 $B --shape llama-8b --nproc 2 --seq 4096 --micro-batch 1 --grad-accum 4 --steps 10 --warmup 3 \
-        --variants optimized-zero3 --work /tmp/b --out /tmp/out/s4096 > /tmp/out-4096.txt 2>&1
-    timeout 70 $B --shape llama-8b --nproc 2 --seq 16384 --micro-batch 1 --steps 8 --warmup 2 --log-every 2 \
+    timeout 140 $B --shape llama-8b --nproc 2 --seq 4096 --micro-batch 1 --grad-accum 4 --steps 10 --warmup 3 \
+        --variants optimized optimized-zero3 --work /tmp/b --out /tmp/out/s4096 > /tmp/out-4096.txt 2>&1
+    timeout 65 $B --shape llama-8b --nproc 2 --seq 16384 --micro-batch 1 --steps 8 --warmup 2 --log-every 2 \
         --variants optimized --work /tmp/b --out /tmp/out/s16384 > /tmp/out-16384.txt 2>&1
-    timeout 85 $B --shape llama-8b --nproc 2 --seq 32768 --micro-batch 1 --steps 6 --warmup 2 --log-every 2 \
+    timeout 80 $B --shape llama-8b --nproc 2 --seq 32768 --micro-batch 1 --steps 6 --warmup 2 --log-every 2 \
         --variants optimized --work /tmp/b --out /tmp/out/s32768 > /tmp/out-32768.txt 2>&1
 }
 # The 1B pair on one GPU (nvidia-h200), to check the 1B goals still hold with the current defaults.
