@@ -52,8 +52,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from workflow.finetune.config import FinetuneConfig  # noqa: E402
 from workflow.finetune import ops  # noqa: E402
+from workflow.finetune.config import FinetuneConfig  # noqa: E402
 from workflow.finetune.launch import launch_command, launch_env, write_job  # noqa: E402
 
 SHAPES = {
@@ -287,8 +287,8 @@ def main() -> None:
 
 
 def print_report(report, args) -> None:
-    lines = [f"\n{'shape':<11} {'variant':<16} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'planned':>7} {'error':>6} {'ckpt':>5} "
-             f"{'vs baseline':>11} {'loss parity':>12}"]
+    lines = [(f"\n{'shape':<11} {'variant':<16} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'planned':>7} {'error':>6} {'ckpt':>5} "
+              f"{'vs baseline':>11} {'loss parity':>12}")]
     summary = []
     for shape, model, results in report:
         base = results.get("baseline", {})
