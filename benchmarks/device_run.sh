@@ -40,6 +40,34 @@ repeat() {
     done
     wait
 }
+# Issue 17, the 8B shape on both GPUs (2 ranks): seq 4096 at 4 rows per rank per step (micro-batch 1 x accumulation 4)
+# beside stock ZeRO-2 with a profile of the defaults, then seq 16384 and 32768 with the defaults alone (stock ZeRO-2
+# does not fit there without checkpointing). VARIANTS4K/VARIANTSLONG/SHAPE4K override what runs.
+long8b() {
+    timeout ${T4K:-300} $B --shape ${SHAPE4K:-llama-8b} --nproc 2 --seq 4096 --micro-batch 1 --grad-accum ${ACCUM:-4} --steps 10 --warmup 3 \
+        --variants ${VARIANTS4K:-baseline optimized} --profile ${PROFILE:-optimized} --work /tmp/b --out /tmp/out/s4096 > /tmp/out-4096.txt 2>&1
+    for seq in ${LONGSEQS:-16384 32768}; do
+        steps=$(( seq > 16384 ? 6 : 8 ))
+        timeout ${TLONG:-150} $B --shape llama-8b --nproc 2 --seq $seq --micro-batch 1 --steps $steps --warmup 2 --log-every 2 \
+            --variants ${VARIANTSLONG:-optimized} --work /tmp/b --out /tmp/out/s$seq > /tmp/out-$seq.txt 2>&1
+    done
+}
+# Issue 17, the final defaults: the R1-Distill-Qwen-7B shape at seq 4096 beside stock ZeRO-2, then the 8B shape's
+# ZeRO-3 at 4096 and the defaults at 16384 and 32768.
+final() {
+    timeout 240 $B --shape qwen2-7b --nproc 2 --seq 4096 --micro-batch 1 --grad-accum 4 --steps 10 --warmup 3 \
+        --variants baseline optimized optimized-zero3 --work /tmp/b --out /tmp/out/q4096 > /tmp/out-q4096.txt 2>&1
+    timeout 140 $B --shape llama-8b --nproc 2 --seq 4096 --micro-batch 1 --grad-accum 4 --steps 10 --warmup 3 \
+        --variants optimized optimized-zero3 --work /tmp/b --out /tmp/out/s4096 > /tmp/out-4096.txt 2>&1
+    timeout 65 $B --shape llama-8b --nproc 2 --seq 16384 --micro-batch 1 --steps 8 --warmup 2 --log-every 2 \
+        --variants optimized --work /tmp/b --out /tmp/out/s16384 > /tmp/out-16384.txt 2>&1
+    timeout 80 $B --shape llama-8b --nproc 2 --seq 32768 --micro-batch 1 --steps 6 --warmup 2 --log-every 2 \
+        --variants optimized --work /tmp/b --out /tmp/out/s32768 > /tmp/out-32768.txt 2>&1
+}
+# The 1B pair on one GPU (nvidia-h200), to check the 1B goals still hold with the current defaults.
+onegpu() {
+    timeout 200 $B --shape llama-1b --variants baseline optimized --work /tmp/b0 --out /tmp/out/llama > /tmp/out-llama.txt 2>&1
+}
 ${PHASE:-headline}
 cp /tmp/out-*.txt $OUT/ 2>/dev/null
 tar czf $OUT/logs.tar.gz -C /tmp out 2>/dev/null

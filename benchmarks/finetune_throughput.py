@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from workflow.finetune import ops  # noqa: E402
 from workflow.finetune.config import FinetuneConfig  # noqa: E402
 from workflow.finetune.launch import launch_command, launch_env, write_job  # noqa: E402
 
@@ -64,13 +65,21 @@ SHAPES = {
     "qwen2-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                        num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False,
                        rope_theta=10000.0, max_position_embeddings=131072, rms_norm_eps=1e-6),
+    # Llama-3.1-8B and DeepSeek-R1-Distill-Llama-8B: 8.03 B parameters, untied embeddings.
+    "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                     rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # DeepSeek-R1-Distill-Qwen-7B: 7.62 B parameters, untied embeddings, q/k/v biases.
+    "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
+                     rope_theta=10000.0, max_position_embeddings=131072, rms_norm_eps=1e-6),
     # For --tiny runs on a CPU.
     "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=1024),
 }
 VARIANTS = {
     "baseline": dict(zero_stage=2, packing=False, attention="sdpa", liger_kernel=False, optimizer="adamw_foreach", dataloader_workers=0,
-                     zero_tuning="stock"),
+                     zero_tuning="stock", gradient_checkpointing=False, micro_batch_fill="off"),
     "optimized": dict(zero_stage=2),
     "optimized-zero3": dict(zero_stage=3),
     # One optimization off at a time (to see what each is worth).
@@ -80,6 +89,11 @@ VARIANTS = {
     "optimized-stock-zero": dict(zero_stage=2, zero_tuning="stock"),
     "optimized-zero3-stock-zero": dict(zero_stage=3, zero_tuning="stock"),
     "optimized-compile": dict(zero_stage=2, torch_compile=True),
+    "optimized-no-fill": dict(zero_stage=2, micro_batch_fill="off"),
+    "optimized-zero3-no-fill": dict(zero_stage=3, micro_batch_fill="off"),
+    # Every decoder layer checkpointed by hand, against gradient_checkpointing: auto (the defaults).
+    "optimized-full-ckpt": dict(zero_stage=2, gradient_checkpointing=True),
+    "optimized-zero3-full-ckpt": dict(zero_stage=3, gradient_checkpointing=True),
 }
 H100_BF16_DENSE = 989e12
 
@@ -150,14 +164,23 @@ def run_variant(name: str, args, model_dir: Path, data_dir: Path, out: Path) -> 
                save_steps=10**6, save_total_limit=1),
         **VARIANTS[name],
     }
+    profiled = args.profile is not None and (not args.profile or name in args.profile)
+    if profiled:
+        # Three more steps, profiled after the timed ones (the profiler's overhead stays out of the timing), with
+        # the same number of warm-up steps as the other variants (the Trainer rounds ratio x steps up), so that the
+        # learning rates, and the losses, of the timed steps stay comparable.
+        settings["max_steps"] = args.steps + 3
+        settings["warmup_ratio"] = (math.ceil(settings["warmup_ratio"] * args.steps) - 0.5) / (args.steps + 3)
     cfg = FinetuneConfig(**settings)
     work = args.work / f"{args.shape_name}-{name}-{args.nproc}gpu"
     shutil.rmtree(work, ignore_errors=True)
-    extra = {"profile_dir": str(args.out / f"profile-{args.shape_name}-{name}")} if args.profile else {}
+    extra = {"profile_dir": str(args.out / f"profile-{args.shape_name}-{args.seq}-{name}"), "profile_start": args.steps,
+             "timing_end_step": args.steps} if profiled else {}
     job = write_job(model_dir, data_dir, work / "summary.json", cfg, args.seed,
                     save_checkpoints=args.consolidate, timing_skip_steps=args.warmup, **extra)
     command = launch_command(cfg, job)
     env = launch_env(cfg, run_id="", tracking_uri="")
+    ops.build(cfg, Path(env["TORCH_EXTENSIONS_DIR"]))  # as the rule does: one build under a lock, not one per rank
     log_path = out / f"{args.shape_name}-{name}-{args.nproc}gpu.log"
     print(f"\n== {args.shape_name} {name} on {args.nproc} {args.device} rank(s): {' '.join(command)}", flush=True)
     started = time.perf_counter()
@@ -171,9 +194,12 @@ def run_variant(name: str, args, model_dir: Path, data_dir: Path, out: Path) -> 
     summary = json.loads((work / "summary.json").read_text())
     losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
     result = {"variant": name, "settings": settings, "speed": summary["speed"], **summary["throughput"],
-              "losses": losses, "wall_seconds": wall, "checkpoint": summary["checkpoint"], "cfg": cfg}
-    print(f"   {result['tokens_per_second']:.0f} tokens/s over {result['timed_steps']} steps, peak "
-          f"{result['peak_memory_gib'] or 0:.1f} GiB, losses {losses[0]:.3f} -> {losses[-1]:.3f}, wall {wall:.0f} s", flush=True)
+              "losses": losses, "wall_seconds": wall, "checkpoint": summary["checkpoint"], "cfg": cfg, "memory": summary["memory"]}
+    memory = summary["memory"]
+    print(f"   micro-batch {memory['micro_batch_size']} x accumulation {memory['gradient_accumulation_steps']}; "
+          f"{result['tokens_per_second']:.0f} tokens/s over {result['timed_steps']} steps, peak "
+          f"{result['peak_memory_gib'] or 0:.1f} GiB (planner: {memory['predicted_peak_gib']} GiB; {memory['checkpointed_layers']} of "
+          f"{memory['num_layers']} layers checkpointed), losses {losses[0]:.3f} -> {losses[-1]:.3f}, wall {wall:.0f} s", flush=True)
     return result
 
 
@@ -222,7 +248,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12, help="per GPU, for MFU")
     parser.add_argument("--consolidate", action="store_true", help="save the final checkpoint and consolidate it as export does")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler over 3 steps after warm-up: profile-*/profile.txt")
+    parser.add_argument("--profile", nargs="*", default=None, metavar="VARIANT",
+                        help="torch.profiler over 3 extra steps after the timed ones (the named variants, or all): profile-*/profile.txt")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ft2prod-finetune-bench"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/ft2prod-finetune-bench/out")))
     args = parser.parse_args()
@@ -241,7 +268,7 @@ def main() -> None:
         shape_args = argparse.Namespace(**{**vars(args), "micro_batch": micro, "grad_accum": args_grad})
         model_dir = args.work / f"model-{shape}"
         model = make_model(shape, model_dir, args.seed, args.device)
-        rows = args.steps * base_batch * args.nproc
+        rows = (args.steps + 3) * base_batch * args.nproc
         sizes = make_data(args.work / f"data-{shape}-{args.seq}-{args.lengths}", rows, args.seq, SHAPES[shape]["vocab_size"], args.lengths, args.seed)
         per_token = flops_per_token(SHAPES[shape], model["matmul_parameters"], sizes)
         print(f"\n# {shape}: {model['parameters'] / 1e9:.3f} B parameters ({model['matmul_parameters'] / 1e9:.3f} B in matmuls), "
@@ -260,7 +287,8 @@ def main() -> None:
 
 
 def print_report(report, args) -> None:
-    lines = [f"\n{'shape':<11} {'variant':<16} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'vs baseline':>11} {'loss parity':>12}"]
+    lines = [(f"\n{'shape':<11} {'variant':<16} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'planned':>7} {'error':>6} {'ckpt':>5} "
+              f"{'vs baseline':>11} {'loss parity':>12}")]
     summary = []
     for shape, model, results in report:
         base = results.get("baseline", {})
@@ -270,8 +298,11 @@ def print_report(report, args) -> None:
                 continue
             ratio = r["tokens_per_second"] / base["tokens_per_second"] if "tokens_per_second" in base else math.nan
             diff = parity(base["losses"], r["losses"]) if "losses" in base and name != "baseline" else math.nan
-            lines.append(f"{shape:<11} {name:<16} {r['tokens_per_second']:9.0f} {r['mfu']:6.1%} {r['peak_memory_gib'] or 0:8.1f} "
-                         f"{ratio:10.2f}x {diff:12.2e}")
+            planned, measured = r["memory"]["predicted_peak_gib"], r["peak_memory_gib"]
+            error = (planned - measured) / measured if planned and measured else math.nan
+            layers = f"{r['memory']['checkpointed_layers']}/{r['memory']['num_layers']}"
+            lines.append(f"{shape:<11} {name:<16} {r['tokens_per_second']:9.0f} {r['mfu']:6.1%} {measured or 0:8.1f} {planned or 0:7.1f} "
+                         f"{error:+6.1%} {layers:>5} {ratio:10.2f}x {diff:12.2e}")
             summary.append({k: v for k, v in r.items() if k != "cfg"} | {"shape": shape, "ratio_vs_baseline": ratio,
                                                                           "max_rel_loss_diff_vs_baseline": diff})
         if "optimized" in results and "optimized-zero3" in results and "tokens_per_second" in results["optimized-zero3"]:

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Train
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.launch import launch_command
 from workflow.finetune.speed import compile_decoder_layers, decoder_layers, register_varlen_attention, resolve, varlen_available
-from workflow.finetune.train import PaddingFree, StopOnNonFiniteLoss, pad_to_longest
+from workflow.finetune.memory import checkpointed_indices, fill_micro_batch, memory_plan
+from workflow.finetune.train import CheckpointLayers, PaddingFree, StopOnNonFiniteLoss, pad_to_longest
 
 
 @pytest.mark.parametrize(
@@ -20,6 +22,8 @@ from workflow.finetune.train import PaddingFree, StopOnNonFiniteLoss, pad_to_lon
         ({"offload_optimizer": True, "zero_stage": 0}, "finetune.offload_optimizer needs zero_stage 1, 2 or 3"),
         ({"zero_tuning": "fast"}, "finetune.zero_tuning must be one of auto, stock (got 'fast')"),
         ({"torch_compile": "yes"}, "finetune.torch_compile must be one of true, false (got 'yes')"),
+        ({"gradient_checkpointing": "some"}, "finetune.gradient_checkpointing must be one of true, false, auto (got 'some')"),
+        ({"micro_batch_fill": "on"}, "finetune.micro_batch_fill must be one of auto, off (got 'on')"),
     ],
 )
 def test_invalid_settings_are_refused(settings, message):
@@ -159,6 +163,8 @@ def test_zero_buckets_auto_follow_model_and_ranks():
     assert (one["reduce_bucket_size"], one["overlap_comm"]) == (1_200_000_000, False)
     two = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=1_200_000_000, world_size=2)["zero_optimization"]
     assert (two["reduce_bucket_size"], two["overlap_comm"]) == (500_000_000, True)
+    # Reducing each slice to its owner instead of all-reducing whole buckets measured no faster on 2 H200s (README).
+    assert "use_multi_rank_bucket_allreduce" not in two
     tiny = deepspeed_config(FinetuneConfig(zero_stage=2), parameters=3_000_000, world_size=2)["zero_optimization"]
     assert tiny["reduce_bucket_size"] == 3_000_000  # allocated up front, twice: not DeepSpeed's 500 M for a small model
     gpu = 80 * 2**30
@@ -272,3 +278,45 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_base, tracking, tm
     assert "compiled the forward of 2 decoder layers with torch.compile" in (tmp_path / "compiled-True" / "finetune.log").read_text()
     assert len(losses[True]) == 3
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_checkpointing_resolves_from_the_plan_on_gpus_and_to_nothing_on_cpus(tiny_base):
+    cfg = FinetuneConfig(precision="bf16", micro_batch_size=1)
+    assert cfg.gradient_checkpointing == "auto"
+    cpu = memory_plan(cfg, tiny_base, world_size=2, gpu_bytes=None, longest_row=64, liger_kernel=False)
+    assert cpu["checkpointed_layers"] == 0 and cpu["predicted_peak_gib"] is None
+    roomy = memory_plan(cfg, tiny_base, world_size=2, gpu_bytes=80 * 2**30, longest_row=64, liger_kernel=True)
+    assert roomy["checkpointed_layers"] == 0 and roomy["fits"] and 0 < roomy["predicted_peak_gib"] < roomy["limit_gib"] == 72.0
+    # a GPU just large enough for the run with both layers recomputed: auto then checkpoints, and fits
+    full = memory_plan(FinetuneConfig(precision="bf16", micro_batch_size=1, gradient_checkpointing=True), tiny_base, 2, 80 * 2**30, 8192, True)
+    none = memory_plan(FinetuneConfig(precision="bf16", micro_batch_size=1, gradient_checkpointing=False), tiny_base, 2, 80 * 2**30, 8192, True)
+    assert full["predicted_peak_gib"] < none["predicted_peak_gib"]
+    tight = memory_plan(cfg, tiny_base, 2, int((full["predicted_peak_gib"] + 1e-3) * 2**30 / 0.9), 8192, True)
+    assert tight["checkpointed_layers"] in (1, 2) and tight["fits"]
+    assert memory_plan(FinetuneConfig(gradient_checkpointing=True), tiny_base, 2, None, 64, False)["checkpointed_layers"] == 2
+
+
+def test_only_the_chosen_layers_recompute(tiny_base):
+    assert checkpointed_indices(9, 32) == [3, 7, 10, 14, 17, 21, 24, 28, 31]
+    assert checkpointed_indices(32, 32) == list(range(32)) and checkpointed_indices(0, 32) == []
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    CheckpointLayers(1).on_train_begin(None, None, None, model=model)
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [False, True]
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_micro_batch_fill_keeps_the_rows_per_step_and_fits(tiny_base):
+    cfg = FinetuneConfig(precision="bf16", micro_batch_size=1, gradient_accumulation_steps=6)
+    filled, plan = fill_micro_batch(cfg, tiny_base, 2, 80 * 2**30, 64, True)
+    assert (filled.micro_batch_size, filled.gradient_accumulation_steps) == (6, 1) and plan["fits"]
+    assert fill_micro_batch(cfg, tiny_base, 2, None, 64, True)[0] == cfg  # CPU ranks: as configured
+    assert fill_micro_batch(replace(cfg, micro_batch_fill="off"), tiny_base, 2, 80 * 2**30, 64, True)[0].micro_batch_size == 1
+    # a GPU that holds 2 rows of 8192 tokens without checkpointing but not 3 or 6: 2 x 3
+    two = memory_plan(replace(cfg, micro_batch_size=2, gradient_checkpointing=False), tiny_base, 2, 80 * 2**30, 8192, True)
+    gpu = int((two["predicted_peak_gib"] + 1e-3) * 2**30 / 0.9)
+    filled, plan = fill_micro_batch(replace(cfg, gradient_checkpointing=False), tiny_base, 2, gpu, 8192, True)
+    assert (filled.micro_batch_size, filled.gradient_accumulation_steps) == (2, 3) and plan["checkpointed_layers"] == 0

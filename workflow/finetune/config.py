@@ -42,12 +42,18 @@ class FinetuneConfig:
     max_steps: int = -1
     micro_batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    micro_batch_fill: str = "auto"
+    """auto: on GPUs, fewer and larger micro-batches with the same rows per optimizer step (micro_batch_size x
+    gradient_accumulation_steps), as large as the planner's memory model fits without recomputing more layers; off:
+    as configured. Each micro-batch costs ZeRO-2/3 a gradient reduction (and ZeRO-3 two parameter gathers)."""
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"
+    """auto: on GPUs the fewest decoder layers recompute their activations for the run to fit (the planner's memory
+    model on the GPU that trains; none when everything fits, none on CPUs); true: every layer; false: none."""
     packing: bool = True
     """Padding-free micro-batches with per-sequence position ids (block-diagonal attention)."""
     attention: str = "auto"
@@ -80,6 +86,8 @@ class FinetuneConfig:
             "optimizer": tuple(OPTIMIZERS),
             "zero_tuning": ZERO_TUNING,
             "torch_compile": (True, False),
+            "gradient_checkpointing": (True, False, "auto"),
+            "micro_batch_fill": ("auto", "off"),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:

@@ -92,6 +92,10 @@ def launch_env(cfg: FinetuneConfig, run_id: str, tracking_uri: str) -> dict[str,
     # DeepSpeed JIT-compiles ops on first use; keep them across runs and results directories.
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ft2prod" / "torch_extensions"
     env.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
+    # Growable allocator segments: without them, blocks freed between the forward pass and the optimizer step stay
+    # reserved in odd sizes (measured on an H200: 9-21 GiB reserved above the allocated peak of the 8B shape), and
+    # gradient_checkpointing auto plans the allocated peak up to 90 % of the GPU. CPU runs ignore it.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     return env
 
 

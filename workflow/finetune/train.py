@@ -26,6 +26,7 @@ from transformers import (
     TrainingArguments,
 )
 from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config, latest_complete_checkpoint
+from workflow.finetune.memory import checkpointed_indices, fill_micro_batch
 from workflow.finetune.speed import (
     VARLEN,
     SpeedSettings,
@@ -107,8 +108,9 @@ class Throughput(TrainerCallback):
     The clock is read after a device synchronize at two steps only, so timing does not stall the steps between.
     """
 
-    def __init__(self, skip: int) -> None:
+    def __init__(self, skip: int, end: int | None = None) -> None:
         self.skip = skip
+        self.end = end
         self.start: tuple[float, int, int] | None = None
         self.result: dict = {}
 
@@ -118,9 +120,10 @@ class Throughput(TrainerCallback):
         return time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == min(self.skip, state.max_steps - 1):
+        end = min(self.end or state.max_steps, state.max_steps)
+        if state.global_step == min(self.skip, end - 1):
             self.start = (self._now(), state.num_input_tokens_seen, state.global_step)
-        elif state.global_step == state.max_steps and self.start:
+        elif state.global_step == end and self.start:
             seconds = self._now() - self.start[0]
             tokens = state.num_input_tokens_seen - self.start[1]
             self.result = {
@@ -168,8 +171,22 @@ class Profile(TrainerCallback):
             self.profiler = None
 
 
+class CheckpointLayers(TrainerCallback):
+    """Recompute only `count` decoder layers (gradient_checkpointing auto): the Trainer turns checkpointing on for
+    every layer before training starts; this turns it off again on the others."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layers = decoder_layers(model)
+        chosen = set(checkpointed_indices(self.count, len(layers)))
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index in chosen
+
+
 def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: bool, speed: SpeedSettings,
-                       deepspeed: dict, evaluate: bool = True, save: bool = True) -> TrainingArguments:
+                       deepspeed: dict, evaluate: bool = True, save: bool = True, checkpointing: bool = False) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -182,7 +199,7 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
         max_grad_norm=cfg.max_grad_norm,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         bf16=cfg.precision == "bf16",
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if save else "no",
@@ -255,8 +272,15 @@ def train(job: dict) -> dict:
     save = job.get("save_checkpoints", True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
+    train_rows = TokenDataset(Path(job["data_dir"]) / "train.jsonl")
+    configured = cfg
+    cfg, memory = fill_micro_batch(cfg, job["model_dir"], world_size, gpu_bytes, max(len(r["input_ids"]) for r in train_rows.rows),
+                                   speed.liger_kernel)
+    memory |= {"micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
     ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
-    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=has_val, save=save)
+    checkpointed = memory["checkpointed_layers"]
+    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=has_val, save=save,
+                              checkpointing=cfg.gradient_checkpointing is True or checkpointed > 0)
     if on_cpu:
         import deepspeed
 
@@ -268,7 +292,17 @@ def train(job: dict) -> dict:
         log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
         for reason in speed.skipped:
             log.info("skipped %s", reason)
-        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed, ds_config["zero_optimization"])
+        log.info("gradient_checkpointing %s: %d of %d decoder layers recompute; predicted peak %s GiB per GPU (limit %s GiB)",
+                 cfg.gradient_checkpointing, checkpointed, memory["num_layers"], memory["predicted_peak_gib"], memory["limit_gib"])
+        if cfg != configured:
+            log.info("micro_batch_fill auto: micro-batch %d x accumulation %d (configured %d x %d; same rows per optimizer step)",
+                     cfg.micro_batch_size, cfg.gradient_accumulation_steps, configured.micro_batch_size, configured.gradient_accumulation_steps)
+        if on_cpu and cfg.gradient_checkpointing == "auto":
+            log.info("skipped gradient_checkpointing auto: CPU ranks checkpoint nothing (the plan checks host memory)")
+        elif memory["predicted_peak_gib"] is not None and not memory["fits"]:
+            log.warning("the planner predicts %s GiB per GPU even with %d layers checkpointed, over %s GiB: this run may run out of memory",
+                        memory["predicted_peak_gib"], checkpointed, memory["limit_gib"])
+        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed, ds_config["zero_optimization"], memory)
     if speed.attention == VARLEN:
         register_varlen_attention()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -295,17 +329,19 @@ def train(job: dict) -> dict:
         count = compile_decoder_layers(model)
         if args.process_index == 0:
             log.info("compiled the forward of %d decoder layers with torch.compile", count)
-    throughput = Throughput(skip=job.get("timing_skip_steps", 2))
+    throughput = Throughput(skip=job.get("timing_skip_steps", 2), end=job.get("timing_end_step"))
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=TokenDataset(Path(job["data_dir"]) / "train.jsonl"),
+        train_dataset=train_rows,
         eval_dataset=TokenDataset(val) if has_val else None,
         data_collator=collator(cfg, speed),
         callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID"), save_final=save), StopOnNonFiniteLoss(), throughput],
     )
+    if 0 < checkpointed < memory["num_layers"]:
+        trainer.add_callback(CheckpointLayers(checkpointed))
     if job.get("profile_dir"):
-        trainer.add_callback(Profile(job["profile_dir"], start=job.get("timing_skip_steps", 2)))
+        trainer.add_callback(Profile(job["profile_dir"], start=job.get("profile_start", job.get("timing_skip_steps", 2))))
     resume = job["resume_from"]
     if args.process_index == 0:
         log.info("resuming from %s" % resume if resume else "starting from step 0 (no checkpoint)")
@@ -319,6 +355,7 @@ def train(job: dict) -> dict:
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "log_history": trainer.state.log_history,
         "speed": speed.as_dict(),
+        "memory": memory,
         "throughput": throughput.result,
     }
 
@@ -330,8 +367,9 @@ def count_parameters(model_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def record_speed(run_id: str | None, speed: SpeedSettings, zero: dict) -> None:
-    """The speed settings and ZeRO knobs as this device resolved them, beside the configured ones in the job's MLflow run."""
+def record_speed(run_id: str | None, speed: SpeedSettings, zero: dict, memory: dict) -> None:
+    """The speed settings, ZeRO knobs and checkpointed layers as this device resolved them, beside the configured
+    ones in the job's MLflow run."""
     if not run_id:
         return
     from mlflow.tracking import MlflowClient
@@ -340,6 +378,11 @@ def record_speed(run_id: str | None, speed: SpeedSettings, zero: dict) -> None:
     for key, value in speed.as_dict().items():
         client.log_param(run_id, f"resolved.{key}", value)
     client.log_param(run_id, "resolved.zero_optimization", json.dumps(zero))
+    client.log_param(run_id, "resolved.checkpointed_layers", f"{memory['checkpointed_layers']} of {memory['num_layers']}")
+    client.log_param(run_id, "resolved.micro_batch_size", memory["micro_batch_size"])
+    client.log_param(run_id, "resolved.gradient_accumulation_steps", memory["gradient_accumulation_steps"])
+    if memory["predicted_peak_gib"] is not None:
+        client.log_param(run_id, "resolved.predicted_peak_gib", memory["predicted_peak_gib"])
     if speed.skipped:
         client.set_tag(run_id, "ft2prod.finetune.skipped", "; ".join(speed.skipped))
 
