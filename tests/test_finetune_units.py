@@ -10,7 +10,8 @@ from workflow.finetune.config import COMPLETE, FinetuneConfig, deepspeed_config,
 from workflow.finetune.launch import launch_command
 from workflow.finetune.speed import compile_decoder_layers, decoder_layers, register_varlen_attention, resolve, varlen_available
 from workflow.finetune.memory import checkpointed_indices, fill_micro_batch, memory_plan
-from workflow.finetune.train import CheckpointLayers, PaddingFree, StopOnNonFiniteLoss, pad_to_longest
+from workflow.finetune.batches import PaddingFree, pad_to_longest
+from workflow.finetune.callbacks import CheckpointLayers, StopOnNonFiniteLoss
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, snakemake
-from workflow.plan import GIB, Architecture, PlanError, Serving, Training, model_states, plan, plan_for, serving_memory, training_memory, Cluster
+from workflow.capacity import GIB, Architecture, Cluster, PlanError, Serving, Training, model_states, serving_memory, training_memory
+from workflow.plan import plan, plan_for
 
 # config.json values of the published checkpoints (Hugging Face), written here so no hub is needed.
 QWEN_7B = {  # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-Math-7B architecture)

@@ -146,7 +146,7 @@ def deepspeed_config(cfg: FinetuneConfig, parameters: int | None = None, world_s
     if cfg.zero_tuning == "auto" and cfg.precision == "bf16":
         # DeepSpeed scans every gradient for inf/NaN before each bf16 step (two reductions and a host sync per
         # tensor group) to skip the step, a rescue meant for fp16 loss scaling: bf16 needs no scaling, and a
-        # non-finite loss stops the run instead (train.StopOnNonFiniteLoss).
+        # non-finite loss stops the run instead (callbacks.StopOnNonFiniteLoss).
         config["bf16"]["check_grad_overflow"] = False
     if cfg.offload_optimizer:
         # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam.

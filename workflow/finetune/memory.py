@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from workflow.finetune.config import FinetuneConfig
-from workflow.plan import GIB, Architecture, Cluster, PlanError, Training, training_memory
+from workflow.capacity import GIB, Architecture, Cluster, PlanError, Training, training_memory
 
 log = logging.getLogger("workflow.finetune")
 

@@ -117,7 +117,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     Runs eagerly inside a compiled layer: the boundaries change with every batch.
     """
     if cu_seq_lens_q is None:
-        # A micro-batch whose rows share one length comes stacked, not packed (train.PaddingFree): no padding
+        # A micro-batch whose rows share one length comes stacked, not packed (batches.PaddingFree): no padding
         # and no boundaries, so plain causal SDPA applies (cuDNN's fused attention on Hopper).
         if attention_mask is not None:
             raise ValueError("finetune: varlen attention got a padded batch; it needs finetune.packing: true")
