@@ -33,15 +33,21 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def _certificate(subject: str, key, issuer: str, issuer_key, hosts: list[str] | None, days: int) -> x509.Certificate:
+    """A certificate that strict verifiers accept (Python 3.13+ default contexts set VERIFY_X509_STRICT): subject
+    and authority key identifiers, and key usage on both the CA and the server certificate."""
     now = datetime.now(UTC)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days)))
+               .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False))
     if hosts is None:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                          key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
+            critical=True)
     else:
         names = []
         for host in hosts:
@@ -51,6 +57,9 @@ def _certificate(subject: str, key, issuer: str, issuer_key, hosts: list[str] | 
                 names.append(x509.DNSName(host))
         builder = (builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
     return builder.sign(issuer_key, hashes.SHA256())
 
@@ -59,7 +68,7 @@ def ensure_certificates(directory: str | Path, hosts: list[str], days: int = 365
     """A CA and a server certificate for `hosts` under directory, made once (keys owner-only)."""
     directory = Path(directory)
     files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    if files.ca.exists() and files.cert.exists() and files.key.exists():
+    if files.ca.exists() and files.cert.exists() and files.key.exists() and not _made_before_strict(files):
         return files
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
@@ -71,14 +80,28 @@ def ensure_certificates(directory: str | Path, hosts: list[str], days: int = 365
     return files
 
 
+def _made_before_strict(files: TlsFiles) -> bool:
+    """Certificates this module made before it wrote key identifiers, which strict clients refuse: made anew."""
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    if cert.issuer.rfc4514_string() != "CN=ft2prod local CA":
+        return False  # a certificate someone brought: theirs to keep
+    try:
+        cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+        return False
+    except x509.ExtensionNotFound:
+        return True
+
+
 def restrict_to_tls13(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     return context
 
 
 def client_context(ca: str | Path, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-    """A verifying client context; `maximum` lets the canary play an old client."""
+    """A verifying client context, strict as Python 3.13's default (VERIFY_X509_STRICT); `maximum` lets the canary
+    play an old client."""
     context = ssl.create_default_context(cafile=str(ca))
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
     if maximum is not None:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.maximum_version = maximum
