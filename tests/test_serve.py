@@ -214,6 +214,10 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(gateway):
         assert broken.status_code == 400
         missing = client.post("/v1/chat/completions", json={"model": MODEL})
         assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
+        for path, body in (("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}'),
+                           ("/v1/completions", b'{"model": "%s", "prompt": "\\udfff"}')):
+            surrogate = client.post(path, content=body.replace(b"%s", MODEL.encode()), headers={"content-type": "application/json"})
+            assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
         assert client.post("/v1/chat/completions", json=chat()).status_code == 200
 
 

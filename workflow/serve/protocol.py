@@ -7,10 +7,10 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 
@@ -22,10 +22,22 @@ class BadRequest(ValueError):
         self.status = status
 
 
+def encodable(text: str) -> str:
+    """JSON can carry lone UTF-16 surrogates (\\ud800) that no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text holds a lone surrogate at character {err.start}; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
-    reasoning_content: str | None = None
+    content: Text
+    reasoning_content: Text | None = None
     """An earlier assistant turn's reasoning, for templates that render it (most drop it from history)."""
 
 
@@ -45,7 +57,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: Text
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict:
