@@ -91,8 +91,9 @@ class LocalGateway:
                     answer = client.get("/readyz")
                 except httpx2.TransportError:
                     return False
-                if "Error" in answer.json().get("reason", ""):
-                    raise CanaryFailed(f"rollout: the gateway could not load the package: {answer.json()['reason']}")
+                if answer.json().get("reason", "").startswith("load failed"):
+                    raise CanaryFailed(f"rollout: the gateway could not load the package: {answer.json()['reason']} "
+                                       f"({self.log_path})")
                 return answer.status_code == 200
 
             try:

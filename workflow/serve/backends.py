@@ -69,7 +69,8 @@ class InProcess:
         return self.ready()
 
     def not_ready_reason(self) -> str:
-        return self.error or "loading"
+        """What /readyz tells anyone: the failure's kind, never its text (paths, key ids); the log has the rest."""
+        return f"load failed ({self.error.split(':')[0]}); see the gateway log" if self.error else "loading"
 
     async def models(self, settings) -> dict:
         self.current()
@@ -138,7 +139,7 @@ class InProcess:
     def current(self):
         with self._lock:
             if self.engine is None:
-                raise NotReady(self.error or "no model loaded")
+                raise NotReady(self.not_ready_reason() if self.error else "no model loaded")
             return self.engine, self.tokenizer
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
