@@ -196,6 +196,25 @@ def test_untrusted_peer_cannot_spoof_forwarded_for(package, tmp_path):
         served.stop()
 
 
+def test_a_revoked_key_is_refused_at_once_and_an_expired_key_too(gateway):
+    def keys(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(gateway.root / "config.yaml"), "keys", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    temporary = keys("add", "--id", "temp-analyst", "--role", "analyst")
+    with httpx2.Client(base_url=gateway.url, verify=client_context(gateway.ca), timeout=60,
+                       headers={"Authorization": f"Bearer {temporary}"}) as client:
+        assert client.get("/v1/models").status_code == 200
+        keys("revoke", "--id", "temp-analyst")  # the gateway keeps running: no restart
+        refused = client.get("/v1/models")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unknown_key"
+    expired = keys("add", "--id", "expired-analyst", "--role", "analyst", "--expires-days", "-0.001")
+    answer = httpx2.get(f"{gateway.url}/v1/models", verify=client_context(gateway.ca), headers={"Authorization": f"Bearer {expired}"})
+    assert answer.status_code == 401 and answer.json()["error"]["code"] == "expired_key"
+    assert "expired-analyst\tanalyst" in keys("list")
+    keys("revoke", "--id", "expired-analyst")
+
+
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(gateway):
     with gateway.http("analyst") as client:
         cases = {

@@ -3,7 +3,8 @@
     python -m workflow.serve start --package results/package/model.ftpkg [--config config/config.yaml] [--port 8443]
     python -m workflow.serve start --model-dir /model          # a package opened by `python -m workflow.package open`
     python -m workflow.serve keys add --id alice --role analyst      # prints the new key once; only its hash is kept
-    python -m workflow.serve keys revoke --id alice
+    python -m workflow.serve keys add --id bob --role analyst --expires-days 90
+    python -m workflow.serve keys revoke --id alice                  # a running gateway refuses it at once
     python -m workflow.serve keys list
     python -m workflow.serve audit verify [--log audit/gateway.jsonl] [--expect-head HEX]
     python -m workflow.serve audit prune  [--log audit/gateway.jsonl]
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("action", choices=["add", "revoke", "list"])
     keys.add_argument("--id")
     keys.add_argument("--role")
+    keys.add_argument("--expires-days", type=float, help="keys add: the key stops working this many days from now")
     audit = commands.add_parser("audit", help="verify or prune the audit log")
     audit.add_argument("action", choices=["verify", "prune"])
     audit.add_argument("--log", help="overrides rollout.gateway.audit.path")
@@ -55,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "add":
                 if not args.id or not args.role:
                     parser.error("keys add needs --id and --role")
-                print(store.add(args.id, args.role))
+                print(store.add(args.id, args.role, args.expires_days))
             elif args.action == "revoke":
                 store.revoke(args.id)
                 print(f"revoked {args.id}")
             else:
                 for entry in store.entries:
-                    print(f"{entry['id']}\t{entry['role']}\t{entry['created']}")
+                    print(f"{entry['id']}\t{entry['role']}\t{entry['created']}\t{entry.get('expires', 'never')}")
         else:
             log = AuditLog(args.log or gateway["audit"]["path"], gateway["audit"]["retention_days"])
             if args.action == "verify":

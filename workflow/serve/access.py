@@ -11,7 +11,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 # The source document's access matrix. Health probes need no key.
@@ -43,23 +43,40 @@ def key_hash(key: str) -> str:
 
 
 class KeyStore:
-    """The API-key file: {"keys": [{"id", "role", "sha256", "created"}]}, owner-only. Keys never stored."""
+    """The API-key file: {"keys": [{"id", "role", "sha256", "created", "expires"?}]}, owner-only. Keys never stored.
+
+    A running gateway sees every change to the file at the next request (`keys revoke` takes effect at once), and
+    refuses a key past its `expires` time."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        entries = json.loads(self.path.read_text())["keys"] if self.path.exists() else []
-        self.by_hash = {entry["sha256"]: Identity(entry["id"], entry["role"]) for entry in entries}
-        self.entries = entries
+        self._seen: tuple | None = None
+        self._load()
 
-    def add(self, key_id: str, role: str) -> str:
+    def _stamp(self) -> tuple | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def _load(self) -> None:
+        self._seen = self._stamp()
+        self.entries = json.loads(self.path.read_text())["keys"] if self._seen else []
+        self.by_hash = {entry["sha256"]: entry for entry in self.entries}
+
+    def add(self, key_id: str, role: str, expires_days: float | None = None) -> str:
         if role not in ROLES:
             raise ValueError(f"keys: role must be one of {', '.join(ROLES)} (got {role!r})")
         if any(entry["id"] == key_id for entry in self.entries):
             raise ValueError(f"keys: id {key_id!r} exists in {self.path}; revoke it first or pick another id")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        entry = {"id": key_id, "role": role, "sha256": key_hash(key), "created": datetime.now(UTC).isoformat()}
+        now = datetime.now(UTC)
+        entry = {"id": key_id, "role": role, "sha256": key_hash(key), "created": now.isoformat()}
+        if expires_days is not None:
+            entry["expires"] = (now + timedelta(days=expires_days)).isoformat()
         self.entries.append(entry)
-        self.by_hash[entry["sha256"]] = Identity(key_id, role)
+        self.by_hash[entry["sha256"]] = entry
         self._write()
         return key
 
@@ -68,7 +85,7 @@ class KeyStore:
         if len(kept) == len(self.entries):
             raise ValueError(f"keys: no key with id {key_id!r} in {self.path}")
         self.entries = kept
-        self.by_hash = {entry["sha256"]: Identity(entry["id"], entry["role"]) for entry in kept}
+        self.by_hash = {entry["sha256"]: entry for entry in kept}
         self._write()
 
     def _write(self) -> None:
@@ -78,14 +95,19 @@ class KeyStore:
         with os.fdopen(fd, "w") as handle:
             json.dump({"keys": self.entries}, handle, indent=1)
         partial.replace(self.path)
+        self._seen = self._stamp()
 
     def identify(self, authorization: str | None) -> Identity:
         if not authorization or not authorization.startswith("Bearer "):
             raise Denied(401, "no_key", "missing API key: send 'Authorization: Bearer <key>'")
-        identity = self.by_hash.get(key_hash(authorization.removeprefix("Bearer ").strip()))
-        if identity is None:
+        if self._stamp() != self._seen:  # added, revoked or expired since: read again (one stat per request)
+            self._load()
+        entry = self.by_hash.get(key_hash(authorization.removeprefix("Bearer ").strip()))
+        if entry is None:
             raise Denied(401, "unknown_key", "unknown API key")
-        return identity
+        if "expires" in entry and datetime.fromisoformat(entry["expires"]) <= datetime.now(UTC):
+            raise Denied(401, "expired_key", f"API key {entry['id']} expired at {entry['expires']}")
+        return Identity(entry["id"], entry["role"])
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
