@@ -152,6 +152,28 @@ def test_rotate_key_rewraps_without_touching_weights(packed, keys, tmp_path):
         archive.open_package(packed, keys[1].public_key(), keys[0])
 
 
+def test_rotate_key_signs_what_it_checked_not_a_file_swapped_in_after(packed, keys, tmp_path):
+    """An attacker who can write the package folder swaps attestation.json right after rotate-key has checked it
+    (while the KMS unwraps the key): the re-signed package must still attest the original provenance."""
+    original = json.loads((packed / "attestation.json").read_text())
+    forged = original | {"predicate": {"base_model": {"sha256": "forged"}}}
+    old_kms, new = keys[0], LocalKeyFile(str(tmp_path / "new" / "kek.bin"))
+
+    class SwappingKms:  # the old key, unwrapping for real; the swap happens while it does
+        provider = old_kms.provider
+
+        def key_id(self):
+            return old_kms.key_id()
+
+        def unwrap(self, wrapped):
+            (packed / "attestation.json").write_text(json.dumps(forged))
+            return old_kms.unwrap(wrapped)
+
+    archive.rotate_key(packed, keys[1], SwappingKms(), new)
+    archive.verify(packed, keys[1].public_key(), new)
+    assert json.loads((packed / "attestation.json").read_text()) == original
+
+
 def test_key_file_permissions(tmp_path):
     kms = LocalKeyFile(str(tmp_path / "k" / "kek.bin"))
     kms.key_id()

@@ -79,8 +79,7 @@ def verify(package: str | Path, trusted: Ed25519PublicKey, kms: Kms | None = Non
     """Check signature, manifest, attestation and every file's ciphertext digest; with kms, also authenticate
     and decrypt every chunk (in memory, a chunk at a time)."""
     package = Path(package)
-    manifest = signed_manifest(package, trusted)
-    header = json.loads((package / "header.json").read_text())
+    manifest, header, _ = signed_manifest(package, trusted)
     for entry, described in zip(manifest["files"], header["files"], strict=True):
         check_length(package, entry, described, header["chunk_size"])
         if kms is None and sha256_file(package / entry["ciphertext"]) != entry["ciphertext_sha256"]:
@@ -94,8 +93,7 @@ def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into:
     """Verify and decrypt: into memory (a dict), or into `into` on a memory-backed filesystem — never onto disk.
     A bad chunk anywhere leaves nothing behind."""
     package = Path(package)
-    manifest = signed_manifest(package, trusted)
-    header = json.loads((package / "header.json").read_text())
+    manifest, header, _ = signed_manifest(package, trusted)
     data_key = unwrap_data_key(header, kms)
     if into is None:
         files: dict[str, bytearray] = {}
@@ -129,11 +127,9 @@ def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into:
 def rotate_key(package: str | Path, trusted_and_signing: Ed25519PrivateKey, old: Kms, new: Kms) -> dict:
     """Re-wrap the data key under a new KMS key and re-sign; the encrypted weights are not touched."""
     package = Path(package)
-    manifest = signed_manifest(package, trusted_and_signing.public_key())
-    header = json.loads((package / "header.json").read_text())
+    manifest, header, statement = signed_manifest(package, trusted_and_signing.public_key())
     data_key = unwrap_data_key(header, old)
     header["kms"] = {"provider": new.provider, "key_id": new.key_id()}
     header["wrapped_key"] = new.wrap(data_key)
-    statement = json.loads((package / "attestation.json").read_text())
     write_signed(package, header, statement, manifest["files"], trusted_and_signing)
     return header["kms"]

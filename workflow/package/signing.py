@@ -79,7 +79,9 @@ def digest(package: str | Path) -> str:
     return hashlib.sha256((Path(package) / "manifest.json").read_bytes()).hexdigest()
 
 
-def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> dict:
+def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dict, dict]:
+    """(manifest, header, attestation), each parsed from the very bytes whose signature and digests were checked:
+    nothing is read again after the check, so a file swapped in between is never used."""
     if not (package / "manifest.sig").exists() or not (package / "manifest.json").exists():
         raise UnsignedPackage(f"{package}: unsigned package (no manifest.json/manifest.sig); refusing to load it")
     manifest_bytes = (package / "manifest.json").read_bytes()
@@ -90,7 +92,10 @@ def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> dict:
         trusted.verify(base64.b64decode((package / "manifest.sig").read_text()), manifest_bytes)
     except (InvalidSignature, ValueError):
         raise TamperedPackage(f"{package}: the manifest signature does not verify with {key_id(trusted)}: manifest altered") from None
+    checked = {}
     for name in ("header", "attestation"):
-        if hashlib.sha256((package / f"{name}.json").read_bytes()).hexdigest() != manifest[f"{name}_sha256"]:
+        data = (package / f"{name}.json").read_bytes()
+        if hashlib.sha256(data).hexdigest() != manifest[f"{name}_sha256"]:
             raise TamperedPackage(f"{package}: {name}.json was changed after signing")
-    return manifest
+        checked[name] = json.loads(data)
+    return manifest, checked["header"], checked["attestation"]
