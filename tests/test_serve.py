@@ -316,8 +316,17 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
         "rollout": {"gateway": {"api_keys": str(upstream_root / "keys.json"), "audit": {"path": str(upstream_root / "audit.jsonl")}}}}))
     engine_key = KeyStore(upstream_root / "keys.json").add("gateway", "analyst")
     app, engine = build(load(upstream_root / "config.yaml"), str(package))
+    received = []
+
+    async def recording(scope, receive, send):  # keeps the bodies the engine server is sent
+        async def body():
+            message = await receive()
+            received.append(message.get("body", b""))
+            return message
+        return await app(scope, body if scope["type"] == "http" and scope["method"] == "POST" else receive, send)
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(recording, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     served = Served(tmp_path / "front", None, {"upstream": f"http://127.0.0.1:{port}", "upstream_key_env": "ENGINE_KEY"},
@@ -330,6 +339,13 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
             model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=6, stream=True))
         assert streamed == plain.choices[0].message.content
         assert served.http("analyst").post("/v1/chat/completions", json=chat(max_tokens=99)).status_code == 400
+        received.clear()
+        sneaky = chat(ignore_eos=True, min_tokens=30, best_of=4)
+        del sneaky["max_tokens"]
+        assert served.http("analyst").post("/v1/chat/completions", json=sneaky).status_code == 200
+        forwarded = json.loads(received[-1])
+        assert forwarded["max_tokens"] == 32, "the gateway's limit applies upstream too"
+        assert not {"ignore_eos", "min_tokens", "best_of"} & set(forwarded)
         assert served.http("admin").post("/admin/deploy", json={"package": str(package)}).status_code == 409
         front_log = (served.root / "audit.jsonl").read_text()
         assert '"completion_tokens":' in front_log and engine.audit.verify()["records"] >= 2

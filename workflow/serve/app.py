@@ -88,12 +88,12 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     @app.post("/v1/chat/completions", dependencies=[gateway.require("infer")])
     async def chat_completions(req: ChatRequest, request: Request):
         check_sampling(req, settings.model_name)
-        return await backend.complete("chat", req, await request.json(), request.scope["state"], settings)
+        return await backend.complete("chat", req, request.scope["state"], settings)
 
     @app.post("/v1/completions", dependencies=[gateway.require("infer")])
     async def completions(req: CompletionRequest, request: Request):
         check_sampling(req, settings.model_name)
-        return await backend.complete("text", req, await request.json(), request.scope["state"], settings)
+        return await backend.complete("text", req, request.scope["state"], settings)
 
     @app.get("/v1/deployment", dependencies=[gateway.require("view")])
     async def deployment():

@@ -25,7 +25,7 @@ from workflow.chat import prompt_ids
 from workflow.engine.build import load_engine
 from workflow.engine.manifest import EngineManifest
 from workflow.package import archive
-from workflow.serve.protocol import BadRequest, max_new_tokens, respond
+from workflow.serve.protocol import BadRequest, respond, upstream_body
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class InProcess:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ft2prod",
                                             "package_sha256": self.package.get("sha256")}]}
 
-    async def complete(self, kind: str, req, body: dict, state: dict, settings):
+    async def complete(self, kind: str, req, state: dict, settings):
         """A chat ("chat") or text ("text") completion from the loaded engine."""
         prompt = (self.chat_prompt([m.model_dump(exclude_none=True) for m in req.messages]) if kind == "chat"
                   else self.text_prompt(req.prompt))
@@ -199,10 +199,10 @@ class Upstream:
     def not_ready_reason(self) -> str:
         return "the engine server does not answer"
 
-    async def complete(self, kind: str, req, body: dict, state: dict, settings):
-        """Forward the request's body to the engine server and relay its answer."""
-        max_new_tokens(req, settings.limits)
-        status, answer = await self.forward("/v1/chat/completions" if kind == "chat" else "/v1/completions", body)
+    async def complete(self, kind: str, req, state: dict, settings):
+        """Forward the request, re-written from what the gateway parsed with its limits applied, and relay the answer."""
+        status, answer = await self.forward("/v1/chat/completions" if kind == "chat" else "/v1/completions",
+                                            upstream_body(req, settings.limits))
         if isinstance(answer, dict):
             usage = answer.get("usage") or {}
             state["prompt_tokens"], state["completion_tokens"] = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)

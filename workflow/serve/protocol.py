@@ -60,6 +60,15 @@ class CompletionRequest(Sampling):
     prompt: Text
 
 
+def upstream_body(req: Sampling, limits) -> dict:
+    """What the gateway sends an upstream engine server: the request as the gateway parsed it (unknown fields such
+    as ignore_eos, min_tokens or best_of are gone), with the gateway's token limit written in (its default when the
+    client gave none)."""
+    body = req.model_dump(exclude_none=True, exclude={"max_completion_tokens"})
+    body["max_tokens"] = max_new_tokens(req, limits)
+    return body
+
+
 def error_body(message: str, kind: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "code": code}}
 
