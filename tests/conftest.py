@@ -25,6 +25,32 @@ TINY = {
 }
 
 
+# What `make test-fast` (-m "not e2e and not services and not slow") leaves out, beside the modules that mark
+# themselves e2e: by file, or file::test. Markers are declared in pyproject.toml; `make test` runs everything.
+MARKED = {
+    "services": {  # needs Debian packages that `make system` installs (root), or starts their daemons
+        "test_launch_slurm.py",  # scontrol (slurm-wlm)
+        "test_package.py::test_softhsm2_holds_the_key",  # softhsm2
+        "test_slurm.py", "test_tracking_server.py", "test_review_ui.py",  # SLURM, PostgreSQL, Chromium
+    },
+    "e2e": {"test_plan.py::test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit"},  # runs the plan rule for real
+    "slow": {  # a minute or more on a 2-core machine: real op builds, training and process lifecycles
+        "test_finetune_units.py::test_an_op_build_killed_half_way_does_not_block_later_launches",
+        "test_finetune_units.py::test_compiled_decoder_layers_train_as_the_eager_ones",
+        "test_serve.py::test_sigterm_finishes_the_request_in_flight",
+        "test_serve.py::test_forwarding_to_an_upstream_openai_compatible_server",
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = {item.path.name, f"{item.path.name}::{item.originalname}"}
+        for marker, marked in MARKED.items():
+            if where & marked:
+                item.add_marker(marker)
+
+
 def merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
