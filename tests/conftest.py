@@ -34,7 +34,7 @@ MARKED = {
         "test_slurm.py", "test_tracking_server.py", "test_review_ui.py",  # SLURM, PostgreSQL, Chromium
     },
     "e2e": {"test_plan.py::test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit"},  # runs the plan rule for real
-    "slow": {  # a minute or more on a 2-core machine: real op builds, training and process lifecycles
+    "slow": {  # 30 s to 2 min each on a busy 2-core machine: real op builds, training, process lifecycles
         "test_finetune_units.py::test_an_op_build_killed_half_way_does_not_block_later_launches",
         "test_finetune_units.py::test_compiled_decoder_layers_train_as_the_eager_ones",
         "test_serve.py::test_sigterm_finishes_the_request_in_flight",
