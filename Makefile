@@ -1,10 +1,11 @@
-# ft2prod: `make run` sets up and runs the whole DAG on the embedded default; `make test` sets up and tests.
+# ft2prod: `make run` sets up and runs the whole DAG on the embedded default; `make test` sets up and runs every test;
+# `make test-fast` runs the unit tests only (no root, no Debian packages, no services, no DAG runs; a few minutes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system run test lint dag clean
+.PHONY: setup system run test test-fast lint dag clean
 
 setup: $(STAMP)
 
@@ -32,6 +33,10 @@ run: setup
 
 test: setup system
 	$(BIN)/python -m pytest -ra
+
+# The unit tier: no root, no Debian packages, no services, no DAG runs. The markers are declared in pyproject.toml.
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not e2e and not services and not slow"
 
 lint: setup
 	$(BIN)/snakemake --lint
