@@ -17,20 +17,20 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import REPO, TINY, ZERO2, merge, snakemake
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, ZERO2, merge, snakemake
+from workflow.stages import STAGES
 
 pytestmark = pytest.mark.e2e
 
 SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
 ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
-JOBS = (
-    {"plan", "bootstrap", "generate_data", "prepare_data", "finetune", "export", "evaluate_base", "evaluate", "select", "package", "register",
-       "rollout", "promote"}
-    | {f"{stage}/{s}" for stage in ("quantize", "evaluate_quantized") for s in SCHEMES}
-    | {f"{stage}/{s}" for stage in ("build_engine", "benchmark") for s in ENGINES}
-)
+# The child runs a default run makes: every tracked stage of the stage table, per scheme where it runs per scheme
+# (the engine stages only for the schemes the backend builds).
+JOBS = {stage.name for stage in STAGES if stage.tracked and not stage.per_scheme} | {
+    f"{stage.name}/{scheme}" for stage in STAGES if stage.tracked and stage.per_scheme
+    for scheme in (ENGINES if stage.rules in ("engine", "benchmark") else SCHEMES)}
 
 
 def jobs_planned(done: subprocess.CompletedProcess) -> set[str]:

@@ -27,6 +27,8 @@ class Stage:
     """A failed gate fails the pipeline (a failed scheme gate only drops the scheme)."""
     per_scheme: bool = False
     """One job per quantization scheme (the {scheme} wildcard)."""
+    tracked: bool = True
+    """It opens a child run of the pipeline run in MLflow."""
 
 
 STAGES = (
@@ -60,14 +62,15 @@ STAGES = (
           "Encrypts (AES-256-GCM, KMS-wrapped key), signs (Ed25519), attests (in-toto) and verifies the selected engine."),
     Stage("register", "package", "package.stage",
           "Registers the package as a new model version in the MLflow model registry, alias `candidate`."),
-    Stage("backup", "package", "package.stage", "Copies the package to the backup folder and verifies the copy."),
+    Stage("backup", "package", "package.stage", "Copies the package to the backup folder and verifies the copy.", tracked=False),
     Stage("rollout", "rollout", "rollout.stage",
           "Serves the package behind the gateway and runs the canary checks (TLS 1.3, roles, generation, latency, audit).",
           gated=True, blocking=True),
     Stage("promote", "rollout", "rollout.stage",
           "Moves the registry alias `production` to the checked version; the version it replaces keeps `previous`."),
     Stage("summary", "summary", "summary",
-          "Builds the pipeline summary, the DAG picture and the Snakemake report, and logs them on the pipeline run."),
+          "Builds the pipeline summary, the DAG picture and the Snakemake report, and logs them on the pipeline run.",
+          tracked=False),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 # Jobs that are not rules: the parent run, and the rollback command (python -m workflow.rollout rollback).
