@@ -159,3 +159,21 @@ def test_a_scheme_the_shapes_cannot_take_is_refused_with_the_reason(family_dirs)
     with pytest.raises(QuantizeError, match=r"int4_awq needs in-features divisible by 128 \(got intermediate_size \(down_proj\) = 320\)"):
         check_quantizable(family_dirs["qwen3"], "int4_awq")
     check_quantizable(family_dirs["qwen3"], "int8_sq")
+
+
+def test_a_template_that_serves_with_thinking_off_trains_answers_and_refuses_reasoning(r1_base, tmp_path, tracking):
+    """Qwen3.5's small models close the think block in the generation prompt: reasoning trained after it would
+    teach a second think block the served model never writes, so such rows stop with file and line."""
+    base = tmp_path / "nothink"
+    shutil.copytree(r1_base, base)
+    (base / "chat_template.jinja").write_text((families.TEMPLATES / "qwen3_5_nothink.jinja").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    fmt = ChatFormat.probe(tokenizer, "auto", "last", "nothink")
+    example = fmt.example(to_messages({"instruction": "Say hi", "output": "hi"}, "row"))
+    assert prompt_text(tokenizer, example.messages[:-1]).endswith("<think>\n\n</think>\n\n")
+    assert trained_text(tokenizer, example).startswith("hi<|im_end|>") and "<think>" not in trained_text(tokenizer, example)
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)] + [{"instruction": "q", "output": "<think>r</think>a"}]
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"{source}:41: .*closes the think block \(the template serves with thinking off\)"):
+        prepare_data(source, base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking)

@@ -40,6 +40,11 @@ class TemplateError(ValueError):
     """A chat template that cannot train this data the way it is served."""
 
 
+class ThinkingOff(TemplateError):
+    """The served prompt closes the think block (a template that serves with thinking off): answers train after
+    it, reasoning cannot."""
+
+
 def prompt_text(tokenizer, messages: list[dict]) -> str:
     """The served prompt: the model's own template with its generation prompt."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -136,6 +141,8 @@ class ChatFormat:
     def _check_probe(self) -> None:
         try:
             self.target(self.served(PROBE), 1, reasoning="ft2prod probe reasoning", answer="ft2prod probe answer")
+        except ThinkingOff:
+            return  # the style fits the template; rows with reasoning are refused one by one, naming file and line
         except TemplateError:
             raise
         except Exception as err:  # a template that raises on the probe (jinja errors, its own raise_exception)
@@ -159,6 +166,11 @@ class ChatFormat:
             before, found, after = with_slot.partition(SLOT)
             if not found or SLOT in after or not (prompt.startswith(before) or before.startswith(prompt)):
                 raise TemplateError("the template's answer does not follow its generation prompt")
+            if prompt.rstrip().endswith(END_THINK):  # e.g. Qwen3.5's small models: thinking off by default
+                if reasoning:
+                    raise ThinkingOff("its generation prompt closes the think block (the template serves with thinking "
+                                      "off), so the reasoning would be trained where the served model never writes it")
+                return answer + after
             opened = prompt.rstrip().endswith(THINK)
             return ("" if opened else f"{THINK}\n") + (reasoning or "").strip("\n") + f"\n{END_THINK}\n\n" + answer + after
         if self.training_template is not None and self._render(served[:i], True, self.training_template) != prompt:
