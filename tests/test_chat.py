@@ -177,3 +177,32 @@ def test_a_template_that_serves_with_thinking_off_trains_answers_and_refuses_rea
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=rf"{source}:41: .*closes the think block \(the template serves with thinking off\)"):
         prepare_data(source, base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking)
+
+
+def test_a_row_the_template_itself_refuses_names_file_and_line(r1_base, tmp_path, tracking):
+    """Templates raise on conversations they do not take (Gemma: "System role not supported"): that row's error."""
+    base = tmp_path / "strict"
+    shutil.copytree(r1_base, base)
+    (base / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ '<｜' + m['role'] + '｜>' + m['content'] }}{% endfor %}{% if add_generation_prompt %}<｜assistant｜>{% endif %}")
+    rows = [p.as_row("think") for p in make_problems(30, seed=2)]
+    rows.insert(4, {"system": "Be brief.", "instruction": "q", "output": "a"})
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"{source}:5: .*the chat template refuses the conversation: System role not supported"):
+        prepare_data(source, base, tmp_path / "out", DataConfig(), tracking)
+
+
+def test_the_gateway_answers_a_conversation_the_template_refuses_with_a_400(r1_base):
+    from workflow.serve.backends import InProcess
+    from workflow.serve.protocol import BadRequest
+
+    backend = InProcess({})
+    backend.engine, backend.tokenizer = "loaded", AutoTokenizer.from_pretrained(r1_base)
+    backend.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                       "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    assert backend.chat_prompt([{"role": "user", "content": "hi"}])
+    with pytest.raises(BadRequest, match="System role not supported") as refused:
+        backend.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert refused.value.status == 400

@@ -26,6 +26,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
+
 THINK, END_THINK = "<think>", "</think>"
 # Private-use characters: no template rewrites them and no dataset holds them.
 SLOT = "\ue000ft2prod\ue001"
@@ -47,7 +49,15 @@ class ThinkingOff(TemplateError):
 
 def prompt_text(tokenizer, messages: list[dict]) -> str:
     """The served prompt: the model's own template with its generation prompt."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _rendered(lambda: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def _rendered(render) -> str:
+    """A template's own refusal (Gemma's "System role not supported", role alternation checks) as a TemplateError."""
+    try:
+        return render()
+    except jinja2.TemplateError as err:
+        raise TemplateError(f"the chat template refuses the conversation: {err}") from None
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -155,8 +165,8 @@ class ChatFormat:
         return [{"role": m["role"], "content": inline(m.get("reasoning_content"), m["content"])} for m in messages]
 
     def _render(self, messages: list[dict], generation_prompt: bool, template: str | None = None) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                                  chat_template=template)
+        return _rendered(lambda: self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template))
 
     def target(self, served: list[dict], i: int, reasoning: str | None, answer: str) -> str:
         """What the model must generate for assistant turn i after its served prompt (served[:i])."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx2
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from workflow.chat import prompt_ids
+from workflow.chat import TemplateError, prompt_ids
 from workflow.engine.build import load_engine
 from workflow.engine.manifest import EngineManifest
 from workflow.package import archive
@@ -144,7 +144,10 @@ class InProcess:
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         _, tokenizer = self.current()
-        return prompt_ids(tokenizer, messages)
+        try:
+            return prompt_ids(tokenizer, messages)
+        except TemplateError as err:  # e.g. a system message to a model whose template has no system role
+            raise BadRequest(str(err)) from None
 
     def text_prompt(self, prompt: str) -> list[int]:
         _, tokenizer = self.current()
