@@ -35,7 +35,6 @@ PROBE = [
     {"role": "user", "content": "ft2prod probe question"},
     {"role": "assistant", "reasoning_content": "ft2prod probe reasoning", "content": "ft2prod probe answer"},
 ]
-STYLES = ("in_place", "inline", "think")
 
 
 class TemplateError(ValueError):
@@ -168,9 +167,10 @@ class ChatFormat:
         return _rendered(lambda: self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template))
 
-    def target(self, served: list[dict], i: int, reasoning: str | None, answer: str) -> str:
-        """What the model must generate for assistant turn i after its served prompt (served[:i])."""
-        prompt = prompt_text(self.tokenizer, served[:i])
+    def target(self, served: list[dict], i: int, reasoning: str | None, answer: str, prompt: str | None = None) -> str:
+        """What the model must generate for assistant turn i after its served prompt (served[:i]; `prompt` when the
+        caller rendered it already)."""
+        prompt = prompt_text(self.tokenizer, served[:i]) if prompt is None else prompt
         if self.style == "think":
             with_slot = self._render(served[:i] + [{"role": "assistant", "content": SLOT}], False)
             before, found, after = with_slot.partition(SLOT)
@@ -183,10 +183,11 @@ class ChatFormat:
                 return answer + after
             opened = prompt.rstrip().endswith(THINK)
             return ("" if opened else f"{THINK}\n") + (reasoning or "").strip("\n") + f"\n{END_THINK}\n\n" + answer + after
-        if self.training_template is not None and self._render(served[:i], True, self.training_template) != prompt:
+        if self.training_template is not None:
             own_prompt = self._render(served[:i], True, self.training_template)
-            raise TemplateError("it renders the prompt differently from the model's own template (first difference at "
-                                f"character {_first_difference(own_prompt, prompt)})")
+            if own_prompt != prompt:
+                raise TemplateError("it renders the prompt differently from the model's own template (first difference "
+                                    f"at character {_first_difference(own_prompt, prompt)})")
         full = self._render(served[: i + 1], False, self.training_template)
         if not full.startswith(prompt):
             raise TemplateError("the rendered conversation does not start with the generation prompt, so the "
@@ -206,7 +207,7 @@ class ChatFormat:
         served = self.served(messages[: upto + 1])
         last = messages[upto]
         prompt = prompt_text(self.tokenizer, served[:upto])
-        target = self.target(served, upto, last.get("reasoning_content"), last["content"])
+        target = self.target(served, upto, last.get("reasoning_content"), last["content"], prompt)
         spans, trained = [], []
         if self.reasoning_turns == "last" and self.tokenizer.is_fast:
             for j, message in enumerate(messages[:upto]):
@@ -214,7 +215,7 @@ class ChatFormat:
                     continue
                 before = prompt_text(self.tokenizer, served[:j])
                 try:
-                    earlier = self.target(served, j, message.get("reasoning_content"), message["content"])
+                    earlier = self.target(served, j, message.get("reasoning_content"), message["content"], before)
                 except TemplateError:
                     continue
                 if prompt.startswith(before) and prompt[len(before):].startswith(earlier):
