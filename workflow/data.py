@@ -212,8 +212,7 @@ def examples(messages: list[dict], fmt: ChatFormat, where: str, stats: Stats) ->
         raise DataError(f"{where}: the model's chat template ({fmt.style} style) cannot train this row: {err}") from None
     trained = {i for example in made for i in example.trained_turns}
     stats.history_reasoning_untrained += sum(1 for i in turns if i not in trained and messages[i].get("reasoning_content"))
-    stats.reasoning_rows += sum(1 for example in made if example.messages[-1].get("reasoning_content")
-                                or END_THINK in example.messages[-1]["content"])
+    stats.reasoning_rows += sum(1 for example in made if messages[example.trained_turns[-1]].get("reasoning_content"))
     return made
 
 
@@ -243,14 +242,15 @@ def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | P
                 made = examples(messages, fmt, where, stats)
             except DataError as err:
                 if cfg.on_bad_row == "fail":
-                    raise
+                    raise DataError(f"{err} (set data.on_bad_row: skip to drop such rows)") from None
                 stats.bad_rows.append(str(err))
                 continue
+            split = split_of(messages, cfg)
             for example in made:
                 if len(example.input_ids) > cfg.max_seq_len:
                     stats.too_long += 1
                     continue
-                splits[split_of(messages, cfg)].append({"messages": example.messages, "answer": example.answer,
+                splits[split].append({"messages": example.messages, "answer": example.answer,
                                                         "input_ids": example.input_ids, "labels": example.labels})
         for name, rows in splits.items():
             if not rows and name != "val":
