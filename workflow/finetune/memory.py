@@ -1,4 +1,4 @@
-"""gradient_checkpointing auto, resolved on the rank's own GPU with the planner's memory model (workflow.plan).
+"""gradient_checkpointing auto, resolved on the rank's own GPU with the planner's memory model (workflow.capacity).
 
 The plan rule checks before anything queues that the run can fit (every layer checkpointed if need be); here, on
 the GPU that trains, the same model picks how many decoder layers to recompute: the fewest whose predicted peak
@@ -13,8 +13,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from workflow.finetune.config import FinetuneConfig
 from workflow.capacity import GIB, Architecture, Cluster, PlanError, Training, training_memory
+from workflow.finetune.config import FinetuneConfig
 
 log = logging.getLogger("workflow.finetune")
 
