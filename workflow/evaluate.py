@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,17 +102,21 @@ def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> list[Comple
 
 
 def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
-    """Greedy completions from a built engine's own generation loop (anything with `stream(ids, n)`)."""
-    completions = []
-    for row in rows:
-        tokens, ended = [], False
-        for token in engine.stream(prompt_ids(tokenizer, row["messages"][:-1]), max_new_tokens):
+    """Greedy completions from a built engine's own generation loop (anything with `stream(ids, n)`), as many rows
+    at a time as the engine batches (`max_batch_size`, 1 if it has none); in the rows' order. The tokenizer is used
+    from this thread only (a fast tokenizer shared between threads can fail with "Already borrowed")."""
+    def generate(ids: list[int]) -> tuple[list[int], bool]:
+        tokens = []
+        for token in engine.stream(ids, max_new_tokens):
             if token == tokenizer.eos_token_id:
-                ended = True
-                break
+                return tokens, True
             tokens.append(token)
-        completions.append(Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended))
-    return completions
+        return tokens, False
+
+    prompts = [prompt_ids(tokenizer, row["messages"][:-1]) for row in rows]
+    with ThreadPoolExecutor(getattr(engine, "max_batch_size", 1)) as pool:
+        generated = list(pool.map(generate, prompts))
+    return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated]
 
 
 @torch.inference_mode()

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def load_engine(engine_dir: str | Path, backend: str, settings: dict):
     """The engine in engine_dir, refused unless its manifest matches this machine."""
     if backend == "onnxruntime":
-        return onnxruntime.OrtEngine(engine_dir, settings["onnxruntime"]["execution_provider"])
+        ort = settings["onnxruntime"]
+        return onnxruntime.OrtEngine(engine_dir, ort["execution_provider"], ort["max_batch_size"])
     return tensorrt_llm.TrtllmEngine(engine_dir)
 
 

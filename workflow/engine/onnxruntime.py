@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
+from workflow.engine.batching import ContinuousBatcher
 from workflow.engine.manifest import EngineManifest, Target, check_target
 
 # scheme -> builder precision per execution provider. FP8 has no ONNX Runtime GenAI kernels: it needs
@@ -68,21 +69,37 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
 
 
 class OrtEngine:
-    """A built engine, loaded only where its manifest matches; generates greedily, streaming token ids."""
+    """A built engine, loaded only where its manifest matches; generates greedily, streaming token ids.
 
-    def __init__(self, engine_dir: str | Path, provider: str = "cpu") -> None:
-        import onnxruntime_genai as og
+    On CPU, concurrent `stream` calls are batched continuously (workflow/engine/batching.py); elsewhere each request
+    runs its own og.Generator."""
 
+    def __init__(self, engine_dir: str | Path, provider: str = "cpu", max_batch_size: int = 8) -> None:
         self.manifest = EngineManifest.read(engine_dir)
         check_target(self.manifest, target(provider))
-        self._og = og
-        self.model = og.Model(str(engine_dir))
+        self.engine_dir, self.max_batch_size = Path(engine_dir), max_batch_size if provider == "cpu" else 1
+        self.batcher = ContinuousBatcher(engine_dir, max_batch_size) if provider == "cpu" else None
+        self.model = None if provider == "cpu" else self._load_model()
+
+    def _load_model(self):
+        import onnxruntime_genai as og
+
+        return og.Model(str(self.engine_dir))
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
-        params = self._og.GeneratorParams(self.model)
+        if self.batcher is not None:
+            return self.batcher.stream(prompt_ids, max_new_tokens, min_new_tokens)
+        return self.stream_alone(prompt_ids, max_new_tokens, min_new_tokens)
+
+    def stream_alone(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+        """One request in its own og.Generator: onnxruntime-genai's own loop, the reference for batched outputs."""
+        import onnxruntime_genai as og
+
+        self.model = self.model or self._load_model()
+        params = og.GeneratorParams(self.model)
         total = len(prompt_ids) + max_new_tokens
         params.set_search_options(max_length=total, min_length=len(prompt_ids) + min_new_tokens, do_sample=False)
-        generator = self._og.Generator(self.model, params)
+        generator = og.Generator(self.model, params)
         generator.append_tokens(prompt_ids)
         while not generator.is_done():
             generator.generate_next_token()
