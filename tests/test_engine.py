@@ -1,14 +1,24 @@
 import json
+import random
 import threading
+import time
 
+import mlflow
+import numpy as np
+import onnx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from onnx import numpy_helper
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import REPO, snakemake
 from workflow.benchmark import LoadConfig, measure, run_level
 from workflow.engine import onnxruntime, tensorrt_llm
+from workflow.engine.build import build_engine
+from workflow.engine.calibration import CalibrationError, fold_calibration
 from workflow.engine.manifest import MANIFEST, EngineMismatch
+from workflow.evaluate import EvalConfig
+from workflow.quantize import QuantizeConfig, quantize
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +60,93 @@ def test_engine_refuses_a_mismatched_target(ort_engine):
 def test_an_engine_states_the_quantization_it_really_holds(tiny_base, tmp_path, ort_engine):
     assert json.loads((ort_engine / MANIFEST).read_text())["algorithm"] == "none: unquantized weights"
     manifest = onnxruntime.build(tiny_base, tmp_path / "int4", "int4_awq", "cpu", 32, 4, "sha")
-    assert manifest.algorithm == ("int4 weight-only, round-to-nearest (not AWQ: the quantize stage's activation-aware "
-                                  "scales are not applied), block 32")
+    assert manifest.algorithm == "int4 weight-only, round-to-nearest, block 32" and manifest.calibration is None
     assert json.loads((tmp_path / "int4" / MANIFEST).read_text())["algorithm"] == manifest.algorithm
+
+
+def quantized(model_dir, out_dir, scheme, tracking):
+    train = out_dir.parent / "train.jsonl"
+    train.write_text("".join(json.dumps({"input_ids": list(range(5 + i, 45 + i)), "labels": []}) + "\n" for i in range(4)))
+    quantize(model_dir, train, out_dir, scheme, QuantizeConfig(calib_samples=4), tracking)
+    return out_dir
+
+
+def mha_model(path):
+    """A Llama whose every attention head has its own key/value head: o_proj's scales fold into v_proj too."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent / "tokenizer_source")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["int4_awq", "int8_sq"])
+def test_folding_the_calibration_changes_nothing_in_fp32(tiny_base, tmp_path, tracking, scheme):
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path / "tokenizer_source")
+    prompts = [list(range(7, 37)), list(range(100, 160, 2))]
+    for model_dir, o_proj_folds in ((tiny_base, False), (mha_model(tmp_path / "mha"), True)):
+        q = quantized(model_dir, tmp_path / f"q-{model_dir.name}", scheme, tracking)
+        report = fold_calibration(model_dir, q, scheme, tmp_path / f"folded-{model_dir.name}", prompts)
+        folded = AutoModelForCausalLM.from_pretrained(tmp_path / f"folded-{model_dir.name}").eval()
+        plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            for ids in prompts:
+                torch.testing.assert_close(folded(input_ids=torch.tensor([ids])).logits, plain(input_ids=torch.tensor([ids])).logits,
+                                           atol=1e-4, rtol=0)
+        assert report.calib_sha256 == json.loads((q / "quantize.json").read_text())["calib_sha256"]
+        assert report.calibration == {"int4_awq": "AWQ", "int8_sq": "SmoothQuant"}[scheme]
+        assert "model.layers.1.mlp.down_proj" in report.folded and "model.layers.0.self_attn.q_proj" in report.folded
+        if o_proj_folds:
+            assert "model.layers.0.self_attn.o_proj" in report.folded and not report.skipped
+        else:
+            assert report.skipped["model.layers.0.self_attn.o_proj"].startswith("grouped-query attention (4 heads share 2")
+        assert not torch.equal(folded.model.layers[0].input_layernorm.weight, plain.model.layers[0].input_layernorm.weight)
+
+
+def quantized_weights(engine_dir):
+    model = onnx.load(str(engine_dir / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_Q4")}
+
+
+def test_int4_engine_carries_awq_and_reports_it_beside_round_to_nearest(tiny_base, tmp_path, tracking):
+    q = quantized(tiny_base, tmp_path / "q", "int4_awq", tracking)
+    row = {"messages": [{"role": "user", "content": "Ana has 2 pens and buys 3."}, {"role": "assistant", "content": "5"}], "answer": "5"}
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps(row) + "\n")
+    finetuned = tmp_path / "finetuned.json"
+    finetuned.write_text(json.dumps({"metrics": {"accuracy": 1.0}}))
+    settings = {"backend": "onnxruntime", "onnxruntime": {"execution_provider": "cpu", "block_size": 32, "accuracy_level": 4,
+                                                          "calibration": "auto", "max_batch_size": 4}}
+    record = build_engine(tiny_base, q, tmp_path / "engines" / "int4_awq", "int4_awq", settings, test, finetuned, 1.0,
+                          EvalConfig(max_samples=1, max_new_tokens=8), tracking)
+    manifest = record["manifest"]
+    assert manifest["algorithm"].startswith("int4 weight-only, AWQ scales folded (12 of 14 layers")
+    assert manifest["algorithm"].endswith("block 32") and manifest["build"]["block_size"] == 32
+    assert manifest["calibration"]["calib_sha256"] == json.loads((q / "quantize.json").read_text())["calib_sha256"]
+    choice = record["calibration_choice"]
+    assert choice["kept"] == "calibrated"  # an untrained model answers nothing right either way: a tie keeps calibrated
+    assert set(choice["candidates"]) == {"calibrated", "rtn"}
+    assert choice["candidates"]["rtn"]["accuracy_loss"] == 1.0 - choice["candidates"]["rtn"]["accuracy"]
+    assert choice["candidates"]["rtn"]["algorithm"] == "int4 weight-only, round-to-nearest, block 32"
+    run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'build_engine/int4_awq'", output_format="list")[0]
+    assert {"accuracy_loss", "accuracy_loss_calibrated", "accuracy_loss_rtn"} <= set(run.data.metrics)
+    assert run.data.tags["ft2prod.engine_weights"] == "calibrated"
+    onnxruntime.build(tiny_base, tmp_path / "rtn", "int4_awq", "cpu", 32, 4, "sha")
+    calibrated, rtn = quantized_weights(tmp_path / "engines" / "int4_awq"), quantized_weights(tmp_path / "rtn")
+    assert calibrated.keys() == rtn.keys()
+    differing = [name for name in rtn if not np.array_equal(calibrated[name], rtn[name])]
+    assert any("qkv_proj" in name for name in differing) and any("down_proj" in name for name in differing)
+    assert all("o_proj" not in name for name in differing), "o_proj is not folded under grouped-query attention"
+
+
+def test_calibrated_engine_refuses_a_quantize_output_without_modelopt_state(tiny_base, tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "quantize.json").write_text(json.dumps({"calib_sha256": "x"}))
+    with pytest.raises(CalibrationError, match=r"has no modelopt_state.pth; rerun quantize/int4_awq"):
+        fold_calibration(tiny_base, tmp_path / "q", "int4_awq", tmp_path / "folded", [[5, 6, 7]])
+    with pytest.raises(CalibrationError, match="bf16 has no calibration to carry"):
+        fold_calibration(tiny_base, tmp_path / "q", "bf16", tmp_path / "folded", [[5, 6, 7]])
 
 
 def test_fp8_has_no_onnxruntime_engine():
@@ -145,3 +239,64 @@ def test_benchmark_on_a_real_engine_reports_every_level(tiny_base, ort_engine):
         assert level["output_tokens_per_request"] == 6 and level["requests"] == 5
         assert 0 < level["ttft_p50_s"] <= level["latency_p50_s"] <= level["latency_p95_s"] <= level["latency_p99_s"]
     assert all(len(v) == 5 for v in latencies.values())
+
+
+@pytest.fixture(scope="module")
+def int4_engine(tiny_base, tmp_path_factory):
+    engine_dir = tmp_path_factory.mktemp("engine") / "int4"
+    onnxruntime.build(tiny_base, engine_dir, "int4_awq", "cpu", 32, 4, "sha")
+    return engine_dir
+
+
+@pytest.mark.parametrize("engine_fixture", ["ort_engine", "int4_engine"])
+def test_batched_greedy_tokens_equal_one_request_alone(engine_fixture, request):
+    engine = onnxruntime.OrtEngine(request.getfixturevalue(engine_fixture), max_batch_size=3)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 400) for _ in range(rng.randrange(2, 80))] for _ in range(8)]
+    alone = [list(engine.stream_alone(p, 24)) for p in prompts]
+    batched = [None] * len(prompts)
+
+    def run(i):
+        batched[i] = list(engine.stream(prompts[i], 24))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]  # 8 requests, 3 slots
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert batched == alone
+
+
+def test_a_request_joins_the_running_batch_without_waiting_for_it(ort_engine):
+    """A static batch (og.Engine on CPU) would finish the long request before starting one submitted while it runs."""
+    engine = onnxruntime.OrtEngine(ort_engine, max_batch_size=4)
+    long_started, finished = threading.Event(), {}
+
+    def run_long():
+        count = 0
+        for count, _ in enumerate(engine.stream([5, 6, 7], 400, min_new_tokens=400), 1):
+            long_started.set()
+        finished["long"] = (time.perf_counter(), count)
+
+    thread = threading.Thread(target=run_long)
+    thread.start()
+    long_started.wait(timeout=60)
+    late = list(engine.stream([8, 9, 10], 3, min_new_tokens=3))
+    finished["late"] = (time.perf_counter(), len(late))
+    thread.join()
+    assert finished["long"][1] == 400 and finished["late"][1] == 3
+    assert finished["late"][0] < finished["long"][0]
+
+
+def test_streams_stop_early_and_refuse_what_cannot_fit(ort_engine):
+    engine = onnxruntime.OrtEngine(ort_engine, max_batch_size=2)
+    abandoned = engine.stream([5, 6, 7], 300)
+    next(abandoned)
+    abandoned.close()  # the caller went away: its slot frees
+    assert len(list(engine.stream([5, 6, 7], 5, min_new_tokens=5))) == 5
+    with pytest.raises(ValueError, match=r"3 prompt tokens plus max_new_tokens 600 exceed the engine's context length 512"):
+        engine.stream([5, 6, 7], 600)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.stream([], 5)
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
+        onnxruntime.OrtEngine(ort_engine, max_batch_size=0)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import mlflow
 from transformers import AutoTokenizer
 
+from workflow.chat import prompt_ids
 from workflow.engine import onnxruntime, tensorrt_llm
+from workflow.engine.calibration import CALIBRATION, CalibrationError, FoldReport, fold_calibration
 from workflow.data import read_split
 from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, gate_check, log_results, score
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
@@ -28,39 +31,114 @@ def load_engine(engine_dir: str | Path, backend: str, settings: dict):
     return tensorrt_llm.TrtllmEngine(engine_dir)
 
 
+CALIBRATION_MODES = ("auto", "calibrated", "rtn")
+
+
+def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, scheme: str, settings: dict, rows: list[dict],
+                      tokenizer, max_new_tokens: int, log_path) -> dict | None:
+    """Build the ONNX Runtime engine of scheme into engine_dir: from the fine-tuned weights with the quantize stage's
+    calibration folded in, from the fine-tuned weights alone (round-to-nearest), or both, keeping the one with the
+    higher accuracy on rows (engine.onnxruntime.calibration: calibrated | rtn | auto; ties keep calibrated).
+    Returns, when both were built (or calibration could not be carried), which was kept and why, each candidate's
+    accuracy, and the kept one's scores ("scored": (metrics, results))."""
+    ort, mode = settings["onnxruntime"], settings["onnxruntime"]["calibration"]
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"engine.onnxruntime.calibration must be one of {', '.join(CALIBRATION_MODES)} (got {mode!r})")
+    source_sha256 = sha256_tree(model_dir)[0]
+
+    def build(candidate_dir: Path, source: Path, report: FoldReport | None) -> None:
+        onnxruntime.build(source, candidate_dir, scheme, ort["execution_provider"], ort["block_size"], ort["accuracy_level"],
+                          source_sha256, log_path, calibration=report)
+
+    if CALIBRATION[scheme] is None or mode == "rtn":
+        build(engine_dir, model_dir, None)
+        return None
+    work = engine_dir.parent / f".{scheme}.candidates"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        prompts = [prompt_ids(tokenizer, row["messages"][:-1]) for row in rows[:4]]
+        try:
+            report = fold_calibration(model_dir, quantized_dir, scheme, work / "folded", prompts)
+        except CalibrationError as err:
+            if mode == "calibrated":
+                raise
+            log.warning("%s; building round-to-nearest only", err)
+            build(engine_dir, model_dir, None)
+            return {"kept": "rtn", "reason": str(err)}
+        if mode == "calibrated":
+            build(engine_dir, work / "folded", report)
+            return None
+        build(work / "calibrated", work / "folded", report)
+        build(work / "rtn", model_dir, None)
+        candidates, scored = {}, {}
+        for name in ("calibrated", "rtn"):
+            engine = onnxruntime.OrtEngine(work / name, ort["execution_provider"], ort["max_batch_size"])
+            metrics, results = score(rows, engine_completions(engine, tokenizer, rows, max_new_tokens))
+            candidates[name] = {"accuracy": metrics["accuracy"], "algorithm": engine.manifest.algorithm}
+            scored[name] = (metrics, results)
+        kept = "calibrated" if candidates["calibrated"]["accuracy"] >= candidates["rtn"]["accuracy"] else "rtn"
+        shutil.rmtree(engine_dir, ignore_errors=True)
+        shutil.move(work / kept, engine_dir)
+        log.info("engine %s: calibrated accuracy %.3f, round-to-nearest %.3f; kept %s", scheme,
+                 candidates["calibrated"]["accuracy"], candidates["rtn"]["accuracy"], kept)
+        return {"kept": kept, "candidates": candidates, "scored": scored[kept]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def with_losses(comparison: dict, baseline: float) -> dict:
+    """The calibrated-vs-rtn comparison with each candidate's accuracy loss against the fine-tuned model."""
+    candidates = {name: c | {"accuracy_loss": baseline - c["accuracy"]} for name, c in comparison.get("candidates", {}).items()}
+    return comparison | ({"candidates": candidates} if candidates else {})
+
+
+def choice_text(choice: dict | None) -> str:
+    if not choice:
+        return ""
+    if "candidates" not in choice:
+        return f" Kept round-to-nearest: {choice['reason']}."
+    losses = ", ".join(f"{name} {c['accuracy_loss']:+.3f}" for name, c in choice["candidates"].items())
+    return f" Accuracy loss of both builds: {losses}; kept **{choice['kept']}**."
+
+
 def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: str | Path, scheme: str, settings: dict,
                  test_path: str | Path, finetuned_path: str | Path, max_loss: float, eval_cfg: EvalConfig,
                  tracking: Tracking) -> dict:
-    """ONNX Runtime GenAI builds from the fine-tuned model (its builder quantizes weights itself);
-    TensorRT-LLM builds from the ModelOpt checkpoint of the scheme."""
+    """ONNX Runtime GenAI builds from the fine-tuned model, with the quantize stage's calibration folded in (its
+    builder quantizes weights itself); TensorRT-LLM builds from the ModelOpt checkpoint of the scheme."""
     backend, engine_dir = settings["backend"], Path(engine_dir)
     with job_run(tracking, f"build_engine/{scheme}", {"engine": settings, "scheme": scheme}):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        rows = read_split(test_path, eval_cfg.max_samples)
+        comparison = None
         if backend == "onnxruntime":
-            ort = settings["onnxruntime"]
-            source = Path(model_dir)
-            onnxruntime.build(source, engine_dir, scheme, ort["execution_provider"], ort["block_size"],
-                              ort["accuracy_level"], sha256_tree(source)[0], tracking.log_path)
+            comparison = build_onnxruntime(Path(model_dir), Path(quantized_dir), engine_dir, scheme, settings, rows, tokenizer,
+                                           eval_cfg.max_new_tokens, tracking.log_path)
         else:
             source = Path(quantized_dir) / "checkpoint"
             build_plan = tensorrt_llm.plan(source, engine_dir, scheme, tensorrt_llm.TrtllmSettings(**settings["tensorrt_llm"]))
             log.info("TensorRT-LLM plan: %s", build_plan)
             tensorrt_llm.build(build_plan, sha256_tree(source)[0])
-        engine = load_engine(engine_dir, backend, settings)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        rows = read_split(test_path, eval_cfg.max_samples)
-        metrics, results = score(rows, engine_completions(engine, tokenizer, rows, eval_cfg.max_new_tokens))
+        if comparison and "scored" in comparison:
+            metrics, results = comparison.pop("scored")
+        else:
+            engine = load_engine(engine_dir, backend, settings)
+            metrics, results = score(rows, engine_completions(engine, tokenizer, rows, eval_cfg.max_new_tokens))
         baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
         size = dir_bytes(engine_dir)
         record = gate | {"format_adherence": metrics["format_adherence"], "engine_bytes": size,
-                         "manifest": json.loads((engine_dir / "engine_manifest.json").read_text())}
+                         "manifest": json.loads((engine_dir / "engine_manifest.json").read_text()),
+                         "calibration_choice": comparison and with_losses(comparison, baseline)}
         (engine_dir / "accuracy.json").write_text(json.dumps(record, indent=1))
         log_results(f"engine_{scheme}", metrics, results, eval_cfg.sample_generations)
-        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "engine_mb": size / 2**20})
+        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "engine_mb": size / 2**20}
+                           | {f"accuracy_loss_{name}": c["accuracy_loss"] for name, c in (record["calibration_choice"] or {}).get("candidates", {}).items()})
+        mlflow.set_tag("ft2prod.engine_weights", "calibrated" if record["manifest"]["calibration"] else "rtn")
         mlflow.log_dict(record["manifest"], "engine_manifest.json")
         mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
         record_gate([gate_check(gate, f"quantize.max_accuracy_loss.{scheme}")])
-        describe(f"{backend} engine ({record['manifest']['precision']}), {size / 2**20:.2f} MB: accuracy on its own generations "
-                 f"**{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}).\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
+        describe(f"{backend} engine ({record['manifest']['algorithm']}), {size / 2**20:.2f} MB: accuracy on its own generations "
+                 f"**{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}).{choice_text(record['calibration_choice'])}\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
         (log.info if gate["passed"] else log.warning)("engine accuracy gate: %s", gate["reason"])
         return record

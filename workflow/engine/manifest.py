@@ -39,13 +39,16 @@ class EngineManifest:
     """What the engine computes in, in the backend's own terms (e.g. int4 MatMulNBits block 32)."""
     target: Target
     source_sha256: str
-    """Tree digest of the checkpoint the engine was built from."""
+    """Tree digest of the checkpoint the engine was built from (ONNX Runtime: the fine-tuned model, before any
+    calibration was folded in; TensorRT-LLM: the ModelOpt checkpoint)."""
     build: dict
     """Backend-specific build settings (max batch size, sequence lengths, block size, ...)."""
     algorithm: str = ""
-    """The quantization actually applied to the weights the engine runs, which can differ from what the scheme's
-    name says: e.g. an ONNX Runtime int4_awq engine holds round-to-nearest int4 weights (the AWQ calibration of the
-    quantize stage does not reach it)."""
+    """The quantization actually applied to the weights the engine runs, in words: e.g. "int4 weight-only, AWQ scales
+    folded (...), block 32" or "int4 weight-only, round-to-nearest, block 32"."""
+    calibration: dict | None = None
+    """The calibration folded into the weights before the backend quantized them: method, the quantize stage's
+    calibration digest (calib_sha256), the layers folded and skipped (with why); None when none was."""
 
     def write(self, engine_dir: str | Path) -> None:
         (Path(engine_dir) / MANIFEST).write_text(json.dumps(asdict(self), indent=2))

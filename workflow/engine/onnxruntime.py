@@ -12,22 +12,17 @@ from importlib.metadata import version
 from pathlib import Path
 
 from workflow.engine.batching import ContinuousBatcher
+from workflow.engine.calibration import FoldReport
 from workflow.engine.manifest import EngineManifest, Target, check_target
 
 # scheme -> builder precision per execution provider. FP8 has no ONNX Runtime GenAI kernels: it needs
-# TensorRT-LLM on an FP8-capable GPU. The builder quantizes weights itself (MatMulNBits, round-to-nearest);
-# activations stay in floating point, so int8_sq and int4_awq engines are weight-only here.
+# TensorRT-LLM on an FP8-capable GPU. The builder quantizes the weights it is given (MatMulNBits, block-wise); the
+# quantize stage's AWQ/SmoothQuant scales reach it folded into those weights (workflow/engine/calibration.py).
+# Activations stay in floating point (accuracy_level 4 quantizes them to int8 per block inside the MatMul), so
+# int8_sq and int4_awq engines are weight-only here.
 PRECISIONS = {
     "cpu": {"bf16": "fp32", "int8_sq": "int8", "int4_awq": "int4"},
     "cuda": {"bf16": "bf16", "int8_sq": "int8", "int4_awq": "int4"},
-}
-
-
-# What each scheme's engine really is here: the builder quantizes the unquantized fine-tuned weights itself.
-ALGORITHMS = {
-    "bf16": "none: unquantized weights",
-    "int8_sq": "int8 weight-only, round-to-nearest (not SmoothQuant: the quantize stage's smoothing is not applied)",
-    "int4_awq": "int4 weight-only, round-to-nearest (not AWQ: the quantize stage's activation-aware scales are not applied)",
 }
 
 
@@ -47,8 +42,21 @@ def target(provider: str) -> Target:
     return Target(backend="onnxruntime", backend_version=version("onnxruntime-genai"), device=provider)
 
 
+def algorithm(precision: str, block_size: int, calibration: FoldReport | None) -> str:
+    """What the engine's weights really are, in words (the manifest's and the selection table's)."""
+    if precision not in ("int4", "int8"):
+        return "none: unquantized weights"
+    if calibration is None:
+        return f"{precision} weight-only, round-to-nearest, block {block_size}"
+    total = len(calibration.folded) + len(calibration.skipped)
+    return (f"{precision} weight-only, {calibration.calibration} scales folded ({len(calibration.folded)} of {total} layers; "
+            f"the rest round-to-nearest), block {block_size}")
+
+
 def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: str, block_size: int, accuracy_level: int,
-          source_sha256: str, log_path: str | Path | None = None) -> EngineManifest:
+          source_sha256: str, log_path: str | Path | None = None, calibration: FoldReport | None = None) -> EngineManifest:
+    """Build with the ONNX Runtime GenAI model builder from model_dir: the fine-tuned model, or (with `calibration`)
+    the fine-tuned model with the quantize stage's scales folded in (workflow/engine/calibration.py)."""
     precision = precision_for(scheme, provider)
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(engine_dir),
                "-p", precision, "-e", provider, "-c", str(Path(engine_dir).parent / ".builder_cache")]
@@ -60,10 +68,10 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
         done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"build_engine: the ONNX Runtime GenAI builder failed (status {done.returncode}); see {log_path}")
-    described = f"{precision} weights" + (f" (MatMulNBits, block {block_size}, round-to-nearest)" if precision in ("int4", "int8") else "")
-    algorithm = ALGORITHMS[scheme] + (f", block {block_size}" if precision in ("int4", "int8") else "")
+    described = f"{precision} weights" + (f" (MatMulNBits, block {block_size})" if precision in ("int4", "int8") else "")
     manifest = EngineManifest(scheme=scheme, precision=described, target=target(provider), source_sha256=source_sha256,
-                              build=build_options, algorithm=algorithm)
+                              build=build_options, algorithm=algorithm(precision, block_size, calibration),
+                              calibration=calibration.as_dict() if calibration else None)
     manifest.write(engine_dir)
     return manifest
 
