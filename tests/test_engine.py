@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import REPO, snakemake
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO, snakemake
 from workflow.benchmark import LoadConfig, measure, run_level
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.build import build_engine

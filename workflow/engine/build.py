@@ -14,9 +14,9 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.chat import prompt_ids
+from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CALIBRATION, CalibrationError, FoldReport, fold_calibration
-from workflow.data import read_split
 from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, gate_check, log_results, score
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 

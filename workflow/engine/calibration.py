@@ -94,10 +94,9 @@ def fold(model, scales: dict[str, torch.Tensor], report: FoldReport) -> None:
             for name, linear in linears.items():
                 linear.weight.div_(common[None, :].to(linear.weight.dtype))
                 report.folded.append(f"{prefix}.{name}")
-        rows_before = {"self_attn.o_proj": (attention.o_proj, attention.v_proj, one_kv_head_per_head,
-                                            f"grouped-query attention ({config.num_attention_heads} heads share "
-                                            f"{config.num_key_value_heads} key/value heads): one v_proj row feeds several "
-                                            "o_proj columns with different scales; round-to-nearest"),
+        grouped = (f"grouped-query attention ({config.num_attention_heads} heads share {config.num_key_value_heads} "
+                   "key/value heads): one v_proj row feeds several o_proj columns with different scales; round-to-nearest")
+        rows_before = {"self_attn.o_proj": (attention.o_proj, attention.v_proj, one_kv_head_per_head, grouped),
                        "mlp.down_proj": (mlp.down_proj, mlp.up_proj, True, "")}
         for name, (linear, before, exact, reason) in rows_before.items():
             scale = scales.get(f"{prefix}.{name}")
