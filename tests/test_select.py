@@ -8,13 +8,13 @@ def quantized(scheme, accuracy, max_loss=0.05, baseline=0.8):
     return accuracy_gate(scheme, accuracy, baseline, max_loss) | {"checkpoint_bytes": 2**20}
 
 
-def engine(scheme, accuracy, baseline=0.8):
-    return accuracy_gate(scheme, accuracy, baseline, 0.05) | {"engine_bytes": 2**20, "manifest": {"precision": "int4", "algorithm": "int4 RTN"}}
+def engine(scheme, accuracy, baseline=0.8, mb=1.0):
+    return accuracy_gate(scheme, accuracy, baseline, 0.05) | {"engine_bytes": mb * 2**20, "manifest": {"precision": "int4", "algorithm": "int4 RTN"}}
 
 
-def bench(tokens_per_s, p95):
+def bench(tokens_per_s, p95, spread=0.0):
     return {"levels": [{"concurrency": 1, "output_tokens_per_s": 1.0, "latency_p95_s": 0.1},
-                       {"concurrency": 4, "output_tokens_per_s": tokens_per_s, "latency_p95_s": p95}]}
+                       {"concurrency": 4, "output_tokens_per_s": tokens_per_s, "latency_p95_s": p95, "output_tokens_per_s_spread": spread}]}
 
 
 SCHEMES = ["bf16", "fp8", "int8_sq", "int4_awq"]
@@ -36,8 +36,8 @@ def test_every_scheme_gets_a_verdict_with_its_numbers():
 
 
 def test_policies_choose_among_eligible_schemes():
-    assert choose(evidence(), "max_throughput")["scheme"] == "int4_awq"
-    assert choose(evidence(), "max_accuracy")["scheme"] == "bf16"
+    assert choose(evidence(), "max_throughput")[0]["scheme"] == "int4_awq"
+    assert choose(evidence(), "max_accuracy")[0]["scheme"] == "bf16"
     with pytest.raises(ValueError, match="select.policy must be one of max_throughput, max_accuracy"):
         choose(evidence(), "cheapest")
 
@@ -45,7 +45,22 @@ def test_policies_choose_among_eligible_schemes():
 def test_latency_slo_drops_slow_schemes_and_nothing_eligible_stops_the_dag():
     rows = evidence(slo=0.45)
     assert {r["scheme"]: r["verdict"] for r in rows}["bf16"] == "dropped: p95 latency 0.500 s > select.latency_slo_p95_s 0.450"
-    assert choose(rows, "max_throughput")["scheme"] == "int4_awq"
+    assert choose(rows, "max_throughput")[0]["scheme"] == "int4_awq"
     with pytest.raises(GateFailed) as err:
         choose(evidence(slo=0.1), "max_throughput")
     assert "select: no scheme is eligible" in str(err.value) and "int4_awq: dropped: p95 latency 0.400 s" in str(err.value)
+
+
+def test_throughputs_within_the_measured_spread_tie_and_the_smaller_engine_wins():
+    q = {s: quantized(s, 0.80) for s in SCHEMES}
+    e = {"bf16": engine("bf16", 0.80, mb=4.0), "int8_sq": engine("int8_sq", 0.80, mb=2.0), "int4_awq": engine("int4_awq", 0.79, mb=1.0)}
+    noisy = {"bf16": bench(104.0, 0.5, spread=6.0), "int8_sq": bench(101.0, 0.5, spread=3.0), "int4_awq": bench(99.0, 0.4, spread=2.0)}
+    chosen, reason = choose(compare(SCHEMES, q, e, noisy, 1.0, "onnxruntime"), "max_throughput")
+    assert chosen["scheme"] == "int4_awq"
+    assert reason == ("throughput tie within the benchmark's measured spread: int4_awq 99.0 output tokens/s (spread 2.0), "
+                      "bf16 104.0 (spread 6.0), int8_sq 101.0 (spread 3.0); the smallest engine (1.00 MB) wins the tie")
+    steady = {"bf16": bench(104.0, 0.5, spread=1.0), "int8_sq": bench(101.0, 0.5, spread=1.0), "int4_awq": bench(99.0, 0.4, spread=1.0)}
+    chosen, reason = choose(compare(SCHEMES, q, e, steady, 1.0, "onnxruntime"), "max_throughput")
+    assert chosen["scheme"] == "bf16" and reason.startswith("highest throughput (104.0 output tokens/s, more than the measured spread")
+    rows = compare(SCHEMES, q, e, noisy, 1.0, "onnxruntime")
+    assert "| 99.0 (spread 2.0) | 0.400 | eligible |" in table(rows)

@@ -5,8 +5,9 @@
 `concurrency` workers pull requests from one queue, so a new request is admitted as soon as another
 finishes (continuous load, not lock-step batches). Every request has `input_len` prompt tokens (seeded
 random non-special tokens, as trtllm-bench's synthetic datasets do) and must produce exactly `output_len`
-tokens. Reported per concurrency level: output tokens/s, requests/s, time to first token, time per output
-token after the first, and p50/p95/p99 request latency.
+tokens. Reported per concurrency level: output tokens/s (median of `repeats` runs, with their spread), requests/s,
+time to first token, time per output token after the first, and p50/p95/p99 request latency (of the median run).
+An ONNX Runtime engine on CPU batches the concurrent requests continuously (workflow/engine/batching.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class LoadConfig:
     concurrency: tuple[int, ...] = (1, 4)
     requests: int = 16
     """Requests per concurrency level."""
+    repeats: int = 3
+    """Runs of each level; the reported throughput is their median and their spread (max - min) is the noise
+    selection tolerates (select: a tie within the spread goes to the smaller engine)."""
     seed: int = 0
 
 
@@ -108,12 +112,20 @@ def summarize(results: list[RequestResult], wall: float, concurrency: int) -> di
 
 def measure(engine, vocab_size: int, special_ids: set[int], cfg: LoadConfig) -> tuple[list[dict], dict[int, list[float]]]:
     """Summaries per concurrency level, and every request latency per level (for the distribution plot)."""
+    if cfg.repeats < 1:
+        raise ValueError(f"benchmark.repeats must be at least 1 (got {cfg.repeats})")
     prompts = synthetic_prompts(vocab_size, special_ids, cfg)
     run_level(engine, prompts[:1], cfg.output_len, 1)  # warm-up: first-run allocations stay out of the numbers
     levels, latencies = [], {}
     for concurrency in cfg.concurrency:
-        results, wall = run_level(engine, prompts, cfg.output_len, concurrency)
-        levels.append(summarize(results, wall, concurrency))
+        runs = []
+        for _ in range(cfg.repeats):
+            results, wall = run_level(engine, prompts, cfg.output_len, concurrency)
+            runs.append((summarize(results, wall, concurrency), results))
+        runs.sort(key=lambda run: run[0]["output_tokens_per_s"])
+        median, results = runs[len(runs) // 2]
+        speeds = [run[0]["output_tokens_per_s"] for run in runs]
+        levels.append(median | {"output_tokens_per_s_runs": speeds, "output_tokens_per_s_spread": speeds[-1] - speeds[0]})
         latencies[concurrency] = [r.latency for r in results]
         log.info("concurrency %d: %s", concurrency, json.dumps(levels[-1]))
     return levels, latencies
@@ -151,15 +163,19 @@ def benchmark(engine_dir: str | Path, tokenizer_dir: str | Path, out_path: str |
         engine = load_engine(engine_dir, settings["backend"], settings)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         levels, latencies = measure(engine, len(tokenizer), set(tokenizer.all_special_ids), cfg)
-        record = {"scheme": scheme, "backend": settings["backend"], "manifest": engine.manifest.precision, "load": asdict(cfg), "levels": levels}
+        record = {"scheme": scheme, "backend": settings["backend"], "manifest": engine.manifest.precision,
+                  "algorithm": engine.manifest.algorithm, "max_batch_size": getattr(engine, "max_batch_size", None),
+                  "load": asdict(cfg), "levels": levels}
         out_path.write_text(json.dumps(record, indent=1))
         figure = out_path.with_suffix(".png")
         plot(levels, latencies, f"{scheme} on {settings['backend']} (input {cfg.input_len}, output {cfg.output_len})", figure)
         mlflow.log_artifact(str(figure))
         mlflow.log_dict(record, "benchmark.json")
         for level in levels:
-            mlflow.log_metrics({k: v for k, v in level.items() if k != "concurrency"}, step=level["concurrency"])
+            mlflow.log_metrics({k: v for k, v in level.items() if k not in ("concurrency", "output_tokens_per_s_runs")},
+                               step=level["concurrency"])
         describe(f"{scheme} on {settings['backend']}, input {cfg.input_len} / output {cfg.output_len} tokens, {cfg.requests} requests per level:\n\n"
-                 + "\n".join(f"- concurrency {lv['concurrency']}: **{lv['output_tokens_per_s']:.1f}** output tokens/s, "
+                 + "\n".join(f"- concurrency {lv['concurrency']}: **{lv['output_tokens_per_s']:.1f}** output tokens/s "
+                              f"(spread {lv['output_tokens_per_s_spread']:.1f} over {cfg.repeats} runs), "
                               f"p95 latency {lv['latency_p95_s']:.3f} s" for lv in levels))
         return record

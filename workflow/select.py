@@ -5,6 +5,11 @@
 A scheme is eligible when its quantized model passed the accuracy gate, its engine passed the same gate
 on its own generations, and its p95 request latency at the highest benchmarked concurrency is within the
 SLO. Policies: max_throughput (output tokens/s at the highest concurrency) or max_accuracy (engine accuracy).
+
+Throughputs are noisy (on the embedded default the engines are within run-to-run noise of one another), so under
+max_throughput every eligible scheme whose throughput is within the benchmark's measured spread of the fastest
+(max - min over its repeated runs, the larger of the two schemes') ties with it, and the tie goes to the smallest
+engine; the report says so.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict
             "engine_precision": e["manifest"]["precision"] if e else None,
             "engine_algorithm": e["manifest"].get("algorithm") if e else None,
             "output_tokens_per_s": top["output_tokens_per_s"] if top else None,
+            "output_tokens_per_s_spread": top.get("output_tokens_per_s_spread", 0.0) if top else None,
             "latency_p95_s": top["latency_p95_s"] if top else None,
             "concurrency": top["concurrency"] if top else None,
         }
@@ -61,24 +67,42 @@ def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict
     return rows
 
 
-def choose(rows: list[dict], policy: str) -> dict:
+def choose(rows: list[dict], policy: str) -> tuple[dict, str]:
+    """The selected row and why, in words."""
     if policy not in POLICIES:
         raise ValueError(f"select.policy must be one of {', '.join(POLICIES)} (got {policy!r})")
     eligible = [r for r in rows if r["verdict"] == "eligible"]
     if not eligible:
         raise GateFailed("select: no scheme is eligible:\n" + "\n".join(f"  {r['scheme']}: {r['verdict']}" for r in rows))
-    key = "output_tokens_per_s" if policy == "max_throughput" else "engine_accuracy"
-    return max(eligible, key=lambda r: (r[key], r["output_tokens_per_s"]))
+    if policy == "max_accuracy":
+        chosen = max(eligible, key=lambda r: (r["engine_accuracy"], r["output_tokens_per_s"]))
+        return chosen, f"highest engine accuracy ({chosen['engine_accuracy']:.3f})"
+    fastest = max(eligible, key=lambda r: r["output_tokens_per_s"])
+    tied = [r for r in eligible if fastest["output_tokens_per_s"] - r["output_tokens_per_s"]
+            <= max(fastest["output_tokens_per_s_spread"], r["output_tokens_per_s_spread"])]
+    chosen = min(tied, key=lambda r: (r["engine_mb"], -r["output_tokens_per_s"]))
+    if len(tied) == 1:
+        return chosen, (f"highest throughput ({chosen['output_tokens_per_s']:.1f} output tokens/s, more than the measured "
+                        f"spread ahead of every other eligible scheme)")
+    others = ", ".join(f"{r['scheme']} {r['output_tokens_per_s']:.1f} (spread {r['output_tokens_per_s_spread']:.1f})"
+                       for r in tied if r is not chosen)
+    return chosen, (f"throughput tie within the benchmark's measured spread: {chosen['scheme']} "
+                    f"{chosen['output_tokens_per_s']:.1f} output tokens/s (spread {chosen['output_tokens_per_s_spread']:.1f}), "
+                    f"{others}; the smallest engine ({chosen['engine_mb']:.2f} MB) wins the tie")
 
 
 def fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def spread(row: dict) -> str:
+    return f" (spread {row['output_tokens_per_s_spread']:.1f})" if row.get("output_tokens_per_s_spread") else ""
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| scheme | accuracy (quantized) | loss vs fine-tuned | engine quantization | engine accuracy | engine loss | checkpoint MB "
-        "| engine MB | output tok/s | p95 latency s | verdict |",
+        "| engine MB | output tok/s (spread) | p95 latency s | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -86,7 +110,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['scheme']} | {r['quantized_accuracy']:.3f} | {r['quantized_loss']:+.3f} | {r.get('engine_algorithm') or '–'} | "
             f"{fmt(r['engine_accuracy'], '.3f')} | "
             f"{fmt(r['engine_loss'], '+.3f')} | {r['checkpoint_mb']:.2f} | {fmt(r['engine_mb'], '.2f')} | "
-            f"{fmt(r['output_tokens_per_s'], '.1f')} | {fmt(r['latency_p95_s'], '.3f')} | {r['verdict']} |"
+            f"{fmt(r['output_tokens_per_s'], '.1f')}{spread(r)} | {fmt(r['latency_p95_s'], '.3f')} | {r['verdict']} |"
         )
     return "\n".join(lines)
 
@@ -132,7 +156,7 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         mlflow.log_table({key: [r[key] for r in rows] for key in rows[0]}, "comparison.json")
         record_gate(gate_checks(rows, slo_p95_s))
         try:
-            chosen = choose(rows, policy)
+            chosen, reason = choose(rows, policy)
         except GateFailed:
             report_path.write_text("# Scheme selection: nothing eligible\n\n" + table(rows) + "\n")
             mlflow.log_artifact(str(report_path))
@@ -141,13 +165,15 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         figure = report_path.with_name("accuracy_vs_throughput.png")
         plot(rows, chosen["scheme"], figure)
         decision = {"selected": chosen["scheme"], "engine_dir": str(engine_dirs[chosen["scheme"]]), "policy": policy,
-                    "latency_slo_p95_s": slo_p95_s, "backend": backend, "evidence": rows}
+                    "reason": reason, "latency_slo_p95_s": slo_p95_s, "backend": backend, "evidence": rows}
         report_path.write_text("\n".join([
             f"# Scheme selection: **{chosen['scheme']}**",
             "",
             f"Policy `{policy}` among schemes that passed the accuracy gates and the p95 latency SLO ({slo_p95_s} s); "
             f"backend `{backend}`. Selected {chosen['scheme']}: {chosen['output_tokens_per_s']:.1f} output tokens/s at concurrency "
             f"{chosen['concurrency']}, engine accuracy {chosen['engine_accuracy']:.3f} ({chosen['engine_loss']:+.3f} vs fine-tuned).",
+            "",
+            f"Why: {reason}.",
             "",
             table(rows),
             "",
@@ -159,6 +185,6 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         mlflow.set_tags({"ft2prod.selected_scheme": chosen["scheme"]})
         describe(f"Selected **{chosen['scheme']}** by `{policy}`: {chosen['output_tokens_per_s']:.1f} output tokens/s at concurrency "
                  f"{chosen['concurrency']}, engine accuracy {chosen['engine_accuracy']:.3f}, p95 {chosen['latency_p95_s']:.3f} s "
-                 f"(SLO {slo_p95_s} s).\n\n" + table(rows))
+                 f"(SLO {slo_p95_s} s). Why: {reason}.\n\n" + table(rows))
         log.info("selected %s (%s)", chosen["scheme"], policy)
         return decision

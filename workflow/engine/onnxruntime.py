@@ -65,7 +65,7 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
         command += ["--extra_options", f"block_size={block_size}", f"accuracy_level={accuracy_level}"]
         build_options |= {"block_size": block_size, "accuracy_level": accuracy_level}
     with open(log_path or "/dev/null", "a") as sink:
-        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"build_engine: the ONNX Runtime GenAI builder failed (status {done.returncode}); see {log_path}")
     described = f"{precision} weights" + (f" (MatMulNBits, block {block_size})" if precision in ("int4", "int8") else "")
