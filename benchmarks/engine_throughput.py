@@ -1,27 +1,34 @@
-"""Output tokens/s of ONNX Runtime GenAI engines (fp32, int8, int4) against plain transformers `generate()`.
+"""Output tokens/s of ONNX Runtime GenAI engines (fp32, int8, int4) against plain transformers `generate()`, and
+how close each quantized engine stays to the fp32 model with the quantize stage's calibration and without it.
 
     .venv/bin/python benchmarks/engine_throughput.py [--layers 13] [--requests 8] [--input-len 512] [--output-len 128]
 
-Builds a ~150M-parameter Llama (hidden 1024, 16 heads, 4 KV heads, MLP 2816, 13 layers; seeded random
-weights, the bootstrap tokenizer), builds the engines with the workflow's own builder code, and drives every
-candidate with the workflow's own continuous-load generator at concurrency 1 and 8, in one run on one
-machine. The baseline serves each request with its own `model.generate()` call (what plain transformers
-serving does); a lock-step batched `generate()` is printed too. Greedy-token agreement with the fp32
-model on the same prompts stands in for accuracy on this untrained model: the pipeline measures accuracy
-loss on its fine-tuned model (results/select/report.md).
+Builds a ~150M-parameter Llama (hidden 1024, 16 heads, 4 KV heads, MLP 2816, 13 layers; seeded random weights,
+the bootstrap tokenizer), quantizes it with the workflow's quantize stage (ModelOpt int8_sq and int4_awq,
+calibrated on seeded random token rows), and builds every engine with the workflow's own code: fp32, and for
+int8 and int4 both a round-to-nearest build and a build with the calibration folded in
+(workflow/engine/calibration.py). Accuracy on this untrained model is agreement with the fp32 model: teacher-forced
+next-token agreement and mean KL divergence over held-out rows (every position), and greedy-token agreement on
+three prompts. The better build of each scheme (higher next-token agreement) is then driven, like the baseline,
+by the workflow's own load generator at concurrency 1 and 8 in one run on one machine: the engines batch
+concurrent requests continuously (workflow/engine/batching.py); the baseline serves each request with its own
+`model.generate()` call (what plain transformers serving does), and a lock-step batched `generate()` is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import queue
+import random
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
@@ -29,6 +36,9 @@ from transformers.generation.streamers import BaseStreamer
 from workflow.benchmark import LoadConfig, measure
 from workflow.bootstrap.model import BootstrapConfig, make_base_model
 from workflow.engine import onnxruntime
+from workflow.engine.calibration import fold_calibration
+from workflow.quantize import QuantizeConfig, quantize
+from workflow.tracking import Tracking
 
 
 class TokenQueue(BaseStreamer):
@@ -89,12 +99,51 @@ def agreement(engine, reference: list[list[int]], prompts: list[list[int]], n: i
     return same / total
 
 
+def closeness(engine_dir: Path, model, rows: list[list[int]]) -> dict:
+    """Teacher-forced next-token agreement with the fp32 model, and mean KL(fp32 || engine), over every position of
+    rows: one forward of the engine's ONNX model per row, with an empty key/value cache."""
+    import onnxruntime as ort
+
+    decoder = json.loads((engine_dir / "genai_config.json").read_text())["model"]["decoder"]
+    session = ort.InferenceSession(str(engine_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    same = total = 0
+    kl = []
+    for ids in rows:
+        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        feeds |= {item.name: empty for item in session.get_inputs() if item.name.startswith("past_key_values")}
+        got = torch.from_numpy(session.run(["logits"], feeds)[0][0]).float()
+        with torch.inference_mode():
+            expected = model(input_ids=torch.tensor([ids])).logits[0].float()
+        same += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(ids)
+        kl.append(torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="batchmean"))
+    return {"next_token_agreement": same / total, "mean_kl": float(torch.stack(kl).mean())}
+
+
+def quantize_schemes(model_dir: Path, work: Path, vocab: int, rows: int) -> dict[str, Path]:
+    """The quantize stage itself (ModelOpt, tracked in a local MLflow file) on seeded random calibration rows."""
+    rng = random.Random(1)
+    train = work / "train.jsonl"
+    train.write_text("".join(json.dumps({"input_ids": [rng.randrange(10, vocab - 10) for _ in range(256)], "labels": []}) + "\n"
+                             for _ in range(rows)))
+    tracking = Tracking(uri=f"sqlite:///{work}/mlflow.db", experiment="engine-throughput", results_dir=str(work))
+    out = {}
+    for scheme in ("int8_sq", "int4_awq"):
+        started = time.perf_counter()
+        quantize(model_dir, train, work / "quantize" / scheme, scheme, QuantizeConfig(calib_samples=rows), tracking)
+        print(f"quantized {scheme} with ModelOpt ({rows} calibration rows) in {time.perf_counter() - started:.1f} s")
+        out[scheme] = work / "quantize" / scheme
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=13)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--calib-rows", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ft2prod-bench-"))
@@ -103,24 +152,43 @@ def main() -> None:
     parameters = sum(p.numel() for p in model.parameters())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     specials = set(tokenizer.all_special_ids)
-    load = LoadConfig(input_len=args.input_len, output_len=args.output_len, concurrency=(1, 8), requests=args.requests)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; model {parameters / 1e6:.0f}M parameters; "
+    load = LoadConfig(input_len=args.input_len, output_len=args.output_len, concurrency=(1, 8), requests=args.requests, repeats=1)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
+          f"load before: {os.getloadavg()}; model {parameters / 1e6:.0f}M parameters; "
           f"input {args.input_len}, output {args.output_len}, {args.requests} requests per level")
 
-    candidates = {"transformers generate (fp32)": TransformersEngine(model)}
-    for scheme, label in (("bf16", "fp32"), ("int8_sq", "int8"), ("int4_awq", "int4")):
-        engine_dir = work / "engines" / scheme
-        started = time.perf_counter()
-        onnxruntime.build(model_dir, engine_dir, scheme, "cpu", 32, 4, "benchmark", work / "build.log")
-        print(f"built ONNX Runtime GenAI {label} engine in {time.perf_counter() - started:.1f} s")
-        candidates[f"onnxruntime-genai {label}"] = onnxruntime.OrtEngine(engine_dir)
-
+    quantized = quantize_schemes(model_dir, work, len(tokenizer), args.calib_rows)
+    rng = random.Random(2)
+    held_out = [[rng.randrange(10, len(tokenizer) - 10) for _ in range(256)] for _ in range(8)]
     probe = [[t for t in range(5, 5 + 64)], [t for t in range(100, 164)], [t for t in range(200, 264)]]
-    reference = [list(candidates["transformers generate (fp32)"].stream(p, 32, min_new_tokens=32)) for p in probe]
+    reference = [list(TransformersEngine(model).stream(p, 32, min_new_tokens=32)) for p in probe]
+
+    def build(scheme: str, name: str, calibrated: bool) -> Path:
+        engine_dir = work / "engines" / name
+        started = time.perf_counter()
+        report = None
+        if calibrated:
+            report = fold_calibration(model_dir, quantized[scheme], scheme, work / "folded" / scheme, held_out[:2])
+        manifest = onnxruntime.build(work / "folded" / scheme if calibrated else model_dir, engine_dir, scheme, "cpu", 32, 4,
+                                     "benchmark", work / "build.log", calibration=report)
+        print(f"built {name} ({manifest.algorithm}) in {time.perf_counter() - started:.1f} s")
+        return engine_dir
+
+    accuracy, kept = {}, {"fp32": build("bf16", "fp32", False)}
+    for scheme, label in (("int8_sq", "int8"), ("int4_awq", "int4")):
+        builds = {"rtn": build(scheme, f"{label} rtn", False), "calibrated": build(scheme, f"{label} calibrated", True)}
+        for how, engine_dir in builds.items():
+            accuracy[f"{label} {how}"] = closeness(engine_dir, model, held_out) | {
+                "greedy_agreement": agreement(onnxruntime.OrtEngine(engine_dir), reference, probe, 32)}
+        best = max(builds, key=lambda how: (accuracy[f"{label} {how}"]["next_token_agreement"], how == "calibrated"))
+        kept[f"{label} ({best})"] = builds[best]
+
+    candidates = {"transformers generate (fp32)": TransformersEngine(model)}
+    candidates |= {f"onnxruntime-genai {name}": onnxruntime.OrtEngine(engine_dir, max_batch_size=8) for name, engine_dir in kept.items()}
     results = {}
     for name, engine in candidates.items():
         levels, _ = measure(engine, len(tokenizer), specials, load)
-        results[name] = {"levels": levels, "greedy_agreement_with_fp32": agreement(engine, reference, probe, 32)}
+        results[name] = {"levels": levels}
 
     batched = torch.randint(10, len(tokenizer) - 10, (8, args.input_len))
     started = time.perf_counter()
@@ -129,15 +197,20 @@ def main() -> None:
     lockstep = 8 * args.output_len / (time.perf_counter() - started)
 
     baseline = {lv["concurrency"]: lv["output_tokens_per_s"] for lv in results["transformers generate (fp32)"]["levels"]}
-    print(f"\n{'candidate':34} {'conc':>4} {'out tok/s':>10} {'x baseline':>10} {'p95 lat s':>10} {'ttft p50 s':>10} {'agree fp32':>10}")
+    print(f"\n{'candidate':38} {'conc':>4} {'out tok/s':>10} {'x baseline':>10} {'p95 lat s':>10} {'ttft p50 s':>10}")
     for name, result in results.items():
         for level in result["levels"]:
             c = level["concurrency"]
-            print(f"{name:34} {c:>4} {level['output_tokens_per_s']:>10.1f} {level['output_tokens_per_s'] / baseline[c]:>10.2f} "
-                  f"{level['latency_p95_s']:>10.2f} {level['ttft_p50_s']:>10.3f} {result['greedy_agreement_with_fp32']:>10.3f}")
-    print(f"{'transformers generate, batch 8 lock-step':42} {lockstep:>10.1f} output tok/s")
+            print(f"{name:38} {c:>4} {level['output_tokens_per_s']:>10.1f} {level['output_tokens_per_s'] / baseline[c]:>10.2f} "
+                  f"{level['latency_p95_s']:>10.2f} {level['ttft_p50_s']:>10.3f}")
+    print(f"{'transformers generate, batch 8 lock-step':48} {lockstep:>10.1f} output tok/s")
+    print(f"\n{'build':20} {'next-token agree':>16} {'mean KL':>10} {'greedy agree':>12}   (vs the fp32 model)")
+    for name, numbers in accuracy.items():
+        print(f"{name:20} {numbers['next_token_agreement']:>16.4f} {numbers['mean_kl']:>10.5f} {numbers['greedy_agreement']:>12.3f}")
+    print(f"load after: {os.getloadavg()}")
     if args.json:
-        args.json.write_text(json.dumps({"parameters": parameters, "results": results, "lockstep_batch8_tokens_per_s": lockstep}, indent=1))
+        args.json.write_text(json.dumps({"parameters": parameters, "results": results, "accuracy": accuracy,
+                                         "lockstep_batch8_tokens_per_s": lockstep}, indent=1))
 
 
 if __name__ == "__main__":
