@@ -12,10 +12,24 @@ from pathlib import Path
 import mlflow
 from transformers import AutoTokenizer
 
-from workflow.engine import onnxruntime, tensorrt_llm
+from workflow.config import EvalConfig, TrtllmSettings
 from workflow.data import read_split
-from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, gate_check, log_results, score
-from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
+from workflow.engine import onnxruntime, tensorrt_llm
+from workflow.evaluate import (
+    accuracy_gate,
+    engine_completions,
+    gate_check,
+    log_results,
+    score,
+)
+from workflow.tracking import (
+    Tracking,
+    describe,
+    dir_bytes,
+    job_run,
+    record_gate,
+    sha256_tree,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +55,7 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
                               ort["accuracy_level"], sha256_tree(source)[0], tracking.log_path)
         else:
             source = Path(quantized_dir) / "checkpoint"
-            build_plan = tensorrt_llm.plan(source, engine_dir, scheme, tensorrt_llm.TrtllmSettings(**settings["tensorrt_llm"]))
+            build_plan = tensorrt_llm.plan(source, engine_dir, scheme, TrtllmSettings(**settings["tensorrt_llm"]))
             log.info("TensorRT-LLM plan: %s", build_plan)
             tensorrt_llm.build(build_plan, sha256_tree(source)[0])
         engine = load_engine(engine_dir, backend, settings)

@@ -98,7 +98,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     @app.get("/v1/deployment", dependencies=[gateway.require("view")])
     async def deployment():
         return {"model": settings.model_name, "backend": backend.kind, "ready": backend.serving(),
-                "package": backend.package, "limits": settings.limits.__dict__}
+                "package": backend.package, "limits": settings.limits.model_dump()}
 
     @app.post("/admin/deploy", dependencies=[gateway.require("deploy")], status_code=202)
     async def deploy(body: Deploy, request: Request):
@@ -114,7 +114,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
 
     @app.get("/admin/limits", dependencies=[gateway.require("adjust")])
     async def get_limits():
-        return settings.limits.__dict__
+        return settings.limits.model_dump()
 
     @app.put("/admin/limits", dependencies=[gateway.require("adjust")])
     async def put_limits(changes: dict, request: Request):
@@ -123,7 +123,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         except ValueError as err:
             raise BadRequest(str(err)) from None
         request.scope["state"]["detail"] = {"limits": changes}
-        return settings.limits.__dict__
+        return settings.limits.model_dump()
 
     @app.get("/audit/events", dependencies=[gateway.require("audit")])
     async def audit_events(since: str | None = None, until: str | None = None, key_id: str | None = None,
