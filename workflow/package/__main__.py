@@ -22,6 +22,8 @@ from workflow.package.kms import KmsError, LocalKeyFile, Pkcs11Hsm, VaultTransit
 
 def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}key-file", help="local key-encryption key file (created 0600 if missing when packing)")
+    parser.add_argument(f"--{prefix}key-file-group", type=int, metavar="GID",
+                        help="also accept a key file this group may read, never write (0440): a Kubernetes Secret under the pod's fsGroup")
     parser.add_argument(f"--{prefix}pkcs11-module", help="PKCS#11 library of the HSM, e.g. /usr/lib/softhsm/libsofthsm2.so")
     parser.add_argument(f"--{prefix}token", help="HSM token label")
     parser.add_argument(f"--{prefix}key-label", help="label of the AES key in the HSM")
@@ -32,7 +34,7 @@ def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
 def kms_from(args: argparse.Namespace, prefix: str = "", create: bool = False):
     get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
     if get("key_file"):
-        return LocalKeyFile(get("key_file"), create=create)
+        return LocalKeyFile(get("key_file"), create=create, group=get("key_file_group"))
     if get("pkcs11_module"):
         return Pkcs11Hsm(get("pkcs11_module"), get("token"), get("key_label"), os.environ.get("PKCS11_PIN", ""))
     if get("vault_url"):
