@@ -37,10 +37,14 @@ MOUNTS = {"packages": "/packages", "model": "/model", "config": "/etc/ft2prod/co
 POD_USER = 10001  # the gateway image's user (envs/gateway.Dockerfile); also the pod's group and fsGroup
 MODEL_DIR = f"{MOUNTS['model']}/opened"  # made 0700 by the init container: open refuses the volume's own 0777 root
 DIGEST_REFERENCE = re.compile(r"^[a-z0-9][^\s@]*@sha256:[0-9a-f]{64}$")
-CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 KUBE_DNS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
             "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+
+
+def container_security() -> dict:
+    """Every container's securityContext (a fresh dict each, so the written YAML spells each out, with no anchors)."""
+    return {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 class InvalidManifest(ValueError):
@@ -147,7 +151,7 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
         "livenessProbe": _probe("/healthz", 10, 3),
         "readinessProbe": _probe("/readyz", 5, 3),
         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
-        "securityContext": CONTAINER_SECURITY,
+        "securityContext": container_security(),
         "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False)],
     }
     containers = [gateway_container]
@@ -160,7 +164,7 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
                      "--tp_size", str(trt["tp_size"]), "--pp_size", str(trt["pp_size"])],
             "env": [{"name": "HOME", "value": MOUNTS["tmp"]}],  # caches go to the memory-backed /tmp, not the read-only root
             "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}},
-            "securityContext": CONTAINER_SECURITY,
+            "securityContext": container_security(),
             "volumeMounts": [mount("model"), mount("tmp", False)],
         })
     # a key file (local KMS) as a Secret volume: 0400 becomes 0440 under fsGroup, which open accepts for that group only;
@@ -182,7 +186,7 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
                     "enableServiceLinks": False,
                     "initContainers": [{  # the only container that holds the KMS credential
                         "name": "open-package", "image": image, "args": open_args, "env": open_env,
-                        "securityContext": CONTAINER_SECURITY,
+                        "securityContext": container_security(),
                         "volumeMounts": [mount("packages"), mount("model", False), mount("config")]
                                         + ([mount("kms")] if config["package"]["kms"]["provider"] == "local" else []),
                     }],
