@@ -524,9 +524,12 @@ class Kubernetes(Section):
     name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = "ft2prod-gateway"
     """Name of the Deployment, Service, NetworkPolicy and PodDisruptionBudget."""
     image: str = "registry.internal/ft2prod/gateway:0.1.0"
-    """Gateway image (envs/gateway.Dockerfile)."""
+    """Gateway image (envs/gateway.Dockerfile); rendering the manifests requires it by digest, NAME[:TAG]@sha256:<64 hex>."""
     engine_image: str = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
-    """Engine server image for engine.backend tensorrt_llm."""
+    """Engine server image for engine.backend tensorrt_llm; by digest, as image."""
+    kms_egress_cidrs: tuple[str, ...] = ()
+    """Address ranges (CIDRs) of the KMS endpoint (Vault, a network HSM) the pods may reach; required when
+    package.kms.provider is vault. All other egress is denied (DNS is allowed only together with these)."""
     replicas: Annotated[int, Field(ge=1)] = 2
     """Gateway pods."""
     package_claim: str = "ft2prod-packages"
