@@ -474,6 +474,9 @@ class Gateway(Section):
     """Environment variable holding the upstream server's own API key; null sends none."""
     api_keys: str = "keys/api_keys.json"
     """API-key hashes and roles (owner-only)."""
+    package_root: str | None = None
+    """The folder POST /admin/deploy takes packages from, by digest (<root>/<sha256>); null is package.backup_dir,
+    where the backup rule keeps them. Clients never name a path."""
     tls: Tls = Tls()
     """Server certificate; a local CA and certificate are made when missing."""
     allow: Allow = Allow()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -53,6 +54,8 @@ def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519Priv
     aead = AESGCM(data_key)
     header = {
         "format": FORMAT, "chunk_size": chunk_size,
+        # Signed (through the header's digest) and kept by rotate-key: gateways refuse a package older than one they served.
+        "created": datetime.now(UTC).isoformat(timespec="microseconds"),
         "kms": {"provider": kms.provider, "key_id": kms.key_id()},
         "wrapped_key": kms.wrap(data_key), "key_check": key_check(data_key),
         "files": [{"path": str(p.relative_to(source)), "size": p.stat().st_size, "chunks": chunk_count(p, chunk_size)} for p in files],

@@ -19,19 +19,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from workflow.serve.access import Denied
 from workflow.serve.audit import alerts
 from workflow.serve.backends import NotReady
+from workflow.serve.deployments import DIGEST
 from workflow.serve.guard import Gateway, Guard
 from workflow.serve.protocol import BadRequest, ChatRequest, CompletionRequest, check_sampling, error_body
 
 
 class Deploy(BaseModel):
-    package: str
+    model_config = ConfigDict(extra="forbid")
+
+    package_sha256: str = Field(pattern=DIGEST.pattern)
+    """The package's digest; the gateway takes it from its own package root (rollout.gateway.package_root)."""
+    rollback: bool = False
+    """Allow a package older than the one served, if it is the one served just before it."""
 
 
 class Undeploy(BaseModel):
@@ -102,9 +108,9 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
 
     @app.post("/admin/deploy", dependencies=[gateway.require("deploy")], status_code=202)
     async def deploy(body: Deploy, request: Request):
-        backend.deploy(body.package, settings)
-        request.scope["state"]["detail"] = {"deploy": body.package}
-        return {"status": "loading", "package": body.package}
+        request.scope["state"]["detail"] = {"deploy": body.package_sha256, "rollback": body.rollback}
+        backend.deploy(body.package_sha256, body.rollback, settings)
+        return {"status": "loading", "package_sha256": body.package_sha256}
 
     @app.post("/admin/undeploy", dependencies=[gateway.require("deploy")])
     async def undeploy(body: Undeploy, request: Request):

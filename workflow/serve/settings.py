@@ -46,6 +46,13 @@ class GatewaySettings:
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None = None
     package_settings: dict = field(default_factory=dict)
+    package_root: Path | None = None
+    """Where /admin/deploy finds packages by digest."""
+
+    @property
+    def deployments_path(self) -> Path:
+        """The anti-rollback record (deployments.py), beside the audit log: state the gateway keeps and may write."""
+        return self.audit_path.with_name("deployments.json")
 
     @classmethod
     def from_config(cls, config: dict, audit_path: str | Path | None = None) -> GatewaySettings:
@@ -63,6 +70,7 @@ class GatewaySettings:
             engine=config["engine"],
             upstream=gateway["upstream"],
             package_settings=config["package"],
+            package_root=Path(gateway["package_root"] or config["package"]["backup_dir"]),
         )
 
     def kms(self):
