@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system run test test-fast lint dag clean
+.PHONY: setup system run test test-fast lint schema dag clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/snakemake --lint
+
+# config/schema.yaml from the settings declared in workflow/config.py (a test checks it is current).
+schema: setup
+	$(BIN)/python -m workflow.config > config/schema.yaml
 
 dag: setup
 	$(BIN)/snakemake --dag | dot -Tsvg > dag.svg

@@ -1,6 +1,6 @@
 # ft2prod: fine-tune -> evaluate -> quantize -> engines -> benchmark -> select -> package -> rollout, tracked in MLflow.
 #   snakemake --profile profiles/default          (the embedded default; see README.md)
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -11,8 +11,7 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 
 
-check_config(config)
-validate(config, "config/schema.yaml")
+config.update(checked_config(config))
 
 
 include: "rules/plan.smk"

@@ -52,8 +52,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from workflow.config import FinetuneConfig  # noqa: E402
 from workflow.finetune import ops  # noqa: E402
-from workflow.finetune.config import FinetuneConfig  # noqa: E402
 from workflow.finetune.launch import launch_command, launch_env, write_job  # noqa: E402
 
 SHAPES = {

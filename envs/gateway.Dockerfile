@@ -1,6 +1,7 @@
 # The gateway image the Kubernetes manifests run (rollout.kubernetes.image): the package opener (init
 # container) and the TLS 1.3 gateway, as a non-root user with a read-only root filesystem.
 #   docker build -f envs/gateway.Dockerfile -t registry.internal/ft2prod/gateway:0.1.0 .
+#   docker push registry.internal/ft2prod/gateway:0.1.0   # prints the digest: set rollout.kubernetes.image to NAME:TAG@sha256:<digest>
 # Not built on our CI machines (no container engine there); the manifests that use it are validated offline.
 FROM python:3.11-slim
 WORKDIR /app

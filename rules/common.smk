@@ -1,12 +1,14 @@
 # Named helpers for the rules: paths and config look-ups. No logic beyond wiring.
-from workflow.config import check as check_schema
+from workflow.config import check
+from workflow.schemes import WILDCARD as SCHEME_WILDCARD
 
 RESULTS = "results"
 
 
-def check_config(config):
-    """Clear, per-key errors before Snakemake's own validation fills the defaults."""
-    check_schema(config, workflow.source_path("../config/schema.yaml"))
+def checked_config(config):
+    """The config with every default filled in (workflow/config.py declares each key); a wrong key or value stops
+    the workflow before anything runs, naming the key and what is allowed."""
+    return check(config)
 
 
 def base_model_dir(wildcards=None):
@@ -30,8 +32,8 @@ def training_template(wildcards=None):
 
 
 def data_settings():
-    keys = ("on_bad_row", "val_fraction", "test_fraction", "max_seq_len", "chat_template", "reasoning_turns")
-    return {key: config["data"][key] for key in keys} | {"seed": config["seed"]}
+    """The data section less what only picks the dataset file (an input already)."""
+    return {key: value for key, value in config["data"].items() if key not in ("path", "generated_rows")}
 
 
 def pipeline_targets():

@@ -30,8 +30,7 @@ rule evaluate:
         metrics=f"{RESULTS}/evaluate/finetuned.json",
         report=f"{RESULTS}/evaluate/report.md",
     params:
-        settings=eval_settings(),
-        gate=config["evaluate"]["gate"],
+        settings=config["evaluate"],
     log:
         f"{RESULTS}/logs/evaluate.log",
     benchmark:

@@ -11,7 +11,7 @@ rule quantize:
     benchmark:
         f"{RESULTS}/benchmarks/quantize/{{scheme}}.tsv"
     wildcard_constraints:
-        scheme="bf16|fp8|int8_sq|int4_awq",
+        scheme=SCHEME_WILDCARD,
     threads: 2
     resources:
         mem_mb=4000,
@@ -39,7 +39,7 @@ checkpoint evaluate_quantized:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_quantized/{{scheme}}.tsv"
     wildcard_constraints:
-        scheme="bf16|fp8|int8_sq|int4_awq",
+        scheme=SCHEME_WILDCARD,
     threads: 2
     resources:
         mem_mb=4000,

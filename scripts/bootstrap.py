@@ -3,7 +3,8 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.bootstrap.model import BootstrapConfig, bootstrap
+from workflow.bootstrap.model import bootstrap
+from workflow.config import BootstrapConfig
 from workflow.tracking import Tracking
 
 bootstrap(

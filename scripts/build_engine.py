@@ -3,8 +3,8 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
+from workflow.config import EvalConfig
 from workflow.engine.build import build_engine
-from workflow.evaluate import EvalConfig
 from workflow.tracking import Tracking
 
 build_engine(

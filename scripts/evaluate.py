@@ -3,7 +3,8 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.evaluate import EvalConfig, evaluate
+from workflow.config import EvalConfig
+from workflow.evaluate import evaluate
 from workflow.tracking import Tracking
 
 evaluate(
@@ -13,6 +14,5 @@ evaluate(
     out_path=snakemake.output.metrics,
     report_path=snakemake.output.report,
     cfg=EvalConfig(**snakemake.params.settings),
-    gate=snakemake.params.gate,
     tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
 )

@@ -3,7 +3,8 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.evaluate import EvalConfig, evaluate_base
+from workflow.config import EvalConfig
+from workflow.evaluate import evaluate_base
 from workflow.tracking import Tracking
 
 evaluate_base(

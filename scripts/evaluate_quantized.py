@@ -3,7 +3,7 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.evaluate import EvalConfig
+from workflow.config import EvalConfig
 from workflow.quantize import evaluate_quantized
 from workflow.tracking import Tracking
 

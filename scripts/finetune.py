@@ -5,7 +5,7 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.finetune.config import FinetuneConfig
+from workflow.config import FinetuneConfig
 from workflow.finetune.launch import finetune
 from workflow.tracking import Tracking
 

@@ -5,7 +5,8 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.data import DataConfig, prepare_data
+from workflow.config import DataConfig
+from workflow.data import prepare_data
 from workflow.tracking import Tracking
 
 prepare_data(
@@ -14,4 +15,5 @@ prepare_data(
     out_dir=Path(snakemake.output.stats).parent,
     cfg=DataConfig(**snakemake.params.settings),
     tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    seed=snakemake.params.seed,
 )

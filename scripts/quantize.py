@@ -3,7 +3,8 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.quantize import QuantizeConfig, quantize
+from workflow.config import QuantizeConfig
+from workflow.quantize import quantize
 from workflow.tracking import Tracking
 
 quantize(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import families
 import pytest
 from transformers import AutoTokenizer
 
-import families
 from workflow.bootstrap.model import CHAT_TEMPLATE
 from workflow.bootstrap.problems import FORMS, make_problems
 from workflow.chat import ChatFormat, TemplateError, prompt_ids, prompt_text
@@ -100,7 +100,7 @@ def test_prepare_with_the_r1_template_on_the_default_base(r1_base, tmp_path, tra
     rows = [p.as_row("messages") for p in make_problems(120, seed=5)]
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stats = prepare_data(source, r1_base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking)
+    stats = prepare_data(source, r1_base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking, seed=0)
     assert stats.chat_format["style"] == "think" and stats.reasoning_rows == 120
     tokenizer = AutoTokenizer.from_pretrained(r1_base)
     row = json.loads((tmp_path / "out" / "train.jsonl").read_text().splitlines()[0])
@@ -152,7 +152,7 @@ def test_bad_reasoning_rows_name_file_and_line(tmp_path, tiny_base, tracking, ro
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in good[:7] + [row] + good[7:]))
     with pytest.raises(DataError, match=f"{source}:8: .*{message}"):
-        prepare_data(source, tiny_base, tmp_path / "out", DataConfig(), tracking)
+        prepare_data(source, tiny_base, tmp_path / "out", DataConfig(), tracking, seed=0)
 
 
 def test_a_scheme_the_shapes_cannot_take_is_refused_with_the_reason(family_dirs):
@@ -176,7 +176,7 @@ def test_a_template_that_serves_with_thinking_off_trains_answers_and_refuses_rea
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=rf"{source}:41: .*closes the think block \(the template serves with thinking off\)"):
-        prepare_data(source, base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking)
+        prepare_data(source, base, tmp_path / "out", DataConfig(test_fraction=0.2), tracking, seed=0)
 
 
 def test_a_row_the_template_itself_refuses_names_file_and_line(r1_base, tmp_path, tracking):
@@ -191,7 +191,7 @@ def test_a_row_the_template_itself_refuses_names_file_and_line(r1_base, tmp_path
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=rf"{source}:5: .*the chat template refuses the conversation: System role not supported"):
-        prepare_data(source, base, tmp_path / "out", DataConfig(), tracking)
+        prepare_data(source, base, tmp_path / "out", DataConfig(), tracking, seed=0)
 
 
 def test_the_gateway_answers_a_conversation_the_template_refuses_with_a_400(r1_base):

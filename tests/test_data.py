@@ -66,11 +66,11 @@ def test_skip_policy_drops_and_counts(tmp_path):
 
 def test_split_is_deterministic_and_depends_on_seed():
     rows = [[{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}] for i in range(400)]
-    cfg = DataConfig(val_fraction=0.1, test_fraction=0.2, seed=0)
-    first = [split_of(r, cfg) for r in rows]
-    assert first == [split_of(r, cfg) for r in rows]
+    cfg = DataConfig(val_fraction=0.1, test_fraction=0.2)
+    first = [split_of(r, cfg, 0) for r in rows]
+    assert first == [split_of(r, cfg, 0) for r in rows]
     assert 40 < first.count("test") < 120 and 15 < first.count("val") < 70
-    assert first != [split_of(r, DataConfig(val_fraction=0.1, test_fraction=0.2, seed=1)) for r in rows]
+    assert first != [split_of(r, cfg, 1) for r in rows]
 
 
 def test_labels_cover_exactly_the_assistant_turns(tiny_base):
@@ -93,7 +93,7 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_base):
 def test_prepare_deduplicates_splits_and_records(tmp_path, tiny_base, tracking):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(200)]
     source = write_jsonl(tmp_path / "d.jsonl", rows + rows[:30] + [{"instruction": "x" * 5000, "output": "y"}])
-    stats = prepare_data(source, tiny_base, tmp_path / "out", DataConfig(max_seq_len=128, test_fraction=0.2), tracking)
+    stats = prepare_data(source, tiny_base, tmp_path / "out", DataConfig(max_seq_len=128, test_fraction=0.2), tracking, seed=0)
     assert stats.duplicates == 30 and stats.too_long == 1
     assert sum(stats.rows.values()) == 200
     written = {name: (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines() for name in ("train", "val", "test")}
@@ -106,4 +106,4 @@ def test_prepare_deduplicates_splits_and_records(tmp_path, tiny_base, tracking):
 def test_prepare_fails_on_empty_test_split(tmp_path, tiny_base, tracking):
     source = write_jsonl(tmp_path / "d.jsonl", [CHAT])
     with pytest.raises(DataError, match="the test split is empty"):
-        prepare_data(source, tiny_base, tmp_path / "out", DataConfig(test_fraction=0.01), tracking)
+        prepare_data(source, tiny_base, tmp_path / "out", DataConfig(test_fraction=0.01), tracking, seed=0)

@@ -13,11 +13,11 @@ from onnx import numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from workflow.benchmark import LoadConfig, measure, run_level
+from workflow.config import EvalConfig
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.build import build_engine
 from workflow.engine.calibration import CalibrationError, fold_calibration
 from workflow.engine.manifest import MANIFEST, EngineMismatch
-from workflow.evaluate import EvalConfig
 from workflow.quantize import QuantizeConfig, quantize
 
 

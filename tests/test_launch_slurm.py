@@ -6,14 +6,13 @@ node. Host lists are expanded by the real `scontrol show hostnames` (Debian's sl
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from workflow.finetune.config import FinetuneConfig
+from workflow.config import FinetuneConfig
 from workflow.finetune.launch import launch_command, slurm_hosts
 
 pytestmark = pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs Debian's slurm-wlm (make system installs it)")
@@ -108,7 +107,7 @@ def test_two_node_command_trains_when_each_node_runs_its_part(tmp_path, tiny_bas
     from workflow.finetune.launch import launch_env
 
     generate_data(str(tmp_path / "rows.jsonl"), 120, seed=0, tracking=tracking)
-    prepare_data(tmp_path / "rows.jsonl", tiny_base, tmp_path / "data", DataConfig(test_fraction=0.1), tracking)
+    prepare_data(tmp_path / "rows.jsonl", tiny_base, tmp_path / "data", DataConfig(test_fraction=0.1), tracking, seed=0)
     cfg = FinetuneConfig(launcher=launcher, nproc_per_node=1, zero_stage=2, max_steps=3, micro_batch_size=4, save_steps=3, logging_steps=1)
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

@@ -133,7 +133,7 @@ def test_edited_attestation_is_detected(packed, keys):
 def test_open_refuses_a_disk_directory_and_writes_to_memory(packed, keys, tmp_path):
     with pytest.raises(archive.PackageError, match="not a memory-backed filesystem"):
         archive.open_package(packed, keys[1].public_key(), keys[0], into=tmp_path / "plain")
-    assert not any((tmp_path / "plain").iterdir())
+    assert not (tmp_path / "plain").exists()  # the folder open made is removed again
     shm = Path("/dev/shm") / f"ft2prod-test-{os.getpid()}"
     try:
         opened = archive.open_package(packed, keys[1].public_key(), keys[0], into=shm)
@@ -224,7 +224,7 @@ def test_a_bad_last_chunk_leaves_nothing_in_memory_filesystem(packed, keys):
     try:
         with pytest.raises(archive.TamperedPackage, match="chunk 15 fails authentication"):
             archive.open_package(packed, keys[1].public_key(), keys[0], into=shm)
-        assert not [p for p in shm.rglob("*") if p.is_file()]
+        assert not shm.exists()
     finally:
         shutil.rmtree(shm, ignore_errors=True)
 

@@ -273,5 +273,5 @@ def test_bad_cluster_values_name_the_key(tmp_path):
     done = snakemake(tmp_path, {"cluster": {"nodes": 0, "gpu_memory_gib": -1}}, "-n", check=False)
     out = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "config: cluster.nodes: 0 is less than the minimum of 1" in out
-    assert "config: cluster.gpu_memory_gib: -1 is less than or equal to the minimum of 0" in out
+    assert "config: cluster.nodes: Input should be greater than or equal to 1 (got 0)" in out
+    assert "config: cluster.gpu_memory_gib: Input should be greater than 0 (got -1)" in out

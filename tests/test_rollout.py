@@ -14,11 +14,21 @@ from workflow.config import load
 from workflow.rollout import kubernetes, registry
 
 DIGEST = "ab" * 32
+PINNED = {"image": "registry.internal/ft2prod/gateway:0.1.0@sha256:" + "1" * 64,
+          "engine_image": "nvcr.io/nvidia/tensorrt-llm/release:1.2.1@sha256:" + "2" * 64}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(base.get(key, {}), value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def config_with(tmp_path, overrides: dict) -> dict:
+    """The config with `overrides`, its images pinned by digest unless the overrides say otherwise."""
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(overrides))
+    path.write_text(yaml.safe_dump(merged({"rollout": {"kubernetes": PINNED}}, overrides)))
     return load(path)
 
 
@@ -41,6 +51,8 @@ def test_kustomize_builds_manifests_that_validate_against_the_kubernetes_schemas
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
     init, gateway = pod["initContainers"][0], pod["containers"][0]
     assert init["args"][:4] == ["python", "-m", "workflow.package", "open"] and f"/packages/{DIGEST}" in init["args"]
+    assert init["args"][init["args"].index("--into") + 1] == "/model/opened" and "--replace" in init["args"]
+    assert gateway["args"][gateway["args"].index("--model-dir") + 1] == "/model/opened"
     assert {"name": "model", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     assert gateway["livenessProbe"]["failureThreshold"] == 3
     assert gateway["startupProbe"]["failureThreshold"] * gateway["startupProbe"]["periodSeconds"] >= 600
@@ -59,12 +71,13 @@ def test_kustomize_builds_manifests_that_validate_against_the_kubernetes_schemas
 
 def test_tensorrt_llm_gets_an_engine_container_with_tp_x_pp_gpus(tmp_path):
     config, resources = rendered(tmp_path, {"engine": {"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2}},
-                                            "package": {"kms": {"provider": "vault"}}})
+                                            "package": {"kms": {"provider": "vault"}},
+                                            "rollout": {"kubernetes": {"kms_egress_cidrs": ["10.0.5.0/28"]}}})
     kubernetes.validate(resources, config["rollout"]["kubernetes"]["kubernetes_version"])
     pod = by_kind(resources)["Deployment"]["spec"]["template"]["spec"]
     engine = pod["containers"][1]
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "8" and "--tp_size" in engine["args"]
-    assert engine["image"] == "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+    assert engine["image"] == PINNED["engine_image"] and engine["args"][1] == "/model/opened"
     assert {"name": "VAULT_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ft2prod-kms", "key": "token"}}} in pod["initContainers"][0]["env"]
     pod_config = yaml.safe_load(by_kind(resources)["ConfigMap"]["data"]["config.yaml"])
     assert pod_config["rollout"]["gateway"]["upstream"] == "http://127.0.0.1:8000"

@@ -27,6 +27,8 @@ from workflow.finetune.launch import free_port
 from workflow.package import archive
 from workflow.package.kms import LocalKeyFile
 from workflow.serve.access import KeyStore
+from workflow.serve.deployments import Deployments
+from workflow.serve.protocol import BadRequest
 from workflow.serve.server import build
 from workflow.serve.tls import client_context
 from workflow.wait import wait_for
@@ -46,7 +48,10 @@ class Served:
             "audit": {"path": str(root / "audit.jsonl")}, "trusted_proxies": ["127.0.0.1/32"],
             "allow": {"admin": ["127.0.0.0/8"], "analyst": ["127.0.0.0/8", "10.0.0.0/8"], "auditor": ["127.0.0.0/8"]},
             "limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 32},
+            "package_root": str(root / "packages"),
         } | (overrides or {})
+        self.packages = root / "packages"
+        self.packages.mkdir(parents=True, exist_ok=True)
         config = {"package": {"model_name": MODEL, "signing_key": str(keys_dir / "signing.pem"),
                               "kms": {"local": {"key_file": str(keys_dir / "kek.bin")}}},
                   "rollout": {"gateway": gateway}}
@@ -240,6 +245,14 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(gateway):
         assert client.post("/v1/chat/completions", json=chat()).status_code == 200
 
 
+def stored(package: Path, root: Path) -> str:
+    """Put a package in a gateway's package root under its digest, as the backup rule does; its digest."""
+    digest = archive.digest(package)
+    shutil.rmtree(root / digest, ignore_errors=True)
+    shutil.copytree(package, root / digest)
+    return digest
+
+
 def test_admin_adjusts_limits_undeploys_and_redeploys_refusing_a_tampered_package(gateway, package, tmp_path):
     admin, analyst = gateway.http("admin"), gateway.http("analyst")
     try:
@@ -251,21 +264,64 @@ def test_admin_adjusts_limits_undeploys_and_redeploys_refusing_a_tampered_packag
         assert admin.post("/admin/undeploy", json={"package_sha256": served}).status_code == 200
         assert gateway.http().get("/readyz").status_code == 503
         assert analyst.post("/v1/chat/completions", json=chat()).status_code == 503
-        tampered = tmp_path / "tampered.ftpkg"
-        shutil.copytree(package, tampered)
-        blob = next(p for p in sorted(tampered.rglob("*")) if p.is_file() and p.stat().st_size > 10000)
+        digest = stored(package, gateway.packages)  # a copy whose ciphertext is then altered: same signed manifest
+        blob = next(p for p in sorted((gateway.packages / digest).rglob("*")) if p.is_file() and p.stat().st_size > 10000)
         data = bytearray(blob.read_bytes())
         data[len(data) // 2] ^= 1
         blob.write_bytes(bytes(data))
-        assert admin.post("/admin/deploy", json={"package": str(tampered)}).status_code == 202
+        assert admin.post("/admin/deploy", json={"package_sha256": digest}).status_code == 202
         wait_for(lambda: "Tampered" in gateway.http().get("/readyz").json().get("reason", ""), "the refusal", 30, every=0.2)
         reason = gateway.http().get("/readyz").json()["reason"]
         assert reason == "load failed (TamperedPackage); see the gateway log", "the kind only: no paths or key ids"
-        assert admin.post("/admin/deploy", json={"package": str(package)}).status_code == 202
+        stored(package, gateway.packages)
+        assert admin.post("/admin/deploy", json={"package_sha256": digest}).status_code == 202
         gateway.wait_ready(60)
         assert analyst.post("/v1/chat/completions", json=chat(max_tokens=4)).status_code == 200
     finally:
         admin.put("/admin/limits", json={"max_tokens": 32})
+
+
+def test_deploy_takes_a_digest_from_the_package_root_one_load_at_a_time_and_refuses_rollbacks(package, tmp_path):
+    """An admin key cannot load a path of its choosing, pile loads into /dev/shm, or bring back an old signed package."""
+    engine, kms = package.parent / "engine", LocalKeyFile(package.parent / "kek.bin")
+    signing = archive.load_signing_key(package.parent / "signing.pem")
+    older, newer = tmp_path / "older.ftpkg", tmp_path / "newer.ftpkg"
+    for made in (older, newer):  # both signed after `package`, `older` before `newer`
+        archive.pack(engine, made, kms, signing, {}, 1 << 20)
+    served = Served(tmp_path / "gateway", package)
+    try:
+        served.wait_ready()
+        first, old, new = (stored(p, served.packages) for p in (package, older, newer))
+        admin = served.http("admin")
+        assert admin.post("/admin/deploy", json={"package": str(newer)}).status_code == 400, "no paths, only digests"
+        for sneaky in ("../" * 6 + "etc", str(newer), first.upper(), first[:63]):
+            assert admin.post("/admin/deploy", json={"package_sha256": sneaky}).status_code == 400
+        assert admin.post("/admin/deploy", json={"package_sha256": "f" * 64}).status_code == 404
+
+        answers = []
+        rush = [threading.Thread(target=lambda: answers.append(admin.post("/admin/deploy", json={"package_sha256": new}).status_code))
+                for _ in range(4)]
+        for thread in rush:
+            thread.start()
+        for thread in rush:
+            thread.join()
+        assert sorted(answers) == [202, 409, 409, 409], "one load at a time"
+        wait_for(lambda: served.http("analyst").get("/v1/deployment").json()["package"].get("sha256") == new, "the newer package", 60)
+
+        refused = admin.post("/admin/deploy", json={"package_sha256": old})
+        assert refused.status_code == 409 and "older package" in refused.json()["error"]["message"]
+        assert admin.post("/admin/deploy", json={"package_sha256": old, "rollback": True}).status_code == 409, \
+            "a rollback only to the package served just before"
+        assert admin.post("/admin/deploy", json={"package_sha256": first, "rollback": True}).status_code == 202
+        wait_for(lambda: served.http("analyst").get("/v1/deployment").json()["package"].get("sha256") == first, "the rollback", 60)
+    finally:
+        assert served.stop() in STOPPED
+    state = json.loads((served.root / "deployments.json").read_text())
+    assert [h["sha256"] for h in state["history"]] == [new, first] and oct((served.root / "deployments.json").stat().st_mode)[-3:] == "600"
+    after_restart = Deployments(served.root / "deployments.json")  # what a restarted gateway reads: the floor stays
+    created = archive.signed_manifest(older, signing.public_key())[1]["created"]
+    with pytest.raises(BadRequest, match="older package"):
+        after_restart.check(old, created, rollback=False)
 
 
 def test_audit_log_records_every_request_without_text_and_metrics_count_them(gateway):
@@ -346,7 +402,7 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
         forwarded = json.loads(received[-1])
         assert forwarded["max_tokens"] == 32, "the gateway's limit applies upstream too"
         assert not {"ignore_eos", "min_tokens", "best_of"} & set(forwarded)
-        assert served.http("admin").post("/admin/deploy", json={"package": str(package)}).status_code == 409
+        assert served.http("admin").post("/admin/deploy", json={"package_sha256": archive.digest(package)}).status_code == 409
         front_log = (served.root / "audit.jsonl").read_text()
         assert '"completion_tokens":' in front_log and engine.audit.verify()["records"] >= 2
     finally:

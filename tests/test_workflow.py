@@ -266,7 +266,8 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
 
 def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zero2, tmp_path):
     work = copy_of(zero2, tmp_path / "k8s")
-    settings = merge(ZERO2, {"rollout": {"target": "kubernetes"}})
+    pinned = {"image": "registry.internal/ft2prod/gateway:0.1.0@sha256:" + "1" * 64}  # rendering refuses an image by tag
+    settings = merge(ZERO2, {"rollout": {"target": "kubernetes", "kubernetes": pinned}})
     planned = jobs_planned(snakemake(work, settings, "-n"))
     assert planned == {"rollout", "summary", "all"}  # no context to apply to: nothing is promoted
     snakemake(work, settings)

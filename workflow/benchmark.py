@@ -19,27 +19,18 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
+from workflow.config import LoadConfig
 from workflow.tracking import Tracking, describe, job_run
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class LoadConfig:
-    input_len: int = 512
-    output_len: int = 128
-    concurrency: tuple[int, ...] = (1, 4)
-    requests: int = 16
-    """Requests per concurrency level."""
-    repeats: int = 3
-    """Runs of each level; the reported throughput is their median and their spread (max - min) is the noise
-    selection tolerates (select: a tie within the spread goes to the smaller engine)."""
-    seed: int = 0
+PROMPT_SEED = 0
+"""Every run and every engine gets the same synthetic prompts."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,7 @@ class RequestResult:
 
 
 def synthetic_prompts(vocab_size: int, special_ids: set[int], cfg: LoadConfig) -> list[list[int]]:
-    rng = random.Random(cfg.seed)
+    rng = random.Random(PROMPT_SEED)
     ordinary = [t for t in range(vocab_size) if t not in special_ids]
     return [[rng.choice(ordinary) for _ in range(cfg.input_len)] for _ in range(cfg.requests)]
 
@@ -159,13 +150,13 @@ def benchmark(engine_dir: str | Path, tokenizer_dir: str | Path, out_path: str |
     from workflow.engine.build import load_engine
 
     out_path = Path(out_path)
-    with job_run(tracking, f"benchmark/{scheme}", {"benchmark": asdict(cfg), "backend": settings["backend"]}):
+    with job_run(tracking, f"benchmark/{scheme}", {"benchmark": cfg.model_dump(), "backend": settings["backend"]}):
         engine = load_engine(engine_dir, settings["backend"], settings)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         levels, latencies = measure(engine, len(tokenizer), set(tokenizer.all_special_ids), cfg)
         record = {"scheme": scheme, "backend": settings["backend"], "manifest": engine.manifest.precision,
                   "algorithm": engine.manifest.algorithm, "max_batch_size": getattr(engine, "max_batch_size", None),
-                  "load": asdict(cfg), "levels": levels}
+                  "load": cfg.model_dump(), "levels": levels}
         out_path.write_text(json.dumps(record, indent=1))
         figure = out_path.with_suffix(".png")
         plot(levels, latencies, f"{scheme} on {settings['backend']} (input {cfg.input_len}, output {cfg.output_len})", figure)

@@ -14,13 +14,14 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from workflow.config import LORA_MODULES, Cluster, FinetuneConfig
+from workflow.schemes import SCHEMES
+
 GIB = 2**30
 KV_BYTES = 2
 """The KV cache is kept in bf16 by every scheme here (FP8 KV caches are an engine option, not a scheme)."""
-LINEAR_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8_sq": 1.0, "int4_awq": 0.5 + 2 / 128}
 """Bytes per linear-layer weight when served: int4 AWQ adds one fp16 scale per group of 128 weights. Embeddings,
 lm_head and norms stay bf16 in every scheme (ModelOpt quantizes the decoder's linear layers)."""
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class PlanError(RuntimeError):
@@ -97,15 +98,8 @@ class Architecture:
         return self.num_layers * sum(r * (a + b) for name, (a, b) in self.linear_shapes().items() if name in targets)
 
 
-@dataclass(frozen=True)
-class Cluster:
-    gpus_per_node: int = 0
-    """GPUs per node; 0 is a CPU machine, where every rank's memory comes out of host memory."""
-    gpu_memory_gib: float = 80.0
-    nodes: int = 1
-    host_memory_gib: float = 16.0
-    overhead_gib: float = 1.0
-    """Per process: CUDA context, communication buffers, allocator fragmentation (or the Python process on CPU)."""
+def on_nodes(cluster: Cluster, nodes: int) -> Cluster:
+    return cluster.model_copy(update={"nodes": nodes})
 
 
 @dataclass(frozen=True)
@@ -135,6 +129,16 @@ class Training:
     @property
     def ranks(self) -> int:
         return self.ranks_per_node * self.nodes
+
+    @classmethod
+    def of(cls, cfg: FinetuneConfig, seq_len: int, ranks_per_node: int, nodes: int = 1, liger_kernel: bool = False,
+           gradient_accumulation_steps: int | None = None) -> Training:
+        """What the memory model needs of the fine-tuning settings, for `seq_len`-token rows on these ranks."""
+        return cls(method=cfg.method, precision=cfg.precision, zero_stage=cfg.zero_stage, offload_optimizer=cfg.offload_optimizer,
+                   offload_params=cfg.offload_params, micro_batch_size=cfg.micro_batch_size, seq_len=seq_len,
+                   gradient_checkpointing=cfg.gradient_checkpointing, ranks_per_node=ranks_per_node, nodes=nodes,
+                   lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.target_modules), liger_kernel=liger_kernel,
+                   zero_tuning=cfg.zero_tuning, gradient_accumulation_steps=gradient_accumulation_steps)
 
     def valid(self) -> bool:
         return not (self.offload_params and self.zero_stage != 3) and not (self.offload_optimizer and self.zero_stage == 0)
@@ -317,7 +321,7 @@ def training_suggestion(arch: Architecture, t: Training, cluster: Cluster) -> di
             + 4 * (off_par != t.offload_params) + 6 * node_counts.index(nodes)
         if best is not None and cost >= best[0]:
             continue
-        if training_memory(arch, c, replace(cluster, nodes=nodes))["fits"]:
+        if training_memory(arch, c, on_nodes(cluster, nodes))["fits"]:
             best = (cost, c)
     if best is None:
         return None
@@ -326,7 +330,7 @@ def training_suggestion(arch: Architecture, t: Training, cluster: Cluster) -> di
                if getattr(c, k) != getattr(t, k)}
     if c.nodes != t.nodes:
         changes["cluster.nodes"] = c.nodes
-    return {"changes": changes, "memory": training_memory(arch, c, replace(cluster, nodes=c.nodes))}
+    return {"changes": changes, "memory": training_memory(arch, c, on_nodes(cluster, c.nodes))}
 
 
 @dataclass(frozen=True)
@@ -342,7 +346,7 @@ class Serving:
 
     @property
     def linear_bytes(self) -> float:
-        return 4.0 if self.fp32_baseline and self.scheme == "bf16" else LINEAR_BYTES[self.scheme]
+        return 4.0 if self.fp32_baseline and self.scheme == "bf16" else SCHEMES[self.scheme].weight_bytes
 
     @property
     def other_bytes(self) -> float:
@@ -380,13 +384,13 @@ def serving_suggestion(arch: Architecture, s: Serving, cluster: Cluster) -> dict
             if serving_memory(arch, replace(s, max_batch=b), cluster)["fits"]:
                 return {"changes": {"max_batch": b}, "memory": serving_memory(arch, replace(s, max_batch=b), cluster)}
         return None
-    options = sorted(((tp * pp, pp, tp) for tp in (1, 2, 4, 8, 16) for pp in (1, 2, 4, 8, 16)
-                      if tp <= max(cluster.gpus_per_node, 1) and arch.num_heads % tp == 0 and pp <= arch.num_layers))
+    options = sorted((tp * pp, pp, tp) for tp in (1, 2, 4, 8, 16) for pp in (1, 2, 4, 8, 16)
+                      if tp <= max(cluster.gpus_per_node, 1) and arch.num_heads % tp == 0 and pp <= arch.num_layers)
     for _, pp, tp in options:
         c = replace(s, tp=tp, pp=pp)
-        if (tp, pp) != (s.tp, s.pp) and serving_memory(arch, c, replace(cluster, nodes=max(cluster.nodes, math.ceil(tp * pp / max(cluster.gpus_per_node, 1)))))["fits"]:
+        if (tp, pp) != (s.tp, s.pp) and serving_memory(arch, c, on_nodes(cluster, max(cluster.nodes, math.ceil(tp * pp / max(cluster.gpus_per_node, 1)))))["fits"]:
             return {"changes": {"engine.tensorrt_llm.tp_size": tp, "engine.tensorrt_llm.pp_size": pp},
-                    "gpus": tp * pp, "memory": serving_memory(arch, c, replace(cluster, nodes=math.ceil(tp * pp / max(cluster.gpus_per_node, 1))))}
+                    "gpus": tp * pp, "memory": serving_memory(arch, c, on_nodes(cluster, math.ceil(tp * pp / max(cluster.gpus_per_node, 1))))}
     return None
 
 

@@ -1,50 +1,704 @@
-"""Config checking with errors a person can act on: the key, what was found, what is allowed."""
+"""The workflow's settings, declared once: type, allowed values, default and description of every config key.
+
+config/schema.yaml is generated from these models (`make schema`, i.e. `python -m workflow.config`); the stages
+take their section as the typed model declared here. Errors name the key, what was found and what is allowed.
+"""
 
 from __future__ import annotations
 
+import sys
+import typing
 from pathlib import Path
+from typing import Annotated, Literal
 
-import jsonschema
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from workflow.schemes import SCHEMES
+
+SCHEMA = Path(__file__).parent.parent / "config" / "schema.yaml"
+
+SchemeName = Literal[tuple(SCHEMES)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
-    """The config does not match config/schema.yaml."""
+    """The config does not match the declared settings."""
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(set(error.instance) - set(allowed))
-        return f"config: {key}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
-    if error.validator == "enum":
-        return f"config: {key}: {error.instance!r} is not allowed; allowed values: {', '.join(map(repr, error.validator_value))}"
-    return f"config: {key}: {error.message}"
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on construction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-def check(config: dict, schema_path: str | Path) -> None:
-    """Raise ConfigError listing every problem in config, one line each."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        raise ConfigError("\n".join(_describe(e) for e in errors))
+class Cluster(Section):
+    """The machines the plan rule checks training and serving memory against before anything runs. Accounts,
+    partitions and queue settings stay in profiles/."""
+
+    gpus_per_node: Annotated[int, Field(ge=0)] = 0
+    """GPUs per node; 0 is a CPU machine, where every rank's memory counts against host memory."""
+    gpu_memory_gib: Annotated[float, Field(gt=0)] = 80
+    """Memory per GPU in GiB."""
+    nodes: Annotated[int, Field(ge=1)] = 1
+    """Nodes the finetune job spans; it requests gpus_per_node x nodes GPUs and launches one launcher per node."""
+    host_memory_gib: Annotated[float, Field(gt=0)] = 16
+    """Host memory per node in GiB (CPU ranks, ZeRO offload, CPU engines)."""
+    overhead_gib: Annotated[float, Field(ge=0)] = 1.0
+    """Memory per process beyond the model: CUDA context, NCCL buffers, allocator fragmentation (the Python process on CPU)."""
 
 
-def with_defaults(schema: dict, config: dict) -> dict:
-    """config with every missing key that has a schema default filled in, at any depth."""
-    out = dict(config)
-    for key, sub in schema.get("properties", {}).items():
-        if key not in out and "default" in sub:
-            out[key] = sub["default"]
-        if isinstance(out.get(key), dict) and sub.get("type") == "object":
-            out[key] = with_defaults(sub, out[key])
-    return out
+class BootstrapConfig(Section):
+    """Shape and pretraining of the locally built base model; used only when base_model is "bootstrap"."""
+
+    hidden_size: Annotated[int, Field(ge=128, multiple_of=128)] = 128
+    """Model width (a multiple of 128 so INT4-AWQ can quantize every projection)."""
+    intermediate_size: Annotated[int, Field(ge=128, multiple_of=128)] = 512
+    """MLP width (a multiple of 128: it is the in-features of down_proj)."""
+    num_layers: Annotated[int, Field(ge=1)] = 4
+    """Transformer blocks."""
+    num_heads: Annotated[int, Field(ge=1)] = 4
+    """Attention heads (hidden_size must divide by it)."""
+    num_kv_heads: Annotated[int, Field(ge=1)] = 2
+    """Key/value heads (grouped-query attention; num_heads must divide by it)."""
+    vocab_size: Annotated[int, Field(ge=300)] = 1024
+    """Target size of the BPE vocabulary (the trainer may stop below it)."""
+    max_position_embeddings: Annotated[int, Field(ge=64)] = 1024
+    """Longest sequence the model is built for."""
+    pretrain_rows: Annotated[int, Field(ge=100)] = 6000
+    """Prose arithmetic problems to pretrain on (a seed apart from the fine-tuning data)."""
+    pretrain_steps: Annotated[int, Field(ge=1)] = 800
+    """Pretraining optimizer steps."""
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    """Pretraining batch size."""
+    learning_rate: Annotated[float, Field(gt=0)] = 0.003
+    """Pretraining peak learning rate."""
+    seed: Annotated[int, Field(ge=0)] = 1234
+    """Seed of the base model (kept apart from the fine-tuning seed)."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) "
+                             f"and num_heads by num_kv_heads ({self.num_kv_heads})")
+        return self
 
 
-def load(path: str | Path, schema_path: str | Path = Path(__file__).parent.parent / "config" / "schema.yaml") -> dict:
-    """A config file, checked and completed with the schema's defaults (for tools run outside Snakemake)."""
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    check(config, schema_path)
-    return with_defaults(yaml.safe_load(Path(schema_path).read_text()), config)
+class DataConfig(Section):
+    """The fine-tuning dataset and how it is checked and split."""
+
+    path: str = "generated"
+    """JSONL file of training rows (OpenAI chat form with "messages", ShareGPT form with "conversations" of
+    "from"/"value", or alpaca form with "instruction"/"input"/"output"; reasoning as an assistant turn's
+    "reasoning_content" or inline in <think>...</think>), or "generated" for the built-in arithmetic reasoning dataset."""
+    generated_rows: Annotated[int, Field(ge=10)] = 3000
+    """Rows the built-in generator makes when path is "generated"."""
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    """A row that fails validation stops the stage naming file and line (fail), or is dropped and counted (skip)."""
+    val_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    """Share of rows held out for validation loss."""
+    test_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.07
+    """Share of rows held out for evaluation."""
+    max_seq_len: Annotated[int, Field(ge=16)] = 256
+    """Rows longer than this many tokens after rendering are dropped and counted."""
+    chat_template: str = "auto"
+    """How training text is rendered. auto: with the model's own chat template where it renders each trained
+    turn's reasoning in place, or writes it inline (templates that know no reasoning); for templates that drop
+    reasoning by design (DeepSeek-R1 and its distills) the prompt is the model's own generation prompt and the
+    target is reasoning, </think>, the answer and the end token. model: the model's template only (fails on
+    templates that drop reasoning). Or the path of a .jinja training template, whose prompts must equal the model's own."""
+    reasoning_turns: Literal["last", "all"] = "last"
+    """last: one example per conversation; earlier assistant turns appear as the model's template renders them in
+    history (R1 and Qwen3 strip their reasoning) and are trained only where that is what the model generates.
+    all: one example per assistant turn, each trained with its reasoning in the context the model is served."""
+
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+OPTIMIZERS = {"adamw_fused": "adamw_torch_fused", "adamw_foreach": "adamw_torch"}
+"""The optimizer setting and the Transformers optimizer name it stands for."""
+
+
+class LoraSettings(Section):
+    """LoRA adapter settings (method lora only)."""
+
+    r: Annotated[int, Field(ge=1)] = 16
+    """Adapter rank."""
+    alpha: Annotated[int, Field(ge=1)] = 32
+    """Adapter scaling numerator (the adapter output is scaled by alpha / r)."""
+    dropout: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Dropout on the adapter input."""
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = LORA_MODULES
+    """Module names that get adapters."""
+
+
+class FinetuneConfig(Section):
+    """Fine-tuning with DeepSpeed through the Transformers Trainer."""
+
+    method: Literal["full", "lora"] = "full"
+    """full trains every parameter; lora trains a PEFT LoRA adapter and merges it on export."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """The distributed launcher that starts one process per device."""
+    nproc_per_node: Annotated[int, Field(ge=1)] = 2
+    """Processes per node (one per GPU; on a CPU host, CPU ranks over gloo)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: StrictBool = False
+    """Keep optimizer states in CPU memory (ZeRO 1-3)."""
+    offload_params: StrictBool = False
+    """Keep parameters in CPU memory (ZeRO 3 only)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision (bf16 mixed precision needs hardware support; fp32 on CPU)."""
+    epochs: Annotated[float, Field(gt=0)] = 3
+    """Passes over the training split."""
+    max_steps: Annotated[int, Field(ge=-1)] = -1
+    """Stop after this many optimizer steps (-1 runs the epochs)."""
+    micro_batch_size: Annotated[int, Field(ge=1)] = 16
+    """Rows per process per step."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    """Micro-batches accumulated per optimizer step."""
+    micro_batch_fill: Literal["auto", "off"] = "auto"
+    """auto: on GPUs, fewer and larger micro-batches with the same rows per optimizer step (micro_batch_size x
+    gradient_accumulation_steps), the largest the planner's memory model fits without recomputing more layers
+    (each micro-batch costs ZeRO-2/3 a gradient reduction, and ZeRO-3 two parameter gathers); recorded in MLflow
+    as resolved.micro_batch_size and resolved.gradient_accumulation_steps. Unchanged on CPU ranks. off: as configured."""
+    learning_rate: Annotated[float, Field(gt=0)] = 0.001
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] = 0.05
+    """Share of steps spent warming up."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    """Gradient clipping norm."""
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    """Recompute activations in the backward pass to save memory. auto: on GPUs the fewest decoder layers that
+    make the run fit, chosen on the GPU that trains by the planner's memory model (none when everything fits; none
+    on CPU ranks), recorded in MLflow as resolved.checkpointed_layers; true: every layer; false: none."""
+    packing: StrictBool = True
+    """Pack each micro-batch into one padding-free row with per-sequence position ids; attention is
+    block-diagonal, so sequences never see each other."""
+    attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = "auto"
+    """Attention kernel. auto is varlen on a CUDA GPU when packing is on (FlashAttention over the packed sequence
+    boundaries, torch.nn.attention.varlen; micro-batches whose rows share one length run batched SDPA instead)
+    and sdpa otherwise; varlen needs packing and a CUDA GPU."""
+    liger_kernel: StrictBool = True
+    """Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) through the Transformers
+    Trainer; CUDA GPUs only (needs the liger-kernel package, requirements-gpu.txt), skipped on CPU with a log line."""
+    optimizer: Literal[tuple(OPTIMIZERS)] = "adamw_fused"  # type: ignore[valid-type]
+    """AdamW as torch's fused kernel or its multi-tensor (foreach) form. offload_optimizer uses DeepSpeed's CPU Adam instead."""
+    torch_compile: StrictBool = False
+    """torch.compile each decoder layer's forward (one compiled code shared by the layers), on any device. Liger
+    then keeps only its fused linear cross-entropy; ZeRO-3 runs eagerly (it recompiles every layer). Off by
+    default: measured no faster than the Liger kernels on an H200 (docs/finetuning.md)."""
+    dataloader_workers: Annotated[int, Field(ge=0)] = 2
+    """Processes that collate batches beside each rank, with pinned memory (CUDA GPUs; 0 on CPU, where the ranks use every core)."""
+    zero_tuning: Literal["auto", "stock"] = "auto"
+    """auto sizes the ZeRO-2/3 buckets from the model and the number of ranks (one bucket and no side stream on a
+    single rank, DeepSpeed's 500M-element buckets, at most the model, on several) and keeps ZeRO-3 parameters
+    whole on each rank when there is one rank or their 16-bit copy takes at most 1/16 of a GPU, gathering each
+    decoder layer's parameters as one unit (DeepSpeed leaf modules; full fine-tunes, LoRA keeps stock); with bf16
+    it also turns off DeepSpeed's per-tensor gradient overflow scan (a non-finite loss stops the run instead).
+    stock leaves all of it to the Trainer and DeepSpeed (buckets of hidden_size^2 elements)."""
+    save_steps: Annotated[int, Field(ge=1)] = 40
+    """Write a resumable checkpoint every this many steps."""
+    save_total_limit: Annotated[int, Field(ge=1)] = 2
+    """Resumable checkpoints kept."""
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    """Log loss, learning rate and throughput every this many steps."""
+    lora: LoraSettings = LoraSettings()
+    """LoRA adapter settings (method lora only)."""
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        if self.attention == "varlen" and not self.packing:
+            raise ValueError("attention varlen needs packing: true (it reads the packed sequence boundaries); use auto or sdpa")
+        return self
+
+    @property
+    def tunes_zero(self) -> bool:
+        """Whether zero_tuning: auto applies: full fine-tunes only (LoRA's few trainable weights keep stock values)."""
+        return self.zero_tuning == "auto" and self.method == "full"
+
+
+class Gate(Section):
+    """The fine-tuned model must pass both thresholds or the DAG stops."""
+
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Minimum exact-match accuracy of the fine-tuned model."""
+    min_gain: Annotated[float, Field(ge=-1, le=1)] = 0.3
+    """Minimum accuracy gain over the base model."""
+
+
+class EvalConfig(Section):
+    """Evaluation on the held-out test split and the quality gate."""
+
+    max_samples: Annotated[int, Field(ge=1)] = 200
+    """Test rows evaluated (the first N of the test split)."""
+    max_new_tokens: Annotated[int, Field(ge=1)] = 96
+    """Generation budget per answer (greedy)."""
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    """Prompts generated together."""
+    sample_generations: Annotated[int, Field(ge=0)] = 12
+    """Rows shown in the sample-generation table."""
+    gate: Gate = Gate()
+    """The fine-tuned model must pass both thresholds or the DAG stops."""
+
+
+AccuracyLoss = create_model(
+    "AccuracyLoss",
+    __base__=Section,
+    __doc__="Largest accepted drop in exact-match accuracy (absolute, vs the fine-tuned model) per scheme; a scheme "
+            "over it is dropped with its reason. Defaults follow the source document (INT8 1.2 %, FP8 0.8 %).",
+    **{name: (Annotated[float, Field(ge=0, description=f"Allowed loss for {name}: {s.description}.")], s.max_accuracy_loss)
+       for name, s in SCHEMES.items()},
+)
+
+
+class QuantizeConfig(Section):
+    """Post-training quantization with NVIDIA ModelOpt and its accuracy gate."""
+
+    schemes: Annotated[tuple[SchemeName, ...], Field(min_length=1)] = tuple(SCHEMES)
+    """Schemes to quantize, evaluate, build and benchmark (bf16 is the unquantized baseline)."""
+    calib_samples: Annotated[int, Field(ge=1)] = 64
+    """Training rows used to calibrate scales (recorded with their digest)."""
+    max_accuracy_loss: AccuracyLoss = AccuracyLoss()
+    """Largest accepted drop in exact-match accuracy (absolute, vs the fine-tuned model) per scheme; a scheme over
+    it is dropped with its reason. Defaults follow the source document (INT8 1.2 %, FP8 0.8 %)."""
+
+    @model_validator(mode="after")
+    def _unique(self):
+        if len(set(self.schemes)) != len(self.schemes):
+            raise ValueError(f"schemes lists a scheme twice: {list(self.schemes)}")
+        return self
+
+
+class OnnxRuntimeSettings(Section):
+    """ONNX Runtime GenAI model builder settings."""
+
+    execution_provider: Literal["cpu", "cuda"] = "cpu"
+    """Where the engine runs."""
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    """Block size of int4/int8 weight quantization."""
+    accuracy_level: Literal[1, 2, 3, 4] = 4
+    """Compute type of quantized MatMuls (4: int8, 1: fp32)."""
+    calibration: Literal["auto", "calibrated", "rtn"] = "auto"
+    """Weights the int8/int4 engines quantize: calibrated (the quantize stage's AWQ or SmoothQuant scales folded into the fine-tuned weights, then block-quantized), rtn (round-to-nearest of the fine-tuned weights), or auto (build both, measure both engines' accuracy on the test split, keep the better; a tie keeps calibrated)."""
+    max_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    """Requests an engine on CPU decodes together; a new request joins the running batch at the next step (continuous batching)."""
+
+
+class TrtllmSettings(Section):
+    """TensorRT-LLM engine settings (built inside its release container on tp_size x pp_size GPUs)."""
+
+    tp_size: Annotated[int, Field(ge=1)] = 1
+    """Tensor-parallel degree."""
+    pp_size: Annotated[int, Field(ge=1)] = 1
+    """Pipeline-parallel degree."""
+    max_batch_size: Annotated[int, Field(ge=1)] = 64
+    """Largest batch the engine schedules (in-flight batching)."""
+    max_input_len: Annotated[int, Field(ge=1)] = 1024
+    """Longest prompt."""
+    max_seq_len: Annotated[int, Field(ge=2)] = 2048
+    """Longest prompt plus output."""
+
+
+class EngineConfig(Section):
+    """Inference engine building."""
+
+    backend: Literal["onnxruntime", "tensorrt_llm"] = "onnxruntime"
+    """onnxruntime (ONNX Runtime GenAI, the embedded CPU default) or tensorrt_llm (GPU clusters, release container)."""
+    onnxruntime: OnnxRuntimeSettings = OnnxRuntimeSettings()
+    """ONNX Runtime GenAI model builder settings."""
+    tensorrt_llm: TrtllmSettings = TrtllmSettings()
+    """TensorRT-LLM engine settings (built inside its release container on tp_size x pp_size GPUs)."""
+
+
+class LoadConfig(Section):
+    """Continuous-load benchmark of each engine."""
+
+    input_len: Annotated[int, Field(ge=1)] = 512
+    """Prompt tokens per request."""
+    output_len: Annotated[int, Field(ge=1)] = 128
+    """Output tokens per request (generation is held to exactly this)."""
+    concurrency: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1)] = (1, 4)
+    """Concurrency levels, ascending; the last one is used for selection."""
+    requests: Annotated[int, Field(ge=1)] = 16
+    """Requests per concurrency level."""
+    repeats: Annotated[int, Field(ge=1)] = 3
+    """Runs of each level: the reported throughput is their median, and their spread (max - min) is the noise within which select counts throughputs as a tie (the smaller engine wins)."""
+
+
+class SelectConfig(Section):
+    """How the production scheme is chosen."""
+
+    policy: Literal["max_throughput", "max_accuracy"] = "max_throughput"
+    """Which eligible scheme wins."""
+    latency_slo_p95_s: Annotated[float, Field(gt=0)] = 30
+    """Largest accepted p95 request latency (s) at the highest concurrency."""
+
+
+class LocalKms(Section):
+    """Local key file settings."""
+
+    key_file: str = "keys/kek.bin"
+    """32-byte key file, created 0600; looser permissions are refused."""
+
+
+class Pkcs11Kms(Section):
+    """PKCS#11 HSM settings (the PIN comes from the environment, never from config)."""
+
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    """The HSM's PKCS#11 library."""
+    token_label: str = "ft2prod"
+    """Token label."""
+    key_label: str = "kek"
+    """Label of the AES key in the token."""
+    pin_env: str = "PKCS11_PIN"
+    """Environment variable holding the user PIN."""
+
+
+class VaultKms(Section):
+    """HashiCorp Vault Transit settings (token from VAULT_TOKEN)."""
+
+    url: str = "https://vault.internal:8200"
+    """Vault address."""
+    key_name: str = "ft2prod"
+    """Transit key name."""
+    mount_point: str = "transit"
+    """Transit engine mount point."""
+
+
+class Kms(Section):
+    """Which KMS holds the key-encryption key."""
+
+    provider: Literal["local", "pkcs11", "vault"] = "local"
+    """local key file, PKCS#11 HSM, or HashiCorp Vault Transit."""
+    local: LocalKms = LocalKms()
+    """Local key file settings."""
+    pkcs11: Pkcs11Kms = Pkcs11Kms()
+    """PKCS#11 HSM settings (the PIN comes from the environment, never from config)."""
+    vault: VaultKms = VaultKms()
+    """HashiCorp Vault Transit settings (token from VAULT_TOKEN)."""
+
+
+class PackageConfig(Section):
+    """Encrypted, signed packaging of the selected engine, registration and backup."""
+
+    model_name: str = "ft2prod-model"
+    """Name of the registered model in MLflow."""
+    signing_key: str = "keys/signing.pem"
+    """Ed25519 private key (PEM, owner-only); made on first use."""
+    chunk_mb: Annotated[int, Field(ge=1, le=256)] = 4
+    """Plaintext per AES-256-GCM chunk, MiB."""
+    backup_dir: str = "backups"
+    """Where the backup rule copies and verifies packages."""
+    log_max_mb: Annotated[float, Field(ge=0)] = 200
+    """Packages up to this size are copied into MLflow (ciphertext); larger ones by reference."""
+    trusted_signer: str | None = None
+    """Signer public key (PEM) that gateways accept packages from; null takes the public half of signing_key."""
+    kms: Kms = Kms()
+    """Which KMS holds the key-encryption key."""
+
+
+class Tls(Section):
+    """Server certificate; a local CA and certificate are made when missing."""
+
+    dir: str = "keys/tls"
+    """Folder with server.pem, server.key and ca.pem."""
+    hosts: Annotated[tuple[str, ...], Field(min_length=1)] = ("localhost", "127.0.0.1")
+    """Names the made certificate is valid for."""
+
+
+LOOPBACK = ("127.0.0.0/8",)
+
+
+class Allow(Section):
+    """Client address allow-list (CIDRs) per role."""
+
+    admin: tuple[str, ...] = LOOPBACK
+    """CIDRs admins may call from."""
+    analyst: tuple[str, ...] = LOOPBACK
+    """CIDRs analysts may call from."""
+    auditor: tuple[str, ...] = LOOPBACK
+    """CIDRs auditors may call from."""
+
+
+class Limits(Section):
+    """Request limits (admins adjust them at run time)."""
+
+    max_body_bytes: Annotated[int, Field(ge=1)] = 65536
+    """Largest request body (413 above)."""
+    max_prompt_tokens: Annotated[int, Field(ge=1)] = 1024
+    """Longest prompt in tokens (400 above)."""
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+    """Most tokens a request may generate, and the default when it asks for none (400 above)."""
+
+
+class Audit(Section):
+    """The hash-chained audit log."""
+
+    path: str = "audit/gateway.jsonl"
+    """Audit log file (JSON lines)."""
+    retention_days: Annotated[int, Field(ge=1)] = 180
+    """Records older than this are pruned."""
+    log_text: StrictBool = False
+    """Also record prompts and outputs."""
+
+
+class Alerts(Section):
+    """Anomaly alerts for auditors."""
+
+    denied_burst: Annotated[int, Field(ge=1)] = 5
+    """Denied requests from one address that raise an alert..."""
+    window_s: Annotated[float, Field(gt=0)] = 60
+    """...within this many seconds."""
+
+
+class Gateway(Section):
+    """The TLS 1.3, role-based, audited OpenAI-compatible gateway."""
+
+    host: str = "127.0.0.1"
+    """Listen address."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8443
+    """HTTPS port."""
+    upstream: str | None = None
+    """URL of an OpenAI-compatible engine server to forward to; null serves the package in-process."""
+    upstream_key_env: str | None = None
+    """Environment variable holding the upstream server's own API key; null sends none."""
+    api_keys: str = "keys/api_keys.json"
+    """API-key hashes and roles (owner-only)."""
+    package_root: str | None = None
+    """The folder POST /admin/deploy takes packages from, by digest (<root>/<sha256>); null is package.backup_dir,
+    where the backup rule keeps them. Clients never name a path."""
+    tls: Tls = Tls()
+    """Server certificate; a local CA and certificate are made when missing."""
+    allow: Allow = Allow()
+    """Client address allow-list (CIDRs) per role."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of proxies whose X-Forwarded-For is believed."""
+    limits: Limits = Limits()
+    """Request limits (admins adjust them at run time)."""
+    audit: Audit = Audit()
+    """The hash-chained audit log."""
+    alerts: Alerts = Alerts()
+    """Anomaly alerts for auditors."""
+    graceful_shutdown_s: Annotated[float, Field(ge=0)] = 30
+    """On SIGTERM, how long in-flight requests may finish."""
+    max_connections: Annotated[int, Field(ge=1)] = 256
+    """Concurrent connections before 503."""
+
+
+class Canary(Section):
+    """Checks a local rollout must pass before promotion."""
+
+    samples: Annotated[int, Field(ge=1)] = 16
+    """Held-out prompts whose served answers must equal the engine's own."""
+    latency_p95_s: Annotated[float, Field(gt=0)] = 10
+    """p95 latency SLO under the benchmark's load, seconds."""
+    requests: Annotated[int, Field(ge=1)] = 16
+    """Requests in the latency check."""
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 300
+    """Seconds the gateway may take to become ready."""
+
+
+class Secrets(Section):
+    """Names of the Secrets the pods reference."""
+
+    tls: str = "ft2prod-gateway-tls"
+    """kubernetes.io/tls Secret with the server certificate."""
+    api_keys: str = "ft2prod-api-keys"
+    """Secret with api_keys.json (hashes only)."""
+    kms: str = "ft2prod-kms"
+    """Secret with the KMS credential."""
+
+
+class Kubernetes(Section):
+    """Kubernetes manifests (kustomize), and applying them."""
+
+    namespace: str = "ft2prod"
+    """Namespace."""
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = "ft2prod-gateway"
+    """Name of the Deployment, Service, NetworkPolicy and PodDisruptionBudget."""
+    image: str = "registry.internal/ft2prod/gateway:0.1.0"
+    """Gateway image (envs/gateway.Dockerfile); rendering the manifests requires it by digest, NAME[:TAG]@sha256:<64 hex>."""
+    engine_image: str = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+    """Engine server image for engine.backend tensorrt_llm; by digest, as image."""
+    kms_egress_cidrs: tuple[str, ...] = ()
+    """Address ranges (CIDRs) of the KMS endpoint (Vault, a network HSM) the pods may reach; required when
+    package.kms.provider is vault. All other egress is denied (DNS is allowed only together with these)."""
+    replicas: Annotated[int, Field(ge=1)] = 2
+    """Gateway pods."""
+    package_claim: str = "ft2prod-packages"
+    """PersistentVolumeClaim holding the packages (read-only)."""
+    secrets: Secrets = Secrets()
+    """Names of the Secrets the pods reference."""
+    startup_timeout_s: Annotated[int, Field(ge=10)] = 600
+    """Startup probe budget for loading weights."""
+    kubernetes_version: str = "1.32.0"
+    """Kubernetes API version the manifests are validated against."""
+    context: str | None = None
+    """kubectl context to apply to; null renders and validates only."""
+
+
+class Rollout(Section):
+    """Serving gateway, canary checks and promotion (local), or Kubernetes manifests."""
+
+    target: Literal["local", "kubernetes"] = "local"
+    """local starts the gateway here, runs the canary and promotes; kubernetes renders and validates manifests,
+    and applies them when a context is set."""
+    gateway: Gateway = Gateway()
+    """The TLS 1.3, role-based, audited OpenAI-compatible gateway."""
+    canary: Canary = Canary()
+    """Checks a local rollout must pass before promotion."""
+    kubernetes: Kubernetes = Kubernetes()
+    """Kubernetes manifests (kustomize), and applying them."""
+
+
+class TrackingConfig(Section):
+    """Where MLflow records runs."""
+
+    uri: str = "sqlite:///results/mlflow.db"
+    """MLflow tracking URI; a relative sqlite path is taken from the working directory. MLFLOW_TRACKING_URI overrides it."""
+    experiment: Annotated[str, Field(min_length=1)] = "ft2prod"
+    """MLflow experiment name."""
+
+
+class Config(Section):
+    """ft2prod workflow configuration (experiment settings only; machines live in profiles/)."""
+
+    run_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] = "embedded-default"
+    """Name of this pipeline; the MLflow parent run is named after it."""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seed for the data split, training order and initialisation."""
+    base_model: str = "bootstrap"
+    """"bootstrap" builds a small base model locally (the embedded default); anything else is the path of a local
+    Hugging Face causal-LM checkpoint directory (config.json, weights, tokenizer with a chat template)."""
+    cluster: Cluster = Cluster()
+    """The machines the plan rule checks training and serving memory against before anything runs."""
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    """Shape and pretraining of the locally built base model; used only when base_model is "bootstrap"."""
+    data: DataConfig = DataConfig()
+    """The fine-tuning dataset and how it is checked and split."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """Fine-tuning with DeepSpeed through the Transformers Trainer."""
+    evaluate: EvalConfig = EvalConfig()
+    """Evaluation on the held-out test split and the quality gate."""
+    quantize: QuantizeConfig = QuantizeConfig()
+    """Post-training quantization with NVIDIA ModelOpt and its accuracy gate."""
+    engine: EngineConfig = EngineConfig()
+    """Inference engine building."""
+    benchmark: LoadConfig = LoadConfig()
+    """Continuous-load benchmark of each engine."""
+    select: SelectConfig = SelectConfig()
+    """How the production scheme is chosen."""
+    package: PackageConfig = PackageConfig()
+    """Encrypted, signed packaging of the selected engine, registration and backup."""
+    rollout: Rollout = Rollout()
+    """Serving gateway, canary checks and promotion (local), or Kubernetes manifests."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Where MLflow records runs."""
+
+
+# --- errors a person can act on ---------------------------------------------------------------------------------
+
+def _field_type(root: type[BaseModel], loc: tuple) -> object:
+    """The declared type at a location in `root` (model fields, tuple items, by index)."""
+    node: object = root
+    for part in loc:
+        node = _strip(node)
+        if isinstance(part, int):
+            args = [a for a in typing.get_args(node) if a is not Ellipsis]
+            node = args[0] if args else None
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:
+            return None
+    return _strip(node)
+
+
+def _strip(node):
+    while typing.get_origin(node) is Annotated:
+        node = typing.get_args(node)[0]
+    return node
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(map(str, loc)) or "(top level)"
+
+
+def _line(error: dict, root: type[BaseModel], what: str) -> str:
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = _field_type(root, loc[:-1])
+        allowed = ", ".join(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else "none"
+        return f"{what}: {_where(loc[:-1])}: unknown key(s) {loc[-1]!r}; allowed: {allowed}"
+    if error["type"] == "literal_error":
+        declared = _field_type(root, loc)
+        values = typing.get_args(declared) if typing.get_origin(declared) is Literal else ()
+        shown = ", ".join(map(repr, values)) or error["ctx"]["expected"]
+        return f"{what}: {_where(loc)}: {error['input']!r} is not allowed; allowed values: {shown}"
+    found = "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
+    return f"{what}: {_where(loc)}: {error['msg'].removeprefix('Value error, ')}{found}"
+
+
+def errors(exc: ValidationError, root: type[BaseModel] = None, what: str = "config") -> str:
+    """One line per problem of validating `root` (the whole config by default): the key, what was found and what is
+    allowed."""
+    return "\n".join(_line(error, root or Config, what) for error in exc.errors())
+
+
+def settings(config: dict) -> Config:
+    """The typed config, every default filled in; ConfigError lists every problem, one line each."""
+    try:
+        return Config.model_validate(config or {})
+    except ValidationError as exc:
+        raise ConfigError(errors(exc)) from None
+
+
+def check(config: dict) -> dict:
+    """config completed with every default, as plain data (what the rules read); ConfigError when it is wrong."""
+    return settings(config).model_dump(mode="json")
+
+
+def load(path: str | Path) -> dict:
+    """A config file, checked and completed with the defaults (for tools run outside Snakemake)."""
+    return check(yaml.safe_load(Path(path).read_text()) or {})
+
+
+# --- the generated schema ---------------------------------------------------------------------------------------
+
+def _untitled(node):
+    """The schema without pydantic's titles (the key names already say it)."""
+    if isinstance(node, dict):
+        return {k: _untitled(v) for k, v in node.items() if not (k == "title" and isinstance(v, str))}
+    if isinstance(node, list):
+        return [_untitled(v) for v in node]
+    return node
+
+
+def schema() -> dict:
+    """config/schema.yaml: the JSON schema of Config (for editors and external validators)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_untitled(Config.model_json_schema(mode="validation"))}
+
+
+def schema_text() -> str:
+    header = "# Generated from workflow/config.py by `make schema`; do not edit by hand.\n"
+    return header + yaml.safe_dump(schema(), sort_keys=False, width=120, allow_unicode=True)
+
+
+if __name__ == "__main__":
+    # python -m workflow.config > config/schema.yaml
+    sys.stdout.write(schema_text())

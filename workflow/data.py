@@ -22,6 +22,7 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.chat import END_THINK, ChatFormat, Example, TemplateError, split_reasoning
+from workflow.config import DataConfig
 from workflow.tracking import Tracking, describe, job_run, log_dataset
 
 log = logging.getLogger(__name__)
@@ -32,28 +33,6 @@ SPLITS = ("train", "val", "test")
 
 class DataError(ValueError):
     """A dataset row that cannot be used, or a dataset that cannot be prepared."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    on_bad_row: str = "fail"
-    """fail: stop at the first bad row naming file and line; skip: drop bad rows and count them."""
-    val_fraction: float = 0.05
-    test_fraction: float = 0.07
-    max_seq_len: int = 256
-    """Rows longer than this many tokens after rendering are dropped and counted."""
-    seed: int = 0
-    chat_template: str = "auto"
-    """auto: the model's template where it renders reasoning in place, else the reasoning training text for
-    templates that drop it (DeepSeek-R1, Qwen3); model: the model's template only; or a .jinja training template."""
-    reasoning_turns: str = "last"
-    """last: earlier assistant turns as the model's template renders them in history; all: one example per turn."""
-
-    def __post_init__(self) -> None:
-        if self.on_bad_row not in ("fail", "skip"):
-            raise ValueError(f"data.on_bad_row must be one of fail, skip (got {self.on_bad_row!r})")
-        if self.reasoning_turns not in ("last", "all"):
-            raise ValueError(f"data.reasoning_turns must be one of last, all (got {self.reasoning_turns!r})")
 
 
 @dataclass
@@ -194,9 +173,9 @@ def read_split(path: str | Path, limit: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(limit), handle)]
 
 
-def split_of(messages: list[dict], cfg: DataConfig) -> str:
+def split_of(messages: list[dict], cfg: DataConfig, seed: int) -> str:
     """A row's split from a hash of its content and the seed: stable when rows are added or reordered."""
-    key = f"{cfg.seed}:{json.dumps(messages, sort_keys=True)}".encode()
+    key = f"{seed}:{json.dumps(messages, sort_keys=True)}".encode()
     u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
     if u < cfg.test_fraction:
         return "test"
@@ -216,11 +195,13 @@ def examples(messages: list[dict], fmt: ChatFormat, where: str, stats: Stats) ->
     return made
 
 
-def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig, tracking: Tracking) -> Stats:
-    """Read, check, deduplicate, split and render `source` into out_dir/{train,val,test}.jsonl and stats.json."""
+def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig, tracking: Tracking,
+                 seed: int) -> Stats:
+    """Read, check, deduplicate, split (by `seed`, the config's) and render `source` into out_dir/{train,val,test}.jsonl
+    and stats.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with job_run(tracking, "prepare_data", {"data": cfg.__dict__, "source": str(source)}):
+    with job_run(tracking, "prepare_data", {"data": cfg.model_dump(), "seed": seed, "source": str(source)}):
         stats = Stats()
         stats.digests["source"] = log_dataset(source, "source", "raw")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -245,7 +226,7 @@ def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | P
                     raise DataError(f"{err} (set data.on_bad_row: skip to drop such rows)") from None
                 stats.bad_rows.append(str(err))
                 continue
-            split = split_of(messages, cfg)
+            split = split_of(messages, cfg, seed)
             for example in made:
                 if len(example.input_ids) > cfg.max_seq_len:
                     stats.too_long += 1

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workflow.chat import prompt_ids
+from workflow.config import EvalConfig
 from workflow.data import read_split
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
@@ -33,14 +34,6 @@ END_THINK = "</think>"
 
 class GateFailed(RuntimeError):
     """A model (or scheme) missed a threshold; the message names the metric, its value and the threshold."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    max_samples: int = 200
-    max_new_tokens: int = 96
-    batch_size: int = 32
-    sample_generations: int = 12
 
 
 @dataclass(frozen=True)
@@ -159,7 +152,7 @@ def log_results(name: str, metrics: dict, results: list[dict], limit: int) -> No
 
 def evaluate_base(model_dir: str | Path, test_path: str | Path, out_path: str | Path, cfg: EvalConfig, tracking: Tracking) -> dict:
     """The base model's scores, the reference the fine-tuned model must beat."""
-    with job_run(tracking, "evaluate_base", {"evaluate": asdict(cfg), "model": str(model_dir)}):
+    with job_run(tracking, "evaluate_base", {"evaluate": cfg.model_dump(), "model": str(model_dir)}):
         metrics, results = evaluate_model(model_dir, test_path, cfg)
         log_results("base", metrics, results, cfg.sample_generations)
         Path(out_path).write_text(json.dumps({"metrics": metrics, "results": results}, indent=1))
@@ -182,15 +175,16 @@ def gate_failures(metrics: dict, base: dict, min_accuracy: float, min_gain: floa
 
 
 def evaluate(model_dir: str | Path, test_path: str | Path, base_path: str | Path, out_path: str | Path,
-                       report_path: str | Path, cfg: EvalConfig, gate: dict, tracking: Tracking) -> dict:
-    """Score the fine-tuned model, compare with the base, write the report, and stop the DAG if the gate fails."""
+                       report_path: str | Path, cfg: EvalConfig, tracking: Tracking) -> dict:
+    """Score the fine-tuned model, compare with the base, write the report, and stop the DAG if cfg.gate fails."""
+    gate = cfg.gate
     base = json.loads(Path(base_path).read_text())["metrics"]
-    with job_run(tracking, "evaluate", {"evaluate": asdict(cfg), "gate": gate, "model": str(model_dir)}):
+    with job_run(tracking, "evaluate", {"evaluate": cfg.model_dump(), "model": str(model_dir)}):
         metrics, results = evaluate_model(model_dir, test_path, cfg)
         metrics["gain_over_base"] = metrics["accuracy"] - base["accuracy"]
         log_results("finetuned", metrics, results, cfg.sample_generations)
         mlflow.log_metrics({f"base_{k}": float(v) for k, v in base.items()})
-        failures = gate_failures(metrics, base, gate["min_accuracy"], gate["min_gain"])
+        failures = gate_failures(metrics, base, gate.min_accuracy, gate.min_gain)
         verdict = "failed: " + "; ".join(failures) if failures else "passed"
         report = "\n".join([
             "# Evaluation on the held-out test split",
@@ -203,7 +197,7 @@ def evaluate(model_dir: str | Path, test_path: str | Path, base_path: str | Path
             f"Truncated thinking: generations that reached evaluate.max_new_tokens ({cfg.max_new_tokens}) before `</think>`; "
             "raise it if this is not zero.",
             "",
-            f"Gate (min accuracy {gate['min_accuracy']}, min gain {gate['min_gain']}): **{verdict}**",
+            f"Gate (min accuracy {gate.min_accuracy}, min gain {gate.min_gain}): **{verdict}**",
             "",
             "## Sample generations",
             "",
@@ -213,14 +207,14 @@ def evaluate(model_dir: str | Path, test_path: str | Path, base_path: str | Path
         mlflow.log_artifact(str(report_path))
         gain = metrics["gain_over_base"]
         record_gate([
-            {"name": "accuracy >= evaluate.gate.min_accuracy", "passed": metrics["accuracy"] >= gate["min_accuracy"],
-             "value": metrics["accuracy"], "threshold": gate["min_accuracy"], "detail": "exact-match accuracy on the test split"},
-            {"name": "gain over base >= evaluate.gate.min_gain", "passed": gain >= gate["min_gain"], "value": gain,
-             "threshold": gate["min_gain"], "detail": f"base {base['accuracy']:.3f} -> fine-tuned {metrics['accuracy']:.3f}"},
+            {"name": "accuracy >= evaluate.gate.min_accuracy", "passed": metrics["accuracy"] >= gate.min_accuracy,
+             "value": metrics["accuracy"], "threshold": gate.min_accuracy, "detail": "exact-match accuracy on the test split"},
+            {"name": "gain over base >= evaluate.gate.min_gain", "passed": gain >= gate.min_gain, "value": gain,
+             "threshold": gate.min_gain, "detail": f"base {base['accuracy']:.3f} -> fine-tuned {metrics['accuracy']:.3f}"},
         ])
         describe(f"Fine-tuned accuracy **{metrics['accuracy']:.3f}** (base {base['accuracy']:.3f}, gain {gain:+.3f}), format adherence "
-                 f"{metrics['format_adherence']:.3f}, truncated thinking {metrics['truncated_thinking']:.3f}, perplexity {metrics['perplexity']:.2f}.\n\nGate (min accuracy {gate['min_accuracy']}, "
-                 f"min gain {gate['min_gain']}): **{verdict}**.")
+                 f"{metrics['format_adherence']:.3f}, truncated thinking {metrics['truncated_thinking']:.3f}, perplexity {metrics['perplexity']:.2f}.\n\nGate (min accuracy {gate.min_accuracy}, "
+                 f"min gain {gate.min_gain}): **{verdict}**.")
         log.info("fine-tuned model: %s; gate %s", json.dumps(metrics), verdict)
         if failures:
             raise GateFailed(f"evaluate gate {verdict}")

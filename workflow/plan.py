@@ -20,26 +20,31 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from workflow.capacity import (Architecture, Cluster, PlanError, Serving, Training, model_architecture,
-                               serving_memory, serving_suggestion, training_memory, training_suggestion)
+from workflow.capacity import (
+    Architecture,
+    PlanError,
+    Serving,
+    Training,
+    model_architecture,
+    serving_memory,
+    serving_suggestion,
+    training_memory,
+    training_suggestion,
+)
+from workflow.config import Cluster, FinetuneConfig
 
 
 def plan_for(arch: Architecture, settings: dict) -> dict:
     """The plan for the workflow settings passed by the rule (finetune, data, cluster, engine, benchmark, schemes)."""
     cluster = Cluster(**settings["cluster"])
-    ft = settings["finetune"]
-    training = Training(
-        method=ft["method"], precision=ft["precision"], zero_stage=ft["zero_stage"], offload_optimizer=ft["offload_optimizer"],
-        offload_params=ft["offload_params"], micro_batch_size=ft["micro_batch_size"], seq_len=settings["max_seq_len"],
-        gradient_checkpointing=ft["gradient_checkpointing"], ranks_per_node=ft["nproc_per_node"], nodes=cluster.nodes,
-        lora_r=ft["lora"]["r"], lora_targets=tuple(ft["lora"]["target_modules"]),
-        # The rule passes neither (the plan stays put when they change): without Liger the logits count in full,
-        # which only overstates what a GPU run with Liger needs.
-        liger_kernel=bool(ft.get("liger_kernel", False)) and cluster.gpus_per_node > 0, zero_tuning=ft.get("zero_tuning", "auto"),
-    )
+    ft = FinetuneConfig(**settings["finetune"])
+    # The rule passes only the keys the plan reads (it stays put when the others change), liger_kernel not among
+    # them: without Liger the logits count in full, which only overstates what a GPU run with Liger needs.
+    liger = settings["finetune"].get("liger_kernel", False) and cluster.gpus_per_node > 0
+    training = Training.of(ft, settings["max_seq_len"], ft.nproc_per_node, cluster.nodes, liger_kernel=liger)
     problems = []
-    if cluster.gpus_per_node and ft["nproc_per_node"] > cluster.gpus_per_node:
-        problems.append(f"finetune.nproc_per_node {ft['nproc_per_node']} > cluster.gpus_per_node {cluster.gpus_per_node}: one process per GPU")
+    if cluster.gpus_per_node and ft.nproc_per_node > cluster.gpus_per_node:
+        problems.append(f"finetune.nproc_per_node {ft.nproc_per_node} > cluster.gpus_per_node {cluster.gpus_per_node}: one process per GPU")
     train = training_memory(arch, training, cluster)
     train["alternatives"] = [
         {"zero_stage": s, "offload": o, "gradient_checkpointing": gc, "device_or_host_gib": m["device_gib"] or m["host_per_node_gib"], "fits": m["fits"]}
@@ -72,7 +77,7 @@ def plan_for(arch: Architecture, settings: dict) -> dict:
     return {
         "model": asdict(arch) | {"params": p["total"], "params_billion": round(p["total"] / 1e9, 3),
                                  "weights_bf16_gb": round(2 * p["total"] / 1e9, 4)},
-        "cluster": asdict(cluster),
+        "cluster": cluster.model_dump(),
         "training": train,
         "serving": serving,
         "fits": not problems,
@@ -88,9 +93,9 @@ def _changes(suggestion: dict | None) -> str:
 
 def training_problem(train: dict) -> str:
     t = train["setup"]
-    where = (f"{_g(train['device_gib'])} GiB per GPU > cluster.gpu_memory_gib {train['device_limit_gib']}"
+    where = (f"{_g(train['device_gib'])} GiB per GPU > cluster.gpu_memory_gib {train['device_limit_gib']:g}"
              if train["device_gib"] is not None and train["device_gib"] > train["device_limit_gib"]
-             else f"{_g(train['host_per_node_gib'])} GiB of host memory per node > cluster.host_memory_gib {train['host_limit_gib']}")
+             else f"{_g(train['host_per_node_gib'])} GiB of host memory per node > cluster.host_memory_gib {train['host_limit_gib']:g}")
     layers = f"{t['checkpointed_layers']} of {t['num_layers']} layers checkpointed"
     text = (f"training does not fit: {where} (ZeRO-{t['zero_stage']}, {t['ranks']} ranks, micro-batch {t['micro_batch_size']} x "
             f"{t['seq_len']} tokens, {layers}; {', '.join(f'{k} {_g(v)}' for k, v in train['per_process_gib'].items() if v)} GiB per process)")
@@ -101,7 +106,7 @@ def training_problem(train: dict) -> str:
 
 def serving_problem(scheme: str, serve: dict) -> str:
     s = serve["setup"]
-    text = (f"serving {scheme} does not fit: {_g(serve['device_gib'])} GiB per device > {serve['device_limit_gib']} GiB at tp {s['tp']} x pp {s['pp']}, "
+    text = (f"serving {scheme} does not fit: {_g(serve['device_gib'])} GiB per device > {serve['device_limit_gib']:g} GiB at tp {s['tp']} x pp {s['pp']}, "
             f"batch {s['max_batch']} x {s['max_seq_len']} tokens (weights {_g(serve['per_device_gib']['weights'])} GiB, KV cache "
             f"{_g(serve['per_device_gib']['kv_cache'])} GiB)")
     sug = serve.get("suggestion")
@@ -121,8 +126,8 @@ def markdown(result: dict, source: str) -> str:
         f"Cluster: {c['nodes']} node(s), {device}, {c['host_memory_gib']} GiB host memory per node, {c['overhead_gib']} GiB overhead per process.", "",
         "## Training, per process", "",
         "| part | GiB |", "| --- | --- |", *[f"| {k} | {_g(v)} |" for k, v in t["per_process_gib"].items()],
-        f"| **total per GPU** | **{_g(t['device_gib'])}** (limit {t['device_limit_gib']}) |" if t["device_gib"] is not None else "| **total per GPU** | no GPUs |",
-        f"| host per node | {_g(t['host_per_node_gib'])} (limit {t['host_limit_gib']}) |", "",
+        f"| **total per GPU** | **{_g(t['device_gib'])}** (limit {t['device_limit_gib']:g}) |" if t["device_gib"] is not None else "| **total per GPU** | no GPUs |",
+        f"| host per node | {_g(t['host_per_node_gib'])} (limit {t['host_limit_gib']:g}) |", "",
         "### ZeRO stages and offload (same micro-batch)", "",
         "| ZeRO | offload | grad. checkpointing | GiB per GPU (host per node without GPUs) | fits |", "| --- | --- | --- | --- | --- |",
         *[f"| {a['zero_stage']} | {a['offload']} | {a['gradient_checkpointing']} | {_g(a['device_or_host_gib'])} | {a['fits']} |" for a in t["alternatives"]], "",
@@ -130,7 +135,7 @@ def markdown(result: dict, source: str) -> str:
         "| scheme | tp x pp | batch x seq | weights total GiB | weights per device | KV cache per device | total per device | limit | fits |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *[f"| {k} | {s['setup']['tp']} x {s['setup']['pp']} | {s['setup']['max_batch']} x {s['setup']['max_seq_len']} | {_g(s['weights_total_gib'])} | "
-          f"{_g(s['per_device_gib']['weights'])} | {_g(s['per_device_gib']['kv_cache'])} | {_g(s['device_gib'])} | {s['device_limit_gib']} | {s['fits']} |"
+          f"{_g(s['per_device_gib']['weights'])} | {_g(s['per_device_gib']['kv_cache'])} | {_g(s['device_gib'])} | {s['device_limit_gib']:g} | {s['fits']} |"
           for k, s in result["serving"].items()], "",
     ]
     if result["problems"]:

@@ -13,36 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from workflow.config import EvalConfig, QuantizeConfig
 from workflow.data import read_split
-from workflow.evaluate import EvalConfig, accuracy_gate, evaluate_model, gate_check, log_results
+from workflow.evaluate import accuracy_gate, evaluate_model, gate_check, log_results
+from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate
 
 log = logging.getLogger(__name__)
 
-# scheme -> (ModelOpt config name, block size the kernels need along in-features, what it is)
-SCHEMES = {
-    "bf16": (None, 1, "bf16 weights and activations: the unquantized baseline"),
-    "fp8": ("FP8_DEFAULT_CFG", 16, "FP8 E4M3 weights and activations, per-tensor scales"),
-    "int8_sq": ("INT8_SMOOTHQUANT_CFG", 1, "INT8 weights (per channel) and activations, SmoothQuant"),
-    "int4_awq": ("INT4_AWQ_CFG", 128, "INT4 weights in blocks of 128, AWQ-scaled; 16-bit activations"),
-}
 
 
 class QuantizeError(ValueError):
     """A model that cannot take a scheme, or a scheme that does not exist."""
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    calib_samples: int = 64
-    """Rows of the training split run through the model to calibrate scales."""
 
 
 def linear_in_features(config) -> dict[str, int]:
@@ -59,7 +47,7 @@ def check_quantizable(model_dir: str | Path, scheme: str) -> None:
     """Refuse, before any calibration, a scheme the model's shapes cannot take."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"quantize: unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
-    block = SCHEMES[scheme][1]
+    block = SCHEMES[scheme].block
     bad = {name: n for name, n in linear_in_features(AutoConfig.from_pretrained(model_dir)).items() if n % block}
     if bad:
         found = ", ".join(f"{name} = {n}" for name, n in bad.items())
@@ -79,7 +67,7 @@ def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[i
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
 
-    if SCHEMES[scheme][0] is None:
+    if SCHEMES[scheme].modelopt is None:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if state is not None:
@@ -90,7 +78,7 @@ def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[i
             for ids in calibration:
                 m(input_ids=torch.tensor([ids]))
 
-    return mtq.quantize(model, getattr(mtq, SCHEMES[scheme][0]), forward_loop=forward_loop)
+    return mtq.quantize(model, getattr(mtq, SCHEMES[scheme].modelopt), forward_loop=forward_loop)
 
 
 def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, scheme: str, cfg: QuantizeConfig, tracking: Tracking) -> dict:
@@ -102,7 +90,7 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
         calibration, calib_digest = calibration_rows(train_path, cfg.calib_samples)
         model = quantized_model(model_dir, scheme, calibration)
         checkpoint = out_dir / "checkpoint"
-        if SCHEMES[scheme][0] is None:
+        if SCHEMES[scheme].modelopt is None:
             model.save_pretrained(checkpoint)
         else:
             import modelopt.torch.opt as mto
@@ -114,10 +102,10 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
         recipe_file = checkpoint / "hf_quant_config.json"
         record = {
             "scheme": scheme,
-            "description": SCHEMES[scheme][2],
+            "description": SCHEMES[scheme].description,
             "recipe": json.loads(recipe_file.read_text())["quantization"] if recipe_file.exists() else {"quant_algo": None},
-            "calib_samples": len(calibration) if SCHEMES[scheme][0] else 0,
-            "calib_sha256": calib_digest if SCHEMES[scheme][0] else None,
+            "calib_samples": len(calibration) if SCHEMES[scheme].modelopt else 0,
+            "calib_sha256": calib_digest if SCHEMES[scheme].modelopt else None,
             "checkpoint_bytes": dir_bytes(checkpoint),
             "source_model": str(Path(model_dir).resolve()),
         }
@@ -140,7 +128,7 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
     """
     quantized_dir = Path(quantized_dir)
     baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
-    with job_run(tracking, f"evaluate_quantized/{scheme}", {"scheme": scheme, "max_accuracy_loss": max_loss, "evaluate": asdict(cfg)}):
+    with job_run(tracking, f"evaluate_quantized/{scheme}", {"scheme": scheme, "max_accuracy_loss": max_loss, "evaluate": cfg.model_dump()}):
         state = quantized_dir / "modelopt_state.pth"
         model = quantized_model(model_dir, scheme, state=state if state.exists() else None)
         metrics, results = evaluate_model(model_dir, test_path, cfg, model=model)

@@ -13,14 +13,22 @@ import json
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from workflow.bootstrap.problems import make_problems
+from workflow.config import BootstrapConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,36 +49,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + THINK + "\n{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class BootstrapConfig:
-    hidden_size: int = 128
-    """Model width; a multiple of 128 so INT4-AWQ can quantize every projection."""
-    intermediate_size: int = 512
-    """MLP width; a multiple of 128 (it is the in-features of down_proj)."""
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vocab_size: int = 1024
-    """Target vocabulary of the BPE tokenizer (the trainer may stop below it)."""
-    max_position_embeddings: int = 512
-    pretrain_rows: int = 6000
-    """Prose problems the base model pretrains on (disjoint seed from the fine-tuning data)."""
-    pretrain_steps: int = 800
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        for key in ("hidden_size", "intermediate_size"):
-            if getattr(self, key) % 128:
-                raise ValueError(f"bootstrap.{key} must be a multiple of 128 for INT4-AWQ (got {getattr(self, key)})")
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"bootstrap: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) "
-                f"and num_heads by num_kv_heads ({self.num_kv_heads})"
-            )
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, bos: str | None = BOS, eos: str = EOS, pad: str = PAD,
@@ -171,7 +149,7 @@ def make_base_model(cfg: BootstrapConfig, out_dir: str | Path) -> dict:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    summary = {"parameters": n_params, "vocab_size": len(tokenizer), "final_loss": losses[-1], "config": asdict(cfg)}
+    summary = {"parameters": n_params, "vocab_size": len(tokenizer), "final_loss": losses[-1], "config": cfg.model_dump()}
     (out_dir / "bootstrap.json").write_text(json.dumps(summary, indent=2))
     return {"summary": summary, "losses": losses}
 
@@ -182,7 +160,7 @@ def bootstrap(cfg: BootstrapConfig, out_dir: str | Path, tracking) -> dict:
 
     from workflow.tracking import describe, job_run
 
-    with job_run(tracking, "bootstrap", {"bootstrap": asdict(cfg)}):
+    with job_run(tracking, "bootstrap", {"bootstrap": cfg.model_dump()}):
         result = make_base_model(cfg, out_dir)
         for step, loss in enumerate(result["losses"], start=1):
             if step % 10 == 0 or step == len(result["losses"]):

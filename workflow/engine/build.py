@@ -14,10 +14,12 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.chat import prompt_ids
+from workflow.config import EvalConfig, TrtllmSettings
 from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
-from workflow.engine.calibration import CALIBRATION, CalibrationError, FoldReport, fold_calibration
-from workflow.evaluate import EvalConfig, accuracy_gate, engine_completions, gate_check, log_results, score
+from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
+from workflow.evaluate import accuracy_gate, engine_completions, gate_check, log_results, score
+from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, sc
         onnxruntime.build(source, candidate_dir, scheme, ort["execution_provider"], ort["block_size"], ort["accuracy_level"],
                           source_sha256, log_path, calibration=report)
 
-    if CALIBRATION[scheme] is None or mode == "rtn":
+    if SCHEMES[scheme].calibration is None or mode == "rtn":
         build(engine_dir, model_dir, None)
         return None
     work = engine_dir.parent / f".{scheme}.candidates"
@@ -116,7 +118,7 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
                                            eval_cfg.max_new_tokens, tracking.log_path)
         else:
             source = Path(quantized_dir) / "checkpoint"
-            build_plan = tensorrt_llm.plan(source, engine_dir, scheme, tensorrt_llm.TrtllmSettings(**settings["tensorrt_llm"]))
+            build_plan = tensorrt_llm.plan(source, engine_dir, scheme, TrtllmSettings(**settings["tensorrt_llm"]))
             log.info("TensorRT-LLM plan: %s", build_plan)
             tensorrt_llm.build(build_plan, sha256_tree(source)[0])
         if comparison and "scored" in comparison:

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workflow.schemes import SCHEMES
+
 log = logging.getLogger(__name__)
 
-# What calibration each scheme's ModelOpt recipe produces; None: nothing to carry.
-CALIBRATION = {"bf16": None, "fp8": None, "int8_sq": "SmoothQuant", "int4_awq": "AWQ"}
 EXACTNESS_TOLERANCE = 1e-4
 """Largest logit difference allowed between the folded and the fine-tuned model in fp32, relative to the largest
 logit (at least 1): folding reorders fp32 rounding only."""
@@ -125,10 +125,12 @@ def fold_calibration(model_dir: str | Path, quantized_dir: str | Path, scheme: s
                      check_rows: list[list[int]]) -> FoldReport:
     """Write model_dir with the quantize stage's scales for scheme folded in to out_dir; refuse if it no longer
     computes what model_dir does (fp32 logits on check_rows within EXACTNESS_TOLERANCE)."""
-    if CALIBRATION.get(scheme) is None:
-        raise CalibrationError(f"build_engine: {scheme} has no calibration to carry (only int8_sq and int4_awq do)")
+    method = SCHEMES[scheme].calibration if scheme in SCHEMES else None
+    if method is None:
+        carried = ", ".join(name for name, s in SCHEMES.items() if s.calibration)
+        raise CalibrationError(f"build_engine: {scheme} has no calibration to carry (only {carried} do)")
     record = json.loads((Path(quantized_dir) / "quantize.json").read_text())
-    report = FoldReport(CALIBRATION[scheme], record["calib_sha256"])
+    report = FoldReport(method, record["calib_sha256"])
     scales = calibrated_scales(model_dir, quantized_dir, scheme)
     if not scales:
         raise CalibrationError(f"build_engine: the ModelOpt state of {scheme} in {quantized_dir} holds no calibrated scales")

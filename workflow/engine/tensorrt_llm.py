@@ -14,28 +14,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from workflow.config import TrtllmSettings
 from workflow.engine.manifest import EngineManifest, Target, check_target
+from workflow.schemes import SCHEMES
 
 RELEASE = "1.2.1"
 CONTAINER = f"docker://nvcr.io/nvidia/tensorrt-llm/release:{RELEASE}"
-# Minimum compute capability per scheme: FP8 tensor cores arrived with Ada (8.9) and Hopper (9.0).
-MIN_COMPUTE = {"bf16": (8, 0), "fp8": (8, 9), "int8_sq": (8, 0), "int4_awq": (8, 0)}
 
 
 class TrtllmMissing(RuntimeError):
     """TensorRT-LLM is not importable where the build or the engine was asked to run."""
-
-
-@dataclass(frozen=True)
-class TrtllmSettings:
-    tp_size: int = 1
-    pp_size: int = 1
-    max_batch_size: int = 64
-    max_input_len: int = 1024
-    max_seq_len: int = 2048
 
 
 @dataclass(frozen=True)
@@ -116,15 +107,15 @@ def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
     from tensorrt_llm import BuildConfig
     from tensorrt_llm._tensorrt_engine import LLM
 
-    if torch.cuda.get_device_capability() < MIN_COMPUTE[build_plan.scheme]:
-        raise ValueError(f"build_engine: {build_plan.scheme} needs compute capability {MIN_COMPUTE[build_plan.scheme]} or newer")
+    if torch.cuda.get_device_capability() < (needed := SCHEMES[build_plan.scheme].tensorrt_llm_min_compute):
+        raise ValueError(f"build_engine: {build_plan.scheme} needs compute capability {needed} or newer")
     arguments = build_plan.llm_arguments()
     arguments["build_config"] = BuildConfig(**arguments["build_config"])
     llm = LLM(**arguments)
     llm.save(build_plan.engine_dir)
     here = target(build_plan.settings.tp_size, build_plan.settings.pp_size)
     manifest = EngineManifest(build_plan.scheme, build_plan.quant_algo or "bf16", here, source_sha256,
-                              {"release": RELEASE, **asdict(build_plan.settings)},
+                              {"release": RELEASE, **build_plan.settings.model_dump()},
                               algorithm=f"ModelOpt {build_plan.quant_algo}, calibrated by the quantize stage"
                               if build_plan.quant_algo else "none: unquantized weights")
     manifest.write(build_plan.engine_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithFlattening
 
-from workflow.finetune.config import FinetuneConfig
+from workflow.config import FinetuneConfig
 from workflow.finetune.speed import VARLEN, SpeedSettings
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workflow.finetune.config import FinetuneConfig
+from workflow.config import FinetuneConfig
 
 if TYPE_CHECKING:
     from workflow.tracking import Tracking
@@ -61,7 +60,7 @@ def export(base_dir: str | Path, summary_path: str | Path, out_dir: str | Path, 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     summary = json.loads(Path(summary_path).read_text())
     checkpoint = Path(summary["checkpoint"])
-    with job_run(tracking, "export", {"finetune": cfg.as_dict(), "checkpoint": str(checkpoint)}):
+    with job_run(tracking, "export", {"finetune": cfg.model_dump(mode="json"), "checkpoint": str(checkpoint)}):
         model = load_trained(base_dir, checkpoint, cfg)
         model = model.to(torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
         model.save_pretrained(out_dir)
@@ -71,7 +70,7 @@ def export(base_dir: str | Path, summary_path: str | Path, out_dir: str | Path, 
             "checkpoint": str(checkpoint),
             "global_step": summary["global_step"],
             "train_loss": summary["train_loss"],
-            "finetune": cfg.as_dict(),
+            "finetune": cfg.model_dump(mode="json"),
         }
         (out_dir / "ft2prod.json").write_text(json.dumps(described, indent=2))
         digest = log_model_dir(out_dir, "model")

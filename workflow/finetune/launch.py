@@ -25,9 +25,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from workflow.config import FinetuneConfig
 from workflow.digest import sha256_file
 from workflow.finetune import ops
-from workflow.finetune.config import FinetuneConfig, latest_complete_checkpoint
+from workflow.finetune.config import latest_complete_checkpoint
 
 if TYPE_CHECKING:
     from workflow.tracking import Tracking
@@ -102,7 +103,7 @@ def launch_env(cfg: FinetuneConfig, run_id: str, tracking_uri: str) -> dict[str,
 def fingerprint(cfg: FinetuneConfig, seed: int, model_dir: Path, data_dir: Path) -> str:
     """What a checkpoint was trained from; a checkpoint with another fingerprint is never resumed."""
     parts = {
-        "finetune": cfg.as_dict(),
+        "finetune": cfg.model_dump(mode="json"),
         "seed": seed,
         "model_config": sha256_file(model_dir / "config.json"),
         "weights": sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors")),
@@ -142,7 +143,7 @@ def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: Finetune
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     job = {
-        "finetune": cfg.as_dict(),
+        "finetune": cfg.model_dump(mode="json"),
         "seed": seed,
         "model_dir": str(model_dir.resolve()),
         "data_dir": str(data_dir.resolve()),
@@ -167,7 +168,7 @@ def finetune(model_dir: str | Path, data_dir: str | Path, summary_path: str | Pa
 
     model_dir, data_dir, summary_path = Path(model_dir), Path(data_dir), Path(summary_path)
     job_file = write_job(model_dir, data_dir, summary_path, cfg, seed)
-    with job_run(tracking, "finetune", {"finetune": cfg.as_dict(), "seed": seed, "base_model": str(model_dir)}) as run:
+    with job_run(tracking, "finetune", {"finetune": cfg.model_dump(mode="json"), "seed": seed, "base_model": str(model_dir)}) as run:
         env = launch_env(cfg, run.info.run_id, tracking.resolved_uri())
         built = ops.build(cfg, Path(env["TORCH_EXTENSIONS_DIR"]))
         log.info("DeepSpeed ops ready in %s: %s", env["TORCH_EXTENSIONS_DIR"], ", ".join(built) or "none needed")

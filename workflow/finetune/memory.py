@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
-from workflow.capacity import GIB, Architecture, Cluster, PlanError, Training, training_memory
-from workflow.finetune.config import FinetuneConfig
+from workflow.capacity import (
+    GIB,
+    Architecture,
+    Cluster,
+    PlanError,
+    Training,
+    training_memory,
+)
+from workflow.config import FinetuneConfig
 
 log = logging.getLogger("workflow.finetune")
 
@@ -43,13 +49,8 @@ def memory_plan(cfg: FinetuneConfig, model_dir: str | Path, world_size: int, gpu
         return {"gradient_checkpointing": cfg.gradient_checkpointing, "checkpointed_layers": layers if cfg.gradient_checkpointing is True else 0,
                 "num_layers": layers, "tokens_per_micro_batch": cfg.micro_batch_size * longest_row, "predicted_peak_gib": None,
                 "limit_gib": None, "fits": arch is not None, "phases_gib": None, "per_process_gib": None}
-    training = Training(
-        method=cfg.method, precision=cfg.precision, zero_stage=cfg.zero_stage, offload_optimizer=cfg.offload_optimizer,
-        offload_params=cfg.offload_params, micro_batch_size=cfg.micro_batch_size, seq_len=longest_row,
-        gradient_checkpointing=cfg.gradient_checkpointing, ranks_per_node=world_size, lora_r=cfg.lora.r,
-        lora_targets=tuple(cfg.lora.target_modules), liger_kernel=liger_kernel, zero_tuning=cfg.zero_tuning,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-    )
+    training = Training.of(cfg, longest_row, world_size, liger_kernel=liger_kernel,
+                           gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     limit = gpu_bytes * (1 - HEADROOM) / GIB
     memory = training_memory(arch, training, Cluster(gpus_per_node=world_size, gpu_memory_gib=limit, host_memory_gib=float("inf"),
                                                      overhead_gib=0.0))
@@ -83,7 +84,7 @@ def fill_micro_batch(cfg: FinetuneConfig, model_dir: str | Path, world_size: int
     for size in range(rows, cfg.micro_batch_size, -1):
         if rows % size:
             continue
-        trial = replace(cfg, micro_batch_size=size, gradient_accumulation_steps=rows // size)
+        trial = cfg.model_copy(update={"micro_batch_size": size, "gradient_accumulation_steps": rows // size})
         plan = memory_plan(trial, model_dir, world_size, gpu_bytes, longest_row, liger_kernel)
         if plan["fits"] and plan["checkpointed_layers"] <= configured["checkpointed_layers"]:
             return trial, plan

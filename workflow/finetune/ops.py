@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from workflow.finetune.config import FinetuneConfig
+from workflow.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from workflow.finetune.config import OPTIMIZERS, FinetuneConfig
+from workflow.config import OPTIMIZERS, FinetuneConfig
 
 VARLEN = "varlen"
 """The attn_implementation name the varlen attention is registered under in Transformers."""

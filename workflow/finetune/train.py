@@ -22,9 +22,17 @@ from transformers import (
     TrainingArguments,
 )
 
+from workflow.config import FinetuneConfig
 from workflow.finetune.batches import TokenDataset, collator
-from workflow.finetune.callbacks import CheckpointLayers, Checkpoints, MlflowMetrics, Profile, StopOnNonFiniteLoss, Throughput
-from workflow.finetune.config import FinetuneConfig, deepspeed_config, latest_complete_checkpoint
+from workflow.finetune.callbacks import (
+    CheckpointLayers,
+    Checkpoints,
+    MlflowMetrics,
+    Profile,
+    StopOnNonFiniteLoss,
+    Throughput,
+)
+from workflow.finetune.config import deepspeed_config, latest_complete_checkpoint
 from workflow.finetune.memory import fill_micro_batch
 from workflow.finetune.speed import (
     VARLEN,

@@ -2,7 +2,7 @@
 
     python -m workflow.package pack   MODEL_DIR PACKAGE --signing-key keys/signing.pem --key-file keys/kek.bin
     python -m workflow.package verify PACKAGE --signer-pub trusted.pub [--key-file keys/kek.bin]
-    python -m workflow.package open   PACKAGE --signer-pub trusted.pub --key-file keys/kek.bin --into /dev/shm/model
+    python -m workflow.package open   PACKAGE --signer-pub trusted.pub --key-file keys/kek.bin --into /dev/shm/model [--replace]
     python -m workflow.package rotate-key PACKAGE --signing-key keys/signing.pem --key-file old.bin --new-key-file new.bin
 
 KMS options: --key-file (a local key file), or --pkcs11-module/--token/--key-label with the PIN in
@@ -22,6 +22,8 @@ from workflow.package.kms import KmsError, LocalKeyFile, Pkcs11Hsm, VaultTransit
 
 def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}key-file", help="local key-encryption key file (created 0600 if missing when packing)")
+    parser.add_argument(f"--{prefix}key-file-group", type=int, metavar="GID",
+                        help="also accept a key file this group may read, never write (0440): a Kubernetes Secret under the pod's fsGroup")
     parser.add_argument(f"--{prefix}pkcs11-module", help="PKCS#11 library of the HSM, e.g. /usr/lib/softhsm/libsofthsm2.so")
     parser.add_argument(f"--{prefix}token", help="HSM token label")
     parser.add_argument(f"--{prefix}key-label", help="label of the AES key in the HSM")
@@ -32,7 +34,7 @@ def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
 def kms_from(args: argparse.Namespace, prefix: str = "", create: bool = False):
     get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
     if get("key_file"):
-        return LocalKeyFile(get("key_file"), create=create)
+        return LocalKeyFile(get("key_file"), create=create, group=get("key_file_group"))
     if get("pkcs11_module"):
         return Pkcs11Hsm(get("pkcs11_module"), get("token"), get("key_label"), os.environ.get("PKCS11_PIN", ""))
     if get("vault_url"):
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--signer-pub", required=True, help="the trusted signer's public key (PEM)")
         add_kms(sub)
         if name == "open":
-            sub.add_argument("--into", required=True, help="a folder on a memory-backed filesystem (/dev/shm, tmpfs)")
+            sub.add_argument("--into", required=True, help="a new folder on a memory-backed filesystem (/dev/shm, tmpfs), created 0700; "
+                             "an existing one must be yours, 0700 and empty")
+            sub.add_argument("--replace", action="store_true", help="first empty an existing --into that is yours and 0700 "
+                             "(the copy an earlier open left, e.g. a restarted Kubernetes init container's)")
     rotate = commands.add_parser("rotate-key", help="re-wrap the data key under a new KMS key, without re-encrypting")
     rotate.add_argument("package")
     rotate.add_argument("--signing-key", required=True)
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = archive.verify(args.package, archive.load_public_key(args.signer_pub), kms_from(args))
             print(f"verified {args.package}: {len(manifest['files'])} files, signer {manifest['signer']}, sha256 {archive.digest(args.package)}")
         elif args.command == "open":
-            opened = archive.open_package(args.package, archive.load_public_key(args.signer_pub), kms_from(args), into=args.into)
+            opened = archive.open_package(args.package, archive.load_public_key(args.signer_pub), kms_from(args), into=args.into,
+                                         replace=args.replace)
             print(f"opened {args.package} into {opened}")
         else:
             new = kms_from(args, "new-", create=True)

@@ -22,16 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from workflow.package.chunks import aad, check_length, chunk_count, decrypt, key_check, nonce, sha256_file, unwrap_data_key
-from workflow.package.errors import (MissingChunk, PackageError, ReorderedChunk, TamperedPackage, UnsignedPackage,  # noqa: F401
-                                     WrongKey, WrongSigner)
+from workflow.package.errors import (MissingChunk, PackageError, ReorderedChunk, TamperedPackage, UnsafeDestination,  # noqa: F401
+                                     UnsafePath, UnsignedPackage, WrongKey, WrongSigner)
 from workflow.package.kms import Kms
-from workflow.package.memfs import on_memory_filesystem
+from workflow.package.layout import check_path, ciphertext_name
+from workflow.package.memfs import PrivateFolder
 from workflow.package.signing import (FORMAT, attestation, digest, key_id, load_public_key, load_signing_key,  # noqa: F401
                                       public_pem, signed_manifest, write_signed)
 
@@ -44,12 +46,16 @@ def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519Priv
     the GIL), so packing costs about one SHA-256 pass of wall time on two cores.
     """
     source, out = Path(source), Path(out)
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    for path in files:
+        check_path(str(path.relative_to(source)))  # what verify would refuse, refused before anything is written
     (out / "payload").mkdir(parents=True, exist_ok=False)
     data_key = AESGCM.generate_key(bit_length=256)
     aead = AESGCM(data_key)
-    files = sorted(p for p in source.rglob("*") if p.is_file())
     header = {
         "format": FORMAT, "chunk_size": chunk_size,
+        # Signed (through the header's digest) and kept by rotate-key: gateways refuse a package older than one they served.
+        "created": datetime.now(UTC).isoformat(timespec="microseconds"),
         "kms": {"provider": kms.provider, "key_id": kms.key_id()},
         "wrapped_key": kms.wrap(data_key), "key_check": key_check(data_key),
         "files": [{"path": str(p.relative_to(source)), "size": p.stat().st_size, "chunks": chunk_count(p, chunk_size)} for p in files],
@@ -58,7 +64,7 @@ def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519Priv
     with ThreadPoolExecutor(max_workers=1) as hasher:
         for index, (path, described) in enumerate(zip(files, header["files"])):
             plain_hash, cipher_hash = hashlib.sha256(), hashlib.sha256()
-            target = out / "payload" / f"{index:05d}.bin"
+            target = out / ciphertext_name(index)
             with open(path, "rb") as reader, open(target, "wb") as writer:
                 for chunk_index in range(described["chunks"]):
                     block = reader.read(chunk_size)
@@ -69,7 +75,7 @@ def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519Priv
                     writer.write(sealed)
                     hashed.result()
             entries.append({"path": described["path"], "size": described["size"], "sha256": plain_hash.hexdigest(),
-                            "ciphertext": f"payload/{index:05d}.bin", "ciphertext_sha256": cipher_hash.hexdigest()})
+                            "ciphertext": ciphertext_name(index), "ciphertext_sha256": cipher_hash.hexdigest()})
     del aead, data_key
     write_signed(out, header, attestation(entries, provenance), entries, signing_key)
     return json.loads((out / "manifest.json").read_text())
@@ -89,39 +95,41 @@ def verify(package: str | Path, trusted: Ed25519PublicKey, kms: Kms | None = Non
     return manifest
 
 
-def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into: str | Path | None = None) -> dict[str, bytes] | Path:
-    """Verify and decrypt: into memory (a dict), or into `into` on a memory-backed filesystem — never onto disk.
-    A bad chunk anywhere leaves nothing behind."""
+def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into: str | Path | None = None,
+                 replace: bool = False) -> dict[str, bytes] | Path:
+    """Verify and decrypt: into memory (a dict), or into the folder `into` on a memory-backed filesystem — never onto
+    disk. `into` is made 0700 here, or must already be ours, 0700 and empty (`replace`: emptied first when it is ours
+    and 0700); files are made 0600, each new, through the folder's descriptor, so no link is followed. A bad chunk
+    anywhere leaves nothing behind."""
     package = Path(package)
     manifest, header, _ = signed_manifest(package, trusted)
-    data_key = unwrap_data_key(header, kms)
     if into is None:
         files: dict[str, bytearray] = {}
-        decrypt(package, header, manifest, data_key, lambda path, plain: files.setdefault(path, bytearray()).extend(plain or b""))
+        decrypt(package, header, manifest, unwrap_data_key(header, kms),
+                lambda path, plain: files.setdefault(path, bytearray()).extend(plain or b""))
         return {path: bytes(data) for path, data in files.items()}
-    into = Path(into)
-    into.mkdir(parents=True, exist_ok=True)
-    if not on_memory_filesystem(into):
-        raise PackageError(f"refusing to write plaintext weights to {into}: not a memory-backed filesystem (use /dev/shm or a tmpfs)")
-    written: list[Path] = []
+    folder = PrivateFolder(into, replace)  # checked before the KMS is asked for the key
+    handle = None
 
     def write(path: str, plain: bytes | None) -> None:
-        target = into / path
+        nonlocal handle
         if plain is None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(b"")
-            written.append(target)
+            if handle:
+                handle.close()
+            handle = folder.create(path)
         else:
-            with open(target, "ab") as handle:
-                handle.write(plain)
+            handle.write(plain)
 
     try:
-        decrypt(package, header, manifest, data_key, write)
-    except PackageError:
-        for target in written:
-            target.unlink(missing_ok=True)
+        decrypt(package, header, manifest, unwrap_data_key(header, kms), write)
+    except BaseException:
+        folder.close(remove=True)
         raise
-    return into
+    finally:
+        if handle:
+            handle.close()
+    folder.close()
+    return Path(into)
 
 
 def rotate_key(package: str | Path, trusted_and_signing: Ed25519PrivateKey, old: Kms, new: Kms) -> dict:

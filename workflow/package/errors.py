@@ -29,3 +29,12 @@ class ReorderedChunk(PackageError):
 
 class WrongKey(PackageError):
     pass
+
+
+class UnsafePath(PackageError):
+    """The signed manifest names a path that would leave the folder it is opened into, collide with another, or a
+    ciphertext file other than those pack writes; or the package holds ciphertext the manifest does not list."""
+
+
+class UnsafeDestination(PackageError):
+    """`open --into` was given a folder others could read or write, or one that already holds something."""

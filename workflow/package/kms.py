@@ -33,11 +33,17 @@ class Kms(Protocol):
 
 @dataclass
 class LocalKeyFile:
-    """A 256-bit key in a file readable by its owner only (the embedded default). Wraps with AES key wrap (RFC 3394)."""
+    """A 256-bit key in a file readable by its owner only (the embedded default). Wraps with AES key wrap (RFC 3394).
+
+    `group`: also accept read (never write) by this one group when the file belongs to it: a Kubernetes Secret
+    mounted with defaultMode 0400 in a pod with `fsGroup` arrives as 0440, group fsGroup (the kubelet adds group
+    read), and the pod's fsGroup is that group. Any other group, group write or any access by others is refused.
+    """
 
     path: str
     create: bool = True
     provider: str = "local"
+    group: int | None = None
 
     def _key(self) -> bytes:
         path = Path(self.path)
@@ -48,9 +54,13 @@ class LocalKeyFile:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(os.urandom(32))
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise KmsError(f"kms: key file {path} has permissions {mode:o}; it must be readable by its owner only (chmod 600)")
+        info = path.stat()
+        mode = stat.S_IMODE(info.st_mode)
+        group_may_read = 0o040 if self.group is not None and info.st_gid == self.group else 0
+        if mode & 0o077 & ~group_may_read:
+            also = (f", or also by group {self.group} (the pod's fsGroup; this file's group is {info.st_gid}) but never written by it"
+                    if self.group is not None else "")
+            raise KmsError(f"kms: key file {path} has permissions {mode:o}; it must be readable by its owner only (chmod 600){also}")
         key = path.read_bytes()
         if len(key) != 32:
             raise KmsError(f"kms: key file {path} must hold 32 bytes (got {len(key)})")

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from workflow.package.errors import PackageError, TamperedPackage, UnsignedPackage, WrongSigner
+from workflow.package.layout import check_manifest
 
 FORMAT = "ft2prod-package/1"
 
@@ -81,7 +82,8 @@ def digest(package: str | Path) -> str:
 
 def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dict, dict]:
     """(manifest, header, attestation), each parsed from the very bytes whose signature and digests were checked:
-    nothing is read again after the check, so a file swapped in between is never used."""
+    nothing is read again after the check, so a file swapped in between is never used. Every path they name is
+    checked too (layout.py): a signature says who made a package, not that its paths are safe."""
     if not (package / "manifest.sig").exists() or not (package / "manifest.json").exists():
         raise UnsignedPackage(f"{package}: unsigned package (no manifest.json/manifest.sig); refusing to load it")
     manifest_bytes = (package / "manifest.json").read_bytes()
@@ -98,4 +100,5 @@ def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dic
         if hashlib.sha256(data).hexdigest() != manifest[f"{name}_sha256"]:
             raise TamperedPackage(f"{package}: {name}.json was changed after signing")
         checked[name] = json.loads(data)
+    check_manifest(package, manifest, checked["header"])
     return manifest, checked["header"], checked["attestation"]

@@ -32,7 +32,9 @@ from workflow.wait import wait_for
 def redeploy_gateway(url: str, ca: Path, admin_key: str, package: Path, digest: str, timeout_s: float = 300) -> None:
     headers = {"Authorization": f"Bearer {admin_key}"}
     with httpx2.Client(base_url=url, verify=client_context(ca), timeout=30, headers=headers) as client:
-        client.post("/admin/deploy", json={"package": str(package.resolve())}).raise_for_status()
+        # The gateway takes the package from its own package root (package.backup_dir) by digest: a rollback to
+        # the package it served before the current one.
+        client.post("/admin/deploy", json={"package_sha256": digest, "rollback": True}).raise_for_status()
         try:
             wait_for(lambda: client.get("/v1/deployment").json()["package"].get("sha256") == digest,
                      f"{url} to serve package {digest[:16]}…", timeout_s)

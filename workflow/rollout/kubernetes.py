@@ -3,29 +3,95 @@
     kubectl kustomize results/rollout/k8s            # what would be applied
     kubectl --context CTX apply -k results/rollout/k8s
 
-The pod: an init container verifies and opens the package into a memory-backed volume; the gateway serves it
-in-process (ONNX Runtime GenAI), or an engine container (trtllm-serve, GPUs = tp x pp) serves it and the
-gateway forwards. A startup probe gives loading its own budget so liveness (3 failures) never kills a pod that
-is still loading; readiness holds traffic until the model answers. Secrets are referenced by name only.
+The pod: an init container verifies and opens the package into a fresh 0700 folder inside a memory-backed volume;
+the gateway serves it in-process (ONNX Runtime GenAI), or an engine container (trtllm-serve, GPUs = tp x pp) serves
+it and the gateway forwards. A startup probe gives loading its own budget so liveness (3 failures) never kills a pod
+that is still loading; readiness holds traffic until the model answers. Secrets are referenced by name only.
+
+Hardening: every container runs as a non-root user with a read-only root filesystem, no privilege escalation, no
+capabilities and the runtime's default seccomp profile; no service-account token is mounted; the KMS credential
+(key file, HSM PIN or Vault token) reaches the init container only; images are referenced by digest; the
+NetworkPolicy allows no egress but DNS and the KMS endpoint (`rollout.kubernetes.kms_egress_cidrs`), and only when
+the KMS is reached over the network (NetworkPolicy selects pods, not containers: the gateway container shares that
+egress, but holds no credential to use it with).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
 
 import kubernetes_validate
 import yaml
 
 GATEWAY_PORT, ENGINE_PORT = 8443, 8000
 MOUNTS = {"packages": "/packages", "model": "/model", "config": "/etc/ft2prod/config", "tls": "/etc/ft2prod/tls",
-          "api-keys": "/etc/ft2prod/keys", "kms": "/etc/ft2prod/kms", "audit": "/var/log/ft2prod"}
+          "api-keys": "/etc/ft2prod/keys", "kms": "/etc/ft2prod/kms", "audit": "/var/log/ft2prod", "tmp": "/tmp"}
+
+
+POD_USER = 10001  # the gateway image's user (envs/gateway.Dockerfile); also the pod's group and fsGroup
+MODEL_DIR = f"{MOUNTS['model']}/opened"  # made 0700 by the init container: open refuses the volume's own 0777 root
+DIGEST_REFERENCE = re.compile(r"^[a-z0-9][^\s@]*@sha256:[0-9a-f]{64}$")
+KUBE_DNS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+
+
+def container_security() -> dict:
+    """Every container's securityContext (a fresh dict each, so the written YAML spells each out, with no anchors)."""
+    return {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 class InvalidManifest(ValueError):
     """A rendered manifest the Kubernetes API schema rejects."""
+
+
+class UnsafeSetting(ValueError):
+    """A rollout.kubernetes setting the manifests cannot be made safe with (an image by tag, a KMS with no egress)."""
+
+
+def pinned_image(config: dict, key: str) -> str:
+    """`rollout.kubernetes.<key>`, which must name its image by digest: a tag can be moved to other content."""
+    reference = config["rollout"]["kubernetes"][key]
+    if not DIGEST_REFERENCE.match(reference):
+        raise UnsafeSetting(f"rollout.kubernetes.{key} must name the image by digest, name[:tag]@sha256:<64 hex digits> "
+                            f"(a tag can be moved to other content); got {reference!r}. Find the digest with "
+                            f"`docker buildx imagetools inspect {reference}` or `crane digest {reference}`")
+    return reference
+
+
+def egress_rules(config: dict) -> list[dict]:
+    """What the pod may reach: nothing, or, when the KMS is reached over the network, DNS and the KMS endpoint's
+    CIDRs (on the Vault URL's port). The engine is on 127.0.0.1 in the same pod, which NetworkPolicy does not govern."""
+    kms, cidrs = config["package"]["kms"], config["rollout"]["kubernetes"]["kms_egress_cidrs"]
+    if kms["provider"] == "vault" and not cidrs:
+        raise UnsafeSetting(f"rollout.kubernetes.kms_egress_cidrs is empty, but package.kms.provider vault needs the pod to reach "
+                            f"{kms['vault']['url']}: give the Vault server's address range (e.g. [10.0.5.10/32]); "
+                            "every other egress stays closed")
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as err:
+            raise UnsafeSetting(f"rollout.kubernetes.kms_egress_cidrs: {cidr!r} is not an address range ({err})") from None
+    if kms["provider"] == "local" or not cidrs:
+        return []
+    to = {"to": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]}
+    host = None
+    if kms["provider"] == "vault":
+        url = urlparse(kms["vault"]["url"])
+        to["ports"] = [{"protocol": "TCP", "port": url.port or (443 if url.scheme == "https" else 80)}]
+        host = url.hostname
+    try:
+        ipaddress.ip_address(host or "")
+        return [to]  # an address: no name to resolve
+    except ValueError:
+        dns = {"to": [KUBE_DNS], "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+        return [dns, to]
 
 
 def pod_config(config: dict) -> dict:
@@ -48,9 +114,9 @@ def _open_args(config: dict, package_path: str) -> tuple[list[str], list[dict]]:
     """The init container's `workflow.package open` arguments and environment for the configured KMS."""
     kms, secret = config["package"]["kms"], config["rollout"]["kubernetes"]["secrets"]["kms"]
     args = ["python", "-m", "workflow.package", "open", package_path, "--signer-pub", f"{MOUNTS['config']}/signer.pub",
-            "--into", MOUNTS["model"]]
-    if kms["provider"] == "local":
-        return args + ["--key-file", f"{MOUNTS['kms']}/kek.bin"], []
+            "--into", MODEL_DIR, "--replace"]  # a restarted pod's init container finds its own earlier copy there
+    if kms["provider"] == "local":  # the kubelet turns the Secret's 0400 into 0440 under fsGroup: accept that group only
+        return args + ["--key-file", f"{MOUNTS['kms']}/kek.bin", "--key-file-group", str(POD_USER)], []
     if kms["provider"] == "pkcs11":
         p = kms["pkcs11"]
         env = [{"name": "PKCS11_PIN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "pin"}}}]
@@ -73,32 +139,38 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
     """Write the kustomize folder: Deployment, Service, NetworkPolicy, PodDisruptionBudget, config and signer."""
     k8s, gateway, engine = config["rollout"]["kubernetes"], config["rollout"]["gateway"], config["engine"]
     name, labels = k8s["name"], {"app.kubernetes.io/name": k8s["name"], "app.kubernetes.io/part-of": "ft2prod"}
+    image, egress = pinned_image(config, "image"), egress_rules(config)
     open_args, open_env = _open_args(config, f"{MOUNTS['packages']}/{package_sha256}")
     gateway_container = {
-        "name": "gateway", "image": k8s["image"],
+        "name": "gateway", "image": image,
         "args": ["python", "-m", "workflow.serve", "--config", f"{MOUNTS['config']}/config.yaml", "start", "--model-dir",
-                 MOUNTS["model"], "--audit-log", f"{MOUNTS['audit']}/$(POD_NAME).jsonl"],
-        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}] + open_env,
+                 MODEL_DIR, "--audit-log", f"{MOUNTS['audit']}/$(POD_NAME).jsonl"],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "https", "containerPort": GATEWAY_PORT}],
         "startupProbe": _probe("/readyz", 10, math.ceil(k8s["startup_timeout_s"] / 10)),
         "livenessProbe": _probe("/healthz", 10, 3),
         "readinessProbe": _probe("/readyz", 5, 3),
         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False)]
-                        + ([mount("kms")] if config["package"]["kms"]["provider"] == "local" else []),
+        "securityContext": container_security(),
+        "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False)],
     }
     containers = [gateway_container]
     if engine["backend"] == "tensorrt_llm":
         trt = engine["tensorrt_llm"]
         gpus = trt["tp_size"] * trt["pp_size"]
         containers.append({
-            "name": "engine", "image": k8s["engine_image"],
-            "args": ["trtllm-serve", MOUNTS["model"], "--host", "127.0.0.1", "--port", str(ENGINE_PORT),
+            "name": "engine", "image": pinned_image(config, "engine_image"),
+            "args": ["trtllm-serve", MODEL_DIR, "--host", "127.0.0.1", "--port", str(ENGINE_PORT),
                      "--tp_size", str(trt["tp_size"]), "--pp_size", str(trt["pp_size"])],
+            "env": [{"name": "HOME", "value": MOUNTS["tmp"]}],  # caches go to the memory-backed /tmp, not the read-only root
             "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}},
-            "volumeMounts": [mount("model")],
+            "securityContext": container_security(),
+            "volumeMounts": [mount("model"), mount("tmp", False)],
         })
+    # a key file (local KMS) as a Secret volume: 0400 becomes 0440 under fsGroup, which open accepts for that group only;
+    # the HSM PIN or Vault token reach the init container as environment variables instead
+    kms_volume = ([{"name": "kms", "secret": {"secretName": k8s["secrets"]["kms"], "defaultMode": 0o400}}]
+                  if config["package"]["kms"]["provider"] == "local" else [])
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
@@ -108,13 +180,13 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
             "template": {
                 "metadata": {"labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
                 "spec": {
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": POD_USER, "runAsGroup": POD_USER, "fsGroup": POD_USER,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     "automountServiceAccountToken": False,
-                    "initContainers": [{
-                        "name": "open-package", "image": k8s["image"], "args": open_args, "env": open_env,
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}},
+                    "enableServiceLinks": False,
+                    "initContainers": [{  # the only container that holds the KMS credential
+                        "name": "open-package", "image": image, "args": open_args, "env": open_env,
+                        "securityContext": container_security(),
                         "volumeMounts": [mount("packages"), mount("model", False), mount("config")]
                                         + ([mount("kms")] if config["package"]["kms"]["provider"] == "local" else []),
                     }],
@@ -127,9 +199,8 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
                                                    "items": [{"key": "tls.crt", "path": "server.pem"}, {"key": "tls.key", "path": "server.key"},
                                                              {"key": "ca.crt", "path": "ca.pem"}]}},
                         {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"]}},
-                        {"name": "kms", "secret": {"secretName": k8s["secrets"]["kms"], "defaultMode": 0o400}},
                         {"name": "audit", "persistentVolumeClaim": {"claimName": f"{name}-audit"}},
-                    ],
+                    ] + kms_volume + ([{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}] if len(containers) > 1 else []),
                 },
             },
         },
@@ -139,9 +210,10 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
     cidrs = sorted({cidr for role_cidrs in gateway["allow"].values() for cidr in role_cidrs})
     network_policy = {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "labels": labels},
-        "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress"],
+        "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress", "Egress"],
                  "ingress": [{"from": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs],
-                              "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}]},
+                              "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}],
+                 "egress": egress},
     }
     budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name, "labels": labels},
               "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}

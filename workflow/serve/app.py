@@ -19,19 +19,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from workflow.serve.access import Denied
 from workflow.serve.audit import alerts
 from workflow.serve.backends import NotReady
+from workflow.serve.deployments import DIGEST
 from workflow.serve.guard import Gateway, Guard
 from workflow.serve.protocol import BadRequest, ChatRequest, CompletionRequest, check_sampling, error_body
 
 
 class Deploy(BaseModel):
-    package: str
+    model_config = ConfigDict(extra="forbid")
+
+    package_sha256: str = Field(pattern=DIGEST.pattern)
+    """The package's digest; the gateway takes it from its own package root (rollout.gateway.package_root)."""
+    rollback: bool = False
+    """Allow a package older than the one served, if it is the one served just before it."""
 
 
 class Undeploy(BaseModel):
@@ -98,13 +104,13 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     @app.get("/v1/deployment", dependencies=[gateway.require("view")])
     async def deployment():
         return {"model": settings.model_name, "backend": backend.kind, "ready": backend.serving(),
-                "package": backend.package, "limits": settings.limits.__dict__}
+                "package": backend.package, "limits": settings.limits.model_dump()}
 
     @app.post("/admin/deploy", dependencies=[gateway.require("deploy")], status_code=202)
     async def deploy(body: Deploy, request: Request):
-        backend.deploy(body.package, settings)
-        request.scope["state"]["detail"] = {"deploy": body.package}
-        return {"status": "loading", "package": body.package}
+        request.scope["state"]["detail"] = {"deploy": body.package_sha256, "rollback": body.rollback}
+        backend.deploy(body.package_sha256, body.rollback, settings)
+        return {"status": "loading", "package_sha256": body.package_sha256}
 
     @app.post("/admin/undeploy", dependencies=[gateway.require("deploy")])
     async def undeploy(body: Undeploy, request: Request):
@@ -114,7 +120,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
 
     @app.get("/admin/limits", dependencies=[gateway.require("adjust")])
     async def get_limits():
-        return settings.limits.__dict__
+        return settings.limits.model_dump()
 
     @app.put("/admin/limits", dependencies=[gateway.require("adjust")])
     async def put_limits(changes: dict, request: Request):
@@ -123,7 +129,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         except ValueError as err:
             raise BadRequest(str(err)) from None
         request.scope["state"]["detail"] = {"limits": changes}
-        return settings.limits.__dict__
+        return settings.limits.model_dump()
 
     @app.get("/audit/events", dependencies=[gateway.require("audit")])
     async def audit_events(since: str | None = None, until: str | None = None, key_id: str | None = None,

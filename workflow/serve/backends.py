@@ -25,6 +25,7 @@ from workflow.chat import TemplateError, prompt_ids
 from workflow.engine.build import load_engine
 from workflow.engine.manifest import EngineManifest
 from workflow.package import archive
+from workflow.serve.deployments import Deployments, package_path
 from workflow.serve.protocol import BadRequest, respond, upstream_body
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,13 @@ class InProcess:
         self.package: dict = {}
         self.error: str | None = None
         self._lock = threading.Lock()
+        self._loading = threading.Lock()
+        """Held while a package loads: one load at a time (each needs the plaintext model in memory)."""
+        self.deployments: Deployments | None = None
 
     def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
         """Begin loading the package (encrypted) or the folder (already opened) given at start, if any."""
+        self.deployments = Deployments(settings.deployments_path)
         if package:
             self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
         elif model_dir:
@@ -83,8 +88,19 @@ class InProcess:
                   else self.text_prompt(req.prompt))
         return await respond(req, kind, prompt, self.package["context_length"], self.generate, state, settings)
 
-    def deploy(self, package: str, settings) -> None:
-        self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
+    def deploy(self, package_sha256: str, rollback: bool, settings) -> None:
+        """Load the package `package_sha256` from the package root, if this gateway may serve it now (see
+        deployments.py); 409 while another package is loading."""
+        path = package_path(settings.package_root, package_sha256)
+        trusted = settings.trusted_signer()
+        try:
+            _, header, _ = archive.signed_manifest(path, trusted)
+        except archive.PackageError as err:
+            raise BadRequest(f"package {package_sha256[:16]}… is refused: {type(err).__name__}", 409) from None
+        if archive.digest(path) != package_sha256:
+            raise BadRequest(f"the package stored as {package_sha256[:16]}… has another digest: refusing it", 409)
+        self.deployments.check(package_sha256, header.get("created", ""), rollback)
+        self.load_in_background(self.load, path, trusted, settings.kms())
 
     def undeploy(self, package_sha256: str) -> None:
         if package_sha256 != self.package.get("sha256"):
@@ -96,8 +112,11 @@ class InProcess:
         """Open, load, then swap in atomically: requests keep using the old model until the new one is ready."""
         opened = Path(tempfile.mkdtemp(prefix="ft2prod-", dir=self.memory_dir))
         try:
+            manifest, header, _ = archive.signed_manifest(Path(package), trusted)
             archive.open_package(package, trusted, kms, into=opened)
-            self.load_opened(opened, {"path": str(package), "sha256": archive.digest(package)})
+            sha256 = archive.digest(package)
+            self.load_opened(opened, {"path": str(package), "sha256": sha256, "created": header.get("created", "")})
+            self.deployments.record(sha256, header.get("created", ""))
         finally:
             shutil.rmtree(opened, ignore_errors=True)  # loaded engines keep their own copy (or mapping)
 
@@ -116,13 +135,19 @@ class InProcess:
         log.info("serving %s (%s)", info["path"], info["scheme"])
 
     def load_in_background(self, load, *args) -> threading.Thread:
-        """Run `load(*args)` (self.load or self.load_opened) in a thread; /readyz reports its failure."""
+        """Run `load(*args)` (self.load or self.load_opened) in a thread, one load at a time (409 while one runs);
+        /readyz reports its failure."""
+        if not self._loading.acquire(blocking=False):
+            raise BadRequest("a package is loading; wait until GET /v1/deployment shows it, then deploy again", 409)
+
         def run() -> None:
             try:
                 load(*args)
             except Exception as err:  # reported by /readyz and the deploy endpoint's caller via the log
                 log.exception("loading %s failed", args[0])
                 self.error = f"{type(err).__name__}: {err}"
+            finally:
+                self._loading.release()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -212,7 +237,7 @@ class Upstream:
             return JSONResponse(answer, status)
         return StreamingResponse(answer, status, media_type="text/event-stream")
 
-    def deploy(self, package: str, settings) -> None:
+    def deploy(self, package_sha256: str, rollback: bool, settings) -> None:
         raise BadRequest("this gateway forwards to an upstream engine server: deploy the package there", 409)
 
     def undeploy(self, package_sha256: str) -> None:

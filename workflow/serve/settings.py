@@ -5,28 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ConfigDict, ValidationError
+
+from workflow.config import Limits as LimitSettings
+from workflow.config import errors
 from workflow.package import archive
 from workflow.package import kms as kms_providers
 from workflow.serve.access import Policy
 
 
-@dataclass
-class Limits:
-    max_body_bytes: int
-    """Largest request body accepted (413 above)."""
-    max_prompt_tokens: int
-    """Longest prompt accepted, in tokens (400 above)."""
-    max_tokens: int
-    """Most tokens a request may ask to generate, and the default when it asks for none (400 above)."""
+class Limits(LimitSettings):
+    """The gateway's live request limits: the configured ones, which admins change at run time."""
+
+    model_config = ConfigDict(frozen=False)
 
     def update(self, changes: dict) -> None:
-        for name, value in changes.items():
-            if name not in self.__dataclass_fields__:
-                raise ValueError(f"limits: unknown limit {name!r}; limits: {', '.join(self.__dataclass_fields__)}")
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"limits: {name} must be a positive integer (got {value!r})")
-        for name, value in changes.items():
-            setattr(self, name, value)
+        """Apply all of `changes` or, when one is wrong, none (ValueError naming the limit and what is allowed)."""
+        try:
+            checked = LimitSettings.model_validate(self.model_dump() | changes, strict=True)
+        except ValidationError as exc:
+            raise ValueError(errors(exc, LimitSettings, "limits")) from None
+        for name in changes:
+            setattr(self, name, getattr(checked, name))
 
 
 @dataclass
@@ -46,6 +46,13 @@ class GatewaySettings:
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None = None
     package_settings: dict = field(default_factory=dict)
+    package_root: Path | None = None
+    """Where /admin/deploy finds packages by digest."""
+
+    @property
+    def deployments_path(self) -> Path:
+        """The anti-rollback record (deployments.py), beside the audit log: state the gateway keeps and may write."""
+        return self.audit_path.with_name("deployments.json")
 
     @classmethod
     def from_config(cls, config: dict, audit_path: str | Path | None = None) -> GatewaySettings:
@@ -63,6 +70,7 @@ class GatewaySettings:
             engine=config["engine"],
             upstream=gateway["upstream"],
             package_settings=config["package"],
+            package_root=Path(gateway["package_root"] or config["package"]["backup_dir"]),
         )
 
     def kms(self):

@@ -1,0 +1,43 @@
+"""The quantization schemes: one row each, read by the config, the rules, quantize, the planner and the engines.
+
+Adding a scheme is a row here and its entry in config/config.yaml (then `make schema`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    modelopt: str | None
+    """The ModelOpt config the quantize stage applies (None: the unquantized bf16 baseline)."""
+    block: int
+    """Block size the kernels need along every projection's in-features."""
+    weight_bytes: float
+    """Bytes per linear-layer weight once quantized (the planner's memory model), scales included."""
+    max_accuracy_loss: float
+    """Default accuracy drop allowed vs the fine-tuned model (absolute; the source document's figures)."""
+    tensorrt_llm_min_compute: tuple[int, int]
+    """The oldest CUDA compute capability TensorRT-LLM has kernels for it on."""
+    calibration: str | None = None
+    """The per-input-channel scales its ModelOpt recipe calibrates (AWQ, SmoothQuant), which engines that quantize
+    weights themselves (ONNX Runtime GenAI) get folded into the weights (workflow/engine/calibration.py)."""
+
+
+SCHEMES = {
+    scheme.name: scheme
+    for scheme in (
+        Scheme("bf16", "bf16 weights and activations: the unquantized baseline", None, 1, 2.0, 0.005, (8, 0)),
+        Scheme("fp8", "FP8 E4M3 weights and activations, per-tensor scales", "FP8_DEFAULT_CFG", 16, 1.0, 0.008, (8, 9)),
+        Scheme("int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", 1, 1.0, 0.012, (8, 0),
+               "SmoothQuant"),
+        Scheme("int4_awq", "INT4 weights in blocks of 128, AWQ-scaled; 16-bit activations", "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, (8, 0),
+               "AWQ"),
+    )
+}
+
+WILDCARD = "|".join(SCHEMES)
+"""The rules' wildcard constraint for {scheme}."""
