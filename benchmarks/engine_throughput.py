@@ -35,9 +35,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from workflow.benchmark import LoadConfig, measure
 from workflow.bootstrap.model import BootstrapConfig, make_base_model
+from workflow.config import QuantizeConfig
 from workflow.engine import onnxruntime
 from workflow.engine.calibration import fold_calibration
-from workflow.quantize import QuantizeConfig, quantize
+from workflow.quantize import quantize
 from workflow.tracking import Tracking
 
 

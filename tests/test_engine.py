@@ -1,7 +1,9 @@
+import gc
 import json
 import random
 import threading
 import time
+import weakref
 
 import mlflow
 import numpy as np
@@ -13,12 +15,12 @@ from onnx import numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from workflow.benchmark import LoadConfig, measure, run_level
-from workflow.config import EvalConfig
+from workflow.config import EvalConfig, QuantizeConfig
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.build import build_engine
 from workflow.engine.calibration import CalibrationError, fold_calibration
 from workflow.engine.manifest import MANIFEST, EngineMismatch
-from workflow.quantize import QuantizeConfig, quantize
+from workflow.quantize import quantize
 
 
 @pytest.fixture(scope="module")
@@ -294,9 +296,14 @@ def test_streams_stop_early_and_refuse_what_cannot_fit(ort_engine):
     next(abandoned)
     abandoned.close()  # the caller went away: its slot frees
     assert len(list(engine.stream([5, 6, 7], 5, min_new_tokens=5))) == 5
-    with pytest.raises(ValueError, match=r"3 prompt tokens plus max_new_tokens 600 exceed the engine's context length 512"):
-        engine.stream([5, 6, 7], 600)
+    context = json.loads((ort_engine / "genai_config.json").read_text())["model"]["context_length"]
+    with pytest.raises(ValueError, match=rf"3 prompt tokens plus max_new_tokens {context} exceed the engine's context length {context}"):
+        engine.stream([5, 6, 7], context)
     with pytest.raises(ValueError, match="the prompt is empty"):
         engine.stream([], 5)
     with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
         onnxruntime.OrtEngine(ort_engine, max_batch_size=0)
+    batcher = weakref.ref(engine.batcher)
+    del engine  # e.g. the gateway swapped in a newly deployed engine: the old one's loop stops and frees it
+    gc.collect()
+    assert batcher() is None

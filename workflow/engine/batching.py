@@ -18,10 +18,12 @@ ONNX model is driven here with ONNX Runtime, batching at every decode step as Or
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +35,12 @@ log = logging.getLogger(__name__)
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _DONE = object()
+
+
+def _close_at_exit(batcher_ref: weakref.ref) -> None:
+    batcher = batcher_ref()
+    if batcher is not None:
+        batcher.close()
 
 
 @dataclass(eq=False)
@@ -81,8 +89,19 @@ class ContinuousBatcher:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.wake = threading.Condition()
+        self.closed = False
         self.loop = threading.Thread(target=self._serve, name="continuous-batcher", daemon=True)
         self.loop.start()
+        atexit.register(_close_at_exit, weakref.ref(self))  # no inference left running while the interpreter exits
+
+    def close(self) -> None:
+        """Finish the step in flight, refuse what waits, and stop the loop (its owner, OrtEngine, calls this when
+        it is dropped, e.g. when the gateway swaps in a newly deployed engine)."""
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        if threading.current_thread() is not self.loop:
+            self.loop.join(timeout=60)
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
         """Greedy tokens for one request as they are generated; the end-of-sequence token, if reached, is the last."""
@@ -93,6 +112,8 @@ class ContinuousBatcher:
                              f"engine's context length {self.context_length}; shorten the prompt or ask for fewer tokens")
         request = _Request(list(prompt_ids), max_new_tokens, min(min_new_tokens, max_new_tokens))
         with self.wake:
+            if self.closed:
+                raise RuntimeError("generate: the engine was unloaded")
             self.waiting.append(request)
             self.wake.notify()
         return self._receive(request)
@@ -110,8 +131,14 @@ class ContinuousBatcher:
     def _serve(self) -> None:
         while True:
             with self.wake:
-                while not self.waiting and not self.running:
+                while not self.waiting and not self.running and not self.closed:
                     self.wake.wait()
+                if self.closed:
+                    for request in [*self.waiting, *self.running]:
+                        request.out.put(RuntimeError("generate: the engine was unloaded"))
+                    self.waiting.clear()
+                    self.running = []
+                    return
                 admitted = []
                 while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
                     admitted.append(self.waiting.popleft())

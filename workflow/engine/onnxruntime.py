@@ -89,6 +89,10 @@ class OrtEngine:
         self.batcher = ContinuousBatcher(engine_dir, max_batch_size) if provider == "cpu" else None
         self.model = None if provider == "cpu" else self._load_model()
 
+    def __del__(self) -> None:
+        if getattr(self, "batcher", None) is not None:
+            self.batcher.close()
+
     def _load_model(self):
         import onnxruntime_genai as og
 
