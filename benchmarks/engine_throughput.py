@@ -76,6 +76,8 @@ class TransformersEngine:
 
 
 def make_model(out: Path, layers: int) -> Path:
+    if (out / "model" / "config.json").exists():  # --work of an earlier run: the same seeded model
+        return out / "model"
     tokenizer_dir = out / "tokenizer"
     make_base_model(BootstrapConfig(num_layers=1, pretrain_steps=1, pretrain_rows=200), tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -131,10 +133,12 @@ def quantize_schemes(model_dir: Path, work: Path, vocab: int, rows: int) -> dict
     tracking = Tracking(uri=f"sqlite:///{work}/mlflow.db", experiment="engine-throughput", results_dir=str(work))
     out = {}
     for scheme in ("int8_sq", "int4_awq"):
+        out[scheme] = work / "quantize" / scheme
+        if (out[scheme] / "quantize.json").exists():
+            continue
         started = time.perf_counter()
         quantize(model_dir, train, work / "quantize" / scheme, scheme, QuantizeConfig(calib_samples=rows), tracking)
         print(f"quantized {scheme} with ModelOpt ({rows} calibration rows) in {time.perf_counter() - started:.1f} s")
-        out[scheme] = work / "quantize" / scheme
     return out
 
 
@@ -146,8 +150,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--calib-rows", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--work", type=Path, help="an earlier run's work folder: reuse its model, quantization and engines")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ft2prod-bench-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="ft2prod-bench-"))
+    print(f"work folder: {work} (pass it as --work to measure again without quantizing and building again)")
     model_dir = make_model(work, args.layers)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     parameters = sum(p.numel() for p in model.parameters())
@@ -166,6 +172,8 @@ def main() -> None:
 
     def build(scheme: str, name: str, calibrated: bool) -> Path:
         engine_dir = work / "engines" / name
+        if (engine_dir / "engine_manifest.json").exists():
+            return engine_dir
         started = time.perf_counter()
         report = None
         if calibrated:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
@@ -128,6 +129,25 @@ def test_openai_client_plain_and_streaming(gateway):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == plain.choices[0].message.content  # greedy: the same text either way
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_concurrent_streams_are_batched_and_each_gets_its_own_tokens(gateway):
+    """The in-process engine decodes concurrent requests together (continuous batching); every stream still gets
+    its own tokens, as they come, equal to what the same prompt gets alone."""
+    client = gateway.openai()
+    questions = [f"What is {a} + {b}?" for a, b in ((2, 3), (11, 4), (7, 8), (20, 9), (1, 1), (6, 30))]
+    alone = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=16).choices[0].message.content
+             for q in questions]
+
+    def streamed(question: str) -> tuple[str, int]:
+        chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                                     max_tokens=16, stream=True))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), len(chunks)
+
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(streamed, questions))
+    assert [text for text, _ in together] == alone
+    assert all(count > 2 for _, count in together), "tokens arrive as several events, not one"
     text = client.completions.create(model=MODEL, prompt="2 + 3 =", max_tokens=5)
     assert text.usage.prompt_tokens > 0 and text.choices[0].finish_reason in ("stop", "length")
     assert "".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt="2 + 3 =", max_tokens=5, stream=True)) == text.choices[0].text
