@@ -122,8 +122,16 @@ def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
         assert manifest["scheme"] == scheme and manifest["target"]["backend"] == "onnxruntime"
         levels = json.loads((results / "benchmark" / "onnxruntime" / f"{scheme}.json").read_text())["levels"]
         assert [lv["concurrency"] for lv in levels] == [1, 2] and all(lv["output_tokens_per_request"] == 8 for lv in levels)
+        assert all(len(lv["output_tokens_per_s_runs"]) == 3 and lv["output_tokens_per_s_spread"] >= 0 for lv in levels)
+        if scheme != "bf16":  # the quantize -> engine edge carries the calibration: both builds measured, one kept
+            choice = json.loads((results / "engine" / "onnxruntime" / scheme / "accuracy.json").read_text())["calibration_choice"]
+            assert set(choice["candidates"]) == {"calibrated", "rtn"} and choice["kept"] in choice["candidates"]
+            assert manifest["algorithm"] == choice["candidates"][choice["kept"]]["algorithm"]
+            if choice["kept"] == "calibrated":
+                assert manifest["calibration"]["calib_sha256"] == records[scheme]["calib_sha256"]
     selection = json.loads((results / "select" / "selection.json").read_text())
     assert selection["selected"] in ENGINES and selection["policy"] == "max_throughput"
+    assert selection["reason"].startswith(("highest throughput", "throughput tie within the benchmark's measured spread"))
     verdicts = {r["scheme"]: r["verdict"] for r in selection["evidence"]}
     assert verdicts["fp8"] == "no onnxruntime engine for fp8"
     report = (results / "select" / "report.md").read_text()
