@@ -101,7 +101,7 @@ def tiny_base(tmp_path_factory) -> Path:
     from workflow.bootstrap.model import BootstrapConfig, make_base_model
 
     out = tmp_path_factory.mktemp("tiny_base")
-    make_base_model(BootstrapConfig(num_layers=2, pretrain_rows=200, pretrain_steps=2), out)
+    make_base_model(BootstrapConfig(num_layers=2, pretrain_rows=200, pretrain_steps=2, max_position_embeddings=512), out)
     return out
 
 

@@ -153,6 +153,7 @@ MATRIX = {
     ("POST", "/admin/undeploy"): {"admin"},
     ("GET", "/admin/limits"): {"admin"},
     ("PUT", "/admin/limits"): {"admin"},
+    ("POST", "/admin/audit/prune"): {"admin"},
     ("GET", "/audit/events"): {"auditor"},
     ("GET", "/audit/alerts"): {"auditor"},
     ("GET", "/metrics"): {"auditor"},
@@ -316,9 +317,9 @@ def test_deploy_takes_a_digest_from_the_package_root_one_load_at_a_time_and_refu
         wait_for(lambda: served.http("analyst").get("/v1/deployment").json()["package"].get("sha256") == first, "the rollback", 60)
     finally:
         assert served.stop() in STOPPED
-    state = json.loads((served.root / "deployments.json").read_text())
-    assert [h["sha256"] for h in state["history"]] == [new, first] and oct((served.root / "deployments.json").stat().st_mode)[-3:] == "600"
-    after_restart = Deployments(served.root / "deployments.json")  # what a restarted gateway reads: the floor stays
+    state = json.loads((served.root / "audit.deployments.json").read_text())
+    assert [h["sha256"] for h in state["history"]] == [new, first] and oct((served.root / "audit.deployments.json").stat().st_mode)[-3:] == "600"
+    after_restart = Deployments(served.root / "audit.deployments.json")  # what a restarted gateway reads: the floor stays
     created = archive.signed_manifest(older, signing.public_key())[1]["created"]
     with pytest.raises(BadRequest, match="older package"):
         after_restart.check(old, created, rollback=False)

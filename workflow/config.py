@@ -442,12 +442,19 @@ class Limits(Section):
 
 
 class Audit(Section):
-    """The hash-chained audit log."""
+    """The audit log, chained with a key kept apart from it."""
 
     path: str = "audit/gateway.jsonl"
     """Audit log file (JSON lines)."""
+    key_file: str = "keys/audit.key"
+    """HMAC-SHA256 key of the chain (32 bytes, owner-only, made on first use). Keep it off the audit volume: whoever
+    can write the log but not read this key cannot recompute the chain."""
+    key_file_group: Annotated[int, Field(ge=0)] | None = None
+    """Also accept a key file readable (never writable) by this group: a Kubernetes Secret under the pod's fsGroup."""
     retention_days: Annotated[int, Field(ge=1)] = 180
-    """Records older than this are pruned."""
+    """Records older than this are pruned, by the gateway itself: at start, daily, and on POST /admin/audit/prune."""
+    head_export_s: Annotated[float, Field(gt=0)] = 60
+    """How often the gateway logs the chain's head (seq and hash), for `audit verify --expect-head` against a truncated log."""
     log_text: StrictBool = False
     """Also record prompts and outputs."""
 
@@ -517,6 +524,8 @@ class Secrets(Section):
     """Secret with api_keys.json (hashes only)."""
     kms: str = "ft2prod-kms"
     """Secret with the KMS credential."""
+    audit_key: str = "ft2prod-audit-key"
+    """Secret with the audit chain's key (key audit.key), mounted in the gateway container only."""
 
 
 class Kubernetes(Section):

@@ -8,7 +8,7 @@
 | GET /v1/models, POST /v1/chat/completions, /v1/completions | infer | analyst |
 | GET /v1/deployment | view | admin, analyst, auditor |
 | POST /admin/deploy, /admin/undeploy | deploy | admin |
-| GET, PUT /admin/limits | adjust | admin |
+| GET, PUT /admin/limits; POST /admin/audit/prune | adjust | admin |
 | GET /audit/events, /audit/alerts | audit | auditor |
 | GET /metrics | monitor | auditor |
 """
@@ -130,6 +130,12 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
             raise BadRequest(str(err)) from None
         request.scope["state"]["detail"] = {"limits": changes}
         return settings.limits.model_dump()
+
+    @app.post("/admin/audit/prune", dependencies=[gateway.require("adjust")])
+    async def audit_prune(request: Request):
+        pruned = await run_in_threadpool(gateway.audit.prune)  # under the log's own lock: the chain never forks
+        request.scope["state"]["detail"] = {"pruned": pruned}
+        return {"pruned": pruned, "retention_days": settings.audit.retention_days}
 
     @app.get("/audit/events", dependencies=[gateway.require("audit")])
     async def audit_events(since: str | None = None, until: str | None = None, key_id: str | None = None,

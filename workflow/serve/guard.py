@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from workflow.serve.access import Denied, KeyStore, client_ip
-from workflow.serve.audit import AuditLog
 from workflow.serve.backends import InProcess, Upstream
 from workflow.serve.protocol import error_body
 from workflow.serve.settings import GatewaySettings
@@ -92,7 +91,8 @@ class Gateway:
         """backend: either kind; both have the interface workflow.serve.backends describes."""
         self.settings, self.backend = settings, backend
         self.keys = KeyStore(settings.api_keys)
-        self.audit = AuditLog(settings.audit_path, settings.retention_days)
+        self.audit = settings.audit_log()
+        self.audit.prune()  # retention applies from the start; then daily, as records are appended
         self.metrics = Metrics()
         self.paths: set[str] = set()
 
@@ -106,7 +106,7 @@ class Gateway:
         for name in ("reason", "detail", "request_id"):
             if name in state:
                 event[name] = state[name]
-        if self.settings.log_text and "text" in state:
+        if self.settings.audit.log_text and "text" in state:
             event["text"] = state["text"]
         self.audit.append(event)
         self.metrics.requests.labels(endpoint, str(status), role).inc()

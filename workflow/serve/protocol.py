@@ -134,7 +134,7 @@ async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_lengt
             for delta, finish in steps():
                 parts.append(delta)
             text = "".join(parts)
-            if settings.log_text:
+            if settings.audit.log_text:
                 state["text"] = {"prompt_tokens": prompt_ids, "output": text}
             return {"id": request_id, "object": obj, "created": created, "model": settings.model_name,
                     "choices": [choice(text, finish, final=True)], "usage": usage()}
