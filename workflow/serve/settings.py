@@ -74,10 +74,13 @@ class GatewaySettings:
             package_root=Path(gateway["package_root"] or config["package"]["backup_dir"]),
         )
 
+    def audit_key(self, create: bool = True) -> bytes:
+        """The key of the audit chain and of the deployments record (made on first use by the gateway)."""
+        return owner_only_key(self.audit.key_file, create, self.audit.key_file_group, "audit")
+
     def audit_log(self, writer: bool = True) -> AuditLog:
-        """The audit log with its key: the gateway is its writer (the key is made on first use); readers need the key to exist."""
-        key = owner_only_key(self.audit.key_file, writer, self.audit.key_file_group, "audit")
-        return AuditLog(self.audit_path, key, self.audit.retention_days, writer, self.audit.head_export_s)
+        """The audit log with its key: the gateway is its writer; readers need the key to exist."""
+        return AuditLog(self.audit_path, self.audit_key(create=writer), self.audit.retention_days, writer, self.audit.head_export_s)
 
     def kms(self):
         return kms_providers.from_config(self.package_settings["kms"])
