@@ -42,13 +42,17 @@ class Message(BaseModel):
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
     model: str
+    """The served model's id (GET /v1/models); another is a 404."""
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: dict | None = None
-    temperature: float | None = None
-    n: int = 1
+    # The two below are checked by check_sampling, whose messages say why; the schema says what passes.
+    temperature: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 0})
+    """Greedy decoding only: 0 or absent."""
+    n: int = Field(1, json_schema_extra={"enum": [1]})
+    """One choice per request."""
 
 
 class ChatRequest(Sampling):
@@ -73,6 +77,45 @@ def error_body(message: str, kind: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    """What was wrong and what to do."""
+    type: str
+    """invalid_request_error (the client's to fix) or service_unavailable."""
+    code: str | None = None
+    """Why a request was refused, for refusals by the gateway's guard or access checks (no_key, role_forbidden, ...)."""
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's body (OpenAI's error shape), as error_body writes it."""
+
+    error: ErrorDetail
+
+
+# What each refusal means, for the OpenAPI document; the body is always an ErrorBody.
+REFUSALS = {
+    400: "A malformed or unsupported request (the message names the field), or a malformed X-Forwarded-For "
+         "from a trusted proxy",
+    401: "No API key, or an unknown, revoked or expired one",
+    403: "The key's role may not do this, or the client address is not on the role's allow-list",
+    404: "The model named is not served here",
+    408: "The request was not read within the gateway's deadline",
+    409: "The request does not fit the gateway's state (e.g. undeploying a package that is not served)",
+    413: "The body is over limits.max_body_bytes",
+    429: "Too many requests for this key; retry later",
+    503: "No model is loaded (loading, undeployed, or the load failed)",
+}
+# Any request may be refused before it reaches its route: by the guard (body limit, read deadline, rate limit,
+# X-Forwarded-For) and, for routes behind a key, by the access checks.
+GUARDED = (400, 408, 413, 429)
+KEYED = GUARDED + (401, 403)
+
+
+def refusals(*statuses: int) -> dict:
+    """FastAPI `responses` for these refusals, each with the ErrorBody schema."""
+    return {status: {"model": ErrorBody, "description": REFUSALS[status]} for status in sorted(statuses)}
+
+
 def max_new_tokens(req: Sampling, limits) -> int:
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if asked and asked > limits.max_tokens:
@@ -89,6 +132,131 @@ def check_sampling(req: Sampling, model_name: str) -> None:
         raise BadRequest(f"n = {req.n} is not supported: one choice per request")
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed chat answer (`stream: true` answers text/event-stream chunks instead)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    """A non-streamed text answer (`stream: true` answers text/event-stream chunks instead)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    package_sha256: str | None = None
+    """The served package's digest (absent for a folder opened beforehand, or from an upstream engine)."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    """In the first chunk only."""
+    content: str
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat answer; with stream_options.include_usage, a last one has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class TextChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class TextCompletionChunk(BaseModel):
+    """One event of a streamed text answer; with stream_options.include_usage, a last one has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChunkChoice]
+    usage: Usage | None = None
+
+
+CHUNKS = (ChatCompletionChunk, TextCompletionChunk)
+
+
+def answers(model: type[BaseModel], chunk: type[BaseModel] | None = None) -> dict:
+    """FastAPI `responses` for a 200 answer: the model as JSON and, for `stream: true`, server-sent events whose data
+    is a `chunk` (JSON) or the closing [DONE]. FastAPI does not collect `chunk`: chunk_schemas adds it to the document."""
+    content = {}
+    if chunk:
+        data = {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json",
+                                                  "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}]}
+        content["text/event-stream"] = {"itemSchema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+    return {200: {"model": model, "content": content}}
+
+
+def chunk_schemas() -> dict:
+    """The OpenAPI components for the streamed chunks (and the models they use)."""
+    components = {}
+    for chunk in CHUNKS:
+        schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        components.update(schema.pop("$defs", {}))
+        components[chunk.__name__] = schema
+    return components
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -99,6 +267,8 @@ async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_lengt
     yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked against
     the gateway's limits and the model's context length first; state gets the token counts for the audit log."""
     limit = max_new_tokens(req, settings.limits)
+    if not prompt_ids:  # engines refuse an empty input (ONNX Runtime GenAI: "input_ids is empty")
+        raise BadRequest("the prompt is empty (0 tokens); send some text")
     if len(prompt_ids) > settings.limits.max_prompt_tokens:
         raise BadRequest(f"prompt is {len(prompt_ids)} tokens, over the gateway's limit of {settings.limits.max_prompt_tokens}")
     room = context_length - len(prompt_ids)
