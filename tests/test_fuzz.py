@@ -11,6 +11,7 @@ Generation is bounded (max_examples) and derandomized, so a run sends the same r
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 
@@ -56,7 +57,7 @@ def fuzzed(package, tmp_path_factory):  # noqa: F811
             # Unknown query parameters are ignored, as OpenAPI allows (and OpenAI's API does): not invalid input.
             "generation": {"allow-extra-parameters": False},
         })
-        yield served, schemathesis.openapi.from_dict(document, config=config)
+        yield served, lambda: schemathesis.openapi.from_dict(copy.deepcopy(document), config=config)
     finally:
         served.stop()
 
@@ -87,63 +88,67 @@ def refusal(identity: str, label: str) -> int | None:
 
 @pytest.mark.parametrize("identity", IDENTITIES)
 def test_fuzz_every_operation(fuzzed, identity):
-    served, schema = fuzzed
-    checks = CHECKS.get_by_names(CHECKED)
-    session = requests.Session()
-    session.verify = str(served.ca)
-    headers = identity_headers(served, identity)
-    admin = served.http("admin")
-    configured = admin.get("/admin/limits").json()
+    served, load_schema = fuzzed
+    schema = load_schema()  # fresh: what Schemathesis learns from answers stays within one identity's run
     failures, answered = [], Counter()
     began = time.perf_counter()
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        label = f"{operation.method.upper()} {operation.path}"
-        refused = refusal(identity, label)
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            # A valid deploy by the admin starts loading whatever path it names in a background thread (into
-            # /dev/shm), so what happens next depends on this machine's files, not on the request: the admin's deploys
-            # are fuzzed with invalid bodies only (negative cases that break only the API key are valid bodies, and
-            # are left out too). Every other identity is fuzzed fully; test_serve deploys for real.
-            valid_deploys_left_out = identity == "admin" and label == "POST /admin/deploy"
-            if valid_deploys_left_out and mode == GenerationMode.POSITIVE:
-                continue
-
-            @settings(max_examples=REACHED if refused is None else REFUSED, derandomize=True, database=None,
-                      deadline=None, phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case):
-                if valid_deploys_left_out and is_valid(Deploy, case.body):
-                    reject()
-                response = case.call(session=session, headers=headers, base_url=served.url, verify=str(served.ca))
-                answered[label, mode.value, response.status_code] += 1
-                try:
-                    case.validate_response(response, checks=checks, headers=headers)
-                    if refused is not None:
-                        # 413: the guard refuses an oversized body before any key is looked at. For invalid input
-                        # also 400, as FastAPI decodes the JSON body before the route's key check runs (a body that is
-                        # not JSON is refused as such first), and 401, as invalid input includes a broken API key.
-                        expected = {refused, 413} | ({400, 401} if mode == GenerationMode.NEGATIVE else set())
-                        assert response.status_code in expected, \
-                            f"{identity} got {response.status_code} from {label}, expected {refused}"
-                finally:
-                    if label == "PUT /admin/limits" and response.status_code == 200:
-                        # The fuzz sets any valid limits (max_body_bytes = 1 ...): put back the configured ones,
-                        # so every example starts from the same gateway.
-                        assert admin.put("/admin/limits", json=configured).status_code == 200
-
-            try:
-                run()
-            except Unsatisfiable:
-                assert mode == GenerationMode.NEGATIVE  # an operation without parameters or body: nothing to break
-            except (Exception, BaseExceptionGroup) as failure:  # all operations run; the failures are listed together
-                failures.append(f"--- {label} ({mode.value}, {identity}):\n{failure}\n" + "\n".join(getattr(failure, "__notes__", [])))
+    with requests.Session() as session, served.http("admin") as admin:
+        session.verify = str(served.ca)
+        configured = admin.get("/admin/limits").json()
+        for result in schema.get_all_operations():
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                failure = fuzz(result.ok(), mode, identity, served, session, admin, configured, answered)
+                failures += [failure] if failure else []
+        assert admin.get("/readyz").status_code == 200, "the gateway still serves"
     print(f"fuzz as {identity}: {answered.total()} requests in {time.perf_counter() - began:.1f} s")
     for (label, mode, status), count in sorted(answered.items()):
         print(f"  {label} {mode}: {status} x {count}")
     assert not failures, "\n".join(failures)
-    assert served.http().get("/readyz").status_code == 200, "the gateway still serves"
+
+
+def fuzz(operation, mode: GenerationMode, identity: str, served: Served, session: requests.Session, admin, configured: dict,
+         answered: Counter) -> str | None:
+    """Send one operation's generated requests in one mode as one identity; what failed, or None."""
+    label = f"{operation.method.upper()} {operation.path}"
+    refused = refusal(identity, label)
+    headers = identity_headers(served, identity)
+    # A valid deploy by the admin starts loading whatever path it names in a background thread (into /dev/shm), so
+    # what happens next depends on this machine's files, not on the request: the admin's deploys are fuzzed with
+    # invalid bodies only (negative cases that break only the API key have valid bodies, and are left out too).
+    # Every other identity is fuzzed fully; test_serve deploys for real.
+    valid_deploys_left_out = identity == "admin" and label == "POST /admin/deploy"
+    if valid_deploys_left_out and mode == GenerationMode.POSITIVE:
+        return None
+
+    @settings(max_examples=REACHED if refused is None else REFUSED, derandomize=True, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case):
+        if valid_deploys_left_out and is_valid(Deploy, case.body):
+            reject()
+        response = case.call(session=session, headers=headers, base_url=served.url, verify=str(served.ca))
+        answered[label, mode.value, response.status_code] += 1
+        try:
+            case.validate_response(response, checks=CHECKS.get_by_names(CHECKED), headers=headers)
+            if refused is not None:
+                # 413: the guard refuses an oversized body before any key is looked at. For invalid input also 400,
+                # as FastAPI decodes the JSON body before the route's key check runs (a body that is not JSON is
+                # refused as such first), and 401, as invalid input includes a broken API key.
+                expected = {refused, 413} | ({400, 401} if mode == GenerationMode.NEGATIVE else set())
+                assert response.status_code in expected, f"{identity} got {response.status_code} from {label}, expected {refused}"
+        finally:
+            if label == "PUT /admin/limits" and response.status_code == 200:
+                # The fuzz sets any valid limits (max_tokens = 1 ...): put back the configured ones, so that every
+                # example starts from the same gateway.
+                assert admin.put("/admin/limits", json=configured).status_code == 200
+
+    try:
+        run()
+    except Unsatisfiable:
+        assert mode == GenerationMode.NEGATIVE  # an operation without parameters or body: nothing to break
+    except (Exception, BaseExceptionGroup) as failure:  # every operation runs; the failures are listed together
+        return f"--- {label} ({mode.value}, {identity}):\n{failure}\n" + "\n".join(getattr(failure, "__notes__", []))
+    return None
 
 
 # What the fuzz found, each with the request it sent; all failed on the gateway before the fix named.
@@ -190,3 +195,16 @@ def test_a_query_parameter_given_twice_is_refused(fuzzed):
         twice = auditor.get("/audit/alerts?since=&since=u")
         assert twice.status_code == 400 and "since given more than once" in twice.json()["error"]["message"]
         assert auditor.get("/audit/events?limit=1&key_id=admin").status_code == 200
+
+
+def test_sampling_fields_of_the_wrong_json_type_are_refused(fuzzed):
+    # Found: {"model": "tiny-model", "messages": [...], "temperature": false} -> 200 (false was read as 0). So were
+    # "n": true, "stream": 0 and "max_tokens": "5": the schema's JSON types are the API's.
+    served, _ = fuzzed
+    with served.http("analyst") as analyst:
+        for wrong in ({"temperature": False}, {"n": True}, {"stream": 0}, {"max_tokens": "5"}, {"max_completion_tokens": 2.5}):
+            answer = analyst.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "2 + 2?"}]} | wrong)
+            assert answer.status_code == 400, (wrong, answer.text)
+            assert next(iter(wrong)) in answer.json()["error"]["message"]
+        assert analyst.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "2 + 2?"}],
+                                                          "temperature": 0, "n": 1, "stream": False, "max_tokens": 2}).status_code == 200

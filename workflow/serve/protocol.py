@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi.responses import StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 
@@ -43,21 +43,22 @@ class Message(BaseModel):
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+    # Strict types: JSON false is not a temperature of 0, nor "5" a token count (the schema's types are the API's).
     model: str
     """The served model's id (GET /v1/models); another is a 404."""
-    max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    stream: StrictBool = False
     stream_options: dict | None = None
     # The two below are checked by check_sampling, whose messages say why; the schema says what passes.
-    temperature: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 0})
+    temperature: StrictFloat | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 0})
     """Greedy decoding only: 0 or absent."""
-    n: int = Field(1, json_schema_extra={"enum": [1]})
+    n: StrictInt = Field(1, json_schema_extra={"enum": [1]})
     """One choice per request."""
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
 class CompletionRequest(Sampling):
