@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi.responses import StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 from starlette.concurrency import run_in_threadpool
 
 
@@ -43,22 +43,31 @@ class Message(BaseModel):
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
-    # Strict types: JSON false is not a temperature of 0, nor "5" a token count (the schema's types are the API's).
+    # The schema's JSON types are the API's: false is not a temperature of 0, nor "5" a token count.
     model: str
     """The served model's id (GET /v1/models); another is a 404."""
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     stream: StrictBool = False
     stream_options: dict | None = None
     # The two below are checked by check_sampling, whose messages say why; the schema says what passes.
-    temperature: StrictFloat | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 0})
+    temperature: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 0})
     """Greedy decoding only: 0 or absent."""
-    n: StrictInt = Field(1, json_schema_extra={"enum": [1]})
+    n: int = Field(1, json_schema_extra={"enum": [1]})
     """One choice per request."""
+
+    @field_validator("max_tokens", "temperature", "n", "max_completion_tokens", mode="before", check_fields=False)
+    @classmethod
+    def json_number(cls, value):
+        """JSON numbers only: pydantic would read false, true and "5" as 0, 1 and 5 (an integral 2.0 is an integer,
+        as in JSON Schema)."""
+        if isinstance(value, bool | str):
+            raise ValueError(f"expected a JSON number, got {json.dumps(value)}")
+        return value
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(Sampling):
