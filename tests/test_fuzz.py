@@ -86,6 +86,20 @@ def refusal(identity: str, label: str) -> int | None:
     return None if PERMISSION[label] in ROLES[identity] else 403
 
 
+def test_the_document_declares_every_route_its_key_and_its_refusals(fuzzed):
+    _, load_schema = fuzzed
+    document = load_schema().raw_schema
+    operations = {f"{method.upper()} {path}": operation for path, item in document["paths"].items()
+                  for method, operation in item.items()}
+    assert set(operations) == set(PERMISSION) | {"GET /healthz", "GET /readyz"}, "a new route needs its row in PERMISSION"
+    for label, operation in operations.items():
+        assert ("security" in operation) == (label in PERMISSION), label
+        refusals = {"400", "408", "413", "429"} | ({"401", "403"} if label in PERMISSION else set())
+        assert refusals <= set(operation["responses"]) and "422" not in operation["responses"], label
+    assert document["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "An API key from `python -m workflow.serve keys add`"}
+
+
 @pytest.mark.parametrize("identity", IDENTITIES)
 def test_fuzz_every_operation(fuzzed, identity):
     served, load_schema = fuzzed
