@@ -17,15 +17,15 @@ from collections import Counter
 
 import pytest
 import requests
-from pydantic import ValidationError
+import schemathesis
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis.errors import Unsatisfiable
-from test_serve import MODEL, Served, package  # noqa: F401  (package: the module's fixture)
-
-import schemathesis
+from pydantic import ValidationError
 from schemathesis.checks import CHECKS
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
+from test_serve import MODEL, Served, package  # noqa: F401  (package: the module's fixture)
+
 from workflow.serve.access import ROLES
 from workflow.serve.app import Deploy
 from workflow.serve.server import build
@@ -160,7 +160,7 @@ def fuzz(operation, mode: GenerationMode, identity: str, served: Served, session
         run()
     except Unsatisfiable:
         assert mode == GenerationMode.NEGATIVE  # an operation without parameters or body: nothing to break
-    except (Exception, BaseExceptionGroup) as failure:  # every operation runs; the failures are listed together
+    except (Exception, BaseExceptionGroup) as failure:  # noqa: BLE001 (every operation runs; failures are listed together)
         return f"--- {label} ({mode.value}, {identity}):\n{failure}\n" + "\n".join(getattr(failure, "__notes__", []))
     return None
 

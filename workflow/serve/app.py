@@ -15,26 +15,50 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from workflow.serve import openapi
 from workflow.serve.access import Denied
 from workflow.serve.audit import alerts
 from workflow.serve.backends import NotReady
 from workflow.serve.guard import Gateway, Guard
-from workflow.serve.protocol import (GUARDED, KEYED, BadRequest, ChatCompletion, ChatCompletionChunk, ChatRequest,
-                                     CompletionRequest, ModelList, TextCompletion, TextCompletionChunk, answers,
-                                     check_sampling, chunk_schemas, error_body, refusals)
+from workflow.serve.openapi import (
+    GUARDED,
+    KEYED,
+    Alive,
+    AuditAlerts,
+    AuditEvents,
+    Deployment,
+    LimitsChange,
+    Loading,
+    NotReadyAnswer,
+    Ready,
+    Undeployed,
+    answers,
+    api_key,
+    refusals,
+)
+from workflow.serve.protocol import (
+    BadRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    CompletionRequest,
+    ModelList,
+    TextCompletion,
+    TextCompletionChunk,
+    check_sampling,
+    error_body,
+)
 from workflow.serve.settings import Limits
 
 
@@ -45,82 +69,6 @@ class Deploy(BaseModel):
 class Undeploy(BaseModel):
     package_sha256: str
     """The digest of the package being served: undeploy says what it takes down."""
-
-
-def _no_default(schema: dict) -> None:
-    schema.pop("default", None)  # absent means unchanged; null is not a value the body may hold
-
-
-LimitsChange = create_model(
-    "LimitsChange", __config__=ConfigDict(extra="forbid", strict=True),
-    __doc__="Some of the limits, each changed to the value given (all or none are applied).",
-    **{name: (Annotated[field.annotation, *field.metadata], Field(None, description=field.description, json_schema_extra=_no_default))
-       for name, field in Limits.model_fields.items()},
-)
-
-
-# The gateway's own answers, declared for the OpenAPI document (the routes return plain dicts).
-class Alive(BaseModel):
-    status: Literal["alive"]
-
-
-class Ready(BaseModel):
-    status: Literal["ready"]
-    package: dict
-    """What is served: path or upstream URL, digest, scheme, precision, backend, context length."""
-
-
-class NotReadyAnswer(BaseModel):
-    status: Literal["not ready"]
-    reason: str
-    """The kind of a load failure only (never its text), or "loading"."""
-
-
-class Deployment(BaseModel):
-    model: str
-    backend: Literal["in_process", "upstream"]
-    ready: bool
-    package: dict
-    limits: Limits
-
-
-class Loading(BaseModel):
-    status: Literal["loading"]
-    package: str
-
-
-class Undeployed(BaseModel):
-    status: Literal["undeployed"]
-
-
-class AuditRecord(BaseModel):
-    """One audit record; request records also carry method, endpoint, status, key_id, role, client_ip, latency and
-    token counts."""
-
-    seq: int
-    time: str
-    prev: str
-    hash: str
-
-
-class AuditEvents(BaseModel):
-    events: list[AuditRecord]
-    head: str
-    """The chain's newest hash, to keep outside the gateway (`audit verify --expect-head`)."""
-
-
-class Alert(BaseModel):
-    kind: Literal["outside_allow_list", "denied_burst"]
-    time: str
-    client_ip: str
-
-
-class AuditAlerts(BaseModel):
-    alerts: list[Alert]
-
-
-# Declares the API-key scheme in the OpenAPI document; the key itself is checked by Gateway.require.
-api_key = HTTPBearer(auto_error=False, scheme_name="apiKey", description="An API key from `python -m workflow.serve keys add`")
 
 
 def single_valued(request: Request) -> None:
@@ -141,7 +89,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
 
     app = FastAPI(title="ft2prod gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(single_valued)])
-    app.openapi = lambda: openapi(app, settings.model_name)
+    app.openapi = lambda: openapi.document(app, settings.model_name)
 
     def allowed(permission: str) -> list:
         return [gateway.require(permission), Depends(api_key)]
@@ -259,19 +207,3 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     app.add_middleware(Guard, gateway=gateway)
     return app
 
-
-def openapi(app: FastAPI, model_name: str) -> dict:
-    """The app's OpenAPI document (not served: tests/test_fuzz.py fuzzes the gateway against it). It names the one
-    model served. FastAPI documents a 422 for every route with a body or parameters; this gateway answers invalid
-    input with a 400 and an ErrorBody."""
-    if app.openapi_schema is None:
-        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for request in ("ChatRequest", "CompletionRequest"):
-            document["components"]["schemas"][request]["properties"]["model"]["enum"] = [model_name]
-        for operation in (operation for item in document["paths"].values() for operation in item.values()):
-            operation["responses"].pop("422", None)
-        for unused in ("HTTPValidationError", "ValidationError"):
-            document["components"]["schemas"].pop(unused)
-        document["components"]["schemas"].update(chunk_schemas())
-        app.openapi_schema = document
-    return app.openapi_schema

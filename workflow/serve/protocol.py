@@ -61,7 +61,7 @@ class Sampling(BaseModel):
         """JSON numbers only: pydantic would read false, true and "5" as 0, 1 and 5 (an integral 2.0 is an integer,
         as in JSON Schema)."""
         if isinstance(value, bool | str):
-            raise ValueError(f"expected a JSON number, got {json.dumps(value)}")
+            raise ValueError(f"expected a JSON number, got {json.dumps(value)}")  # noqa: TRY004 (pydantic reports ValueError)
         return value
 
 
@@ -100,30 +100,6 @@ class ErrorBody(BaseModel):
     """Every refusal's body (OpenAI's error shape), as error_body writes it."""
 
     error: ErrorDetail
-
-
-# What each refusal means, for the OpenAPI document; the body is always an ErrorBody.
-REFUSALS = {
-    400: "A malformed or unsupported request (the message names the field), or a malformed X-Forwarded-For "
-         "from a trusted proxy",
-    401: "No API key, or an unknown, revoked or expired one",
-    403: "The key's role may not do this, or the client address is not on the role's allow-list",
-    404: "The model named is not served here",
-    408: "The request was not read within the gateway's deadline",
-    409: "The request does not fit the gateway's state (e.g. undeploying a package that is not served)",
-    413: "The body is over limits.max_body_bytes",
-    429: "Too many requests for this key; retry later",
-    503: "No model is loaded (loading, undeployed, or the load failed)",
-}
-# Any request may be refused before it reaches its route: by the guard (body limit, read deadline, rate limit,
-# X-Forwarded-For) and, for routes behind a key, by the access checks.
-GUARDED = (400, 408, 413, 429)
-KEYED = GUARDED + (401, 403)
-
-
-def refusals(*statuses: int) -> dict:
-    """FastAPI `responses` for these refusals, each with the ErrorBody schema."""
-    return {status: {"model": ErrorBody, "description": REFUSALS[status]} for status in sorted(statuses)}
 
 
 def max_new_tokens(req: Sampling, limits) -> int:
@@ -241,30 +217,6 @@ class TextCompletionChunk(BaseModel):
     model: str
     choices: list[TextChunkChoice]
     usage: Usage | None = None
-
-
-CHUNKS = (ChatCompletionChunk, TextCompletionChunk)
-
-
-def answers(model: type[BaseModel], chunk: type[BaseModel] | None = None) -> dict:
-    """FastAPI `responses` for a 200 answer: the model as JSON and, for `stream: true`, server-sent events whose data
-    is a `chunk` (JSON) or the closing [DONE]. FastAPI does not collect `chunk`: chunk_schemas adds it to the document."""
-    content = {}
-    if chunk:
-        data = {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json",
-                                                  "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}]}
-        content["text/event-stream"] = {"itemSchema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
-    return {200: {"model": model, "content": content}}
-
-
-def chunk_schemas() -> dict:
-    """The OpenAPI components for the streamed chunks (and the models they use)."""
-    components = {}
-    for chunk in CHUNKS:
-        schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
-        components.update(schema.pop("$defs", {}))
-        components[chunk.__name__] = schema
-    return components
 
 
 def sse(payload: dict | str) -> str:
