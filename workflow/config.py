@@ -433,8 +433,8 @@ class Allow(Section):
 class Limits(Section):
     """Request limits (admins adjust them at run time)."""
 
-    max_body_bytes: Annotated[int, Field(ge=1)] = 65536
-    """Largest request body (413 above)."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 65536
+    """Largest request body (413 above); at least 1024, so that an admin's request to raise it again still fits."""
     max_prompt_tokens: Annotated[int, Field(ge=1)] = 1024
     """Longest prompt in tokens (400 above)."""
     max_tokens: Annotated[int, Field(ge=1)] = 256
