@@ -46,6 +46,7 @@ class Served:
             "audit": {"path": str(root / "audit.jsonl")}, "trusted_proxies": ["127.0.0.1/32"],
             "allow": {"admin": ["127.0.0.0/8"], "analyst": ["127.0.0.0/8", "10.0.0.0/8"], "auditor": ["127.0.0.0/8"]},
             "limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 32},
+            "rate_limits": {role: {"requests_per_minute": 60000, "burst": 1000} for role in ("admin", "analyst", "auditor")},
         } | (overrides or {})
         config = {"package": {"model_name": MODEL, "signing_key": str(keys_dir / "signing.pem"),
                               "kms": {"local": {"key_file": str(keys_dir / "kek.bin")}}},

@@ -143,5 +143,6 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     gateway.paths = {route.path for route in app.routes}
+    gateway.public = {route.path for route in app.routes if not getattr(route, "dependencies", None)}  # the probes
     app.add_middleware(Guard, gateway=gateway)
     return app

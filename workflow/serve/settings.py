@@ -42,6 +42,10 @@ class GatewaySettings:
     """Write prompts and outputs into the audit log (off by default: the log holds metadata only)."""
     denied_burst: int
     alert_window_s: float
+    deadlines: dict = field(default_factory=dict)
+    """rollout.gateway.deadlines: header_s, body_s, keep_alive_s."""
+    rate_limits: dict = field(default_factory=dict)
+    """rollout.gateway.rate_limits: {role: {requests_per_minute, burst}}."""
     engine: dict = field(default_factory=dict)
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None = None
@@ -60,6 +64,8 @@ class GatewaySettings:
             log_text=gateway["audit"]["log_text"],
             denied_burst=gateway["alerts"]["denied_burst"],
             alert_window_s=gateway["alerts"]["window_s"],
+            deadlines=gateway["deadlines"],
+            rate_limits=gateway["rate_limits"],
             engine=config["engine"],
             upstream=gateway["upstream"],
             package_settings=config["package"],
