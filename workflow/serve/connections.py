@@ -8,9 +8,10 @@ limit_concurrency (rollout.gateway.max_connections), past which each new request
 - arms a timer when the connection opens and again when an answer is complete, and disarms it only when a request's
   headers have all arrived (uvicorn starts a new request cycle); when it fires the connection is closed
   (nginx's client_header_timeout, Apache's mod_reqtimeout header=);
-- when a new connection fills the table, closes the connection that has waited longest for its headers, as nginx
-  reuses idle connections when it runs out: a well-formed client sends its headers right after the handshake, so
-  the connections closed are the slow ones, and those that wait cannot starve those that ask;
+- when a new connection fills the table, closes the connections that have waited longest for their headers (at
+  least EVICT_AFTER_S), as nginx reuses idle connections when it runs out: a well-formed client sends its headers
+  within milliseconds of its handshake or of its previous answer, so the connections closed are the slow ones (or
+  idle keep-alive ones), and those that wait cannot starve those that ask;
 - closes those connections at once, without waiting for the client's TLS close_notify (as nginx does after a
   timeout), and gives a connection the server closed after an answer (408, Connection: close) CLOSE_GRACE_S to
   finish before dropping it: asyncio would otherwise hold it, and its slot, for 30 s waiting on a client that
@@ -27,15 +28,16 @@ from collections.abc import Callable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 CLOSE_GRACE_S = 2.0
+EVICT_AFTER_S = 1.0
 
 
 class HeaderDeadline(H11Protocol):
     header_s: float = 10.0
     on_close: Callable[[str], None] = staticmethod(lambda reason: None)
     """Called with "header_timeout" or "evicted" for every connection this closes (the gateway's metrics count them)."""
-    waiting: dict[HeaderDeadline, None]
-    """This server's connections waiting for request headers, longest-waiting first; one per class
-    (with_header_deadline makes a class per server)."""
+    waiting: dict[HeaderDeadline, float]
+    """This server's connections waiting for request headers, longest-waiting first, with the time they began; one
+    per class (with_header_deadline makes a class per server)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -44,15 +46,17 @@ class HeaderDeadline(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm()
-        if self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency:
-            self._make_room()
+        self._make_room()
 
     def _make_room(self) -> None:
-        """uvicorn answers 503 to a request while len(connections) >= limit_concurrency: close the connections that
-        have waited longest for their headers until this one fits."""
-        excess = sum(not c.transport.is_closing() for c in self.connections) - (self.limit_concurrency - 1)
-        for oldest in list(self.waiting):
-            if excess <= 0:
+        """uvicorn answers 503 to a request while len(connections) >= limit_concurrency (closing ones included): close
+        the connections that have waited longest for their headers until this one fits."""
+        if self.limit_concurrency is None or len(self.connections) < self.limit_concurrency:
+            return
+        excess = len(self.connections) - (self.limit_concurrency - 1)
+        patient = self.loop.time() - EVICT_AFTER_S
+        for oldest, since in list(self.waiting.items()):
+            if excess <= 0 or since > patient:
                 break
             if oldest is not self and not oldest.transport.is_closing():
                 oldest._close("evicted")
@@ -64,6 +68,8 @@ class HeaderDeadline(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
+        if self in self.waiting:  # these bytes may complete a request's headers: make room for it first
+            self._make_room()
         super().data_received(data)
         if self.cycle is not cycle:  # a request's headers arrived: uvicorn made its request cycle
             self._disarm()
@@ -83,7 +89,7 @@ class HeaderDeadline(H11Protocol):
     def _arm(self) -> None:
         self._disarm()
         self.header_timer = self.loop.call_later(self.header_s, self._close, "header_timeout")
-        self.waiting[self] = None
+        self.waiting[self] = self.loop.time()
 
     def _disarm(self) -> None:
         if self.header_timer is not None:
@@ -97,6 +103,7 @@ class HeaderDeadline(H11Protocol):
             return
         self.on_close(reason)
         self.transport.abort()
+        self.connections.discard(self)  # its slot is free now, not when asyncio reports the loss (connection_lost)
 
 
 def with_header_deadline(seconds: float, on_close: Callable[[str], None]) -> type[HeaderDeadline]:
