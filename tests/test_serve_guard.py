@@ -80,8 +80,8 @@ def test_slow_clients_cannot_starve_well_formed_ones(guarded):
 
 
 def test_a_burst_of_silent_connections_beyond_max_connections_is_evicted_not_served_503(guarded):
-    """More silent connections at once than max_connections: those that have waited longest (over a second) are
-    closed to make room, so a well-formed request still gets 200 before any header deadline has passed."""
+    """More silent connections at once than max_connections: those that have waited longest are closed to make
+    room, so a well-formed request still gets 200 before any header deadline has passed."""
     def evicted() -> float:
         with guarded.http("auditor") as auditor:
             lines = auditor.get("/metrics").text.splitlines()
@@ -92,7 +92,6 @@ def test_a_burst_of_silent_connections_beyond_max_connections_is_evicted_not_ser
         began = time.monotonic()
         for _ in range(MAX_CONNECTIONS + 10):
             sockets.append(slow_clients.connect(guarded.port, guarded.ca))
-        time.sleep(1.2)  # connections.EVICT_AFTER_S: only those that waited a second are evicted
         with guarded.http("analyst") as client:
             assert client.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
         assert time.monotonic() - began < HEADER_S, "the header deadline passed first: this machine is too busy to tell"

@@ -524,8 +524,10 @@ class Gateway(Section):
     """Anomaly alerts for auditors."""
     graceful_shutdown_s: Annotated[float, Field(ge=0)] = 30
     """On SIGTERM, how long in-flight requests may finish."""
-    max_connections: Annotated[int, Field(ge=1)] = 256
-    """Concurrent connections before 503."""
+    max_connections: Annotated[int, Field(ge=1)] = 512
+    """Open connections the gateway holds (about 280 KiB each under asyncio's TLS). When a new one would exceed it, the
+    connection that has waited longest for its request headers is closed; when every connection is busy with a
+    request, new requests get 503. Size it above the well-formed clients plus the slow ones you expect."""
 
 
 class Canary(Section):

@@ -8,10 +8,11 @@ limit_concurrency (rollout.gateway.max_connections), past which each new request
 - arms a timer when the connection opens and again when an answer is complete, and disarms it only when a request's
   headers have all arrived (uvicorn starts a new request cycle); when it fires the connection is closed
   (nginx's client_header_timeout, Apache's mod_reqtimeout header=);
-- when a new connection fills the table, closes the connections that have waited longest for their headers (at
-  least EVICT_AFTER_S), as nginx reuses idle connections when it runs out: a well-formed client sends its headers
-  within milliseconds of its handshake or of its previous answer, so the connections closed are the slow ones (or
-  idle keep-alive ones), and those that wait cannot starve those that ask;
+- keeps the table below limit_concurrency: when a new connection (or bytes on a waiting one) would fill it, closes
+  the connection that has waited longest for its headers, as nginx reuses idle connections when it runs out. A
+  well-formed client sends its headers within milliseconds of its handshake or of its previous answer, so the
+  connections closed are the slow ones (or long-idle keep-alive ones), and those that wait cannot starve those
+  that ask. Only when every connection is busy with a request does uvicorn answer 503;
 - closes those connections at once, without waiting for the client's TLS close_notify (as nginx does after a
   timeout), and gives a connection the server closed after an answer (408, Connection: close) CLOSE_GRACE_S to
   finish before dropping it: asyncio would otherwise hold it, and its slot, for 30 s waiting on a client that
@@ -28,16 +29,15 @@ from collections.abc import Callable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 CLOSE_GRACE_S = 2.0
-EVICT_AFTER_S = 1.0
 
 
 class HeaderDeadline(H11Protocol):
     header_s: float = 10.0
     on_close: Callable[[str], None] = staticmethod(lambda reason: None)
     """Called with "header_timeout" or "evicted" for every connection this closes (the gateway's metrics count them)."""
-    waiting: dict[HeaderDeadline, float]
-    """This server's connections waiting for request headers, longest-waiting first, with the time they began; one
-    per class (with_header_deadline makes a class per server)."""
+    waiting: dict[HeaderDeadline, None]
+    """This server's connections waiting for request headers, longest-waiting first; one per class
+    (with_header_deadline makes a class per server)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -54,9 +54,8 @@ class HeaderDeadline(H11Protocol):
         if self.limit_concurrency is None or len(self.connections) < self.limit_concurrency:
             return
         excess = len(self.connections) - (self.limit_concurrency - 1)
-        patient = self.loop.time() - EVICT_AFTER_S
-        for oldest, since in list(self.waiting.items()):
-            if excess <= 0 or since > patient:
+        for oldest in list(self.waiting):
+            if excess <= 0:
                 break
             if oldest is not self and not oldest.transport.is_closing():
                 oldest._close("evicted")
@@ -89,7 +88,7 @@ class HeaderDeadline(H11Protocol):
     def _arm(self) -> None:
         self._disarm()
         self.header_timer = self.loop.call_later(self.header_s, self._close, "header_timeout")
-        self.waiting[self] = self.loop.time()
+        self.waiting[self] = None
 
     def _disarm(self) -> None:
         if self.header_timer is not None:
