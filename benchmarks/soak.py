@@ -117,11 +117,23 @@ class Gateway:
 
     def request_records(self) -> int:
         """Audit records of requests written so far."""
-        count = 0
-        with open(self.work / "audit.jsonl") as handle:
-            for line in handle:
-                count += json.loads(line).get("event") == "request"
+        count, path = 0, self.work / "audit.jsonl"
+        if path.exists():
+            with open(path) as handle:
+                for line in handle:
+                    count += json.loads(line).get("event") == "request"
         return count
+
+    def settled_records(self, still_s: float = 3, timeout: float = 120) -> int:
+        """Request records once none has been added for still_s: a record is written after the answer's last byte,
+        and a stream its client reset ends on the server only when it next writes."""
+        records, still_since, began = self.request_records(), time.monotonic(), time.monotonic()
+        while time.monotonic() - still_since < still_s and time.monotonic() - began < timeout:
+            time.sleep(0.5)
+            now = self.request_records()
+            if now != records:
+                records, still_since = now, time.monotonic()
+        return records
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -156,7 +168,7 @@ def _drive(gateway: Gateway, seconds: float, concurrency: int, slow: int, abort_
     misbehaved: list[slow_clients.Outcome] = []
     greedy: list[object] = []
     rss: list[tuple[float, float]] = []
-    records_before = gateway.request_records()
+    records_before = gateway.settled_records(still_s=1)
     began = time.monotonic()
     end = began + seconds
 
@@ -229,13 +241,7 @@ def _drive(gateway: Gateway, seconds: float, concurrency: int, slow: int, abort_
         thread.join()
     load_s = time.monotonic() - began
 
-    # Streams reset by their clients finish on the server when it next writes: wait until the audit log is still.
-    records, still_since = gateway.request_records(), time.monotonic()
-    while time.monotonic() - still_since < 3 and time.monotonic() - began < seconds + 120:
-        time.sleep(0.5)
-        now = gateway.request_records()
-        if now != records:
-            records, still_since = now, time.monotonic()
+    records = gateway.settled_records()
     headers_sent = [o for o in misbehaved if o.kind.startswith("idle_body") and not o.error]
     sent = len(well_formed) + len([o for o in aborted if not o.error]) + len(headers_sent) + len(greedy)
     verified = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(gateway.config), "audit", "verify"],
@@ -307,10 +313,11 @@ def main() -> None:
     parser.add_argument("--greedy-rps", type=float, default=20)
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks of the bootstrap model (embedded default: 4)")
     parser.add_argument("--work", help="folder for the package, keys, audit log and gateway log (default: a new temporary one)")
+    parser.add_argument("--package", help="serve this package (its kek.bin and signing.pem beside it) instead of building one")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ft2prod-soak-"))
-    package = build_package(work / "package", args.layers)
+    package = Path(args.package) if args.package else build_package(work / "package", args.layers)
     figures = soak(package, work / "gateway", args.minutes * 60, args.concurrency, args.slow, args.abort_every, args.greedy_rps)
     print(report(figures))
     if args.json:

@@ -130,3 +130,20 @@ def test_per_key_rate_limit_answers_429_with_retry_after_and_spares_other_keys(p
         assert len(limited) == 2 and {(e["key_id"], e["reason"]) for e in limited} == {("analyst", "rate_limited")}
     finally:
         served.stop()
+
+
+def test_token_bucket_allows_the_burst_then_the_rate_per_key():
+    from workflow.serve.ratelimit import RateLimiter, retry_after
+
+    now = [0.0]
+    limiter = RateLimiter({"analyst": {"requests_per_minute": 60, "burst": 3}}, clock=lambda: now[0])
+    assert [limiter.wait("a", "analyst") for _ in range(3)] == [0, 0, 0]
+    assert limiter.wait("a", "analyst") == pytest.approx(1.0) and retry_after(1.0) == "1"
+    assert limiter.wait("b", "analyst") == 0  # another key has its own bucket
+    now[0] = 0.5
+    assert limiter.wait("a", "analyst") == pytest.approx(0.5) and retry_after(0.5) == "1"
+    now[0] = 1.0
+    assert limiter.wait("a", "analyst") == 0 and limiter.wait("a", "analyst") > 0
+    now[0] = 100.0  # a long pause refills to the burst, no further
+    waits = [limiter.wait("a", "analyst") for _ in range(4)]
+    assert waits[:3] == [0, 0, 0] and waits[3] > 0

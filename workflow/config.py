@@ -485,7 +485,7 @@ class RateLimit(Section):
 class RateLimits(Section):
     """Per-key request rates, by the key's role (counted in each gateway process)."""
 
-    admin: RateLimit = RateLimit(requests_per_minute=60, burst=10)
+    admin: RateLimit = RateLimit(requests_per_minute=60, burst=20)
     """Each admin key's rate."""
     analyst: RateLimit = RateLimit(requests_per_minute=600, burst=60)
     """Each analyst key's rate."""
