@@ -39,6 +39,7 @@ MARKED = {
         "test_finetune_units.py::test_compiled_decoder_layers_train_as_the_eager_ones",
         "test_serve.py::test_sigterm_finishes_the_request_in_flight",
         "test_serve.py::test_forwarding_to_an_upstream_openai_compatible_server",
+        "test_soak.py",  # a minute of load on the gateway (benchmarks/soak.py)
     },
 }
 

@@ -217,6 +217,8 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     gateway.paths = {route.path for route in app.routes}
+    # The probes: routes with no dependency of their own beyond the app-wide ones (they never ask for a key).
+    gateway.public = {route.path for route in app.routes if len(getattr(route, "dependencies", ())) <= len(app.router.dependencies)}
     app.add_middleware(Guard, gateway=gateway)
     return app
 

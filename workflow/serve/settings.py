@@ -44,6 +44,10 @@ class GatewaySettings:
     """The configured audit section (its path may be overridden by audit_path)."""
     denied_burst: int
     alert_window_s: float
+    deadlines: dict = field(default_factory=dict)
+    """rollout.gateway.deadlines: header_s, body_s, keep_alive_s."""
+    rate_limits: dict = field(default_factory=dict)
+    """rollout.gateway.rate_limits: {role: {requests_per_minute, burst}}."""
     engine: dict = field(default_factory=dict)
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None = None
@@ -68,6 +72,8 @@ class GatewaySettings:
             audit=Audit(**gateway["audit"]),
             denied_burst=gateway["alerts"]["denied_burst"],
             alert_window_s=gateway["alerts"]["window_s"],
+            deadlines=gateway["deadlines"],
+            rate_limits=gateway["rate_limits"],
             engine=config["engine"],
             upstream=gateway["upstream"],
             package_settings=config["package"],
