@@ -84,15 +84,21 @@ def test_pruning_cannot_be_faked_by_cutting_the_head_and_moving_the_anchor(log):
         AuditLog(log.path, KEY).verify()
 
 
+def cli(log: AuditLog, folder) -> list[str]:
+    """`python -m workflow.serve audit` on this log, with its key in a file of its own, as an operator runs it."""
+    (folder / "audit.key").write_bytes(KEY)
+    (folder / "audit.key").chmod(0o600)
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump({"rollout": {"gateway": {"audit": {"path": str(log.path), "key_file": str(folder / "audit.key")}}}}))
+    return [sys.executable, "-m", "workflow.serve", "--config", str(config), "audit"]
+
+
 def test_cli_verify_fails_with_the_line_of_a_tampered_record(log, tmp_path):
-    config = tmp_path / "config.yaml"
-    (tmp_path / "audit.key").write_bytes(KEY)
-    (tmp_path / "audit.key").chmod(0o600)
-    config.write_text(yaml.safe_dump({"rollout": {"gateway": {"audit": {"path": str(log.path), "key_file": str(tmp_path / "audit.key")}}}}))
-    ok = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(config), "audit", "verify"], capture_output=True, text=True)
+    audit = cli(log, tmp_path)
+    ok = subprocess.run([*audit, "verify"], capture_output=True, text=True)
     assert ok.returncode == 0 and "6 records" in ok.stdout
     rewrite(log.path, lambda lines: [*lines[:3], lines[3].replace("10.0.0.1", "10.0.0.2"), *lines[4:]])
-    bad = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(config), "audit", "verify"], capture_output=True, text=True)
+    bad = subprocess.run([*audit, "verify"], capture_output=True, text=True)
     assert bad.returncode == 2 and "audit.jsonl:4: record content does not match its hash" in bad.stderr
 
 
@@ -118,11 +124,8 @@ def test_a_log_verified_with_another_key_fails(log):
 
 def test_a_prune_beside_the_live_writer_is_refused_and_the_chain_never_forks(log, tmp_path):
     """`audit prune` from the command line while a gateway writes: before, both wrote the same sequence number."""
-    config = tmp_path / "config.yaml"
-    (tmp_path / "audit.key").write_bytes(KEY)
-    (tmp_path / "audit.key").chmod(0o600)
-    config.write_text(yaml.safe_dump({"rollout": {"gateway": {"audit": {"path": str(log.path), "key_file": str(tmp_path / "audit.key")}}}}))
-    refused = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(config), "audit", "prune"], capture_output=True, text=True)
+    audit = cli(log, tmp_path)
+    refused = subprocess.run([*audit, "prune"], capture_output=True, text=True)
     assert refused.returncode == 2 and "being written by a running gateway" in refused.stderr
     with pytest.raises(AuditBusy):
         AuditLog(log.path, KEY, writer=True)
@@ -131,7 +134,7 @@ def test_a_prune_beside_the_live_writer_is_refused_and_the_chain_never_forks(log
     seqs = [r["seq"] for r in log.records()]
     assert seqs == sorted(set(seqs)) and AuditLog(log.path, KEY).verify()["records"] == 5
     log.close()
-    pruned_offline = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(config), "audit", "prune"],
+    pruned_offline = subprocess.run([*audit, "prune"],
                                     capture_output=True, text=True)
     assert pruned_offline.returncode == 0, pruned_offline.stderr  # with the gateway stopped, the command may prune
 
