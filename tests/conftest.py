@@ -40,6 +40,8 @@ MARKED = {
         "test_serve.py::test_sigterm_finishes_the_request_in_flight",
         "test_serve.py::test_forwarding_to_an_upstream_openai_compatible_server",
         "test_soak.py",  # a minute of load on the gateway (benchmarks/soak.py)
+        "test_fuzz.py",  # ~2,900 requests from the gateway's OpenAPI document (Schemathesis)
+        "test_serve_guard.py",  # hundreds of slow connections against a running gateway
     },
 }
 
