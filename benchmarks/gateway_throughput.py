@@ -42,7 +42,7 @@ CONCURRENCY = (1, 4, 8)
 def start_gateway(work: Path, package: Path, port: int) -> tuple[subprocess.Popen, str, Path, str]:
     config = {"package": {"model_name": "bench", "signing_key": str(work / "signing.pem"), "kms": {"local": {"key_file": str(work / "kek.bin")}}},
               "rollout": {"gateway": {"port": port, "api_keys": str(work / "keys.json"), "tls": {"dir": str(work / "tls")},
-                                      "audit": {"path": str(work / "audit.jsonl")},
+                                      "audit": {"path": str(work / "audit.jsonl"), "key_file": str(work / "audit.key")},
                                       "limits": {"max_body_bytes": 1 << 20, "max_prompt_tokens": 4096, "max_tokens": 4096}}}}
     (work / "gateway.yaml").write_text(yaml.safe_dump(config))
     key = KeyStore(work / "keys.json").add("bench", "analyst")

@@ -72,7 +72,8 @@ def test_family_runs_the_dag_and_serves_the_prompt_it_trained(name, tmp_path, ti
 
     # Through the gateway, with prompt logging on: the engine receives exactly the trained prompt's tokens.
     gateway = Served(tmp_path / "gateway", results / "package" / "model.ftpkg", keys_dir=work / "keys",
-                     overrides={"audit": {"path": str(tmp_path / "gateway" / "audit.jsonl"), "log_text": True},
+                     overrides={"audit": {"path": str(tmp_path / "gateway" / "audit.jsonl"), "log_text": True,
+                                          "key_file": str(tmp_path / "gateway" / "audit.key")},
                                 "limits": {"max_body_bytes": 65536, "max_prompt_tokens": 1024, "max_tokens": 8}})
     try:
         gateway.wait_ready()

@@ -61,8 +61,10 @@ def test_kustomize_builds_manifests_that_validate_against_the_kubernetes_schemas
     blocks = {b["ipBlock"]["cidr"] for b in kinds["NetworkPolicy"]["spec"]["ingress"][0]["from"]}
     assert blocks == {"127.0.0.0/8", "10.20.0.0/16"}
     secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-    assert secrets == {"ft2prod-gateway-tls", "ft2prod-api-keys", "ft2prod-kms"}
+    assert secrets == {"ft2prod-gateway-tls", "ft2prod-api-keys", "ft2prod-kms", "ft2prod-audit-key"}
     assert "Secret" not in kinds  # referenced, never inlined
+    assert {"name": "audit-key", "mountPath": "/etc/ft2prod/audit-key", "readOnly": True} in gateway["volumeMounts"]
+    assert not any(m["name"] == "audit-key" for m in pod["initContainers"][0]["volumeMounts"]), "the audit key: the gateway only"
     assert kinds["ConfigMap"]["metadata"]["name"].startswith("ft2prod-gateway-config-")  # kustomize's content hash
     pod_config = yaml.safe_load(kinds["ConfigMap"]["data"]["config.yaml"])
     assert pod_config["rollout"]["gateway"]["audit"]["retention_days"] == 180

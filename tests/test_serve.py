@@ -28,7 +28,7 @@ from workflow.finetune.launch import free_port
 from workflow.package import archive
 from workflow.package.kms import LocalKeyFile
 from workflow.serve.access import KeyStore
-from workflow.serve.deployments import Deployments
+from workflow.serve.deployments import Deployments, DeploymentsTampered
 from workflow.serve.protocol import BadRequest
 from workflow.serve.server import build
 from workflow.serve.tls import client_context
@@ -46,10 +46,11 @@ class Served:
         keys_dir = keys_dir or package.parent
         gateway = {
             "port": self.port, "api_keys": str(root / "api_keys.json"), "tls": {"dir": str(root.parent / "tls")},
-            "audit": {"path": str(root / "audit.jsonl")}, "trusted_proxies": ["127.0.0.1/32"],
+            "audit": {"path": str(root / "audit.jsonl"), "key_file": str(root / "audit.key")}, "trusted_proxies": ["127.0.0.1/32"],
             "allow": {"admin": ["127.0.0.0/8"], "analyst": ["127.0.0.0/8", "10.0.0.0/8"], "auditor": ["127.0.0.0/8"]},
             "limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 32},
             "package_root": str(root / "packages"),
+            "rate_limits": {role: {"requests_per_minute": 60000, "burst": 1000} for role in ("admin", "analyst", "auditor")},
         } | (overrides or {})
         self.packages = root / "packages"
         self.packages.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,7 @@ MATRIX = {
     ("POST", "/admin/undeploy"): {"admin"},
     ("GET", "/admin/limits"): {"admin"},
     ("PUT", "/admin/limits"): {"admin"},
+    ("POST", "/admin/audit/prune"): {"admin"},
     ("GET", "/audit/events"): {"auditor"},
     ("GET", "/audit/alerts"): {"auditor"},
     ("GET", "/metrics"): {"auditor"},
@@ -336,12 +338,17 @@ def test_deploy_takes_a_digest_from_the_package_root_one_load_at_a_time_and_refu
         wait_for(lambda: served.http("analyst").get("/v1/deployment").json()["package"].get("sha256") == first, "the rollback", 60)
     finally:
         assert served.stop() in STOPPED
-    state = json.loads((served.root / "deployments.json").read_text())
-    assert [h["sha256"] for h in state["history"]] == [new, first] and oct((served.root / "deployments.json").stat().st_mode)[-3:] == "600"
-    after_restart = Deployments(served.root / "deployments.json")  # what a restarted gateway reads: the floor stays
+    state = json.loads((served.root / "audit.deployments.json").read_text())
+    assert [h["sha256"] for h in state["history"]] == [new, first] and oct((served.root / "audit.deployments.json").stat().st_mode)[-3:] == "600"
+    record = served.root / "audit.deployments.json"
+    after_restart = Deployments(record, (served.root / "audit.key").read_bytes())  # what a restarted gateway reads
     created = archive.signed_manifest(older, signing.public_key())[1]["created"]
     with pytest.raises(BadRequest, match="older package"):
         after_restart.check(old, created, rollback=False)
+    lowered = json.loads(record.read_text()) | {"floor": ""}  # whoever can write the audit volume lowers the floor
+    record.write_text(json.dumps(lowered))
+    with pytest.raises(DeploymentsTampered, match="changed outside the gateway"):
+        Deployments(record, (served.root / "audit.key").read_bytes())
 
 
 def test_audit_log_records_every_request_without_text_and_metrics_count_them(gateway):
@@ -368,7 +375,7 @@ def test_sigterm_finishes_the_request_in_flight(package, tmp_path):
     served = Served(tmp_path / "graceful", package, {"limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 4000}})
     served.wait_ready()
     too_long = served.http("analyst").post("/v1/completions", json={"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 4000})
-    assert too_long.status_code == 400 and "over the model's context length of 512" in too_long.json()["error"]["message"]
+    assert too_long.status_code == 400 and "over the model's context length of " in too_long.json()["error"]["message"]
     body = {"model": MODEL, "prompt": "1 + 1 =", "max_tokens": 500, "stream": True}
     with served.http("analyst") as client, client.stream("POST", "/v1/completions", json=body) as stream:
         lines = stream.iter_lines()
@@ -389,7 +396,8 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
     (upstream_root / "config.yaml").write_text(yaml.safe_dump({
         "package": {"model_name": MODEL, "signing_key": str(package.parent / "signing.pem"),
                     "kms": {"local": {"key_file": str(package.parent / "kek.bin")}}},
-        "rollout": {"gateway": {"api_keys": str(upstream_root / "keys.json"), "audit": {"path": str(upstream_root / "audit.jsonl")}}}}))
+        "rollout": {"gateway": {"api_keys": str(upstream_root / "keys.json"), "audit": {"path": str(upstream_root / "audit.jsonl"),
+                                                                                                 "key_file": str(upstream_root / "audit.key")}}}}))
     engine_key = KeyStore(upstream_root / "keys.json").add("gateway", "analyst")
     app, engine = build(load(upstream_root / "config.yaml"), str(package))
     received = []

@@ -21,6 +21,7 @@ from conftest import REPO, TINY, ZERO2, merge, snakemake
 from mlflow.tracking import MlflowClient
 
 from workflow.stages import STAGES
+from workflow.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -245,15 +246,23 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the copy's own store, as snakemake() does
     admin = subprocess.run([*serve, "keys", "add", "--id", "ops", "--role", "admin"], cwd=work, capture_output=True, text=True, check=True)
     port = 18000 + os.getpid() % 1000
-    gateway = subprocess.Popen([*serve, "start", "--package", "results/package/model.ftpkg", "--port", str(port)], cwd=work,
+    # The gateway served the first package, then was updated to the second; the rollback undoes that update.
+    digests = [mlflow.get_model_version("ft2prod-model", v).tags["package_sha256"] for v in (first, second)]
+    gateway = subprocess.Popen([*serve, "start", "--package", f"backups/{digests[0]}", "--port", str(port)], cwd=work,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         env["FT2PROD_ADMIN_KEY"] = admin.stdout.strip()
         url = f"https://127.0.0.1:{port}"
-        for _ in range(120):
-            if subprocess.run(["curl", "-sf", "--cacert", "keys/tls/ca.pem", f"{url}/readyz"], cwd=work, capture_output=True).returncode == 0:
-                break
-            time.sleep(0.5)
+        curl = ["curl", "-sf", "--cacert", "keys/tls/ca.pem", "-H", f"Authorization: Bearer {admin.stdout.strip()}"]
+
+        def serving(digest: str) -> bool:
+            answer = subprocess.run([*curl, f"{url}/v1/deployment"], cwd=work, capture_output=True, text=True)
+            return answer.returncode == 0 and json.loads(answer.stdout)["package"].get("sha256") == digest
+
+        wait_for(lambda: serving(digests[0]), "the gateway to serve the first package", 120, every=0.5)
+        subprocess.run([*curl, "-X", "POST", "-H", "content-type: application/json", "-d", json.dumps({"package_sha256": digests[1]}),
+                        f"{url}/admin/deploy"], cwd=work, check=True, capture_output=True)
+        wait_for(lambda: serving(digests[1]), "the gateway to serve the second package", 120, every=0.5)
         back = subprocess.run([sys.executable, "-m", "workflow.rollout", "--config", "config.yaml", "rollback", "--gateway", url],
                               cwd=work, env=env, capture_output=True, text=True)
         assert back.returncode == 0, back.stderr

@@ -439,8 +439,8 @@ class Allow(Section):
 class Limits(Section):
     """Request limits (admins adjust them at run time)."""
 
-    max_body_bytes: Annotated[int, Field(ge=1)] = 65536
-    """Largest request body (413 above)."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 65536
+    """Largest request body (413 above); at least 1024, so that an admin's request to raise it again still fits."""
     max_prompt_tokens: Annotated[int, Field(ge=1)] = 1024
     """Longest prompt in tokens (400 above)."""
     max_tokens: Annotated[int, Field(ge=1)] = 256
@@ -448,12 +448,19 @@ class Limits(Section):
 
 
 class Audit(Section):
-    """The hash-chained audit log."""
+    """The audit log, chained with a key kept apart from it."""
 
     path: str = "audit/gateway.jsonl"
     """Audit log file (JSON lines)."""
+    key_file: str = "keys/audit.key"
+    """HMAC-SHA256 key of the chain (32 bytes, owner-only, made on first use). Keep it off the audit volume: whoever
+    can write the log but not read this key cannot recompute the chain."""
+    key_file_group: Annotated[int, Field(ge=0)] | None = None
+    """Also accept a key file readable (never writable) by this group: a Kubernetes Secret under the pod's fsGroup."""
     retention_days: Annotated[int, Field(ge=1)] = 180
-    """Records older than this are pruned."""
+    """Records older than this are pruned, by the gateway itself: at start, daily, and on POST /admin/audit/prune."""
+    head_export_s: Annotated[float, Field(gt=0)] = 60
+    """How often the gateway logs the chain's head (seq and hash), for `audit verify --expect-head` against a truncated log."""
     log_text: StrictBool = False
     """Also record prompts and outputs."""
 
@@ -465,6 +472,38 @@ class Alerts(Section):
     """Denied requests from one address that raise an alert..."""
     window_s: Annotated[float, Field(gt=0)] = 60
     """...within this many seconds."""
+
+
+class Deadlines(Section):
+    """How long a client may take to send its request; slow clients are cut off so they cannot hold every connection."""
+
+    header_s: Annotated[float, Field(gt=0)] = 10
+    """Seconds from the connection's TLS handshake (or the end of its previous answer) to the end of the request's
+    headers; a connection still sending them is closed."""
+    body_s: Annotated[float, Field(gt=0)] = 20
+    """Seconds from the end of the headers to the end of the body; later, the answer is 408 and the connection is closed."""
+    keep_alive_s: Annotated[int, Field(ge=1)] = 5
+    """Seconds an idle keep-alive connection stays open between requests."""
+
+
+class RateLimit(Section):
+    """A token bucket per API key: it holds `burst` requests and refills at `requests_per_minute`."""
+
+    requests_per_minute: Annotated[float, Field(gt=0)] = 600
+    """Sustained requests per minute one key may send (429 with Retry-After above)."""
+    burst: Annotated[int, Field(ge=1)] = 60
+    """Requests one key may send at once before the sustained rate applies."""
+
+
+class RateLimits(Section):
+    """Per-key request rates, by the key's role (counted in each gateway process)."""
+
+    admin: RateLimit = RateLimit(requests_per_minute=60, burst=20)
+    """Each admin key's rate."""
+    analyst: RateLimit = RateLimit(requests_per_minute=600, burst=60)
+    """Each analyst key's rate."""
+    auditor: RateLimit = RateLimit(requests_per_minute=120, burst=30)
+    """Each auditor key's rate."""
 
 
 class Gateway(Section):
@@ -491,14 +530,20 @@ class Gateway(Section):
     """CIDRs of proxies whose X-Forwarded-For is believed."""
     limits: Limits = Limits()
     """Request limits (admins adjust them at run time)."""
+    deadlines: Deadlines = Deadlines()
+    """How long a client may take to send its request."""
+    rate_limits: RateLimits = RateLimits()
+    """Per-key request rates, by the key's role."""
     audit: Audit = Audit()
     """The hash-chained audit log."""
     alerts: Alerts = Alerts()
     """Anomaly alerts for auditors."""
     graceful_shutdown_s: Annotated[float, Field(ge=0)] = 30
     """On SIGTERM, how long in-flight requests may finish."""
-    max_connections: Annotated[int, Field(ge=1)] = 256
-    """Concurrent connections before 503."""
+    max_connections: Annotated[int, Field(ge=1)] = 512
+    """Open connections the gateway holds (about 280 KiB each under asyncio's TLS). When a new one would exceed it, the
+    connection that has waited longest for its request headers is closed; when every connection is busy with a
+    request, new requests get 503. Size it above the well-formed clients plus the slow ones you expect."""
 
 
 class Canary(Section):
@@ -523,6 +568,8 @@ class Secrets(Section):
     """Secret with api_keys.json (hashes only)."""
     kms: str = "ft2prod-kms"
     """Secret with the KMS credential."""
+    audit_key: str = "ft2prod-audit-key"
+    """Secret with the audit chain's key (key audit.key), mounted in the gateway container only."""
 
 
 class Kubernetes(Section):

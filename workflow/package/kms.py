@@ -31,6 +31,30 @@ class Kms(Protocol):
     def unwrap(self, wrapped: str) -> bytes: ...
 
 
+def owner_only_key(path: str | Path, create: bool, group: int | None = None, what: str = "kms") -> bytes:
+    """A 32-byte key from a file only its owner can read (made 0600 when missing and `create`); `group`: also
+    readable, never writable, by that one group when the file belongs to it (see LocalKeyFile)."""
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise KmsError(f"{what}: key file {path} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(os.urandom(32))
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    group_may_read = 0o040 if group is not None and info.st_gid == group else 0
+    if mode & 0o077 & ~group_may_read:
+        also = (f", or also by group {group} (the pod's fsGroup; this file's group is {info.st_gid}) but never written by it"
+                if group is not None else "")
+        raise KmsError(f"{what}: key file {path} has permissions {mode:o}; it must be readable by its owner only (chmod 600){also}")
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise KmsError(f"{what}: key file {path} must hold 32 bytes (got {len(key)})")
+    return key
+
+
 @dataclass
 class LocalKeyFile:
     """A 256-bit key in a file readable by its owner only (the embedded default). Wraps with AES key wrap (RFC 3394).
@@ -46,25 +70,7 @@ class LocalKeyFile:
     group: int | None = None
 
     def _key(self) -> bytes:
-        path = Path(self.path)
-        if not path.exists():
-            if not self.create:
-                raise KmsError(f"kms: key file {path} does not exist")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(os.urandom(32))
-        info = path.stat()
-        mode = stat.S_IMODE(info.st_mode)
-        group_may_read = 0o040 if self.group is not None and info.st_gid == self.group else 0
-        if mode & 0o077 & ~group_may_read:
-            also = (f", or also by group {self.group} (the pod's fsGroup; this file's group is {info.st_gid}) but never written by it"
-                    if self.group is not None else "")
-            raise KmsError(f"kms: key file {path} has permissions {mode:o}; it must be readable by its owner only (chmod 600){also}")
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise KmsError(f"kms: key file {path} must hold 32 bytes (got {len(key)})")
-        return key
+        return owner_only_key(self.path, self.create, self.group, "kms")
 
     def key_id(self) -> str:
         return "local:" + hashlib.sha256(b"ft2prod-kek-id" + self._key()).hexdigest()[:16]

@@ -31,6 +31,7 @@ ENDPOINTS = [
     ("POST", "/admin/undeploy", {}, "deploy"),
     ("GET", "/admin/limits", None, "adjust"),
     ("PUT", "/admin/limits", {}, "adjust"),
+    ("POST", "/admin/audit/prune", None, "adjust"),
     ("GET", "/audit/events", None, "audit"),
     ("GET", "/audit/alerts", None, "audit"),
     ("GET", "/metrics", None, "monitor"),
@@ -126,10 +127,11 @@ def check_latency(client: openai.OpenAI, model: str, rows: list[dict], concurren
                  {"p95_s": slo_p95_s}, f"p95 {p95:.3f} s at concurrency {concurrency} ({requests} requests); SLO {slo_p95_s} s")
 
 
-def check_audit(path: Path, calls: int, secret_text: str) -> Check:
-    """The checks' own requests are in the audit log, the chain verifies, and no prompt text was written."""
+def check_audit(log: AuditLog, calls: int, secret_text: str) -> Check:
+    """The checks' own requests are in the audit log, the chain verifies (with its key), and no prompt text was written."""
+    path = log.path
     try:
-        result = AuditLog(path).verify()
+        result = log.verify()
     except AuditTampered as err:
         return Check("audit", False, None, "verifies", str(err))
     leaked = secret_text in path.read_text()

@@ -31,7 +31,8 @@ import yaml
 
 GATEWAY_PORT, ENGINE_PORT = 8443, 8000
 MOUNTS = {"packages": "/packages", "model": "/model", "config": "/etc/ft2prod/config", "tls": "/etc/ft2prod/tls",
-          "api-keys": "/etc/ft2prod/keys", "kms": "/etc/ft2prod/kms", "audit": "/var/log/ft2prod", "tmp": "/tmp"}
+          "api-keys": "/etc/ft2prod/keys", "kms": "/etc/ft2prod/kms", "audit": "/var/log/ft2prod", "tmp": "/tmp",
+          "audit-key": "/etc/ft2prod/audit-key"}
 
 
 POD_USER = 10001  # the gateway image's user (envs/gateway.Dockerfile); also the pod's group and fsGroup
@@ -106,7 +107,9 @@ def pod_config(config: dict) -> dict:
         "package": {"model_name": config["package"]["model_name"], "trusted_signer": f"{MOUNTS['config']}/signer.pub", "kms": kms},
         "rollout": {"gateway": {**gateway, "host": "0.0.0.0", "port": GATEWAY_PORT, "upstream": upstream,
                                 "api_keys": f"{MOUNTS['api-keys']}/api_keys.json", "tls": {"dir": MOUNTS["tls"], "hosts": gateway["tls"]["hosts"]},
-                                "audit": {**gateway["audit"], "path": f"{MOUNTS['audit']}/gateway.jsonl"}}},
+                                "audit": {**gateway["audit"], "path": f"{MOUNTS['audit']}/gateway.jsonl",
+                                          # a Secret mounted 0400 arrives 0440 under fsGroup: accepted for that group only
+                                          "key_file": f"{MOUNTS['audit-key']}/audit.key", "key_file_group": POD_USER}}},
     }
 
 
@@ -152,7 +155,8 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
         "readinessProbe": _probe("/readyz", 5, 3),
         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
         "securityContext": container_security(),
-        "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False)],
+        "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False),
+                         mount("audit-key")],
     }
     containers = [gateway_container]
     if engine["backend"] == "tensorrt_llm":
@@ -200,6 +204,8 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
                                                              {"key": "ca.crt", "path": "ca.pem"}]}},
                         {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"]}},
                         {"name": "audit", "persistentVolumeClaim": {"claimName": f"{name}-audit"}},
+                        {"name": "audit-key", "secret": {"secretName": k8s["secrets"]["audit_key"], "defaultMode": 0o400,
+                                                         "items": [{"key": "audit.key", "path": "audit.key"}]}},
                     ] + kms_volume + ([{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}] if len(containers) > 1 else []),
                 },
             },

@@ -63,7 +63,9 @@ class LocalGateway:
         store = KeyStore(keys_path)
         self.keys = {role: store.add(f"canary-{role}", role) for role in ROLES}
         self.audit_path = workdir / "canary-audit.jsonl"
-        for stale in (self.audit_path, self.audit_path.with_name(self.audit_path.name + ".anchor.json")):
+        # The canary's gateway starts afresh: no audit records, anchor or served-package history of an earlier canary.
+        for stale in (self.audit_path, self.audit_path.with_name(self.audit_path.name + ".anchor.json"),
+                      self.audit_path.with_name(self.audit_path.stem + ".deployments.json")):
             stale.unlink(missing_ok=True)
         gateway.update(host="127.0.0.1", port=self.port, api_keys=str(keys_path), upstream=None,
                        audit={**gateway["audit"], "path": str(self.audit_path)})
@@ -129,7 +131,8 @@ def local_checks(config: dict, package_dir: Path, selection: dict, test_path: st
                                  config["benchmark"]["output_len"], settings["latency_p95_s"]),
         ]
         calls = (len(ROLES) + 1) * len(canary.ENDPOINTS) + len(rows) + settings["requests"]
-    checks.append(canary.check_audit(gateway.audit_path, calls, rows[0]["messages"][-2]["content"]))
+    audit = GatewaySettings.from_config(gateway.config).audit_log(writer=False)
+    checks.append(canary.check_audit(audit, calls, rows[0]["messages"][-2]["content"]))
     return checks, {"url": gateway.url, "ready_s": ready_s}
 
 

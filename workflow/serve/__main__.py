@@ -19,7 +19,8 @@ import sys
 from workflow.config import ConfigError, load
 from workflow.package.kms import KmsError
 from workflow.serve.access import KeyStore
-from workflow.serve.audit import AuditLog, AuditTampered
+from workflow.serve.audit import AuditBusy, AuditTampered
+from workflow.serve.settings import GatewaySettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
                 for entry in store.entries:
                     print(f"{entry['id']}\t{entry['role']}\t{entry['created']}\t{entry.get('expires', 'never')}")
         else:
-            log = AuditLog(args.log or gateway["audit"]["path"], gateway["audit"]["retention_days"])
+            log = GatewaySettings.from_config(config, args.log).audit_log(writer=args.action == "prune")
             if args.action == "verify":
                 result = log.verify(args.expect_head)
                 print(f"audit log verified: {result['records']} records from #{result['first_seq']}, head {result['head']}")
             else:
                 print(f"pruned {log.prune()} records older than {gateway['audit']['retention_days']} days")
-    except (ConfigError, ValueError, AuditTampered, OSError, KmsError) as err:
+    except (ConfigError, ValueError, AuditTampered, AuditBusy, OSError, KmsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -26,9 +26,9 @@ KEY_PREFIX = "ftk-"
 class Denied(Exception):
     """A refused request: the HTTP status and the reason given to the caller and the audit log."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.headers = status, reason, headers
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,12 @@ class Policy:
             trusted_proxies=networks(gateway["trusted_proxies"], "rollout.gateway.trusted_proxies"),
         )
 
-    def authorize(self, identity: Identity, ip: str, permission: str) -> None:
+    def check_address(self, identity: Identity, ip: str) -> None:
         address = ipaddress.ip_address(ip)
         if not any(address in net for net in self.allow[identity.role]):
             raise Denied(403, "ip_not_allowed", f"{ip} is not on the allow-list of role {identity.role}")
+
+    def authorize(self, identity: Identity, ip: str, permission: str) -> None:
+        self.check_address(identity, ip)
         if permission not in ROLES[identity.role]:
             raise Denied(403, "role_forbidden", f"role {identity.role} may not {permission}")

@@ -8,27 +8,60 @@
 | GET /v1/models, POST /v1/chat/completions, /v1/completions | infer | analyst |
 | GET /v1/deployment | view | admin, analyst, auditor |
 | POST /admin/deploy, /admin/undeploy | deploy | admin |
-| GET, PUT /admin/limits | adjust | admin |
+| GET, PUT /admin/limits; POST /admin/audit/prune | adjust | admin |
 | GET /audit/events, /audit/alerts | audit | auditor |
 | GET /metrics | monitor | auditor |
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from workflow.serve import openapi
 from workflow.serve.access import Denied
 from workflow.serve.audit import alerts
 from workflow.serve.backends import NotReady
 from workflow.serve.deployments import DIGEST
 from workflow.serve.guard import Gateway, Guard
-from workflow.serve.protocol import BadRequest, ChatRequest, CompletionRequest, check_sampling, error_body
+from workflow.serve.openapi import (
+    GUARDED,
+    KEYED,
+    Alive,
+    AuditAlerts,
+    AuditEvents,
+    Deployment,
+    LimitsChange,
+    Loading,
+    Pruned,
+    NotReadyAnswer,
+    Ready,
+    Undeployed,
+    answers,
+    api_key,
+    refusals,
+)
+from workflow.serve.protocol import (
+    BadRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    CompletionRequest,
+    ModelList,
+    TextCompletion,
+    TextCompletionChunk,
+    check_sampling,
+    error_body,
+)
+from workflow.serve.settings import Limits
 
 
 class Deploy(BaseModel):
@@ -45,6 +78,14 @@ class Undeploy(BaseModel):
     """The digest of the package being served: undeploy says what it takes down."""
 
 
+def single_valued(request: Request) -> None:
+    """A query parameter given twice is refused rather than the last one taken: a proxy or log in front could read
+    the other one (HTTP parameter pollution)."""
+    repeated = sorted({name for name in request.query_params if len(request.query_params.getlist(name)) > 1})
+    if repeated:
+        raise BadRequest(f"query parameter(s) {', '.join(repeated)} given more than once; send each once")
+
+
 def create_app(gateway: Gateway, package: str | None = None, model_dir: str | None = None) -> FastAPI:
     """The app; an in-process gateway starts loading `package` (encrypted) or `model_dir` (already opened)."""
     settings, backend = gateway.settings, gateway.backend
@@ -53,7 +94,12 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         backend.start(settings, package, model_dir)
         yield
 
-    app = FastAPI(title="ft2prod gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ft2prod gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(single_valued)])
+    app.openapi = lambda: openapi.document(app, settings.model_name)
+
+    def allowed(permission: str) -> list:
+        return [gateway.require(permission), Depends(api_key)]
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, err: BadRequest):
@@ -66,6 +112,16 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in err.errors())
         return JSONResponse(error_body(f"invalid request: {problems}", "invalid_request_error"), 400)
 
+    @app.exception_handler(HTTPException)
+    async def refused_by_framework(request: Request, err: HTTPException):
+        """FastAPI's and Starlette's own refusals (a body that is not UTF-8 text, an unknown path or method) in the
+        gateway's error shape, not theirs ({"detail": ...})."""
+        message = str(err.detail)
+        if err.status_code == 400:
+            request.scope["state"]["reason"] = "bad_request"
+            message = f"invalid request: {message}; send a JSON body encoded as UTF-8"
+        return JSONResponse(error_body(message, "invalid_request_error"), err.status_code, headers=err.headers)
+
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, err: NotReady):
         return JSONResponse(error_body(f"not ready: {err}", "service_unavailable"), 503)
@@ -75,11 +131,11 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         request.scope["state"]["reason"] = err.reason
         return JSONResponse(error_body(str(err), "invalid_request_error", err.reason), err.status)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=answers(Alive) | refusals(*GUARDED))
     async def healthz():
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=answers(Ready) | {503: {"model": NotReadyAnswer}} | refusals(*GUARDED))
     async def readyz():
         ready = await backend.is_ready()
         gateway.metrics.ready.set(int(ready))
@@ -87,43 +143,47 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
             return {"status": "ready", "package": backend.package}
         return JSONResponse({"status": "not ready", "reason": backend.not_ready_reason()}, 503)
 
-    @app.get("/v1/models", dependencies=[gateway.require("infer")])
+    @app.get("/v1/models", dependencies=allowed("infer"), responses=answers(ModelList) | refusals(*KEYED, 503))
     async def models():
         return await backend.models(settings)
 
-    @app.post("/v1/chat/completions", dependencies=[gateway.require("infer")])
+    @app.post("/v1/chat/completions", dependencies=allowed("infer"),
+              responses=answers(ChatCompletion, ChatCompletionChunk) | refusals(*KEYED, 404, 503))
     async def chat_completions(req: ChatRequest, request: Request):
         check_sampling(req, settings.model_name)
         return await backend.complete("chat", req, request.scope["state"], settings)
 
-    @app.post("/v1/completions", dependencies=[gateway.require("infer")])
+    @app.post("/v1/completions", dependencies=allowed("infer"),
+              responses=answers(TextCompletion, TextCompletionChunk) | refusals(*KEYED, 404, 503))
     async def completions(req: CompletionRequest, request: Request):
         check_sampling(req, settings.model_name)
         return await backend.complete("text", req, request.scope["state"], settings)
 
-    @app.get("/v1/deployment", dependencies=[gateway.require("view")])
+    @app.get("/v1/deployment", dependencies=allowed("view"), responses=answers(Deployment) | refusals(*KEYED))
     async def deployment():
         return {"model": settings.model_name, "backend": backend.kind, "ready": backend.serving(),
                 "package": backend.package, "limits": settings.limits.model_dump()}
 
-    @app.post("/admin/deploy", dependencies=[gateway.require("deploy")], status_code=202)
+    @app.post("/admin/deploy", dependencies=allowed("deploy"), status_code=202,
+              responses={202: {"model": Loading}} | refusals(*KEYED, 404, 409))
     async def deploy(body: Deploy, request: Request):
         request.scope["state"]["detail"] = {"deploy": body.package_sha256, "rollback": body.rollback}
         backend.deploy(body.package_sha256, body.rollback, settings)
         return {"status": "loading", "package_sha256": body.package_sha256}
 
-    @app.post("/admin/undeploy", dependencies=[gateway.require("deploy")])
+    @app.post("/admin/undeploy", dependencies=allowed("deploy"), responses=answers(Undeployed) | refusals(*KEYED, 409))
     async def undeploy(body: Undeploy, request: Request):
         backend.undeploy(body.package_sha256)
         request.scope["state"]["detail"] = {"undeploy": body.package_sha256}
         return {"status": "undeployed"}
 
-    @app.get("/admin/limits", dependencies=[gateway.require("adjust")])
+    @app.get("/admin/limits", dependencies=allowed("adjust"), responses=answers(Limits) | refusals(*KEYED))
     async def get_limits():
         return settings.limits.model_dump()
 
-    @app.put("/admin/limits", dependencies=[gateway.require("adjust")])
-    async def put_limits(changes: dict, request: Request):
+    @app.put("/admin/limits", dependencies=allowed("adjust"), responses=answers(Limits) | refusals(*KEYED))
+    async def put_limits(body: LimitsChange, request: Request):
+        changes = body.model_dump(exclude_unset=True)
         try:
             settings.limits.update(changes)
         except ValueError as err:
@@ -131,23 +191,34 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         request.scope["state"]["detail"] = {"limits": changes}
         return settings.limits.model_dump()
 
-    @app.get("/audit/events", dependencies=[gateway.require("audit")])
+    @app.post("/admin/audit/prune", dependencies=allowed("adjust"), responses=answers(Pruned) | refusals(*KEYED))
+    async def audit_prune(request: Request):
+        pruned = await run_in_threadpool(gateway.audit.prune)  # under the log's own lock: the chain never forks
+        request.scope["state"]["detail"] = {"pruned": pruned}
+        return {"pruned": pruned, "retention_days": settings.audit.retention_days}
+
+    @app.get("/audit/events", dependencies=allowed("audit"), responses=answers(AuditEvents) | refusals(*KEYED))
     async def audit_events(since: str | None = None, until: str | None = None, key_id: str | None = None,
-                           role: str | None = None, status: int | None = None, endpoint: str | None = None, limit: int = 100):
+                           role: str | None = None, status: int | None = None, endpoint: str | None = None,
+                           limit: Annotated[int, Query(ge=1)] = 100):
         found = await run_in_threadpool(gateway.audit.search, since, until, limit, key_id=key_id, role=role,
                                         status=status, endpoint=endpoint)
         return {"events": found, "head": gateway.audit.head}
 
-    @app.get("/audit/alerts", dependencies=[gateway.require("audit")])
+    @app.get("/audit/alerts", dependencies=allowed("audit"), responses=answers(AuditAlerts) | refusals(*KEYED))
     async def audit_alerts(since: str | None = None):
         records = await run_in_threadpool(gateway.audit.search, since, None, 10**9)
         return {"alerts": alerts(records, settings.denied_burst, settings.alert_window_s)}
 
-    @app.get("/metrics", dependencies=[gateway.require("monitor")])
+    @app.get("/metrics", dependencies=allowed("monitor"), response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}} | refusals(*KEYED))
     async def metrics():
         gateway.metrics.ready.set(int(backend.serving()))
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     gateway.paths = {route.path for route in app.routes}
+    # The probes: routes with no dependency of their own beyond the app-wide ones (they never ask for a key).
+    gateway.public = {route.path for route in app.routes if len(getattr(route, "dependencies", ())) <= len(app.router.dependencies)}
     app.add_middleware(Guard, gateway=gateway)
     return app
+

@@ -61,7 +61,7 @@ class InProcess:
 
     def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
         """Begin loading the package (encrypted) or the folder (already opened) given at start, if any."""
-        self.deployments = Deployments(settings.deployments_path)
+        self.deployments = Deployments(settings.deployments_path, settings.audit_key())
         if package:
             self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
         elif model_dir:

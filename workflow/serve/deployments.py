@@ -5,11 +5,14 @@
 and never from a path a client sends. A package is refused when its signed creation time is older than the newest
 package this gateway ever served, unless the request asks for a rollback and the package is the one served just
 before the current one (what `python -m workflow.rollout rollback` does): an admin key can undo the last deploy,
-not bring back any old signed package.
+not bring back any old signed package. The record lives beside the audit log and is keyed with the audit key as
+the log is: someone who can write that volume cannot lower the floor.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -20,10 +23,24 @@ from workflow.serve.protocol import BadRequest
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
+class DeploymentsTampered(RuntimeError):
+    """The record does not match its key: someone changed it outside the gateway."""
+
+
+def _mac(key: bytes, state: dict) -> str:
+    return hmac.new(key, json.dumps(state, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
 class Deployments:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"floor": "", "history": []}
+    def __init__(self, path: str | Path, key: bytes) -> None:
+        self.path, self.key = Path(path), key
+        self.state = {"floor": "", "history": []}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            self.state = {"floor": saved.get("floor", ""), "history": saved.get("history", [])}
+            if not hmac.compare_digest(saved.get("mac", ""), _mac(key, self.state)):
+                raise DeploymentsTampered(f"{self.path} was changed outside the gateway (its key does not match): "
+                                          "the anti-rollback floor cannot be trusted; restore it from a backup or remove it knowingly")
 
     @property
     def floor(self) -> str:
@@ -53,7 +70,7 @@ class Deployments:
         partial = self.path.with_name(self.path.name + ".partial")
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump(self.state, handle, indent=1)
+            json.dump(self.state | {"mac": _mac(self.key, self.state)}, handle, indent=1)
         partial.replace(self.path)
 
 

@@ -1,8 +1,10 @@
-"""What every request goes through: the ASGI guard (client address, body limit, metrics, one audit record per
-request) and the gateway's state that the routes share (settings, keys, audit log, metrics, the backend)."""
+"""What every request goes through: the ASGI guard (client address; key, address allow-list and rate checked from
+the headers before any body is read; body deadline and size limit; metrics; one audit record per request) and the
+gateway's state that the routes share (settings, keys, rate limiter, audit log, metrics, the backend)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import Depends, Request
@@ -10,9 +12,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from workflow.serve.access import Denied, KeyStore, client_ip
-from workflow.serve.audit import AuditLog
 from workflow.serve.backends import InProcess, Upstream
 from workflow.serve.protocol import error_body
+from workflow.serve.ratelimit import RateLimiter, retry_after
 from workflow.serve.settings import GatewaySettings
 
 
@@ -27,11 +29,15 @@ class Metrics:
         self.denied = Counter("ft2prod_gateway_denied", "Refused requests by reason", ["reason"], registry=self.registry)
         self.ready = Gauge("ft2prod_gateway_ready", "1 when a model is loaded and serving", registry=self.registry)
         self.in_flight = Gauge("ft2prod_gateway_in_flight", "Requests being served", registry=self.registry)
+        self.closed = Counter("ft2prod_gateway_connections_closed", "Connections closed by the gateway before a request "
+                              "came, by reason", ["reason"], registry=self.registry)
 
 
 class Guard:
-    """ASGI middleware around every HTTP request: client address, body-size limit, metrics and one audit record
-    written when the last byte of the answer (streams included) has been sent."""
+    """ASGI middleware around every HTTP request: client address; for every path but the probes, the API key, its
+    role's address allow-list and its rate, from the headers alone (a refused client's body is never read); the
+    body within rollout.gateway.deadlines.body_s (else 408, connection closed) and limits.max_body_bytes; metrics
+    and one audit record written when the last byte of the answer (streams included) has been sent."""
 
     def __init__(self, app, gateway: Gateway) -> None:
         self.app, self.gateway = app, gateway
@@ -47,7 +53,9 @@ class Guard:
         g.metrics.in_flight.inc()
         try:
             state["client_ip"] = client_ip(scope["client"][0], headers.get("x-forwarded-for"), g.settings.policy.trusted_proxies)
-            body = await self._bounded_body(receive, headers)
+            if scope["path"] not in g.public:
+                g.admit(state, headers.get("authorization"))
+            body = await self._body_in_time(receive, headers)
             replayed = False
 
             async def replay():
@@ -66,10 +74,21 @@ class Guard:
         except Denied as denied:
             state["reason"] = denied.reason
             outcome["status"] = denied.status
-            await JSONResponse(error_body(str(denied), "invalid_request_error", denied.reason), denied.status)(scope, receive, send)
+            await JSONResponse(error_body(str(denied), "invalid_request_error", denied.reason), denied.status,
+                               denied.headers)(scope, receive, send)
         finally:
             g.metrics.in_flight.dec()
             g.record(state, scope["method"], endpoint, outcome["status"], time.perf_counter() - began)
+
+    async def _body_in_time(self, receive, headers: dict) -> bytes:
+        seconds = self.gateway.settings.deadlines["body_s"]
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._bounded_body(receive, headers)
+        except TimeoutError:
+            # Connection: close, so uvicorn drops the connection instead of waiting for the rest of the body.
+            raise Denied(408, "body_timeout", f"request body not complete within rollout.gateway.deadlines.body_s = {seconds} s",
+                         {"connection": "close"}) from None
 
     async def _bounded_body(self, receive, headers: dict) -> bytes:
         limit = self.gateway.settings.limits.max_body_bytes
@@ -92,9 +111,13 @@ class Gateway:
         """backend: either kind; both have the interface workflow.serve.backends describes."""
         self.settings, self.backend = settings, backend
         self.keys = KeyStore(settings.api_keys)
-        self.audit = AuditLog(settings.audit_path, settings.retention_days)
+        self.rates = RateLimiter(settings.rate_limits)
+        self.audit = settings.audit_log()
+        self.audit.prune()  # retention applies from the start; then daily, as records are appended
         self.metrics = Metrics()
         self.paths: set[str] = set()
+        self.public: set[str] = set()
+        """Paths served without a key (the probes); create_app fills both from its routes."""
 
     def record(self, state: dict, method: str, endpoint: str, status: int, seconds: float) -> None:
         identity = state.get("identity")
@@ -106,7 +129,7 @@ class Gateway:
         for name in ("reason", "detail", "request_id"):
             if name in state:
                 event[name] = state[name]
-        if self.settings.log_text and "text" in state:
+        if self.settings.audit.log_text and "text" in state:
             event["text"] = state["text"]
         self.audit.append(event)
         self.metrics.requests.labels(endpoint, str(status), role).inc()
@@ -116,10 +139,23 @@ class Gateway:
         if status in (401, 403, 413) or "reason" in state:
             self.metrics.denied.labels(state.get("reason", str(status))).inc()
 
+    def admit(self, state: dict, authorization: str | None) -> None:
+        """From the headers alone, before any body is read: a known, unexpired key (401), from an address its role's
+        allow-list holds (403), within its rate (429 with Retry-After). Routes check the role's permission."""
+        identity = self.keys.identify(authorization)
+        state["identity"] = identity
+        self.settings.policy.check_address(identity, state["client_ip"])
+        wait = self.rates.wait(identity.key_id, identity.role)
+        if wait:
+            rate = self.settings.rate_limits[identity.role]
+            raise Denied(429, "rate_limited", f"key {identity.key_id} is over the {identity.role} rate limit "
+                         f"({rate['requests_per_minute']:g} requests per minute, burst {rate['burst']}); retry in {wait:.1f} s",
+                         {"retry-after": retry_after(wait)})
+
     def require(self, permission: str):
         def check(request: Request) -> None:
             state = request.scope["state"]
-            identity = self.keys.identify(request.headers.get("authorization"))
+            identity = state.get("identity") or self.keys.identify(request.headers.get("authorization"))
             state["identity"] = identity
             self.settings.policy.authorize(identity, state["client_ip"], permission)
 

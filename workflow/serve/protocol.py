@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi.responses import StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 from starlette.concurrency import run_in_threadpool
 
 
@@ -42,13 +42,27 @@ class Message(BaseModel):
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+    # The schema's JSON types are the API's: false is not a temperature of 0, nor "5" a token count.
     model: str
+    """The served model's id (GET /v1/models); another is a 404."""
     max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: dict | None = None
-    temperature: float | None = None
-    n: int = 1
+    # The two below are checked by check_sampling, whose messages say why; the schema says what passes.
+    temperature: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 0})
+    """Greedy decoding only: 0 or absent."""
+    n: int = Field(1, json_schema_extra={"enum": [1]})
+    """One choice per request."""
+
+    @field_validator("max_tokens", "temperature", "n", "max_completion_tokens", mode="before", check_fields=False)
+    @classmethod
+    def json_number(cls, value):
+        """JSON numbers only: pydantic would read false, true and "5" as 0, 1 and 5 (an integral 2.0 is an integer,
+        as in JSON Schema)."""
+        if isinstance(value, bool | str):
+            raise ValueError(f"expected a JSON number, got {json.dumps(value)}")  # noqa: TRY004 (pydantic reports ValueError)
+        return value
 
 
 class ChatRequest(Sampling):
@@ -73,6 +87,21 @@ def error_body(message: str, kind: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    """What was wrong and what to do."""
+    type: str
+    """invalid_request_error (the client's to fix) or service_unavailable."""
+    code: str | None = None
+    """Why a request was refused, for refusals by the gateway's guard or access checks (no_key, role_forbidden, ...)."""
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's body (OpenAI's error shape), as error_body writes it."""
+
+    error: ErrorDetail
+
+
 def max_new_tokens(req: Sampling, limits) -> int:
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if asked and asked > limits.max_tokens:
@@ -89,6 +118,107 @@ def check_sampling(req: Sampling, model_name: str) -> None:
         raise BadRequest(f"n = {req.n} is not supported: one choice per request")
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed chat answer (`stream: true` answers text/event-stream chunks instead)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    """A non-streamed text answer (`stream: true` answers text/event-stream chunks instead)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    package_sha256: str | None = None
+    """The served package's digest (absent for a folder opened beforehand, or from an upstream engine)."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    """In the first chunk only."""
+    content: str
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat answer; with stream_options.include_usage, a last one has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class TextChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class TextCompletionChunk(BaseModel):
+    """One event of a streamed text answer; with stream_options.include_usage, a last one has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChunkChoice]
+    usage: Usage | None = None
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -99,6 +229,8 @@ async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_lengt
     yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked against
     the gateway's limits and the model's context length first; state gets the token counts for the audit log."""
     limit = max_new_tokens(req, settings.limits)
+    if not prompt_ids:  # engines refuse an empty input (ONNX Runtime GenAI: "input_ids is empty")
+        raise BadRequest("the prompt is empty (0 tokens); send some text")
     if len(prompt_ids) > settings.limits.max_prompt_tokens:
         raise BadRequest(f"prompt is {len(prompt_ids)} tokens, over the gateway's limit of {settings.limits.max_prompt_tokens}")
     room = context_length - len(prompt_ids)
@@ -134,7 +266,7 @@ async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_lengt
             for delta, finish in steps():
                 parts.append(delta)
             text = "".join(parts)
-            if settings.log_text:
+            if settings.audit.log_text:
                 state["text"] = {"prompt_tokens": prompt_ids, "output": text}
             return {"id": request_id, "object": obj, "created": created, "model": settings.model_name,
                     "choices": [choice(text, finish, final=True)], "usage": usage()}

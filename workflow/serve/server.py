@@ -10,6 +10,7 @@ import uvicorn
 
 from workflow.serve.app import create_app
 from workflow.serve.backends import InProcess, Upstream
+from workflow.serve.connections import with_header_deadline
 from workflow.serve.guard import Gateway
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import ensure_certificates, restrict_to_tls13
@@ -35,10 +36,14 @@ def serve(config: dict, package: str | None = None, model_dir: str | None = None
     app, gateway = build(config, package, model_dir, audit_path)
     if package:  # fail now, with a clear message, rather than inside the server's start-up
         gateway.settings.trusted_signer(), gateway.settings.kms()
+    deadlines = gateway_section["deadlines"]
     settings = uvicorn.Config(
         app, host=host or gateway_section["host"], port=port if port is not None else gateway_section["port"],
         ssl_certfile=str(files.cert), ssl_keyfile=str(files.key), timeout_graceful_shutdown=gateway_section["graceful_shutdown_s"],
         log_level="info", access_log=False, limit_concurrency=gateway_section["max_connections"],
+        # headers within deadlines.header_s (the body's deadline is the guard's); idle keep-alive closed after keep_alive_s
+        http=with_header_deadline(deadlines["header_s"], lambda reason: gateway.metrics.closed.labels(reason).inc()),
+        timeout_keep_alive=deadlines["keep_alive_s"],
         proxy_headers=False,  # X-Forwarded-For is believed only from rollout.gateway.trusted_proxies (access.client_ip)
     )
     settings.load()

@@ -7,11 +7,14 @@ from pathlib import Path
 
 from pydantic import ConfigDict, ValidationError
 
+from workflow.config import Audit
 from workflow.config import Limits as LimitSettings
 from workflow.config import errors
 from workflow.package import archive
 from workflow.package import kms as kms_providers
+from workflow.package.kms import owner_only_key
 from workflow.serve.access import Policy
+from workflow.serve.audit import AuditLog
 
 
 class Limits(LimitSettings):
@@ -37,11 +40,14 @@ class GatewaySettings:
     policy: Policy
     api_keys: Path
     audit_path: Path
-    retention_days: int
-    log_text: bool
-    """Write prompts and outputs into the audit log (off by default: the log holds metadata only)."""
+    audit: Audit
+    """The configured audit section (its path may be overridden by audit_path)."""
     denied_burst: int
     alert_window_s: float
+    deadlines: dict = field(default_factory=dict)
+    """rollout.gateway.deadlines: header_s, body_s, keep_alive_s."""
+    rate_limits: dict = field(default_factory=dict)
+    """rollout.gateway.rate_limits: {role: {requests_per_minute, burst}}."""
     engine: dict = field(default_factory=dict)
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None = None
@@ -52,7 +58,7 @@ class GatewaySettings:
     @property
     def deployments_path(self) -> Path:
         """The anti-rollback record (deployments.py), beside the audit log: state the gateway keeps and may write."""
-        return self.audit_path.with_name("deployments.json")
+        return self.audit_path.with_name(self.audit_path.stem + ".deployments.json")
 
     @classmethod
     def from_config(cls, config: dict, audit_path: str | Path | None = None) -> GatewaySettings:
@@ -63,15 +69,24 @@ class GatewaySettings:
             policy=Policy.from_config(gateway),
             api_keys=Path(gateway["api_keys"]),
             audit_path=Path(audit_path or gateway["audit"]["path"]),
-            retention_days=gateway["audit"]["retention_days"],
-            log_text=gateway["audit"]["log_text"],
+            audit=Audit(**gateway["audit"]),
             denied_burst=gateway["alerts"]["denied_burst"],
             alert_window_s=gateway["alerts"]["window_s"],
+            deadlines=gateway["deadlines"],
+            rate_limits=gateway["rate_limits"],
             engine=config["engine"],
             upstream=gateway["upstream"],
             package_settings=config["package"],
             package_root=Path(gateway["package_root"] or config["package"]["backup_dir"]),
         )
+
+    def audit_key(self, create: bool = True) -> bytes:
+        """The key of the audit chain and of the deployments record (made on first use by the gateway)."""
+        return owner_only_key(self.audit.key_file, create, self.audit.key_file_group, "audit")
+
+    def audit_log(self, writer: bool = True) -> AuditLog:
+        """The audit log with its key: the gateway is its writer; readers need the key to exist."""
+        return AuditLog(self.audit_path, self.audit_key(create=writer), self.audit.retention_days, writer, self.audit.head_export_s)
 
     def kms(self):
         return kms_providers.from_config(self.package_settings["kms"])
