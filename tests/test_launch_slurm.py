@@ -113,7 +113,7 @@ def test_two_node_command_trains_when_each_node_runs_its_part(tmp_path, tiny_bas
     checkpoints.mkdir()
     job = checkpoints / "job.json"
     job.write_text(json.dumps({
-        "finetune": cfg.as_dict(), "seed": 0, "model_dir": str(tiny_base), "data_dir": str(tmp_path / "data"),
+        "finetune": cfg.model_dump(mode="json"), "seed": 0, "model_dir": str(tiny_base), "data_dir": str(tmp_path / "data"),
         "checkpoint_dir": str(checkpoints), "summary": str(tmp_path / "summary.json"), "fingerprint": "test", "resume_from": None,
     }))
     command = launch_command(cfg, job, batch_env(tmp_path, "localhost,127.0.0.1", 2))
