@@ -34,8 +34,8 @@ from workflow.package.errors import (MissingChunk, PackageError, ReorderedChunk,
 from workflow.package.kms import Kms
 from workflow.package.layout import check_path, ciphertext_name
 from workflow.package.memfs import PrivateFolder
-from workflow.package.signing import (FORMAT, attestation, digest, key_id, load_public_key, load_signing_key,  # noqa: F401
-                                      public_pem, signed_manifest, write_signed)
+from workflow.package.signing import (FORMAT, Signed, attestation, digest, key_id, load_public_key,  # noqa: F401
+                                      load_signing_key, public_pem, signed_manifest, signed_package, write_signed)
 
 
 def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519PrivateKey, provenance: dict,
@@ -96,13 +96,15 @@ def verify(package: str | Path, trusted: Ed25519PublicKey, kms: Kms | None = Non
 
 
 def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into: str | Path | None = None,
-                 replace: bool = False) -> dict[str, bytes] | Path:
+                 replace: bool = False, signed: Signed | None = None) -> dict[str, bytes] | Path:
     """Verify and decrypt: into memory (a dict), or into the folder `into` on a memory-backed filesystem — never onto
     disk. `into` is made 0700 here, or must already be ours, 0700 and empty (`replace`: emptied first when it is ours
     and 0700); files are made 0600, each new, through the folder's descriptor, so no link is followed. A bad chunk
-    anywhere leaves nothing behind."""
+    anywhere leaves nothing behind. `signed`: the package's signed parts as the caller checked them (signed_package
+    with `trusted`), opened as they are rather than read again."""
     package = Path(package)
-    manifest, header, _ = signed_manifest(package, trusted)
+    signed = signed or signed_package(package, trusted)
+    manifest, header = signed.manifest, signed.header
     if into is None:
         files: dict[str, bytearray] = {}
         decrypt(package, header, manifest, unwrap_data_key(header, kms),

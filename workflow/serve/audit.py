@@ -88,6 +88,8 @@ class AuditLog:
         self._writer = None
         self._unwritten: dict | None = None
         """Records that could not be written since the last one that was: {"count", "first", "last", "error"}."""
+        self.carry = None
+        """A callable giving the state each prune carries into its chained event (deployments.py sets it)."""
         self.failures: list[dict] = []
         """Alerts for auditors: appends that failed (volume full, I/O error), newest last."""
         if writer:
@@ -257,10 +259,10 @@ class AuditLog:
             raise AuditTampered(f"{self.path}: head {prev[:16]}… is not the expected {expect_head[:16]}… (records truncated)")
         return {"records": count, "head": prev, "first_seq": seq - count}
 
-    def prune(self, at: datetime | None = None, carry: dict | None = None) -> int:
+    def prune(self, at: datetime | None = None) -> int:
         """Drop the records older than the retention period, after verifying the whole chain up to this writer's own
         head (an edited, removed or truncated record stops the prune: nothing is dropped). The kept chain stays
-        verifiable; `carry` (the anti-rollback state) is written into the chained prune event. Only the writer prunes."""
+        verifiable; `self.carry()` (the anti-rollback state) is written into the chained prune event. Only the writer prunes."""
         if self._writer is None:
             raise AuditBusy(f"{self.path}: opened for reading; only its writer prunes")
         cutoff = (at or datetime.now(UTC)) - self.retention
@@ -276,7 +278,7 @@ class AuditLog:
             self.folder.replace(self.name, b"".join(
                 (json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n").encode() for r in records[dropped:]))
         self.append({"event": "audit.prune", "pruned": dropped, "from_seq": first_seq, "anchor_seq": first["seq"],
-                     "anchor_prev": first["prev"], "cutoff": cutoff.isoformat(), **({"carry": carry} if carry else {})})
+                     "anchor_prev": first["prev"], "cutoff": cutoff.isoformat(), **({"carry": self.carry()} if self.carry else {})})
         return dropped
 
     def search(self, since: str | None = None, until: str | None = None, limit: int = 100, **equals) -> list[dict]:

@@ -55,11 +55,6 @@ class GatewaySettings:
     package_root: Path | None = None
     """Where /admin/deploy finds packages by digest."""
 
-    @property
-    def deployments_path(self) -> Path:
-        """The anti-rollback record (deployments.py), beside the audit log: state the gateway keeps and may write."""
-        return self.audit_path.with_name(self.audit_path.stem + ".deployments.json")
-
     @classmethod
     def from_config(cls, config: dict, audit_path: str | Path | None = None) -> GatewaySettings:
         gateway = config["rollout"]["gateway"]
