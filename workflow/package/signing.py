@@ -25,8 +25,15 @@ def key_id(public: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
+def public_key_path(signing_key: str | Path) -> Path:
+    """Where the public half of `signing_key` is kept beside it (keys/signing.pem -> keys/signing.pub): what a gateway
+    trusts when `package.trusted_signer` is null, so that it never reads the private key."""
+    return Path(signing_key).with_suffix(".pub")
+
+
 def load_signing_key(path: str | Path, create: bool = True) -> Ed25519PrivateKey:
-    """The Ed25519 signing key (PEM, owner-only permissions), made on first use when `create`."""
+    """The Ed25519 signing key (PEM, owner-only permissions), made on first use when `create`; its public half is
+    written beside it (public_key_path) when missing."""
     path = Path(path)
     if not path.exists() and create:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +44,11 @@ def load_signing_key(path: str | Path, create: bool = True) -> Ed25519PrivateKey
             handle.write(pem)
     if os.stat(path).st_mode & 0o077:
         raise PackageError(f"signing key {path} must be readable by its owner only (chmod 600)")
-    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    public = public_key_path(path)
+    if not public.exists():
+        public.write_bytes(public_pem(key.public_key()))
+    return key
 
 
 def public_pem(public: Ed25519PublicKey) -> bytes:
