@@ -95,6 +95,7 @@ class AuditLog:
         if writer:
             self._take_writer_lock()
             torn = self._cut_torn_tail()
+        self._exported, self._pruned = float("-inf"), time.monotonic()
         self._seq, self._head = self._start()
         if writer:
             checked = self.verify()
@@ -102,7 +103,6 @@ class AuditLog:
             if torn:
                 self.append({"event": "audit.recovered", "torn_bytes": len(torn),
                              "torn_sha256": hashlib.sha256(torn).hexdigest(), "torn_text": torn[:512].decode("utf-8", "replace")})
-        self._exported, self._pruned = float("-inf"), time.monotonic()
 
     def _take_writer_lock(self) -> None:
         self.folder.check(self.name, self.anchor_name, self.name + ".lock")
