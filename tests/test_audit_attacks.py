@@ -24,6 +24,7 @@ from workflow.serve.audit import AuditLog, AuditTampered, AuditWriteFailed
 from workflow.serve.auditfolder import UnsafeAuditFile
 from workflow.serve.deployments import Deployments
 from workflow.serve.protocol import BadRequest
+from workflow.wait import wait_for
 
 KEY = bytes(range(32))
 SECRET = b"K" * 32  # stands for keys/kek.bin: a file the gateway may write, which the attacker wants destroyed
@@ -285,3 +286,42 @@ def test_a_key_file_loosened_while_the_gateway_runs_is_refused_not_trusted(tmp_p
     with pytest.raises(ValueError, match="no group or other user can write"):
         os.chmod(path, 0o620)
         KeyStore(path)
+
+
+@pytest.mark.slow
+def test_a_gateway_whose_audit_volume_fills_answers_503_and_alerts(tmp_path):
+    """Finding 4, end to end: the running gateway's file-size limit lowered (prlimit) to just above its log, as a full
+    volume would. Before: requests went on being served, unaudited. Now: 503 as soon as a record cannot be written,
+    the log still verifies, and once writes work again the gap is chained and auditors see the alert."""
+    from test_serve import STOPPED, Served
+
+    served = Served(tmp_path / "gateway", None, {"upstream": "http://127.0.0.1:9"}, keys_dir=tmp_path)
+    try:
+        # An upstream that never answers: the gateway serves its own endpoints only (/readyz stays 503).
+        wait_for(lambda: _answers(served) == 200, "the gateway", 60, every=0.3)
+        analyst = served.http("analyst")
+        log = served.root / "audit.jsonl"
+        limit = log.stat().st_size + 1500
+        resource.prlimit(served.process.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        statuses = [analyst.get("/v1/deployment").status_code for _ in range(12)]
+        assert 503 in statuses, statuses
+        refused = analyst.get("/v1/deployment")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "audit_unavailable"
+        assert log.stat().st_size <= limit and log.read_bytes().endswith(b"\n")
+        resource.prlimit(served.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert analyst.get("/v1/deployment").status_code == 200
+        alerts = served.http("auditor").get("/audit/alerts").json()["alerts"]
+        assert "audit_write_failed" in {a["kind"] for a in alerts}
+    finally:
+        assert served.stop() in STOPPED
+    records = list(AuditLog(log, (served.root / "audit.key").read_bytes()).records())
+    gap = [r for r in records if r["event"] == "audit.unwritten"]
+    assert len(gap) == 1 and gap[0]["count"] == statuses.count(503) + 1
+    assert AuditLog(log, (served.root / "audit.key").read_bytes()).verify()["records"] == len(records)
+
+
+def _answers(served) -> int:
+    try:
+        return served.http("analyst").get("/v1/deployment").status_code
+    except Exception:  # not listening yet
+        return 0
