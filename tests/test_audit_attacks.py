@@ -205,11 +205,14 @@ def signed_package(folder: Path, keys: Path) -> Path:
     return folder
 
 
+def created(package: Path, keys: Path) -> str:
+    return archive.signed_manifest(package, archive.load_signing_key(keys / "signing.pem").public_key())[1]["created"]
+
+
 def floor_at(audit_path: Path, package: Path, keys: Path) -> None:
     """A gateway served `package`: its chained record in the audit log at `audit_path`."""
-    signed = archive.signed_package(package, archive.load_public_key(keys / "signing.pub"))
     audit = AuditLog(audit_path, KEY, writer=True)
-    Deployments(audit).record(signed.sha256, signed.header["created"])
+    Deployments(audit).record(archive.digest(package), created(package, keys))
     audit.close()
 
 
@@ -242,9 +245,8 @@ def test_replicas_sharing_the_audit_folder_share_one_floor(tmp_path):
     newer = signed_package(tmp_path / "newer.ftpkg", keys)
     floor_at(tmp_path / "audit" / "pod-a.jsonl", newer, keys)
     replica = AuditLog(tmp_path / "audit" / "pod-b.jsonl", KEY, writer=True)
-    signed = archive.signed_package(older, archive.load_public_key(keys / "signing.pub"))
     with pytest.raises(BadRequest, match="older package"):
-        Deployments(replica).check(signed.sha256, signed.header["created"], rollback=False)
+        Deployments(replica).check(archive.digest(older), created(older, keys), rollback=False)
     replica.close()
 
 
@@ -259,9 +261,8 @@ def test_the_floor_survives_pruning(tmp_path):
     assert audit.prune(at=datetime.now(UTC) + timedelta(days=3)) == 1  # the package.served record is gone
     audit.close()
     audit = AuditLog(path, KEY, writer=True)
-    signed = archive.signed_package(older, archive.load_public_key(keys / "signing.pub"))
     with pytest.raises(BadRequest, match="older package"):
-        Deployments(audit).check(signed.sha256, signed.header["created"], rollback=False)
+        Deployments(audit).check(archive.digest(older), created(older, keys), rollback=False)
     assert deployments.state["floor"] == Deployments(audit).state["floor"] != ""
     audit.close()
 

@@ -30,6 +30,10 @@ def packed(folder: Path, keys: Path) -> Path:
     return folder
 
 
+def signer(keys: Path):
+    return archive.load_signing_key(keys / "signing.pem", create=False).public_key()
+
+
 def test_a_rotate_key_cut_short_by_a_full_disk_leaves_the_package_verifying(tmp_path):
     """Before: rotate-key rewrote header.json, manifest.json and manifest.sig in place; a write refused part-way (here
     the file-size limit, as a full disk) left a package that verifies with neither key."""
@@ -44,11 +48,11 @@ def test_a_rotate_key_cut_short_by_a_full_disk_leaves_the_package_verifying(tmp_
               "--key-file", str(keys / "kek.bin"), "--new-key-file", str(keys / "new.bin")]
     cut = subprocess.run(rotate, capture_output=True, text=True, preexec_fn=full_disk)
     assert cut.returncode != 0
-    archive.verify(package, archive.load_public_key(keys / "signing.pub"), LocalKeyFile(keys / "kek.bin"))
+    archive.verify(package, signer(keys), LocalKeyFile(keys / "kek.bin"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys", "model.ftpkg", "model.src"], "no half-built copy left"
     done = subprocess.run(rotate, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    archive.verify(package, archive.load_public_key(keys / "signing.pub"), LocalKeyFile(keys / "new.bin"))
+    archive.verify(package, signer(keys), LocalKeyFile(keys / "new.bin"))
 
 
 def test_a_gateway_trusting_the_default_signer_never_reads_the_private_key(tmp_path):
@@ -89,7 +93,7 @@ class SwappingSettings:
         self.package_root, self.keys, self.older, self.digest = root, keys, older, digest
 
     def trusted_signer(self):
-        return archive.load_public_key(self.keys / "signing.pub")
+        return signer(self.keys)
 
     def kms(self):
         shutil.rmtree(self.package_root / self.digest)
@@ -103,7 +107,7 @@ def test_a_package_swapped_between_the_deploy_check_and_the_load_is_refused(tmp_
     keys = tmp_path / "keys"
     older = packed(tmp_path / "older.ftpkg", keys)
     newer = packed(tmp_path / "newer.ftpkg", keys)
-    trusted = archive.load_public_key(keys / "signing.pub")
+    trusted = signer(keys)
     digest = archive.digest(newer)
     root = tmp_path / "packages"
     shutil.copytree(newer, root / digest)
