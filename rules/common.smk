@@ -58,6 +58,19 @@ def final_targets():
     return pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
 
 
+def evaluation_file(wildcards=None):
+    """evaluate.path, the user's evaluation rows, when set: prepare_data makes the test split from it."""
+    return [config["evaluate"]["path"]] if config["evaluate"]["path"] else []
+
+
+def metric_files(wildcards=None):
+    """The scorer's module or the lm_eval task files: editing them reruns every scoring job."""
+    from workflow.config import EvalConfig
+    from workflow.metrics import metric_files as files
+
+    return files(EvalConfig(**config["evaluate"]))
+
+
 def eval_settings():
     return {key: value for key, value in config["evaluate"].items() if key != "gate"}
 

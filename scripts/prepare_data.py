@@ -16,4 +16,5 @@ prepare_data(
     cfg=DataConfig(**snakemake.params.settings),
     tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
     seed=snakemake.params.seed,
+    eval_path=snakemake.input.evaluation or None,
 )
