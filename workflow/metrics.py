@@ -25,7 +25,7 @@ from workflow.chat import prompt_text
 END_THINK, START_THINK = "</think>", "<think>"
 TRAILING_PUNCTUATION = ".,;:!?。"
 _GROUPED = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?=\b|\.)")
-_TRAILING_ZEROS = re.compile(r"(?<![\d.])(\d+)\.(\d*?)0+(?![\d])")
+_TRAILING_ZEROS = re.compile(r"(?<![\d.])(\d+)\.(\d*?)0+(?!\d|\.\d)")
 
 
 class MetricError(ValueError):
