@@ -47,18 +47,27 @@ def check_task(task_cfg) -> None:
 
 @contextlib.contextmanager
 def offline():
-    """Hub access off and a private datasets cache for the duration (previous environment restored)."""
-    saved = {key: os.environ.get(key) for key in (*OFFLINE, "HF_DATASETS_CACHE")}
+    """Hub access off and a private datasets cache for the duration, previous settings restored. datasets and
+    huggingface_hub read their environment once, at import, so their settings are switched as well."""
+    import datasets.config
+    import huggingface_hub.constants
+
     with tempfile.TemporaryDirectory(prefix="lm_eval-datasets-") as cache:
-        os.environ.update(OFFLINE | {"HF_DATASETS_CACHE": cache})
+        settings = [(os.environ, key, value) for key, value in (OFFLINE | {"HF_DATASETS_CACHE": cache}).items()]
+        settings += [(vars(datasets.config), "HF_DATASETS_CACHE", Path(cache)), (vars(datasets.config), "HF_HUB_OFFLINE", True),
+                     (vars(datasets.config), "HF_DATASETS_OFFLINE", True),
+                     (vars(huggingface_hub.constants), "HF_HUB_OFFLINE", True)]
+        saved = [(where, key, where.get(key)) for where, key, _ in settings]
+        for where, key, value in settings:
+            where[key] = value
         try:
             yield
         finally:
-            for key, value in saved.items():
+            for where, key, value in saved:
                 if value is None:
-                    os.environ.pop(key, None)
+                    where.pop(key, None)
                 else:
-                    os.environ[key] = value
+                    where[key] = value
 
 
 def hf_model(model, tokenizer, batch_size: int):
