@@ -229,7 +229,7 @@ def evaluate(model_dir: str | Path, test_path: str | Path, base_path: str | Path
         Path(report_path).write_text(report_markdown(metrics, base, results, cfg, verdict))
         mlflow.log_artifact(str(report_path))
         record_gate([
-            {"name": "score >= evaluate.gate.min_accuracy", "passed": metrics["accuracy"] >= gate.min_accuracy,
+            {"name": "accuracy >= evaluate.gate.min_accuracy", "passed": metrics["accuracy"] >= gate.min_accuracy,
              "value": metrics["accuracy"], "threshold": gate.min_accuracy, "detail": f"{metric} on the test split"},
             {"name": "gain over base >= evaluate.gate.min_gain", "passed": gain >= gate.min_gain, "value": gain,
              "threshold": gate.min_gain, "detail": f"{metric}: base {base['accuracy']:.3f} -> fine-tuned {metrics['accuracy']:.3f}"},
