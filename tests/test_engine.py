@@ -200,7 +200,8 @@ def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path):
     assert "gpu=8" in job
     for stage in ("engine", "benchmark"):  # build_engine_tensorrt_llm, benchmark_tensorrt_llm
         rules = (REPO / "rules" / f"{stage}.smk").read_text()
-        assert rules.count(f'"{tensorrt_llm.CONTAINER}"') == 1, f"rules/{stage}.smk: TensorRT-LLM runs in the pinned release container"
+        assert rules.count("container:\n        TENSORRT_LLM_CONTAINER") == 1, f"rules/{stage}.smk: TensorRT-LLM runs in the pinned release container"
+    assert 'TENSORRT_LLM_CONTAINER = f"docker://{TENSORRT_LLM_IMAGE}"' in (REPO / "rules" / "common.smk").read_text()
 
 
 class GatedEngine:

@@ -1,5 +1,6 @@
 import pytest
 
+from workflow.config import ConfigError, settings
 from workflow.evaluate import GateFailed, accuracy_gate
 from workflow.select import choose, compare, table
 
@@ -38,8 +39,8 @@ def test_every_scheme_gets_a_verdict_with_its_numbers():
 def test_policies_choose_among_eligible_schemes():
     assert choose(evidence(), "max_throughput")[0]["scheme"] == "int4_awq"
     assert choose(evidence(), "max_accuracy")[0]["scheme"] == "bf16"
-    with pytest.raises(ValueError, match="select.policy must be one of max_throughput, max_accuracy"):
-        choose(evidence(), "cheapest")
+    with pytest.raises(ConfigError, match="config: select.policy: 'cheapest' is not allowed; allowed values: 'max_throughput', 'max_accuracy'"):
+        settings({"select": {"policy": "cheapest"}})
 
 
 def test_latency_slo_drops_slow_schemes_and_nothing_eligible_stops_the_dag():

@@ -16,6 +16,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from workflow.config import Kms as KmsSettings
+
 
 class KmsError(RuntimeError):
     """The KMS refused, or holds a key other than the one that wrapped this package."""
@@ -135,7 +137,7 @@ class VaultTransit:
 
     url: str
     key_name: str
-    mount_point: str = "transit"
+    mount_point: str
     provider: str = "vault"
 
     def _client(self):
@@ -164,17 +166,14 @@ class VaultTransit:
         return base64.b64decode(reply["data"]["plaintext"])
 
 
-def from_config(settings: dict) -> Kms:
+def from_config(settings: KmsSettings) -> Kms:
     """The provider named by `package.kms.provider`, with its settings (secrets come from the environment)."""
-    provider = settings["provider"]
-    if provider == "local":
-        return LocalKeyFile(settings["local"]["key_file"])
-    if provider == "pkcs11":
-        p = settings["pkcs11"]
-        pin = os.environ.get(p["pin_env"])
+    if settings.provider == "local":
+        return LocalKeyFile(settings.local.key_file)
+    if settings.provider == "pkcs11":
+        p = settings.pkcs11
+        pin = os.environ.get(p.pin_env)
         if pin is None:
-            raise KmsError(f"kms: pkcs11 needs the HSM user PIN in the environment variable {p['pin_env']}")
-        return Pkcs11Hsm(p["module"], p["token_label"], p["key_label"], pin)
-    if provider == "vault":
-        return VaultTransit(settings["vault"]["url"], settings["vault"]["key_name"], settings["vault"].get("mount_point", "transit"))
-    raise ValueError(f"package.kms.provider must be one of local, pkcs11, vault (got {provider!r})")
+            raise KmsError(f"kms: pkcs11 needs the HSM user PIN in the environment variable {p.pin_env}")
+        return Pkcs11Hsm(p.module, p.token_label, p.key_label, pin)
+    return VaultTransit(settings.vault.url, settings.vault.key_name, settings.vault.mount_point)
