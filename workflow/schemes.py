@@ -27,6 +27,8 @@ class Scheme:
     calibration: str | None = None
     """The per-input-channel scales its ModelOpt recipe calibrates (AWQ, SmoothQuant), which engines that quantize
     weights themselves (ONNX Runtime GenAI) get folded into the weights (workflow/engine/calibration.py)."""
+    quant_algo: str | None = None
+    """The quant_algo ModelOpt's export writes to hf_quant_config.json for it, which TensorRT-LLM reads (None: none written)."""
     onnxruntime: dict[str, str] = field(default_factory=dict)
     """The ONNX Runtime GenAI model builder's precision (`-p`) for it, per execution provider; a provider missing
     here has no kernels for the scheme, and the scheme gets no engine there."""
@@ -42,11 +44,12 @@ SCHEMES = {
     for scheme in (
         Scheme("bf16", "bf16 weights and activations: the unquantized baseline", None, 1, 2.0, 0.005, (8, 0),
                onnxruntime={"cpu": "fp32", "cuda": "bf16"}),  # no fast bf16 kernels on CPU: fp32
-        Scheme("fp8", "FP8 E4M3 weights and activations, per-tensor scales", "FP8_DEFAULT_CFG", 16, 1.0, 0.008, (8, 9)),
+        Scheme("fp8", "FP8 E4M3 weights and activations, per-tensor scales", "FP8_DEFAULT_CFG", 16, 1.0, 0.008, (8, 9),
+               quant_algo="FP8"),
         Scheme("int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", 1, 1.0, 0.012, (8, 0),
-               "SmoothQuant", onnxruntime={"cpu": "int8", "cuda": "int8"}),
+               "SmoothQuant", quant_algo="W8A8_SQ_PER_CHANNEL", onnxruntime={"cpu": "int8", "cuda": "int8"}),
         Scheme("int4_awq", "INT4 weights in blocks of 128, AWQ-scaled; 16-bit activations", "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, (8, 0),
-               "AWQ", onnxruntime={"cpu": "int4", "cuda": "int4"}),
+               "AWQ", quant_algo="W4A16_AWQ", onnxruntime={"cpu": "int4", "cuda": "int4"}),
     )
 }
 

@@ -72,10 +72,12 @@ def plan(checkpoint_dir: str | Path, engine_dir: str | Path, scheme: str, settin
         problems.append(f"pp_size {pp} exceeds num_hidden_layers {layers}")
     if settings.max_input_len >= settings.max_seq_len:
         problems.append(f"max_input_len {settings.max_input_len} must be below max_seq_len {settings.max_seq_len}")
-    if problems:
-        raise ValueError("build_engine (tensorrt_llm): " + "; ".join(problems) + " (engine.tensorrt_llm)")
     recipe = checkpoint_dir / "hf_quant_config.json"
     quant_algo = json.loads(recipe.read_text())["quantization"]["quant_algo"] if recipe.exists() else None
+    if quant_algo != SCHEMES[scheme].quant_algo:
+        problems.append(f"the checkpoint's quant_algo is {quant_algo}, but {scheme} is {SCHEMES[scheme].quant_algo} (workflow/schemes.py)")
+    if problems:
+        raise ValueError("build_engine (tensorrt_llm): " + "; ".join(problems) + " (engine.tensorrt_llm)")
     return BuildPlan(scheme, quant_algo, str(checkpoint_dir), str(engine_dir), settings)
 
 
