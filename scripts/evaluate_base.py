@@ -3,7 +3,7 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.config import EvalConfig
+from workflow.config import Cluster, EvalConfig
 from workflow.evaluate import evaluate_base
 from workflow.tracking import Tracking
 
@@ -13,4 +13,5 @@ evaluate_base(
     out_path=snakemake.output[0],
     cfg=EvalConfig(**snakemake.params.settings),
     tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    cluster=Cluster(**snakemake.config["cluster"]),
 )

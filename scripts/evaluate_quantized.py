@@ -3,7 +3,7 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.config import EvalConfig
+from workflow.config import Cluster, EvalConfig
 from workflow.quantize import evaluate_quantized
 from workflow.tracking import Tracking
 
@@ -17,4 +17,5 @@ evaluate_quantized(
     max_loss=snakemake.params.max_loss,
     cfg=EvalConfig(**snakemake.params.settings),
     tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    cluster=Cluster(**snakemake.config["cluster"]),
 )

@@ -3,7 +3,7 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.config import QuantizeConfig
+from workflow.config import Cluster, QuantizeConfig
 from workflow.quantize import quantize
 from workflow.tracking import Tracking
 
@@ -14,4 +14,5 @@ quantize(
     scheme=snakemake.wildcards.scheme,
     cfg=QuantizeConfig(calib_samples=snakemake.params.calib_samples),
     tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    cluster=Cluster(**snakemake.config["cluster"]),
 )
