@@ -83,29 +83,33 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {tokenizer.eos_token_id} | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
 
 
+def gpu_batch(model, prompts: list[list[int]], cfg: EvalConfig, cluster: Cluster) -> tuple[int, dict | None]:
+    """Prompts generated together: cfg.batch_size on the CPU; on a GPU the most the planner's memory model fits
+    (workflow.capacity.generation_memory), with that model's figure for the job."""
+    if model.device.type != "cuda":
+        return cfg.batch_size, None
+    arch = Architecture.from_hf_config(model.config.to_dict())
+    cache_len, longest = cache_length(prompts, cfg.max_new_tokens), max(map(len, prompts))
+    batch = fitted_batch(arch, cluster, cache_len, longest, model.dtype.itemsize, len(prompts))
+    return batch, generation_memory(arch, batch, cache_len, longest, model.dtype.itemsize, cluster)
+
+
 def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig, cluster: Cluster = Cluster(),
-             journal_path: str | Path | None = None, static_cache: bool = True) -> list[Completion]:
-    """Greedy completions of each row's prompt (the conversation up to its last answer), batched: cfg.batch_size
-    rows at a time on the CPU; on a GPU as many as the planner's memory model fits (workflow.generation), with a
-    static KV cache unless `static_cache` is off (ModelOpt's fake-quantized modules are not compiled), and each
-    finished prompt journalled to `journal_path` so a killed job resumes."""
+             journal_path: str | Path | None = None, static_cache: bool = True) -> tuple[list[Completion], dict | None]:
+    """Greedy completions of each row's prompt (the conversation up to its last answer), batched as gpu_batch says,
+    on a GPU with a static KV cache unless `static_cache` is off (ModelOpt's fake-quantized modules are not
+    compiled), each finished prompt journalled to `journal_path` so a killed job resumes; and the planner's memory
+    figure on a GPU."""
     prompts = [prompt_ids(tokenizer, r["messages"][:-1]) for r in rows]
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch, static = cfg.batch_size, False
-    if device.type == "cuda":
-        arch = Architecture.from_hf_config(model.config.to_dict())
-        batch = fitted_batch(arch, cluster, cache_length(prompts, cfg.max_new_tokens), max(map(len, prompts)),
-                             model.dtype.itemsize, len(prompts))
-        static = static_cache
-        log.info("generating %d prompts on %s, %d at a time (planner: %s GiB)", len(prompts), device, batch,
-                 generation_memory(arch, batch, cache_length(prompts, cfg.max_new_tokens), max(map(len, prompts)),
-                                   model.dtype.itemsize, cluster)["device_gib"])
-    key = journal_key(model.name_or_path, prompts, cfg.max_new_tokens, f"{model.dtype}{static}")
-    journal = Journal(journal_path, key)
+    batch, planned = gpu_batch(model, prompts, cfg, cluster)
+    static = static_cache and planned is not None
+    log.info("generating %d prompts on %s, %d at a time%s", len(prompts), model.device, batch,
+             f" (planner: {planned['device_gib']} GiB of {planned['device_limit_gib']})" if planned else "")
+    journal = Journal(journal_path, journal_key(model.name_or_path, prompts, cfg.max_new_tokens, f"{model.dtype}{static}"))
     generated = generation.generate(model, prompts, cfg.max_new_tokens, batch, pad, eos_ids(model, tokenizer), journal,
                                     static_cache=static)
-    return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated]
+    return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated], planned
 
 
 def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
@@ -148,11 +152,11 @@ def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig
     if model is None:
         model = load_model(model_dir, model_device(cluster))
     rows = read_split(test_path, cfg.max_samples)
-    completions = generate(model, tokenizer, rows, cfg, cluster, journal_path, static_cache=not quantized)
+    completions, planned = generate(model, tokenizer, rows, cfg, cluster, journal_path, static_cache=not quantized)
     metrics, results = score(rows, completions)
     metrics["perplexity"] = perplexity(model, rows)
-    if (peak := peak_gib(model.device)) is not None:
-        metrics["gpu_peak_gib"] = peak
+    if planned:
+        metrics |= {"gpu_planned_gib": planned["device_gib"], "gpu_peak_gib": peak_gib(model.device), "gpu_batch": planned["batch"]}
     if journal_path:
         Path(journal_path).unlink(missing_ok=True)
     return metrics, results

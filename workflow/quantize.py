@@ -144,7 +144,7 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
         result = gate | {"format_adherence": metrics["format_adherence"], "perplexity": metrics["perplexity"],
                          "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"],
-                         "gpu_peak_gib": metrics.get("gpu_peak_gib")}
+                         **{k: metrics[k] for k in ("gpu_planned_gib", "gpu_peak_gib", "gpu_batch") if k in metrics}}
         log_results(scheme, metrics, results, cfg.sample_generations)
         mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20})
         mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
