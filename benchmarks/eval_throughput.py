@@ -49,13 +49,13 @@ def gpu_run(model, prompts, new_tokens: int, cluster: Cluster) -> dict:
     planned = generation_memory(arch, batch, cache_len, len(prompts[0]), 2, cluster)["device_gib"]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    generation.generate(model, prompts[:batch], 4, batch, pad_id=0, eos={-1}, static_cache=True)  # compiles the step
+    generation.generate(model, prompts[:batch], 4, batch, pad_id=0, eos=set(), static_cache=True)  # compiles the step
     torch.cuda.synchronize()
     warm_up = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         journal = generation.Journal(os.path.join(tmp, "j.jsonl"), "bench")
         start2 = time.perf_counter()
-        out = generation.generate(model, prompts, new_tokens, batch, pad_id=0, eos={-1}, journal=journal, static_cache=True)
+        out = generation.generate(model, prompts, new_tokens, batch, pad_id=0, eos=set(), journal=journal, static_cache=True)
         torch.cuda.synchronize()
         run = time.perf_counter() - start2
     tokens = sum(len(t) for t, _ in out)
@@ -68,7 +68,7 @@ def gpu_run(model, prompts, new_tokens: int, cluster: Cluster) -> dict:
 def cpu_run(model, prompts, new_tokens: int, total_tokens: int) -> dict:
     model = model.to("cpu", torch.float32)
     start = time.perf_counter()
-    out = generation.generate(model, prompts, new_tokens, len(prompts), pad_id=0, eos={-1})
+    out = generation.generate(model, prompts, new_tokens, len(prompts), pad_id=0, eos=set())
     elapsed = time.perf_counter() - start
     tokens = sum(len(t) for t, _ in out)
     return {"device": f"CPU, {torch.get_num_threads()} threads", "batch": len(prompts), "tokens": tokens,

@@ -153,7 +153,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: i
         ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=sorted(eos), **extra)
+                             pad_token_id=pad_id, eos_token_id=sorted(eos) or None, **extra)
         new = out[:, width:].tolist()
         journal.add({index: until_eos(new[row], eos) for row, index in enumerate(chunk)})
         if progress:
