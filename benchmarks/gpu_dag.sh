@@ -21,7 +21,9 @@ smoke() {
 }
 
 dag() {
-    python3 -c "from tests.families import make; make('r1-distill-qwen', '/tmp/gpu-base', shape=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=2048))" || exit 1
+    [ -f /tmp/gpu-base/config.json ] || python3 -c "from tests.families import make; make('r1-distill-qwen', '/tmp/gpu-base', shape=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=2048))" || exit 1
+    # results/ outside the carried tree, so a second call on the warm machine continues where the first stopped
+    mkdir -p /tmp/dag-results && ln -sfn /tmp/dag-results results
     start=$(date +%s)
     timeout ${DAG_TIMEOUT:-540} python3 -m snakemake --configfile config/gpu.yaml --profile profiles/default --cores 16 \
         --scheduler greedy --resources gpu=1 ${TARGETS:-} > "$OUT/snakemake.log" 2>&1
