@@ -153,3 +153,15 @@ def multi_node(value):
     """A resource only multi-node jobs carry: the SLURM plugin then runs the job script once on the first
     node (no `srun -n1` around it) and the launcher starts one process per node itself with srun."""
     return value if CONFIG.cluster.nodes > 1 else None
+
+
+def model_gpus():
+    """GPUs a job that runs the model itself asks for: one when the cluster has GPUs (workflow.generation uses it)."""
+    return 1 if CONFIG.cluster.gpus_per_node > 0 else 0
+
+
+def generation_runtime(wildcards=None, attempt=1):
+    """Minutes a job that generates for the test split asks for, from its token count (workflow.generation)."""
+    from workflow.generation import runtime_minutes
+
+    return runtime_minutes(CONFIG.evaluate.max_samples, CONFIG.evaluate.max_new_tokens, model_gpus() > 0)

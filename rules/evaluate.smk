@@ -13,8 +13,8 @@ rule evaluate_base:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=30,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:
@@ -38,8 +38,8 @@ rule evaluate:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=30,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:

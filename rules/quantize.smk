@@ -15,8 +15,8 @@ rule quantize:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=60,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:
@@ -43,8 +43,8 @@ checkpoint evaluate_quantized:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=60,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:
