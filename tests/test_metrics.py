@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workflow.chat import ChatFormat
 from workflow.config import ConfigError, EvalConfig, settings
-from workflow.evaluate import Completion, evaluate_model, gate_failures, score
+from workflow.engine import onnxruntime
+from workflow.evaluate import Completion, engine_scores, evaluate_model, gate_failures, score
 from workflow.metrics import Grader, contains, exact, final_answer, grader, normalise
 
 QUESTION = "How many apples are in the two crates?"
@@ -191,20 +192,40 @@ metric_list:
 """
 
 
-def test_an_lm_eval_task_runs_offline_against_the_model(taught, tmp_path, monkeypatch):
+@pytest.fixture
+def apples_task(tmp_path) -> dict:
+    """evaluate.lm_eval settings of a local task over a local JSONL: QUESTION with references 1000 and 999."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     data = tasks / "apples.jsonl"
     data.write_text("".join(json.dumps({"question": QUESTION, "answer": a}) + "\n" for a in ("1000", "999")))
     (tasks / "apples.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    return {"include_path": str(tasks), "task": "apples", "filter": "number"}
+
+
+@pytest.mark.slow
+def test_an_lm_eval_task_runs_offline_against_the_model(taught, apples_task, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # where a download would land: must stay empty
-    task = {"include_path": str(tasks), "task": "apples", "filter": "number"}
-    metrics, results = scores(taught, metric="lm_eval", lm_eval=task)
+    metrics, results = scores(taught, metric="lm_eval", lm_eval=apples_task)
     assert metrics["accuracy"] == 0.5 and metrics["samples"] == 2
     assert [r["answer"] for r in results] == ["1,000", "1,000"] and [r["correct"] for r in results] == [True, False]
     assert metrics["perplexity"] > 0
     assert not (tmp_path / "hf_home").exists()
     with pytest.raises(ValueError, match=r"reports no 'acc,number' .* it reports: exact_match,number"):
-        scores(taught, metric="lm_eval", lm_eval=task | {"metric": "acc"})
+        scores(taught, metric="lm_eval", lm_eval=apples_task | {"metric": "acc"})
     with pytest.raises(ConfigError, match=r"evaluate.lm_eval.task 'pears' is not defined in .*tasks found there: apples"):
-        settings({"evaluate": {"metric": "lm_eval", "lm_eval": task | {"task": "pears"}}})
+        settings({"evaluate": {"metric": "lm_eval", "lm_eval": apples_task | {"task": "pears"}}})
+
+
+@pytest.mark.slow
+def test_a_built_engine_is_scored_on_the_metric_and_through_an_lm_eval_task(taught, apples_task, tmp_path):
+    """The engine accuracy check's path: the ONNX Runtime engine built from the taught model, scored by contains on
+    the test split and by the lm_eval task through lm-eval's generate_until."""
+    onnxruntime.build(taught / "model", tmp_path / "engine", "bf16", "cpu", 32, 4, "sha")
+    engine = onnxruntime.OrtEngine(tmp_path / "engine")
+    tokenizer = AutoTokenizer.from_pretrained(taught / "model")
+    rows = [json.loads(line) for line in (taught / "test.jsonl").read_text().splitlines()]
+    metrics, results = engine_scores(engine, tokenizer, rows, EvalConfig(metric="contains", max_new_tokens=40))
+    assert [r["answer"] for r in results] == [TAUGHT["content"]] * 2 and metrics["accuracy"] == 0.5
+    metrics, results = engine_scores(engine, tokenizer, rows, EvalConfig(metric="lm_eval", lm_eval=apples_task))
+    assert metrics["accuracy"] == 0.5 and [r["answer"] for r in results] == ["1,000", "1,000"]
