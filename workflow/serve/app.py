@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -29,7 +31,7 @@ from starlette.responses import Response
 from workflow.serve import openapi
 from workflow.serve.access import Denied
 from workflow.serve.audit import alerts
-from workflow.serve.backends import NotReady
+from workflow.serve.backends import NotReady, UpstreamError
 from workflow.serve.deployments import DIGEST
 from workflow.serve.guard import Gateway, Guard
 from workflow.serve.openapi import (
@@ -64,6 +66,19 @@ from workflow.serve.protocol import (
 from workflow.serve.settings import Limits
 
 
+log = logging.getLogger(__name__)
+
+
+async def write_refusal_summaries(gateway: Gateway) -> None:
+    """Every refusal_limits.summary_every_s, the refusals counted past the per-address buckets as aggregated records."""
+    while True:
+        await asyncio.sleep(gateway.settings.refusal_limits.summary_every_s)
+        try:
+            gateway.flush_refusals()
+        except Exception:  # an audit write that fails must not stop the summaries for good
+            log.exception("writing the aggregated refusal records failed")
+
+
 class Deploy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,7 +107,10 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
 
     async def lifespan(app):
         backend.start(settings, package, model_dir)
+        summaries = asyncio.create_task(write_refusal_summaries(gateway))
         yield
+        summaries.cancel()
+        gateway.flush_refusals()  # what was counted since the last summary is not lost at shutdown
 
     app = FastAPI(title="ft2prod gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(single_valued)])
@@ -126,6 +144,12 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     async def not_ready(request: Request, err: NotReady):
         return JSONResponse(error_body(f"not ready: {err}", "service_unavailable"), 503)
 
+    @app.exception_handler(UpstreamError)
+    async def upstream_failed(request: Request, err: UpstreamError):
+        request.scope["state"]["reason"] = "upstream_error"
+        log.warning("upstream: %s", err)
+        return JSONResponse(error_body(f"bad gateway: {err}", "upstream_error"), 502)
+
     @app.exception_handler(Denied)
     async def denied(request: Request, err: Denied):
         request.scope["state"]["reason"] = err.reason
@@ -139,22 +163,22 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     async def readyz():
         ready = await backend.is_ready()
         gateway.metrics.ready.set(int(ready))
-        if ready:
-            return {"status": "ready", "package": backend.package}
+        if ready:  # anyone may ask: what is served (digest, path, creation time) is GET /v1/deployment's, behind a key
+            return {"status": "ready"}
         return JSONResponse({"status": "not ready", "reason": backend.not_ready_reason()}, 503)
 
-    @app.get("/v1/models", dependencies=allowed("infer"), responses=answers(ModelList) | refusals(*KEYED, 503))
+    @app.get("/v1/models", dependencies=allowed("infer"), responses=answers(ModelList) | refusals(*KEYED, 502, 503))
     async def models():
         return await backend.models(settings)
 
     @app.post("/v1/chat/completions", dependencies=allowed("infer"),
-              responses=answers(ChatCompletion, ChatCompletionChunk) | refusals(*KEYED, 404, 503))
+              responses=answers(ChatCompletion, ChatCompletionChunk) | refusals(*KEYED, 404, 502, 503))
     async def chat_completions(req: ChatRequest, request: Request):
         check_sampling(req, settings.model_name)
         return await backend.complete("chat", req, request.scope["state"], settings)
 
     @app.post("/v1/completions", dependencies=allowed("infer"),
-              responses=answers(TextCompletion, TextCompletionChunk) | refusals(*KEYED, 404, 503))
+              responses=answers(TextCompletion, TextCompletionChunk) | refusals(*KEYED, 404, 502, 503))
     async def completions(req: CompletionRequest, request: Request):
         check_sampling(req, settings.model_name)
         return await backend.complete("text", req, request.scope["state"], settings)

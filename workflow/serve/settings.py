@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ConfigDict, ValidationError
 
-from workflow.config import Audit
+from workflow.config import Audit, RefusalLimit
 from workflow.config import Limits as LimitSettings
 from workflow.config import errors
 from workflow.package import archive
@@ -48,6 +48,8 @@ class GatewaySettings:
     """rollout.gateway.deadlines: header_s, body_s, keep_alive_s."""
     rate_limits: dict = field(default_factory=dict)
     """rollout.gateway.rate_limits: {role: {requests_per_minute, burst}}."""
+    refusal_limits: RefusalLimit = field(default_factory=RefusalLimit)
+    """rollout.gateway.refusal_limits: refused requests per client address, and their aggregation."""
     engine: dict = field(default_factory=dict)
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None = None
@@ -74,6 +76,7 @@ class GatewaySettings:
             alert_window_s=gateway["alerts"]["window_s"],
             deadlines=gateway["deadlines"],
             rate_limits=gateway["rate_limits"],
+            refusal_limits=RefusalLimit(**gateway["refusal_limits"]),
             engine=config["engine"],
             upstream=gateway["upstream"],
             package_settings=config["package"],
