@@ -60,9 +60,11 @@ def address_key(ip: str) -> str:
     """What one client is counted as: an IPv4 address, or an IPv6 address's /64 (one subscriber's usual allocation,
     which an attacker can rotate through freely)."""
     address = ipaddress.ip_address(ip)
-    if address.version == 6 and address.ipv4_mapped is None:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(address.ipv4_mapped or address)
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 class RefusalLimiter:
