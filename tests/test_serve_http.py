@@ -279,7 +279,8 @@ def test_refusal_buckets_per_address_and_ipv6_by_slash_64():
     limiter.count("10.0.0.1", "unknown_key", 401, "/v1/models")
     limiter.count("10.0.0.1", "unknown_key", 401, "/v1/models")
     [summary] = limiter.summaries()
-    assert summary["count"] == 2 and summary["client_ip"] == "10.0.0.1" and limiter.summaries() == []
+    assert summary["count"] == 2 and summary["client_ip"] == "10.0.0.1" and summary["first"] <= summary["last"]
+    assert summary["detail"] == {"endpoint": "/v1/models"} and limiter.summaries() == []
     for n in range(150):  # more addresses than max_addresses: the table stays bounded
         limiter.admit(f"10.1.0.{n}")
     assert len(limiter.buckets) == 100

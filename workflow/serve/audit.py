@@ -201,9 +201,7 @@ def alerts(records: list[dict], denied_burst: int, window_s: float) -> list[dict
     denied: dict[str, list[datetime]] = {}
     for record in records:
         if record.get("status") in (401, 403):
-            # an aggregated record ("N refused requests like this from A") stands for its count, up to what alerts
-            times = [datetime.fromisoformat(record["time"])] * min(record.get("count", 1), denied_burst)
-            denied.setdefault(record["client_ip"], []).extend(times)
+            denied.setdefault(record["client_ip"], []).append(datetime.fromisoformat(record["time"]))
     for ip, times in denied.items():
         start = 0
         for end, moment in enumerate(times):

@@ -13,7 +13,7 @@ import ipaddress
 import math
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from datetime import UTC, datetime
 
 
@@ -75,8 +75,7 @@ class RefusalLimiter:
     def __init__(self, per_minute: float, burst: int, max_addresses: int, clock=time.monotonic) -> None:
         self.per_minute, self.burst, self.max_addresses, self.clock = per_minute, burst, max_addresses, clock
         self.buckets: OrderedDict[str, Bucket] = OrderedDict()  # least recently refused first
-        self.counts: dict[str, Counter] = {}
-        self.since: dict[str, str] = {}
+        self.counts: dict[tuple[str, str, int, str], dict] = {}
         self._lock = threading.Lock()
 
     def admit(self, ip: str) -> float:
@@ -89,15 +88,16 @@ class RefusalLimiter:
             return bucket.take(now)
 
     def count(self, ip: str, reason: str, status: int, endpoint: str) -> None:
-        key = address_key(ip)
+        key, moment = address_key(ip), datetime.now(UTC).isoformat(timespec="milliseconds")
         with self._lock:
-            self.since.setdefault(key, datetime.now(UTC).isoformat(timespec="milliseconds"))
-            self.counts.setdefault(key, Counter())[(reason, status, endpoint)] += 1
+            seen = self.counts.setdefault((key, reason, status, endpoint), {"count": 0, "first": moment})
+            seen["count"] += 1
+            seen["last"] = moment
 
     def summaries(self) -> list[dict]:
-        """The counted refusals as audit events ("N refused requests like this from address A"), and forget them."""
+        """The counted refusals ("N refused requests like this from address A between first and last"), one per
+        address, reason, status and endpoint, in the arguments of AuditLog.record_refusals; and forget them."""
         with self._lock:
-            counts, since, self.counts, self.since = self.counts, self.since, {}, {}
-        return [{"event": "refused.aggregate", "client_ip": key, "reason": reason, "status": status, "endpoint": endpoint,
-                 "count": n, "since": since[key]}
-                for key, counter in counts.items() for (reason, status, endpoint), n in sorted(counter.items())]
+            counts, self.counts = self.counts, {}
+        return [{"client_ip": key, "reason": reason, "status": status, **seen, "detail": {"endpoint": endpoint}}
+                for (key, reason, status, endpoint), seen in counts.items()]
