@@ -19,7 +19,6 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from test_serve import MODEL, Served, chat, package  # noqa: F401  (package: the module fixture, the tiny model's package)
 
-from workflow.config import MAX_BODY_BYTES, MAX_TOKENS
 from workflow.finetune.launch import free_port
 from workflow.serve.tls import client_context
 from workflow.wait import wait_for
@@ -162,6 +161,8 @@ def test_probes_and_403s_say_nothing_about_the_package_or_the_key(gateway):
 
 
 def test_limits_are_bounded_at_run_time(gateway):
+    from workflow.config import MAX_BODY_BYTES, MAX_TOKENS
+
     with gateway.http("admin") as admin:
         for name, top in (("max_body_bytes", MAX_BODY_BYTES), ("max_prompt_tokens", MAX_TOKENS), ("max_tokens", MAX_TOKENS)):
             before = admin.get("/admin/limits").json()
