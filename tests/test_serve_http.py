@@ -73,8 +73,15 @@ def head(method: str, path: str, *lines: str | bytes, body: bytes = b"") -> byte
 
 
 def records(served: Served, **equals) -> list[dict]:
-    found = [json.loads(line) for line in (served.root / "audit.jsonl").read_text().splitlines()]
+    path = served.root / "audit.jsonl"
+    found = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return [r for r in found if all(r.get(k) == v for k, v in equals.items())]
+
+
+def recorded(served: Served, **equals) -> list[dict]:
+    """The audit records that match, waiting for the first: a record is written after the answer's last byte."""
+    wait_for(lambda: records(served, **equals), f"an audit record with {equals}", 10, every=0.1)
+    return records(served, **equals)
 
 
 HOST = "Host: 127.0.0.1"
@@ -102,7 +109,7 @@ def test_a_repeated_authorization_or_host_is_refused_audited_and_the_connection_
     answers, closed = exchange(gateway, head("GET", "/v1/models", HOST, wrong, good) + head("GET", "/healthz", HOST))
     assert [status for status, _, _ in answers] == [400] and closed, answers
     assert json.loads(answers[0][2])["error"]["code"] == "repeated_header" and answers[0][1]["connection"] == "close"
-    assert records(gateway, reason="repeated_header", endpoint="/v1/models")
+    assert recorded(gateway, reason="repeated_header", endpoint="/v1/models")
     before = len(records(gateway, reason="malformed_http"))
     answers, closed = exchange(gateway, head("GET", "/v1/models", HOST, "Host: internal.example", good) + head("GET", "/healthz", HOST))
     assert [status for status, _, _ in answers] == [400] and closed, answers
@@ -119,7 +126,7 @@ def test_content_length_with_transfer_encoding_is_refused_not_answered_as_two_re
     answers, closed = exchange(gateway, raw)
     assert [status for status, _, _ in answers] == [400] and closed, answers
     assert json.loads(answers[0][2])["error"]["code"] == "ambiguous_length"
-    assert records(gateway, reason="ambiguous_length")
+    assert recorded(gateway, reason="ambiguous_length")
 
 
 def test_conflicting_content_lengths_and_malformed_http_are_refused_and_audited(gateway):
@@ -140,7 +147,7 @@ def test_repeated_forwarded_for_lines_are_read_as_one_list(gateway):
     raw = head("GET", "/admin/limits", HOST, CLOSE, admin, "X-Forwarded-For: 203.0.113.9", "X-Forwarded-For: 127.0.0.1")
     answers, _ = exchange(gateway, raw)
     assert [status for status, _, _ in answers] == [403], answers
-    assert records(gateway, reason="ip_not_allowed", client_ip="203.0.113.9", endpoint="/admin/limits")
+    assert recorded(gateway, reason="ip_not_allowed", client_ip="203.0.113.9", endpoint="/admin/limits")
     analyst = f"Authorization: Bearer {gateway.keys['analyst']}"
     allowed, _ = exchange(gateway, head("GET", "/v1/models", HOST, CLOSE, analyst, "X-Forwarded-For: 192.0.2.1",
                                         "X-Forwarded-For: 10.1.2.3"))
@@ -157,7 +164,7 @@ def test_probes_and_403s_say_nothing_about_the_package_or_the_key(gateway):
         outside = away.get("/v1/models")
     for answer in (forbidden, outside):
         assert answer.status_code == 403 and "analyst" not in answer.text and "role" not in answer.json()["error"]["message"]
-    assert records(gateway, reason="role_forbidden", role="analyst"), "the audit record keeps the role"
+    assert recorded(gateway, reason="role_forbidden", role="analyst"), "the audit record keeps the role"
 
 
 def test_limits_are_bounded_at_run_time(gateway):
