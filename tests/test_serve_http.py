@@ -168,6 +168,9 @@ def test_probes_and_403s_say_nothing_about_the_package_or_the_key(gateway):
 
 
 def test_limits_are_bounded_at_run_time(gateway):
+    with gateway.http("admin") as admin:
+        huge = admin.put("/admin/limits", json={"max_tokens": 2**40})
+        assert huge.status_code == 400 and "max_tokens" in huge.json()["error"]["message"], huge.text
     from workflow.config import MAX_BODY_BYTES, MAX_TOKENS
 
     with gateway.http("admin") as admin:
