@@ -110,7 +110,10 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         summaries = asyncio.create_task(write_refusal_summaries(gateway))
         yield
         summaries.cancel()
-        gateway.flush_refusals()  # what was counted since the last summary is not lost at shutdown
+        try:
+            gateway.flush_refusals()  # what was counted since the last summary is not lost at shutdown
+        except Exception:
+            log.exception("writing the last aggregated refusal records failed")
 
     app = FastAPI(title="ft2prod gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(single_valued)])
