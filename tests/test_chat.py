@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from workflow.bootstrap.model import CHAT_TEMPLATE
 from workflow.bootstrap.problems import FORMS, make_problems
 from workflow.chat import ChatFormat, TemplateError, prompt_ids, prompt_text
+from workflow.config import EngineConfig
 from workflow.data import DataConfig, DataError, prepare_data, to_messages
 from workflow.quantize import QuantizeError, check_quantizable
 
@@ -198,7 +199,7 @@ def test_the_gateway_answers_a_conversation_the_template_refuses_with_a_400(r1_b
     from workflow.serve.backends import InProcess
     from workflow.serve.protocol import BadRequest
 
-    backend = InProcess({})
+    backend = InProcess(EngineConfig())
     backend.engine, backend.tokenizer = "loaded", AutoTokenizer.from_pretrained(r1_base)
     backend.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                                        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")

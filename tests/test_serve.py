@@ -342,7 +342,7 @@ def test_deploy_takes_a_digest_from_the_package_root_one_load_at_a_time_and_refu
     assert [h["sha256"] for h in state["history"]] == [new, first] and oct((served.root / "audit.deployments.json").stat().st_mode)[-3:] == "600"
     record = served.root / "audit.deployments.json"
     after_restart = Deployments(record, (served.root / "audit.key").read_bytes())  # what a restarted gateway reads
-    created = archive.signed_manifest(older, signing.public_key())[1]["created"]
+    created = archive.signed_manifest(older, signing.public_key()).header["created"]
     with pytest.raises(BadRequest, match="older package"):
         after_restart.check(old, created, rollback=False)
     lowered = json.loads(record.read_text()) | {"floor": ""}  # whoever can write the audit volume lowers the floor

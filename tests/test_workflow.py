@@ -145,6 +145,7 @@ def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
 
 def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_package(zero2):
     from workflow.engine.onnxruntime import OrtEngine
+    from workflow.engine.interface import GenerationRequest
     from workflow.package import archive
     from workflow.package.kms import LocalKeyFile
 
@@ -169,7 +170,7 @@ def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_pac
     shm = Path("/dev/shm") / f"ft2prod-e2e-{os.getpid()}"
     try:
         engine = OrtEngine(archive.open_package(package, signer, kms, into=shm))
-        assert len(list(engine.stream([5, 6, 7, 8], 4, min_new_tokens=4))) == 4
+        assert len(list(engine.stream(GenerationRequest([5, 6, 7, 8], 4, min_new_tokens=4)))) == 4
     finally:
         shutil.rmtree(shm, ignore_errors=True)
 

@@ -14,23 +14,16 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.chat import prompt_ids
-from workflow.config import EvalConfig, TrtllmSettings
+from workflow.config import EngineConfig, EvalConfig, TrtllmSettings
 from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
+from workflow.engine.runtime import load_engine
 from workflow.evaluate import accuracy_gate, engine_completions, gate_check, log_results, score
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 
 log = logging.getLogger(__name__)
-
-
-def load_engine(engine_dir: str | Path, backend: str, settings: dict):
-    """The engine in engine_dir, refused unless its manifest matches this machine."""
-    if backend == "onnxruntime":
-        ort = settings["onnxruntime"]
-        return onnxruntime.OrtEngine(engine_dir, ort["execution_provider"], ort["max_batch_size"])
-    return tensorrt_llm.TrtllmEngine(engine_dir)
 
 
 CALIBRATION_MODES = ("auto", "calibrated", "rtn")
@@ -124,7 +117,7 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
         if comparison and "scored" in comparison:
             metrics, results = comparison.pop("scored")
         else:
-            engine = load_engine(engine_dir, backend, settings)
+            engine = load_engine(engine_dir, EngineConfig.model_validate(settings))
             metrics, results = score(rows, engine_completions(engine, tokenizer, rows, eval_cfg.max_new_tokens))
         baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)

@@ -35,7 +35,7 @@ from workflow.package.kms import Kms
 from workflow.package.layout import check_path, ciphertext_name
 from workflow.package.memfs import PrivateFolder
 from workflow.package.signing import (FORMAT, attestation, digest, key_id, load_public_key, load_signing_key,  # noqa: F401
-                                      public_pem, signed_manifest, write_signed)
+                                      SignedPackage, public_pem, signed_manifest, write_signed)
 
 
 def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519PrivateKey, provenance: dict,
@@ -85,7 +85,8 @@ def verify(package: str | Path, trusted: Ed25519PublicKey, kms: Kms | None = Non
     """Check signature, manifest, attestation and every file's ciphertext digest; with kms, also authenticate
     and decrypt every chunk (in memory, a chunk at a time)."""
     package = Path(package)
-    manifest, header, _ = signed_manifest(package, trusted)
+    signed = signed_manifest(package, trusted)
+    manifest, header = signed.manifest, signed.header
     for entry, described in zip(manifest["files"], header["files"], strict=True):
         check_length(package, entry, described, header["chunk_size"])
         if kms is None and sha256_file(package / entry["ciphertext"]) != entry["ciphertext_sha256"]:
@@ -101,8 +102,12 @@ def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into:
     disk. `into` is made 0700 here, or must already be ours, 0700 and empty (`replace`: emptied first when it is ours
     and 0700); files are made 0600, each new, through the folder's descriptor, so no link is followed. A bad chunk
     anywhere leaves nothing behind."""
-    package = Path(package)
-    manifest, header, _ = signed_manifest(package, trusted)
+    return open_signed(signed_manifest(Path(package), trusted), kms, into, replace)
+
+
+def open_signed(signed: SignedPackage, kms: Kms, into: str | Path | None = None, replace: bool = False) -> dict[str, bytes] | Path:
+    """open_package for a package whose signed manifest was already verified (signing.signed_manifest)."""
+    package, manifest, header = signed.path, signed.manifest, signed.header
     if into is None:
         files: dict[str, bytearray] = {}
         decrypt(package, header, manifest, unwrap_data_key(header, kms),
@@ -135,7 +140,8 @@ def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into:
 def rotate_key(package: str | Path, trusted_and_signing: Ed25519PrivateKey, old: Kms, new: Kms) -> dict:
     """Re-wrap the data key under a new KMS key and re-sign; the encrypted weights are not touched."""
     package = Path(package)
-    manifest, header, statement = signed_manifest(package, trusted_and_signing.public_key())
+    signed = signed_manifest(package, trusted_and_signing.public_key())
+    manifest, header, statement = signed.manifest, signed.header, signed.attestation
     data_key = unwrap_data_key(header, old)
     header["kms"] = {"provider": new.provider, "key_id": new.key_id()}
     header["wrapped_key"] = new.wrap(data_key)

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -80,10 +81,23 @@ def digest(package: str | Path) -> str:
     return hashlib.sha256((Path(package) / "manifest.json").read_bytes()).hexdigest()
 
 
-def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dict, dict]:
-    """(manifest, header, attestation), each parsed from the very bytes whose signature and digests were checked:
-    nothing is read again after the check, so a file swapped in between is never used. Every path they name is
-    checked too (layout.py): a signature says who made a package, not that its paths are safe."""
+@dataclass(frozen=True)
+class SignedPackage:
+    """A package whose signature was checked: its manifest, header and attestation, each parsed from the very bytes
+    whose signature and digests were checked. Read once per deploy and passed along: nothing is read again after the
+    check, so a file swapped in between is never used."""
+
+    path: Path
+    manifest: dict
+    header: dict
+    attestation: dict
+    sha256: str
+    """The package's identity (`digest`), of the manifest bytes that were verified."""
+
+
+def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> SignedPackage:
+    """The package's signed parts, verified with `trusted`. Every path they name is checked too (layout.py): a
+    signature says who made a package, not that its paths are safe."""
     if not (package / "manifest.sig").exists() or not (package / "manifest.json").exists():
         raise UnsignedPackage(f"{package}: unsigned package (no manifest.json/manifest.sig); refusing to load it")
     manifest_bytes = (package / "manifest.json").read_bytes()
@@ -101,4 +115,4 @@ def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dic
             raise TamperedPackage(f"{package}: {name}.json was changed after signing")
         checked[name] = json.loads(data)
     check_manifest(package, manifest, checked["header"])
-    return manifest, checked["header"], checked["attestation"]
+    return SignedPackage(package, manifest, checked["header"], checked["attestation"], hashlib.sha256(manifest_bytes).hexdigest())

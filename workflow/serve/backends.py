@@ -22,9 +22,12 @@ import httpx2
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from workflow.chat import TemplateError, prompt_ids
-from workflow.engine.build import load_engine
+from workflow.config import EngineConfig
 from workflow.engine.manifest import EngineManifest
+from workflow.engine.interface import Engine, GenerationRequest
+from workflow.engine.runtime import load_engine
 from workflow.package import archive
+from workflow.package.signing import SignedPackage
 from workflow.serve.deployments import Deployments, package_path
 from workflow.serve.protocol import BadRequest, respond, upstream_body
 
@@ -49,9 +52,10 @@ class InProcess:
 
     kind = "in_process"
 
-    def __init__(self, engine_settings: dict, memory_dir: str = "/dev/shm") -> None:
+    def __init__(self, engine_settings: EngineConfig, memory_dir: str = "/dev/shm") -> None:
         self.engine_settings, self.memory_dir = engine_settings, memory_dir
-        self.engine = self.tokenizer = None
+        self.engine: Engine | None = None
+        self.tokenizer = None
         self.package: dict = {}
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -63,7 +67,7 @@ class InProcess:
         """Begin loading the package (encrypted) or the folder (already opened) given at start, if any."""
         self.deployments = Deployments(settings.deployments_path, settings.audit_key())
         if package:
-            self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
+            self.load_in_background(self.load_package, package, settings.trusted_signer(), settings.kms())
         elif model_dir:
             self.load_in_background(self.load_opened, model_dir)
 
@@ -92,15 +96,14 @@ class InProcess:
         """Load the package `package_sha256` from the package root, if this gateway may serve it now (see
         deployments.py); 409 while another package is loading."""
         path = package_path(settings.package_root, package_sha256)
-        trusted = settings.trusted_signer()
         try:
-            _, header, _ = archive.signed_manifest(path, trusted)
+            signed = archive.signed_manifest(path, settings.trusted_signer())
         except archive.PackageError as err:
             raise BadRequest(f"package {package_sha256[:16]}… is refused: {type(err).__name__}", 409) from None
-        if archive.digest(path) != package_sha256:
+        if signed.sha256 != package_sha256:
             raise BadRequest(f"the package stored as {package_sha256[:16]}… has another digest: refusing it", 409)
-        self.deployments.check(package_sha256, header.get("created", ""), rollback)
-        self.load_in_background(self.load, path, trusted, settings.kms())
+        self.deployments.check(package_sha256, signed.header.get("created", ""), rollback)
+        self.load_in_background(self.load, signed, settings.kms())
 
     def undeploy(self, package_sha256: str) -> None:
         if package_sha256 != self.package.get("sha256"):
@@ -108,15 +111,19 @@ class InProcess:
                              f"({str(self.package.get('sha256'))[:16]}…); GET /v1/deployment shows it", 409)
         self.unload()
 
-    def load(self, package: str | Path, trusted, kms) -> None:
-        """Open, load, then swap in atomically: requests keep using the old model until the new one is ready."""
+    def load_package(self, package: str | Path, trusted, kms) -> None:
+        """Verify the package given at start, then load it."""
+        self.load(archive.signed_manifest(Path(package), trusted), kms)
+
+    def load(self, signed: SignedPackage, kms) -> None:
+        """Open the verified package, load, then swap in atomically: requests keep using the old model until the new
+        one is ready. The signed manifest verified once (by deploy or load_package) is the one decrypted by."""
         opened = Path(tempfile.mkdtemp(prefix="ft2prod-", dir=self.memory_dir))
+        created = signed.header.get("created", "")
         try:
-            manifest, header, _ = archive.signed_manifest(Path(package), trusted)
-            archive.open_package(package, trusted, kms, into=opened)
-            sha256 = archive.digest(package)
-            self.load_opened(opened, {"path": str(package), "sha256": sha256, "created": header.get("created", "")})
-            self.deployments.record(sha256, header.get("created", ""))
+            archive.open_signed(signed, kms, into=opened)
+            self.load_opened(opened, {"path": str(signed.path), "sha256": signed.sha256, "created": created})
+            self.deployments.record(signed.sha256, created)
         finally:
             shutil.rmtree(opened, ignore_errors=True)  # loaded engines keep their own copy (or mapping)
 
@@ -124,18 +131,18 @@ class InProcess:
         """Load an engine folder already opened from a package (by the Kubernetes init container)."""
         from transformers import AutoTokenizer
 
-        manifest = EngineManifest.read(model_dir)
-        engine = load_engine(model_dir, manifest.target.backend, self.engine_settings)
+        engine = load_engine(model_dir, self.engine_settings)
+        manifest: EngineManifest = engine.manifest
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         info = (info or {"path": str(model_dir)}) | {"scheme": manifest.scheme, "precision": manifest.precision,
                                                      "backend": manifest.target.backend,
                                                      "context_length": context_length(Path(model_dir))}
-        with self._lock:
+        with self._lock:  # the old engine is freed when its last request in flight ends (they hold it)
             self.engine, self.tokenizer, self.package, self.error = engine, tokenizer, info, None
         log.info("serving %s (%s)", info["path"], info["scheme"])
 
     def load_in_background(self, load, *args) -> threading.Thread:
-        """Run `load(*args)` (self.load or self.load_opened) in a thread, one load at a time (409 while one runs);
+        """Run `load(*args)` (self.load, self.load_package or self.load_opened) in a thread, one load at a time (409 while one runs);
         /readyz reports its failure."""
         if not self._loading.acquire(blocking=False):
             raise BadRequest("a package is loading; wait until GET /v1/deployment shows it, then deploy again", 409)
@@ -178,7 +185,7 @@ class InProcess:
         _, tokenizer = self.current()
         return tokenizer(prompt, add_special_tokens=False).input_ids
 
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[str, str | None, int]]:
+    def generate(self, request: GenerationRequest) -> Iterator[tuple[str, str | None, int]]:
         """(text delta, finish reason or None, tokens so far) per step; the last step's reason is 'stop' (end of
         sequence) or 'length'. Text is decoded incrementally over a short window of tokens (as vLLM and TGI do),
         holding back a delta while it ends in an incomplete multi-byte character."""
@@ -189,7 +196,7 @@ class InProcess:
             before = tokenizer.decode(tokens[prefix_offset:read_offset], skip_special_tokens=True)
             return tokenizer.decode(tokens[prefix_offset:], skip_special_tokens=True)[len(before):]
 
-        for token in engine.stream(prompt_ids, max_tokens):
+        for token in engine.stream(request):
             if token == tokenizer.eos_token_id:
                 yield pending(), "stop", len(tokens)
                 return

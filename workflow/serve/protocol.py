@@ -13,6 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from workflow.engine.interface import GenerationRequest
+
 
 class BadRequest(ValueError):
     """A request the gateway will not run; the message says what to change."""
@@ -219,13 +221,19 @@ class TextCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+def generation_request(req: Sampling, prompt_ids: list[int], max_new_tokens: int) -> GenerationRequest:
+    """What the engine is asked for: the prompt, the token budget respond settled on, and the request's decoding
+    settings (greedy only so far: check_sampling refuses the rest)."""
+    return GenerationRequest(prompt_ids, max_new_tokens)
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
 async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_length: int,
                   generate: callable, state: dict, settings):
-    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(prompt_ids, limit)`
+    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(GenerationRequest)`
     yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked against
     the gateway's limits and the model's context length first; state gets the token counts for the audit log."""
     limit = max_new_tokens(req, settings.limits)
@@ -256,7 +264,7 @@ async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_lengt
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": done, "total_tokens": len(prompt_ids) + done}
 
     def steps() -> Iterator[tuple[str, str | None]]:
-        for delta, finish, count in generate(prompt_ids, limit):
+        for delta, finish, count in generate(generation_request(req, prompt_ids, limit)):
             state["completion_tokens"] = count
             yield delta, finish
 

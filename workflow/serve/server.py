@@ -8,6 +8,7 @@ from pathlib import Path
 
 import uvicorn
 
+from workflow.config import EngineConfig
 from workflow.serve.app import create_app
 from workflow.serve.backends import InProcess, Upstream
 from workflow.serve.connections import with_header_deadline
@@ -23,7 +24,7 @@ def build(config: dict, package: str | None = None, model_dir: str | None = None
     settings = GatewaySettings.from_config(config, audit_path)
     key_env = config["rollout"]["gateway"]["upstream_key_env"]
     upstream_key = os.environ.get(key_env) if key_env else None
-    backend = Upstream(settings.upstream, upstream_key) if settings.upstream else InProcess(config["engine"])
+    backend = Upstream(settings.upstream, upstream_key) if settings.upstream else InProcess(EngineConfig.model_validate(config["engine"]))
     gateway = Gateway(settings, backend)
     return create_app(gateway, package, model_dir), gateway
 
