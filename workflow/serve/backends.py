@@ -29,7 +29,7 @@ from workflow.engine.runtime import load_engine
 from workflow.package import archive
 from workflow.package.signing import SignedPackage
 from workflow.serve.deployments import Deployments, package_path
-from workflow.serve.protocol import BadRequest, respond, upstream_body
+from workflow.serve.protocol import BadRequest, ModelCard, ModelList, respond, upstream_body
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ class InProcess:
         """What /readyz tells anyone: the failure's kind, never its text (paths, key ids); the log has the rest."""
         return f"load failed ({self.error.split(':')[0]}); see the gateway log" if self.error else "loading"
 
-    async def models(self, settings) -> dict:
+    async def models(self, settings) -> ModelList:
         self.current()
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ft2prod",
-                                            "package_sha256": self.package.get("sha256")}]}
+        return ModelList(object="list", data=[ModelCard(id=settings.model_name, object="model", created=0, owned_by="ft2prod",
+                                                        package_sha256=self.package.get("sha256"))])
 
     async def complete(self, kind: str, req, state: dict, settings):
         """A chat ("chat") or text ("text") completion from the loaded engine."""

@@ -75,7 +75,7 @@ LimitsChange = create_model(
 )
 
 
-# The gateway's own answers, declared for the OpenAPI document (the routes return plain dicts).
+# The gateway's own answers: declared for the OpenAPI document, and what the routes build their answers from.
 class Alive(BaseModel):
     status: Literal["alive"]
 
@@ -119,6 +119,8 @@ class AuditRecord(BaseModel):
     """One audit record; request records also carry method, endpoint, status, key_id, role, client_ip, latency and
     token counts."""
 
+    model_config = ConfigDict(extra="allow")  # every field the record holds is answered, declared or not
+
     seq: int
     time: str
     prev: str
@@ -132,9 +134,18 @@ class AuditEvents(BaseModel):
 
 
 class Alert(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     kind: Literal["outside_allow_list", "denied_burst"]
     time: str
     client_ip: str
+    key_id: str | None = None
+    """outside_allow_list: the key that called."""
+    endpoint: str | None = None
+    """outside_allow_list: what it called."""
+    count: int | None = None
+    """denied_burst: denied requests within window_s."""
+    window_s: float | None = None
 
 
 class AuditAlerts(BaseModel):
