@@ -188,7 +188,7 @@ def pod_volumes(config: dict, with_tmp: bool) -> list[dict]:
         {"name": "tls", "secret": {"secretName": k8s["secrets"]["tls"],
                                    "items": [{"key": "tls.crt", "path": "server.pem"}, {"key": "tls.key", "path": "server.key"},
                                              {"key": "ca.crt", "path": "ca.pem"}]}},
-        {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"]}},
+        {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"], "defaultMode": 0o400}},
         {"name": "audit", "persistentVolumeClaim": {"claimName": f"{name}-audit"}},
         {"name": "audit-key", "secret": {"secretName": k8s["secrets"]["audit_key"], "defaultMode": 0o400,
                                          "items": [{"key": "audit.key", "path": "audit.key"}]}},

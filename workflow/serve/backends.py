@@ -23,11 +23,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from workflow.chat import TemplateError, prompt_ids
 from workflow.config import EngineConfig
-from workflow.engine.manifest import EngineManifest
 from workflow.engine.interface import Engine, GenerationRequest
+from workflow.engine.manifest import EngineManifest
 from workflow.engine.runtime import load_engine
 from workflow.package import archive
-from workflow.package.signing import SignedPackage
 from workflow.serve.deployments import Deployments, package_path
 from workflow.serve.protocol import BadRequest, ModelCard, ModelList, respond, upstream_body
 
@@ -63,11 +62,13 @@ class InProcess:
         """Held while a package loads: one load at a time (each needs the plaintext model in memory)."""
         self.deployments: Deployments | None = None
 
-    def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
-        """Begin loading the package (encrypted) or the folder (already opened) given at start, if any."""
-        self.deployments = Deployments(settings.deployments_path, settings.audit_key())
+    def start(self, settings, package: str | None = None, model_dir: str | None = None,
+              deployments: Deployments | None = None) -> None:
+        """Begin loading the package (encrypted) or the folder (already opened) given at start, if any; a package
+        older than the anti-rollback floor (`deployments`) is refused as a deploy would be."""
+        self.deployments = deployments
         if package:
-            self.load_in_background(self.load_package, package, settings.trusted_signer(), settings.kms())
+            self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
         elif model_dir:
             self.load_in_background(self.load_opened, model_dir)
 
@@ -94,16 +95,25 @@ class InProcess:
 
     def deploy(self, package_sha256: str, rollback: bool, settings) -> None:
         """Load the package `package_sha256` from the package root, if this gateway may serve it now (see
-        deployments.py); 409 while another package is loading."""
+        deployments.py); 409 while another package is loading. The signed manifest is read and checked once, here, and
+        the load opens by what was checked (not by the folder read again): a package swapped in between fails to
+        decrypt under the checked header's key and digests, and is refused, not served."""
         path = package_path(settings.package_root, package_sha256)
+        trusted = settings.trusted_signer()
+        signed = self.checked(path, trusted, package_sha256, rollback)
+        self.load_in_background(self.load, path, trusted, settings.kms(), signed)
+
+    def checked(self, path: Path, trusted, expect: str | None, rollback: bool) -> archive.Signed:
+        """The package's signed parts, read once, if it is the package `expect` (when given) and not older than the
+        floor; BadRequest (409) otherwise."""
         try:
-            signed = archive.signed_manifest(path, settings.trusted_signer())
+            signed = archive.signed_package(Path(path), trusted)
         except archive.PackageError as err:
-            raise BadRequest(f"package {package_sha256[:16]}… is refused: {type(err).__name__}", 409) from None
-        if signed.sha256 != package_sha256:
-            raise BadRequest(f"the package stored as {package_sha256[:16]}… has another digest: refusing it", 409)
-        self.deployments.check(package_sha256, signed.header.get("created", ""), rollback)
-        self.load_in_background(self.load, signed, settings.kms())
+            raise BadRequest(f"package {str(expect or path)[:16]}… is refused: {type(err).__name__}", 409) from None
+        if expect and signed.sha256 != expect:
+            raise BadRequest(f"the package stored as {expect[:16]}… has another digest: refusing it", 409)
+        self.deployments.check(signed.sha256, signed.header.get("created", ""), rollback)
+        return signed
 
     def undeploy(self, package_sha256: str) -> None:
         if package_sha256 != self.package.get("sha256"):
@@ -111,18 +121,15 @@ class InProcess:
                              f"({str(self.package.get('sha256'))[:16]}…); GET /v1/deployment shows it", 409)
         self.unload()
 
-    def load_package(self, package: str | Path, trusted, kms) -> None:
-        """Verify the package given at start, then load it."""
-        self.load(archive.signed_manifest(Path(package), trusted), kms)
-
-    def load(self, signed: SignedPackage, kms) -> None:
-        """Open the verified package, load, then swap in atomically: requests keep using the old model until the new
-        one is ready. The signed manifest verified once (by deploy or load_package) is the one decrypted by."""
-        opened = Path(tempfile.mkdtemp(prefix="ft2prod-", dir=self.memory_dir))
+    def load(self, package: str | Path, trusted, kms, signed: archive.Signed | None = None) -> None:
+        """Check (signature, floor) unless deploy did (`signed`), open exactly what was checked, load, then swap in
+        atomically: requests keep using the old model until the new one is ready."""
+        signed = signed or self.checked(Path(package), trusted, None, rollback=False)
         created = signed.header.get("created", "")
+        opened = Path(tempfile.mkdtemp(prefix="ft2prod-", dir=self.memory_dir))
         try:
-            archive.open_signed(signed, kms, into=opened)
-            self.load_opened(opened, {"path": str(signed.path), "sha256": signed.sha256, "created": created})
+            archive.open_package(package, trusted, kms, into=opened, signed=signed)
+            self.load_opened(opened, {"path": str(package), "sha256": signed.sha256, "created": created})
             self.deployments.record(signed.sha256, created)
         finally:
             shutil.rmtree(opened, ignore_errors=True)  # loaded engines keep their own copy (or mapping)
@@ -142,7 +149,7 @@ class InProcess:
         log.info("serving %s (%s)", info["path"], info["scheme"])
 
     def load_in_background(self, load, *args) -> threading.Thread:
-        """Run `load(*args)` (self.load, self.load_package or self.load_opened) in a thread, one load at a time (409 while one runs);
+        """Run `load(*args)` (self.load or self.load_opened) in a thread, one load at a time (409 while one runs);
         /readyz reports its failure."""
         if not self._loading.acquire(blocking=False):
             raise BadRequest("a package is loading; wait until GET /v1/deployment shows it, then deploy again", 409)
@@ -219,7 +226,7 @@ class Upstream:
         self.client = httpx2.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers)
         self.package = {"upstream": self.url}
 
-    def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
+    def start(self, settings, package: str | None = None, model_dir: str | None = None, deployments=None) -> None:
         """Nothing to load: the engine server opens the package itself."""
 
     async def is_ready(self) -> bool:

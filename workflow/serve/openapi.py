@@ -26,11 +26,12 @@ REFUSALS = {
     409: "The request does not fit the gateway's state (e.g. undeploying a package that is not served)",
     413: "The body is over limits.max_body_bytes",
     429: "Too many requests for this key; retry later",
-    503: "No model is loaded (loading, undeployed, or the load failed)",
+    503: "No model is loaded (loading, undeployed, or the load failed), or the audit log cannot be written",
 }
 # Any request may be refused before it reaches its route: by the guard (body limit, read deadline, rate limit,
-# X-Forwarded-For) and, for routes behind a key, by the access checks.
-GUARDED = (400, 408, 413, 429)
+# X-Forwarded-For), when its audit record cannot be written (503: nothing is served unaudited) and, for routes behind a
+# key, by the access checks.
+GUARDED = (400, 408, 413, 429, 503)
 KEYED = GUARDED + (401, 403)
 
 
@@ -134,11 +135,11 @@ class AuditEvents(BaseModel):
 
 
 class Alert(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # every field an alert holds is answered, declared or not
 
-    kind: Literal["outside_allow_list", "denied_burst"]
+    kind: Literal["outside_allow_list", "denied_burst", "audit_write_failed"]
     time: str
-    client_ip: str
+    client_ip: str | None = None
     key_id: str | None = None
     """outside_allow_list: the key that called."""
     endpoint: str | None = None
@@ -146,6 +147,8 @@ class Alert(BaseModel):
     count: int | None = None
     """denied_burst: denied requests within window_s."""
     window_s: float | None = None
+    error: str | None = None
+    """audit_write_failed: why the audit record could not be written."""
 
 
 class AuditAlerts(BaseModel):
