@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from workflow.config import FinetuneConfig
+from workflow.finetune.job import Job
 from workflow.finetune.batches import TokenDataset, collator
 from workflow.finetune.callbacks import (
     CheckpointLayers,
@@ -86,12 +87,12 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
     )
 
 
-def log_resolved(job: dict, cfg: FinetuneConfig, configured: FinetuneConfig, speed: SpeedSettings, ds_config: dict,
+def log_resolved(job: Job, cfg: FinetuneConfig, configured: FinetuneConfig, speed: SpeedSettings, ds_config: dict,
                  memory: dict, on_cpu: bool) -> None:
     """Rank 0: the resolved settings, what this device changed or skipped, and the planner's memory verdict (also
     recorded in the job's MLflow run)."""
     checkpointed = memory["checkpointed_layers"]
-    log.info("resolved settings: %s", json.dumps(job, indent=1))
+    log.info("resolved settings: %s", job.model_dump_json(indent=1))
     log.info("speed settings on this device: %s", json.dumps(speed.as_dict()))
     log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
     for reason in speed.skipped:
@@ -140,44 +141,47 @@ def load_model(model_dir: str, cfg: FinetuneConfig, speed: SpeedSettings, rank0:
     return model
 
 
-def make_trainer(job: dict, cfg: FinetuneConfig, args: TrainingArguments, model, train_rows: TokenDataset, val: Path | None,
-                 speed: SpeedSettings, memory: dict, save: bool) -> tuple[Trainer, Throughput]:
+def make_trainer(job: Job, cfg: FinetuneConfig, args: TrainingArguments, model, train_rows: TokenDataset, val: Path | None,
+                 speed: SpeedSettings, memory: dict) -> tuple[Trainer, Throughput]:
     """The Trainer with the workflow's callbacks: MLflow metrics, checkpoints, the non-finite-loss stop, throughput,
     and (as the job asks) partial layer checkpointing and the profiler."""
-    throughput = Throughput(skip=job.get("timing_skip_steps", 2), end=job.get("timing_end_step"))
+    measure = job.measure
+    throughput = Throughput(skip=measure.timing_skip_steps, end=measure.timing_end_step)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_rows,
         eval_dataset=TokenDataset(val) if val else None,
         data_collator=collator(cfg, speed),
-        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID")), Checkpoints(save_final=save), StopOnNonFiniteLoss(), throughput],
+        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID")), Checkpoints(save_final=measure.save_checkpoints),
+                   StopOnNonFiniteLoss(), throughput],
     )
     if 0 < memory["checkpointed_layers"] < memory["num_layers"]:
         trainer.add_callback(CheckpointLayers(memory["checkpointed_layers"]))
-    if job.get("profile_dir"):
-        trainer.add_callback(Profile(job["profile_dir"], start=job.get("profile_start", job.get("timing_skip_steps", 2))))
+    if measure.profile_dir:
+        start = measure.timing_skip_steps if measure.profile_start is None else measure.profile_start
+        trainer.add_callback(Profile(measure.profile_dir, start=start))
     return trainer, throughput
 
 
-def train(job: dict) -> dict:
+def train(job: Job) -> dict:
     """Fine-tune one rank: resolve the settings for this device, build the model and Trainer, train (resuming when
     the launcher found a checkpoint), and return the run's summary."""
-    configured = FinetuneConfig(**job["finetune"])
+    configured = job.finetune
     on_cpu = not torch.cuda.is_available()
     speed = resolve(configured, cuda=not on_cpu)
-    val = Path(job["data_dir"]) / "val.jsonl"
+    val = Path(job.data_dir) / "val.jsonl"
     val = val if val.exists() and val.stat().st_size > 0 else None
-    save = job.get("save_checkpoints", True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
-    train_rows = TokenDataset(Path(job["data_dir"]) / "train.jsonl")
-    cfg, memory = fill_micro_batch(configured, job["model_dir"], world_size, gpu_bytes,
+    train_rows = TokenDataset(Path(job.data_dir) / "train.jsonl")
+    cfg, memory = fill_micro_batch(configured, job.model_dir, world_size, gpu_bytes,
                                    max(len(r["input_ids"]) for r in train_rows.rows), speed.liger_kernel)
     memory |= {"micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
-    ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
-    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=val is not None,
-                              save=save, checkpointing=cfg.gradient_checkpointing is True or memory["checkpointed_layers"] > 0)
+    ds_config = deepspeed_config(cfg, count_parameters(job.model_dir), world_size, gpu_bytes)
+    args = training_arguments(cfg, job.checkpoint_dir, job.seed, on_cpu, speed, ds_config, evaluate=val is not None,
+                              save=job.measure.save_checkpoints,
+                              checkpointing=cfg.gradient_checkpointing is True or memory["checkpointed_layers"] > 0)
     if on_cpu:
         import deepspeed
 
@@ -185,14 +189,14 @@ def train(job: dict) -> dict:
         deepspeed.init_distributed(dist_backend="gloo")
     if args.process_index == 0:
         log_resolved(job, cfg, configured, speed, ds_config, memory, on_cpu)
-    model = load_model(job["model_dir"], cfg, speed, rank0=args.process_index == 0)
-    trainer, throughput = make_trainer(job, cfg, args, model, train_rows, val, speed, memory, save)
-    resume = job["resume_from"]
+    model = load_model(job.model_dir, cfg, speed, rank0=args.process_index == 0)
+    trainer, throughput = make_trainer(job, cfg, args, model, train_rows, val, speed, memory)
+    resume = job.resume_from
     if args.process_index == 0:
         log.info("resuming from %s" % resume if resume else "starting from step 0 (no checkpoint)")
     result = trainer.train(resume_from_checkpoint=resume)
     return {
-        "checkpoint": latest_complete_checkpoint(job["checkpoint_dir"]),
+        "checkpoint": latest_complete_checkpoint(job.checkpoint_dir),
         "global_step": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,
@@ -238,10 +242,10 @@ def main() -> None:
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    job = json.loads(Path(args.job).read_text())
+    job = Job.model_validate_json(Path(args.job).read_text())
     summary = train(job)
     if rank == 0:
-        Path(job["summary"]).write_text(json.dumps(summary, indent=2))
+        Path(job.summary).write_text(json.dumps(summary, indent=2))
     # Leave together and tear the process group down: a rank that exits with gloo (ZeRO-3) threads
     # still running aborts ("terminate called without an active exception").
     if torch.distributed.is_initialized():
