@@ -12,6 +12,7 @@ include: "rules/common.smk"
 
 
 config.update(checked_config(config))
+PLAN = planned(config)
 
 
 include: "rules/plan.smk"

@@ -1,5 +1,6 @@
 # Named helpers for the rules: paths and config look-ups. No logic beyond wiring.
-from workflow.config import check
+from workflow.config import check, settings
+from workflow.plan import checked_plan
 from workflow.schemes import WILDCARD as SCHEME_WILDCARD
 
 RESULTS = "results"
@@ -9,6 +10,13 @@ def checked_config(config):
     """The config with every default filled in (workflow/config.py declares each key); a wrong key or value stops
     the workflow before anything runs, naming the key and what is allowed."""
     return check(config)
+
+
+def planned(config):
+    """The plan, made as the workflow is parsed: a config that cannot run (memory, lengths across stages, features
+    not installed) stops here, before any job, naming the keys and a fix. No job waits for the plan rule, so a
+    config change reruns, in one invocation, exactly the jobs whose own inputs or params changed."""
+    return checked_plan(settings(config))
 
 
 def base_model_dir(wildcards=None):
@@ -55,7 +63,7 @@ def refresh_summary():
 
 
 def final_targets():
-    return pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
+    return [f"{RESULTS}/plan/plan.json"] + pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
 
 
 def eval_settings():
@@ -63,7 +71,8 @@ def eval_settings():
 
 
 def schemes():
-    return config["quantize"]["schemes"]
+    """The configured schemes the model's shapes take (the plan drops the others, with their reason, in plan.md)."""
+    return [s for s in config["quantize"]["schemes"] if "dropped" not in PLAN["schemes"][s]]
 
 
 def backend():
@@ -124,27 +133,9 @@ def base_model_config(wildcards=None):
     return [f"{config['base_model']}/config.json"]
 
 
-PLAN_FINETUNE_KEYS = ("method", "precision", "zero_stage", "offload_optimizer", "offload_params", "micro_batch_size",
-                      "gradient_checkpointing", "nproc_per_node", "lora")
-BOOTSTRAP_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-
-
-def plan_settings():
-    """Only what the plan reads, so unrelated config changes do not rerun it."""
-    return {
-        "finetune": {key: config["finetune"][key] for key in PLAN_FINETUNE_KEYS},
-        "max_seq_len": config["data"]["max_seq_len"],
-        "cluster": config["cluster"],
-        "engine": config["engine"],
-        "benchmark": {key: config["benchmark"][key] for key in ("input_len", "output_len", "concurrency")},
-        "schemes": schemes(),
-        "bootstrap": {key: config["bootstrap"][key] for key in BOOTSTRAP_SHAPE_KEYS},
-    }
-
-
-def plan_done():
-    """Every stage waits for a passing plan; ancient(): a re-planned config that still fits reruns nothing."""
-    return ancient(f"{RESULTS}/plan/plan.json")
+def plan_record():
+    """What the plan found (rerun-triggering only: the plan job writes it down again when it changes)."""
+    return {key: value for key, value in PLAN.items() if key != "source"}
 
 
 def finetune_gpus():

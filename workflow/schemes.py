@@ -25,6 +25,13 @@ class Scheme:
     calibration: str | None = None
     """The per-input-channel scales its ModelOpt recipe calibrates (AWQ, SmoothQuant), which engines that quantize
     weights themselves (ONNX Runtime GenAI) get folded into the weights (workflow/engine/calibration.py)."""
+    fallback_blocks: tuple[int, ...] = ()
+    """Smaller block sizes its recipe also takes, tried in order when the model's in-features do not divide by
+    block (ModelOpt AWQ quantizes in groups of 64 too, which TensorRT-LLM's int4 kernels take: 64 divides 576)."""
+
+    def block_for(self, in_features: list[int]) -> int | None:
+        """The block size this model's in-features take (the first that divides them all), or None."""
+        return next((b for b in (self.block, *self.fallback_blocks) if all(n % b == 0 for n in in_features)), None)
 
 
 SCHEMES = {
@@ -34,8 +41,8 @@ SCHEMES = {
         Scheme("fp8", "FP8 E4M3 weights and activations, per-tensor scales", "FP8_DEFAULT_CFG", 16, 1.0, 0.008, (8, 9)),
         Scheme("int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", 1, 1.0, 0.012, (8, 0),
                "SmoothQuant"),
-        Scheme("int4_awq", "INT4 weights in blocks of 128, AWQ-scaled; 16-bit activations", "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, (8, 0),
-               "AWQ"),
+        Scheme("int4_awq", "INT4 weights in blocks of 128 (64 where 128 does not divide), AWQ-scaled; 16-bit activations",
+               "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, (8, 0), "AWQ", fallback_blocks=(64,)),
     )
 }
 
