@@ -17,21 +17,22 @@ from workflow.config import Config
 from workflow.schemes import SCHEMES
 
 
-def engine_context(cfg: Config, arch: Architecture) -> tuple[int | None, int | None, str]:
-    """(longest prompt, longest prompt + output, the key that sets it) of the configured engine."""
+def engine_context(cfg: Config, arch: Architecture) -> tuple[int | None, int | None, str, str | None]:
+    """(longest prompt, longest prompt + output, what sets it, the key that raises it) of the configured engine."""
     if cfg.engine.backend == "tensorrt_llm":
         trt = cfg.engine.tensorrt_llm
-        return trt.max_input_len, trt.max_seq_len, "engine.tensorrt_llm.max_seq_len"
+        return trt.max_input_len, trt.max_seq_len, "engine.tensorrt_llm.max_seq_len", "engine.tensorrt_llm.max_seq_len"
     # ONNX Runtime GenAI builds its context length from the model's max_position_embeddings.
-    return None, arch.max_positions, "the model's max_position_embeddings"
+    raise_key = "bootstrap.max_position_embeddings" if cfg.base_model == "bootstrap" else None
+    return None, arch.max_positions, "the model's max_position_embeddings", raise_key
 
 
-def shorter(context: int, prompt: int, output: int, context_key: str, need: int) -> str:
+def shorter(context: int, prompt: int, output: int, raise_key: str | None, need: int) -> str:
     """The changes that make a prompt bound plus an output length fit a context."""
     fixes = [f"lower evaluate.max_new_tokens to {context - prompt}"] if context - prompt >= 1 else []
-    fixes += [f"data.max_seq_len to {context - output}"] if context - output >= 16 else []
-    longer = "bootstrap.max_position_embeddings" if context_key.startswith("the model") else context_key
-    return ", or ".join(fixes + [f"raise {longer} to {need}"])
+    fixes += [f"lower data.max_seq_len to {context - output}"] if context - output >= 16 else []
+    fixes += [f"raise {raise_key} to {need}"] if raise_key else []
+    return ", or ".join(fixes)
 
 
 def length_problems(cfg: Config, arch: Architecture) -> list[str]:
@@ -53,13 +54,13 @@ def length_problems(cfg: Config, arch: Architecture) -> list[str]:
     if arch.max_positions and data.max_seq_len > arch.max_positions:
         problems.append(f"data.max_seq_len {data.max_seq_len} > the model's max_position_embeddings {arch.max_positions}: training rows "
                         f"longer than the model's positions; set data.max_seq_len: {arch.max_positions}")
-    max_input, context, context_key = engine_context(cfg, arch)
+    max_input, context, context_key, raise_key = engine_context(cfg, arch)
     if context:
         need = data.max_seq_len + evaluation.max_new_tokens
         if need > context:
             problems.append(f"data.max_seq_len {data.max_seq_len} + evaluate.max_new_tokens {evaluation.max_new_tokens} = {need} > "
                             f"{context_key} {context}: evaluation prompts plus their answers do not fit the engine; "
-                            + shorter(context, data.max_seq_len, evaluation.max_new_tokens, context_key, need))
+                            + shorter(context, data.max_seq_len, evaluation.max_new_tokens, raise_key, need))
         if load.input_len + load.output_len > context:
             problems.append(f"benchmark.input_len {load.input_len} + benchmark.output_len {load.output_len} = {load.input_len + load.output_len}"
                             f" > {context_key} {context}: the benchmark's requests do not fit the engine; lower benchmark.input_len to "
@@ -95,22 +96,13 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def torch_has_cuda() -> bool:
-    import torch
-
-    return torch.version.cuda is not None
-
-
 def feature_problems(cfg: Config) -> list[str]:
     """Requested features the hardware or the installed packages cannot give."""
     ft, gpus = cfg.finetune, cfg.cluster.gpus_per_node
     problems = []
-    gpu_setup = "install the GPU set-up (README.md, 'On a GPU host')"
-    if gpus and not torch_has_cuda():
-        problems.append(f"cluster.gpus_per_node {gpus} but the installed torch has no CUDA: {gpu_setup}, or set cluster.gpus_per_node: 0")
     if gpus and ft.liger_kernel and not installed("liger_kernel"):
         problems.append(f"finetune.liger_kernel true with cluster.gpus_per_node {gpus}, but liger-kernel is not installed: "
-                        f"pip install -r requirements-gpu.txt, or set finetune.liger_kernel: false")
+                        "install the GPU set-up (README.md: .venv/bin/pip install -r requirements-gpu.txt), or set finetune.liger_kernel: false")
     if not gpus and ft.attention == "varlen":
         problems.append("finetune.attention varlen needs a CUDA GPU, but cluster.gpus_per_node is 0: set finetune.attention: auto")
     if not gpus and cfg.engine.backend == "onnxruntime" and cfg.engine.onnxruntime.execution_provider == "cuda":
