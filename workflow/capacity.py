@@ -391,7 +391,7 @@ def serving_suggestion(arch: Architecture, s: Serving, cluster: Cluster) -> dict
         need = math.ceil(serving_memory(arch, s, cluster)["device_gib"])
         changes = {"cluster.host_memory_gib": need}
         if cluster.gpus_per_node:
-            changes["or engine.backend"] = "tensorrt_llm (the weights on the GPUs)"
+            changes["or engine.backend"] = "tensorrt_llm"
         return {"changes": changes, "memory": serving_memory(arch, s, cluster.model_copy(update={"host_memory_gib": need}))}
     options = sorted((tp * pp, pp, tp) for tp in (1, 2, 4, 8, 16) for pp in (1, 2, 4, 8, 16)
                       if tp <= max(cluster.gpus_per_node, 1) and arch.num_heads % tp == 0 and pp <= arch.num_layers)
