@@ -343,7 +343,7 @@ def test_config_change_reruns_only_what_it_affects(zero2, tmp_path):
     training = snakemake(work, merge(ZERO2, {"finetune": {"learning_rate": ZERO2["finetune"]["learning_rate"] / 2}}), "-n")
     assert {"finetune", "export", "evaluate", "quantize"} <= jobs_planned(training)
     assert not (upstream | {"evaluate_base"}) & jobs_planned(training)
-    # a re-plan that still fits reruns the plan only: the stages wait for it but do not rerun after it
+    # a re-plan that still fits reruns the plan rule only: no stage waits for it
     replanned = snakemake(work, merge(ZERO2, {"cluster": {"overhead_gib": 1.5}}), "-n")
     assert "plan" in jobs_planned(replanned) and jobs_planned(replanned) <= {"plan", "all"}
 
