@@ -62,7 +62,8 @@ def length_problems(cfg: Config, arch: Architecture) -> list[str]:
                             f"{context_key} {context}: evaluation prompts plus their answers do not fit the engine; "
                             + shorter(context, data.max_seq_len, evaluation.max_new_tokens, raise_key, need))
         if load.input_len + load.output_len > context:
-            problems.append(f"benchmark.input_len {load.input_len} + benchmark.output_len {load.output_len} = {load.input_len + load.output_len}"
+            total = load.input_len + load.output_len
+            problems.append(f"benchmark.input_len {load.input_len} + benchmark.output_len {load.output_len} = {total}"
                             f" > {context_key} {context}: the benchmark's requests do not fit the engine; lower benchmark.input_len to "
                             f"{max(1, context - load.output_len)}")
     if max_input:
@@ -101,8 +102,8 @@ def feature_problems(cfg: Config) -> list[str]:
     ft, gpus = cfg.finetune, cfg.cluster.gpus_per_node
     problems = []
     if gpus and ft.liger_kernel and not installed("liger_kernel"):
-        problems.append(f"finetune.liger_kernel true with cluster.gpus_per_node {gpus}, but liger-kernel is not installed: "
-                        "install the GPU set-up (README.md: .venv/bin/pip install -r requirements-gpu.txt), or set finetune.liger_kernel: false")
+        problems.append(f"finetune.liger_kernel true with cluster.gpus_per_node {gpus}, but liger-kernel is not "
+                        "installed: install the GPU set-up (README.md: .venv/bin/pip install -r requirements-gpu.txt), or set finetune.liger_kernel: false")
     if not gpus and ft.attention == "varlen":
         problems.append("finetune.attention varlen needs a CUDA GPU, but cluster.gpus_per_node is 0: set finetune.attention: auto")
     if not gpus and cfg.engine.backend == "onnxruntime" and cfg.engine.onnxruntime.execution_provider == "cuda":
