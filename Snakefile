@@ -11,8 +11,9 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 
 
-config.update(checked_config(config))
-PLAN = planned(config)
+CONFIG = typed_config(config)
+config.update(CONFIG.model_dump(mode="json"))
+PLAN = planned(CONFIG)
 
 
 include: "rules/plan.smk"

@@ -33,13 +33,17 @@ from workflow.capacity import (
 )
 from workflow.checks import feature_problems, length_problems, scheme_blocks
 from workflow.config import Config
+from workflow.schemes import BASELINE, SCHEMES
+
+ANY_SHAPE = [name for name, scheme in SCHEMES.items() if scheme.block == 1]
+"""Schemes every model's shapes take."""
 
 
-def plan_for(arch: Architecture, cfg: Config) -> dict:
+def plan_for(arch: Architecture, config: Config) -> dict:
     """The plan for the whole typed config: memory per device, cross-stage lengths, schemes, installed features."""
-    cluster, ft = cfg.cluster, cfg.finetune
+    cluster, ft = config.cluster, config.finetune
     liger = ft.liger_kernel and cluster.gpus_per_node > 0
-    training = Training.of(ft, cfg.data.max_seq_len, ft.nproc_per_node, cluster.nodes, liger_kernel=liger)
+    training = Training.of(ft, config.data.max_seq_len, ft.nproc_per_node, cluster.nodes, liger_kernel=liger)
     problems = []
     if cluster.gpus_per_node and ft.nproc_per_node > cluster.gpus_per_node:
         problems.append(f"finetune.nproc_per_node {ft.nproc_per_node} > cluster.gpus_per_node {cluster.gpus_per_node}: one process per GPU")
@@ -54,14 +58,14 @@ def plan_for(arch: Architecture, cfg: Config) -> dict:
         train["suggestion"] = training_suggestion(arch, training, cluster)
         problems.append(training_problem(train))
 
-    schemes = scheme_blocks(cfg, arch)
+    schemes = scheme_blocks(config, arch)
     kept = [name for name, s in schemes.items() if "dropped" not in s]
     if not kept:
-        problems.append(f"quantize.schemes {list(cfg.quantize.schemes)}: the model's shapes take none of them "
-                        f"({'; '.join(s['dropped'] for s in schemes.values())}); add bf16 or int8_sq, which take any shape")
+        problems.append(f"quantize.schemes {list(config.quantize.schemes)}: the model's shapes take none of them "
+                        f"({'; '.join(s['dropped'] for s in schemes.values())}); add {' or '.join(ANY_SHAPE)}, which take any shape")
     serving = {}
-    base = serving_setup(cfg)
-    if cfg.engine.backend == "tensorrt_llm" and not cluster.gpus_per_node:
+    base = serving_setup(config)
+    if config.engine.backend == "tensorrt_llm" and not cluster.gpus_per_node:
         problems.append("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0: set cluster.gpus_per_node, "
                         "or engine.backend: onnxruntime")
     for scheme in kept:
@@ -70,12 +74,14 @@ def plan_for(arch: Architecture, cfg: Config) -> dict:
         if not serving[scheme]["fits"]:
             serving[scheme]["suggestion"] = serving_suggestion(arch, s, cluster)
             problems.append(serving_problem(scheme, serving[scheme]))
-    problems += length_problems(cfg, arch) + feature_problems(cfg)
+    problems += length_problems(config, arch) + feature_problems(config)
     p = arch.params()
     return {
         "model": asdict(arch) | {"params": p["total"], "params_billion": round(p["total"] / 1e9, 3),
                                  "weights_bf16_gb": round(2 * p["total"] / 1e9, 4)},
         "cluster": cluster.model_dump(),
+        "resolved": {"finetune": ft.model_dump(mode="json"), "max_seq_len": config.data.max_seq_len,
+                     "liger_kernel_counted": liger},
         "training": train,
         "schemes": schemes,
         "serving": serving,
@@ -84,14 +90,14 @@ def plan_for(arch: Architecture, cfg: Config) -> dict:
     }
 
 
-def serving_setup(cfg: Config) -> Serving:
+def serving_setup(config: Config) -> Serving:
     """What the configured engine holds per device: TensorRT-LLM's build limits, or the benchmark's load on ONNX Runtime."""
-    if cfg.engine.backend == "tensorrt_llm":
-        trt = cfg.engine.tensorrt_llm
-        return Serving("bf16", trt.tp_size, trt.pp_size, trt.max_batch_size, trt.max_seq_len, on_gpu=True)
-    bench = cfg.benchmark
-    on_gpu = cfg.engine.onnxruntime.execution_provider == "cuda" and cfg.cluster.gpus_per_node > 0
-    return Serving("bf16", 1, 1, max(bench.concurrency), bench.input_len + bench.output_len, on_gpu=on_gpu, fp32_baseline=not on_gpu)
+    if config.engine.backend == "tensorrt_llm":
+        trt = config.engine.tensorrt_llm
+        return Serving(BASELINE, trt.tp_size, trt.pp_size, trt.max_batch_size, trt.max_seq_len, on_gpu=True)
+    bench = config.benchmark
+    on_gpu = config.engine.onnxruntime.execution_provider == "cuda" and config.cluster.gpus_per_node > 0
+    return Serving(BASELINE, 1, 1, max(bench.concurrency), bench.input_len + bench.output_len, on_gpu=on_gpu, fp32_baseline=not on_gpu)
 
 
 def _changes(suggestion: dict | None, otherwise: str) -> str:
@@ -157,15 +163,15 @@ def markdown(result: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def base_model_dir(cfg: Config) -> str | None:
+def base_model_dir(config: Config) -> str | None:
     """The base checkpoint folder the plan reads config.json from; None for the bootstrap model (its settings)."""
-    return None if cfg.base_model == "bootstrap" else cfg.base_model
+    return None if config.base_model == "bootstrap" else config.base_model
 
 
-def checked_plan(cfg: Config) -> dict:
+def checked_plan(config: Config) -> dict:
     """The plan, made when the workflow is parsed: PlanError, before any job, when the config cannot run."""
-    arch, source = model_architecture(base_model_dir(cfg), cfg.bootstrap.model_dump())
-    result = plan_for(arch, cfg) | {"source": source}
+    arch, source = model_architecture(base_model_dir(config), config.bootstrap)
+    result = plan_for(arch, config) | {"source": source}
     if not result["fits"]:
         raise PlanError(refusal(result))
     return result
@@ -179,18 +185,18 @@ PLANNED = ("cluster", "finetune", "data", "evaluate", "benchmark", "engine", "qu
 """The sections the plan reads, recorded as the plan job's MLflow params."""
 
 
-def plan(model_dir: str | None, cfg: Config, json_path: str | Path, md_path: str | Path, tracking) -> dict:
+def plan(model_dir: str | None, config: Config, json_path: str | Path, md_path: str | Path, tracking) -> dict:
     """Write the plan (JSON and Markdown), log it to MLflow, and raise PlanError when the config cannot run."""
     import mlflow
 
     from workflow.tracking import job_run
 
-    arch, source = model_architecture(model_dir, cfg.bootstrap.model_dump())
-    result = plan_for(arch, cfg)
+    arch, source = model_architecture(model_dir, config.bootstrap)
+    result = plan_for(arch, config)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=2))
     Path(md_path).write_text(markdown(result, source))
-    with job_run(tracking, "plan", cfg.model_dump(mode="json", include=set(PLANNED))):
+    with job_run(tracking, "plan", config.model_dump(mode="json", include=set(PLANNED))):
         mlflow.log_artifact(str(json_path))
         mlflow.log_artifact(str(md_path))
         metrics = {"params": result["model"]["params"], "training_host_per_node_gib": result["training"]["host_per_node_gib"]}
