@@ -3,7 +3,6 @@ rule prepare_data:
         dataset=dataset_file,
         model=base_model_dir,
         template=training_template,
-        plan=plan_done(),
     output:
         train=f"{RESULTS}/data/train.jsonl",
         val=f"{RESULTS}/data/val.jsonl",
