@@ -38,6 +38,18 @@ def eval_settings():
     return dump(CONFIG.evaluate, "gate")
 
 
+def evaluation_file(wildcards=None):
+    """evaluate.path, the user's evaluation rows, when set: prepare_data makes the test split from it."""
+    return [CONFIG.evaluate.path] if CONFIG.evaluate.path else []
+
+
+def metric_files(wildcards=None):
+    """The scorer's module or the lm_eval task files: editing them reruns every scoring job."""
+    from workflow.metrics import metric_files as files
+
+    return files(CONFIG.evaluate)
+
+
 def max_accuracy_loss(wildcards):
     return getattr(CONFIG.quantize.max_accuracy_loss, wildcards.scheme)
 

@@ -388,7 +388,7 @@ def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path):
     work = copy_of(zero2, tmp_path / "copy")
     done = snakemake(work, merge(ZERO2, {"evaluate": {"gate": {"min_accuracy": 0.99}}}), check=False)
     assert done.returncode != 0
-    assert re.search(r"evaluate gate failed: accuracy \d\.\d{3} < evaluate\.gate\.min_accuracy 0\.990", done.stdout + done.stderr)
+    assert re.search(r"evaluate gate failed: exact accuracy \d\.\d{3} < evaluate\.gate\.min_accuracy 0\.990", done.stdout + done.stderr)
     runs = client(work).search_runs(
         [client(work).get_experiment_by_name("ft2prod").experiment_id], filter_string="attributes.run_name = 'evaluate'"
     )

@@ -160,7 +160,7 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
         metrics, results = evaluate_model(model_dir, test_path, cfg, model=model, cluster=cluster, journal_path=journal_for(out_path))
         record = json.loads((quantized_dir / "quantize.json").read_text())
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
-        result = gate | {"format_adherence": metrics["format_adherence"], "perplexity": metrics["perplexity"],
+        result = gate | {"format_adherence": metrics.get("format_adherence"), "perplexity": metrics["perplexity"],
                          "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"],
                          **{k: metrics[k] for k in ("gpu_planned_gib", "gpu_peak_gib", "gpu_batch") if k in metrics}}
         log_results(scheme, metrics, results, cfg.sample_generations)
