@@ -4,7 +4,6 @@ rule prepare_data:
         model=base_model_dir,
         template=training_template,
         evaluation=evaluation_file,
-        plan=plan_done(),
     output:
         train=f"{RESULTS}/data/train.jsonl",
         val=f"{RESULTS}/data/val.jsonl",

@@ -204,7 +204,7 @@ def test_ip_allow_lists_follow_forwarded_for_only_from_a_trusted_proxy(gateway):
         assert inside.post("/v1/chat/completions", json=chat()).status_code == 200
     with gateway.http("analyst", **{"X-Forwarded-For": "10.1.2.3, 203.0.113.9"}) as outside:
         answer = outside.post("/v1/chat/completions", json=chat())
-        assert answer.status_code == 403 and "203.0.113.9 is not on the allow-list of role analyst" in answer.json()["error"]["message"]
+        assert answer.status_code == 403 and "203.0.113.9 is not on this key's address allow-list" in answer.json()["error"]["message"]
     with gateway.http("auditor", **{"X-Forwarded-For": "10.1.2.3"}) as auditor_away:
         assert auditor_away.get("/audit/events").status_code == 403  # auditors only from loopback
     with gateway.http("auditor") as auditor:
@@ -219,7 +219,7 @@ def test_untrusted_peer_cannot_spoof_forwarded_for(package, tmp_path):
         served.wait_ready()
         with served.http("analyst", **{"X-Forwarded-For": "10.1.2.3"}) as spoofing:
             answer = spoofing.post("/v1/chat/completions", json=chat())
-        assert answer.status_code == 403 and "127.0.0.1 is not on the allow-list" in answer.json()["error"]["message"]
+        assert answer.status_code == 403 and "127.0.0.1 is not on this key's address allow-list" in answer.json()["error"]["message"]
     finally:
         served.stop()
 

@@ -29,6 +29,7 @@ from workflow.capacity import Architecture, generation_memory
 from workflow.chat import prompt_ids
 from workflow.config import Cluster, EvalConfig
 from workflow.data import read_split
+from workflow.engine.interface import Engine, GenerationRequest
 from workflow.generation import Journal, cache_length, fitted_batch, journal_key, load_model, model_device, peak_gib
 from workflow.metrics import Grader, grader, label
 from workflow.tracking import Tracking, describe, job_run, record_gate
@@ -110,20 +111,20 @@ def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig, cluster: Clust
     return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated], planned
 
 
-def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
-    """Greedy completions from a built engine's own generation loop (anything with `stream(ids, n)`), as many rows
-    at a time as the engine batches (`max_batch_size`, 1 if it has none); in the rows' order. The tokenizer is used
+def engine_completions(engine: Engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
+    """Greedy completions from a built engine's own generation loop, as many rows at a time as the engine batches
+    (`max_batch_size`); in the rows' order. The tokenizer is used
     from this thread only (a fast tokenizer shared between threads can fail with "Already borrowed")."""
     def generate(ids: list[int]) -> tuple[list[int], bool]:
         tokens = []
-        for token in engine.stream(ids, max_new_tokens):
+        for token in engine.stream(GenerationRequest(ids, max_new_tokens)):
             if token == tokenizer.eos_token_id:
                 return tokens, True
             tokens.append(token)
         return tokens, False
 
     prompts = [prompt_ids(tokenizer, row["messages"][:-1]) for row in rows]
-    with ThreadPoolExecutor(getattr(engine, "max_batch_size", 1)) as pool:
+    with ThreadPoolExecutor(engine.max_batch_size) as pool:
         generated = list(pool.map(generate, prompts))
     return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated]
 

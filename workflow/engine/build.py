@@ -18,19 +18,12 @@ from workflow.config import EngineConfig, EvalConfig
 from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
+from workflow.engine.runtime import load_engine
 from workflow.evaluate import accuracy_gate, engine_scores, gate_check, log_results
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 
 log = logging.getLogger(__name__)
-
-
-def load_engine(engine_dir: str | Path, backend: str, settings: EngineConfig):
-    """The engine in engine_dir, refused unless its manifest matches this machine."""
-    if backend == "onnxruntime":
-        ort = settings.onnxruntime
-        return onnxruntime.OrtEngine(engine_dir, ort.execution_provider, ort.max_batch_size)
-    return tensorrt_llm.TrtllmEngine(engine_dir)
 
 
 def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, scheme: str, settings: EngineConfig, rows: list[dict],
@@ -119,7 +112,7 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
         if comparison and "scored" in comparison:
             metrics, results = comparison.pop("scored")
         else:
-            engine = load_engine(engine_dir, backend, settings)
+            engine = load_engine(engine_dir, settings)
             metrics, results = engine_scores(engine, tokenizer, rows, eval_cfg)
         baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
