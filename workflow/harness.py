@@ -18,6 +18,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from workflow.engine.interface import GenerationRequest
 from workflow.metrics import END_THINK, MetricError
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def sample_row(sample: dict, metric: str) -> dict:
 
 
 def engine_model(engine, tokenizer):
-    """An lm-eval model around a built engine (anything with `stream(ids, n)`): generate_until tasks only."""
+    """An lm-eval model around a built engine (workflow.engine.interface.Engine): generate_until tasks only."""
     from lm_eval.api.model import LM
     from lm_eval.models.utils import postprocess_generated_text
 
@@ -119,13 +120,13 @@ def engine_model(engine, tokenizer):
 
             def one(ids: list[int], budget: int) -> list[int]:
                 tokens = []
-                for token in engine.stream(ids, budget):
+                for token in engine.stream(GenerationRequest(ids, budget)):
                     if token == tokenizer.eos_token_id:
                         break
                     tokens.append(token)
                 return tokens
 
-            with ThreadPoolExecutor(getattr(engine, "max_batch_size", 1)) as pool:
+            with ThreadPoolExecutor(engine.max_batch_size) as pool:
                 generated = list(pool.map(one, prompts, budgets))
             return [postprocess_generated_text(tokenizer.decode(tokens, skip_special_tokens=True),
                                                r.args[1].get("until"), END_THINK)
