@@ -28,6 +28,7 @@ from workflow.chat import prompt_ids
 from workflow.config import Cluster, EvalConfig
 from workflow.data import read_split
 from workflow.generation import Journal, cache_length, fitted_batch, journal_key, load_model, model_device, peak_gib
+from workflow.progress import Progress
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,9 @@ def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int)
         return tokens, False
 
     prompts = [prompt_ids(tokenizer, row["messages"][:-1]) for row in rows]
-    with ThreadPoolExecutor(getattr(engine, "max_batch_size", 1)) as pool:
-        generated = list(pool.map(generate, prompts))
+    with (Progress(len(prompts), "engine generation", unit="prompt") as shown,
+          ThreadPoolExecutor(getattr(engine, "max_batch_size", 1)) as pool):
+        generated = list(shown.counted(pool.map(generate, prompts)))
     return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated]
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from typing import TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ INTERVAL_S = 30.0
 """Seconds between progress lines in a job's log (and on a console that is not a terminal)."""
 
 log = logging.getLogger("workflow.progress")
+T = TypeVar("T")
 
 
 def status_text(status: dict) -> str:
@@ -72,14 +74,23 @@ class Progress:
                 if status:
                     self.bar.set_postfix_str(status_text(self.status), refresh=False)
 
+    def counted(self, items: Iterable[T]) -> Iterator[T]:
+        """The items, each counted as one unit done when the loop over them asks for the next."""
+        for item in items:
+            yield item
+            self.update(1)
+
     def line(self, state: str = "") -> str:
         """`what: done/total unit (pct), rate unit/s, elapsed, ETA` and the status, as one line."""
         with self.lock:
             done, status = self.done, dict(self.status)
         elapsed = time.monotonic() - self.began
         rate = (done - self.initial) / elapsed if elapsed > 0 else 0.0
-        parts = [f"{done}/{self.total} {self.unit}" + (f" ({done / self.total:.0%})" if self.total else "")
-                 if self.total is not None else f"{done} {self.unit}"]
+        parts = []
+        if self.total is not None:
+            parts.append(f"{done}/{self.total} {self.unit}" + (f" ({done / self.total:.0%})" if self.total else ""))
+        elif done:
+            parts.append(f"{done} {self.unit}")
         if self.total is not None or done > self.initial:
             parts.append(f"{rate:.3g} {self.unit}/s")
         parts.append(f"elapsed {tqdm.format_interval(elapsed)}")

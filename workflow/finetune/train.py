@@ -30,6 +30,7 @@ from workflow.finetune.callbacks import (
     Checkpoints,
     MlflowMetrics,
     Profile,
+    StepProgress,
     StopOnNonFiniteLoss,
     Throughput,
 )
@@ -161,7 +162,8 @@ def train(job: Job) -> dict:
         train_dataset=train_rows,
         eval_dataset=TokenDataset(val) if has_val else None,
         data_collator=collator(cfg, speed),
-        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID")), Checkpoints(save_final=save), StopOnNonFiniteLoss(), throughput],
+        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID")), Checkpoints(save_final=save), StopOnNonFiniteLoss(), throughput,
+                   StepProgress()],
     )
     if 0 < checkpointed < memory["num_layers"]:
         trainer.add_callback(CheckpointLayers(checkpointed))
