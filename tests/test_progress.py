@@ -2,11 +2,14 @@
 a final line, and the console path a Snakemake job takes (a log file for the job, its console kept apart)."""
 
 import io
+import json
 import logging
 import re
 import subprocess
 import sys
 import time
+
+import pytest
 
 from workflow.progress import Progress
 
@@ -88,3 +91,33 @@ with Progress(3, "work", unit="step", interval=0.1) as progress:
     assert "job output" in log and "job output" not in done.stdout + done.stderr
     assert console[0].startswith("work: started 0/3") and console[-1].startswith("work: done 3/3 step (100%)")
     assert len(console) >= 4 and all(line in log for line in console)
+
+
+def test_a_child_process_of_a_job_writes_to_the_jobs_console(tmp_path):
+    # The fine-tune's ranks are children of the job: their lines reach the console Snakemake runs in too.
+    child = "from workflow.progress import Progress\nwith Progress(2, 'rank', unit='step', interval=5) as p:\n    p.update(2)\n"
+    script = f"""
+import subprocess, sys
+from workflow.logs import to_file
+to_file({str(tmp_path / "job.log")!r})
+subprocess.run([sys.executable, "-c", {child!r}], check=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert [line.split(",")[0] for line in done.stderr.splitlines()] == ["rank: started 0/2 step (0%)", "rank: done 2/2 step (100%)"]
+
+
+@pytest.mark.slow
+def test_finetune_reports_steps_with_loss_and_tokens_per_second(tiny_base, tracking, tmp_path):
+    """The real launch (one rank, three steps): its log carries the step progress with the loss and tokens/s."""
+    from workflow.config import FinetuneConfig
+    from workflow.finetune.launch import finetune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [list(range(5 + i, 37 + i)) for i in range(12)]
+    (data / "train.jsonl").write_text("".join(json.dumps({"input_ids": r, "labels": [-100] * 8 + r[8:]}) + "\n" for r in rows))
+    cfg = FinetuneConfig(nproc_per_node=1, max_steps=3, micro_batch_size=4, logging_steps=1, save_steps=100)
+    finetune(tiny_base, data, tmp_path / "summary.json", cfg, 3, tracking, tmp_path / "finetune.log")
+    lines = [line for line in (tmp_path / "finetune.log").read_text().splitlines() if "workflow.progress: finetune:" in line]
+    assert "finetune: started 0/3 step (0%)" in lines[0]
+    assert re.search(r"finetune: done 3/3 step \(100%\), [\d.]+ step/s, elapsed [\d:]+, loss [\d.]+, tokens/s \d+$", lines[-1])

@@ -30,10 +30,14 @@ def speed_panels(throughput, latency, benchmarks: dict[str, dict | None], slo_p9
         throughput.plot(x, [level["output_tokens_per_s"] for level in levels], **style)
         latency.plot(x, [level["latency_p95_s"] for level in levels], **style)
     latency.axhline(slo_p95_s, color="red", linestyle="--", label=f"SLO {slo_p95_s:g} s")
+    latency.set_yscale("log")  # the SLO and latencies far below it stay readable together
+    levels = sorted({level["concurrency"] for bench in benchmarks.values() if bench for level in bench["levels"]})
     for ax, name in ((throughput, "output tokens/s"), (latency, "p95 request latency (s)")):
         ax.set_xlabel("concurrency")
         ax.set_ylabel(name)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     throughput.set_title("throughput per scheme")
