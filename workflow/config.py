@@ -408,7 +408,8 @@ class PackageConfig(Section):
     log_max_mb: Annotated[float, Field(ge=0)] = 200
     """Packages up to this size are copied into MLflow (ciphertext); larger ones by reference."""
     trusted_signer: str | None = None
-    """Signer public key (PEM) that gateways accept packages from; null takes the public half of signing_key."""
+    """Signer public key (PEM) that gateways accept packages from; null takes the public half written beside signing_key
+    (keys/signing.pub): gateways never read the private key."""
     kms: Kms = Kms()
     """Which KMS holds the key-encryption key."""
 

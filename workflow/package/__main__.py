@@ -17,7 +17,7 @@ import os
 import sys
 
 from workflow.package import archive
-from workflow.package.kms import KmsError, LocalKeyFile, Pkcs11Hsm, VaultTransit
+from workflow.package.kms import KmsError, LocalKeyFile, Pkcs11Hsm, VaultTransit, pin_from
 
 
 def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -36,7 +36,7 @@ def kms_from(args: argparse.Namespace, prefix: str = "", create: bool = False):
     if get("key_file"):
         return LocalKeyFile(get("key_file"), create=create, group=get("key_file_group"))
     if get("pkcs11_module"):
-        return Pkcs11Hsm(get("pkcs11_module"), get("token"), get("key_label"), os.environ.get("PKCS11_PIN", ""))
+        return Pkcs11Hsm(get("pkcs11_module"), get("token"), get("key_label"), pin_from("PKCS11_PIN"))
     if get("vault_url"):
         return VaultTransit(get("vault_url"), get("vault_key"))
     return None

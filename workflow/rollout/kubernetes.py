@@ -202,7 +202,7 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
                         {"name": "tls", "secret": {"secretName": k8s["secrets"]["tls"],
                                                    "items": [{"key": "tls.crt", "path": "server.pem"}, {"key": "tls.key", "path": "server.key"},
                                                              {"key": "ca.crt", "path": "ca.pem"}]}},
-                        {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"]}},
+                        {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"], "defaultMode": 0o400}},
                         {"name": "audit", "persistentVolumeClaim": {"claimName": f"{name}-audit"}},
                         {"name": "audit-key", "secret": {"secretName": k8s["secrets"]["audit_key"], "defaultMode": 0o400,
                                                          "items": [{"key": "audit.key", "path": "audit.key"}]}},

@@ -64,8 +64,7 @@ class LocalGateway:
         self.keys = {role: store.add(f"canary-{role}", role) for role in ROLES}
         self.audit_path = workdir / "canary-audit.jsonl"
         # The canary's gateway starts afresh: no audit records, anchor or served-package history of an earlier canary.
-        for stale in (self.audit_path, self.audit_path.with_name(self.audit_path.name + ".anchor.json"),
-                      self.audit_path.with_name(self.audit_path.stem + ".deployments.json")):
+        for stale in (self.audit_path, self.audit_path.with_name(self.audit_path.name + ".anchor.json")):
             stale.unlink(missing_ok=True)
         gateway.update(host="127.0.0.1", port=self.port, api_keys=str(keys_path), upstream=None,
                        audit={**gateway["audit"], "path": str(self.audit_path)})

@@ -12,6 +12,7 @@ from workflow.serve.app import create_app
 from workflow.serve.backends import InProcess, Upstream
 from workflow.serve.connections import with_header_deadline
 from workflow.serve.guard import Gateway
+from workflow.serve.protocol import BadRequest
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import ensure_certificates, restrict_to_tls13
 
@@ -35,7 +36,12 @@ def serve(config: dict, package: str | None = None, model_dir: str | None = None
     files = ensure_certificates(tls["dir"], tls["hosts"])
     app, gateway = build(config, package, model_dir, audit_path)
     if package:  # fail now, with a clear message, rather than inside the server's start-up
-        gateway.settings.trusted_signer(), gateway.settings.kms()
+        trusted, _ = gateway.settings.trusted_signer(), gateway.settings.kms()
+        gateway.backend.deployments = gateway.deployments
+        try:  # the anti-rollback floor holds across restarts: an older package is refused at start too
+            gateway.backend.checked(Path(package), trusted, None, rollback=False)
+        except BadRequest as err:
+            raise ValueError(f"refusing to start: {err}") from None
     deadlines = gateway_section["deadlines"]
     settings = uvicorn.Config(
         app, host=host or gateway_section["host"], port=port if port is not None else gateway_section["port"],

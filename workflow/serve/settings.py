@@ -55,11 +55,6 @@ class GatewaySettings:
     package_root: Path | None = None
     """Where /admin/deploy finds packages by digest."""
 
-    @property
-    def deployments_path(self) -> Path:
-        """The anti-rollback record (deployments.py), beside the audit log: state the gateway keeps and may write."""
-        return self.audit_path.with_name(self.audit_path.stem + ".deployments.json")
-
     @classmethod
     def from_config(cls, config: dict, audit_path: str | Path | None = None) -> GatewaySettings:
         gateway = config["rollout"]["gateway"]
@@ -92,8 +87,10 @@ class GatewaySettings:
         return kms_providers.from_config(self.package_settings["kms"])
 
     def trusted_signer(self):
-        """The signer packages must carry: `package.trusted_signer` (a public key), else the local signing key's."""
-        public = self.package_settings.get("trusted_signer")
-        if public:
-            return archive.load_public_key(public)
-        return archive.load_signing_key(self.package_settings["signing_key"], create=False).public_key()
+        """The signer packages must carry: `package.trusted_signer` (a public key), else the public half kept beside
+        `package.signing_key` (keys/signing.pub). The gateway never reads the private signing key."""
+        public = self.package_settings.get("trusted_signer") or archive.public_key_path(self.package_settings["signing_key"])
+        if not Path(public).exists():
+            raise ValueError(f"package.trusted_signer is null and {public} (the public half of package.signing_key, "
+                             "written when a package is signed) does not exist: set package.trusted_signer to the signer's public key")
+        return archive.load_public_key(public)
