@@ -4,6 +4,7 @@ with this suite's conftest.py and pyproject.toml settings."""
 
 from __future__ import annotations
 
+import shlex
 import tomllib
 
 import pytest
@@ -35,7 +36,8 @@ def test_daemon():
 @pytest.fixture
 def suite(pytester):
     pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
-    pytester.makeini("[pytest]\naddopts = " + " ".join(f"'{arg}'" if " " in arg else arg for arg in SETTINGS["addopts"])
+    addopts = SETTINGS["addopts"] if isinstance(SETTINGS["addopts"], str) else shlex.join(SETTINGS["addopts"])
+    pytester.makeini(f"[pytest]\naddopts = {addopts}"
                      + "\nmarkers =\n" + "".join(f"    {marker}\n" for marker in SETTINGS["markers"]))
     return pytester
 
