@@ -30,7 +30,7 @@ rule evaluate:
         metrics=f"{RESULTS}/evaluate/finetuned.json",
         report=f"{RESULTS}/evaluate/report.md",
     params:
-        settings=config["evaluate"],
+        settings=dump(CONFIG.evaluate),
     log:
         f"{RESULTS}/logs/evaluate.log",
     benchmark:

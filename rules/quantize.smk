@@ -5,7 +5,7 @@ rule quantize:
     output:
         directory(f"{RESULTS}/quantize/{{scheme}}"),
     params:
-        calib_samples=config["quantize"]["calib_samples"],
+        calib_samples=CONFIG.quantize.calib_samples,
     log:
         f"{RESULTS}/logs/quantize/{{scheme}}.log",
     benchmark:

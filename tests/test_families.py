@@ -22,11 +22,10 @@ from workflow.bootstrap.problems import make_problems
 from workflow.chat import prompt_text
 from workflow.package import archive
 from workflow.package.kms import LocalKeyFile
-from workflow.schemes import SCHEMES
+from workflow.schemes import BASELINE
 
 pytestmark = pytest.mark.e2e
 
-BASELINE = next(scheme.name for scheme in SCHEMES.values() if scheme.modelopt is None)
 # family -> (data format, fine-tuning method): every format and both methods across the matrix.
 CASES = {
     "bootstrap-r1": ("messages", "full"),  # the default base model carrying the DeepSeek-R1-Distill template

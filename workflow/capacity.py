@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from workflow.config import LORA_MODULES, Cluster, FinetuneConfig
+from workflow.config import LORA_MODULES, BootstrapConfig, Cluster, FinetuneConfig
 from workflow.schemes import SCHEMES
 
 GIB = 2**30
@@ -346,7 +346,7 @@ class Serving:
 
     @property
     def linear_bytes(self) -> float:
-        return 4.0 if self.fp32_baseline and self.scheme == "bf16" else SCHEMES[self.scheme].weight_bytes
+        return 4.0 if self.fp32_baseline and SCHEMES[self.scheme].baseline else SCHEMES[self.scheme].weight_bytes
 
     @property
     def other_bytes(self) -> float:
@@ -394,12 +394,12 @@ def serving_suggestion(arch: Architecture, s: Serving, cluster: Cluster) -> dict
     return None
 
 
-def model_architecture(model_dir: str | None, bootstrap: dict) -> tuple[Architecture, str]:
+def model_architecture(model_dir: str | None, bootstrap: BootstrapConfig) -> tuple[Architecture, str]:
     """The base model's architecture: its config.json, or the bootstrap settings (built later by the DAG)."""
     if model_dir is None:
-        config = {"vocab_size": bootstrap["vocab_size"], "hidden_size": bootstrap["hidden_size"], "num_hidden_layers": bootstrap["num_layers"],
-                  "num_attention_heads": bootstrap["num_heads"], "num_key_value_heads": bootstrap["num_kv_heads"],
-                  "intermediate_size": bootstrap["intermediate_size"], "model_type": "llama"}
+        config = {"vocab_size": bootstrap.vocab_size, "hidden_size": bootstrap.hidden_size, "num_hidden_layers": bootstrap.num_layers,
+                  "num_attention_heads": bootstrap.num_heads, "num_key_value_heads": bootstrap.num_kv_heads,
+                  "intermediate_size": bootstrap.intermediate_size, "model_type": "llama"}
         return Architecture.from_hf_config(config, "bootstrap settings"), "the bootstrap settings; vocab_size as an upper bound"
     path = Path(model_dir) / "config.json"
     if not path.is_file():

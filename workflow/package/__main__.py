@@ -17,6 +17,7 @@ import os
 import sys
 
 from workflow.package import archive
+from workflow.config import VaultKms
 from workflow.package.kms import KmsError, LocalKeyFile, Pkcs11Hsm, VaultTransit, pin_from
 
 
@@ -29,6 +30,7 @@ def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}key-label", help="label of the AES key in the HSM")
     parser.add_argument(f"--{prefix}vault-url", help="HashiCorp Vault address (Transit engine)")
     parser.add_argument(f"--{prefix}vault-key", help="Vault Transit key name")
+    parser.add_argument(f"--{prefix}vault-mount", default=VaultKms().mount_point, help="Vault Transit engine mount point")
 
 
 def kms_from(args: argparse.Namespace, prefix: str = "", create: bool = False):
@@ -38,7 +40,7 @@ def kms_from(args: argparse.Namespace, prefix: str = "", create: bool = False):
     if get("pkcs11_module"):
         return Pkcs11Hsm(get("pkcs11_module"), get("token"), get("key_label"), pin_from("PKCS11_PIN"))
     if get("vault_url"):
-        return VaultTransit(get("vault_url"), get("vault_key"))
+        return VaultTransit(get("vault_url"), get("vault_key"), get("vault_mount"))
     return None
 
 

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-# The source document's access matrix. Health probes need no key.
-ROLES = {
-    "admin": {"deploy", "adjust", "view"},
-    "analyst": {"infer", "view"},
-    "auditor": {"audit", "monitor", "view"},
-}
+from workflow.config import Gateway
+from workflow.roles import ROLES
+
 KEY_PREFIX = "ftk-"
 log = logging.getLogger(__name__)
 
@@ -177,13 +174,10 @@ class Policy:
     trusted_proxies: list[Network]
 
     @classmethod
-    def from_config(cls, gateway: dict) -> Policy:
-        unknown = set(gateway["allow"]) - set(ROLES)
-        if unknown:
-            raise ValueError(f"config: rollout.gateway.allow: unknown role(s) {sorted(unknown)}; roles: {', '.join(ROLES)}")
+    def from_config(cls, gateway: Gateway) -> Policy:
         return cls(
-            allow={role: networks(gateway["allow"].get(role, []), f"rollout.gateway.allow.{role}") for role in ROLES},
-            trusted_proxies=networks(gateway["trusted_proxies"], "rollout.gateway.trusted_proxies"),
+            allow={role: networks(getattr(gateway.allow, role), f"rollout.gateway.allow.{role}") for role in ROLES},
+            trusted_proxies=networks(gateway.trusted_proxies, "rollout.gateway.trusted_proxies"),
         )
 
     def check_address(self, identity: Identity, ip: str) -> None:
@@ -193,5 +187,5 @@ class Policy:
 
     def authorize(self, identity: Identity, ip: str, permission: str) -> None:
         self.check_address(identity, ip)
-        if permission not in ROLES[identity.role]:
+        if permission not in ROLES[identity.role].permissions:
             raise Denied(403, "role_forbidden", f"role {identity.role} may not {permission}")

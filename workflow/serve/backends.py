@@ -22,6 +22,7 @@ import httpx2
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from workflow.chat import TemplateError, prompt_ids
+from workflow.config import EngineConfig
 from workflow.engine.build import load_engine
 from workflow.engine.manifest import EngineManifest
 from workflow.package import archive
@@ -49,7 +50,7 @@ class InProcess:
 
     kind = "in_process"
 
-    def __init__(self, engine_settings: dict, memory_dir: str = "/dev/shm") -> None:
+    def __init__(self, engine_settings: EngineConfig, memory_dir: str = "/dev/shm") -> None:
         self.engine_settings, self.memory_dir = engine_settings, memory_dir
         self.engine = self.tokenizer = None
         self.package: dict = {}

@@ -90,7 +90,7 @@ class Guard:
                 audited(outcome["status"])
 
     async def _body_in_time(self, receive, headers: dict) -> bytes:
-        seconds = self.gateway.settings.deadlines["body_s"]
+        seconds = self.gateway.settings.deadlines.body_s
         try:
             async with asyncio.timeout(seconds):
                 return await self._bounded_body(receive, headers)
@@ -189,7 +189,7 @@ class Gateway:
         self.settings.policy.check_address(identity, state["client_ip"])
         wait = self.rates.wait(identity.key_id, identity.role)
         if wait:
-            rate = self.settings.rate_limits[identity.role]
+            rate = getattr(self.settings.rate_limits, identity.role)
             raise Denied(429, "rate_limited", f"key {identity.key_id} is over the {identity.role} rate limit "
                          f"({rate['requests_per_minute']:g} requests per minute, burst {rate['burst']}); retry in {wait:.1f} s",
                          {"retry-after": retry_after(wait)})
