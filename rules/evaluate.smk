@@ -2,6 +2,7 @@ rule evaluate_base:
     input:
         model=base_model_dir,
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
     output:
         f"{RESULTS}/evaluate/base.json",
     params:
@@ -13,8 +14,8 @@ rule evaluate_base:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=30,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:
@@ -25,6 +26,7 @@ rule evaluate:
     input:
         model=f"{RESULTS}/model",
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
         base=f"{RESULTS}/evaluate/base.json",
     output:
         metrics=f"{RESULTS}/evaluate/finetuned.json",
@@ -38,8 +40,8 @@ rule evaluate:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=30,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:

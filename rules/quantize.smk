@@ -15,8 +15,8 @@ rule quantize:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=60,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:
@@ -28,6 +28,7 @@ checkpoint evaluate_quantized:
         model=f"{RESULTS}/model",
         quantized=f"{RESULTS}/quantize/{{scheme}}",
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
         finetuned=f"{RESULTS}/evaluate/finetuned.json",
     output:
         f"{RESULTS}/evaluate_quantized/{{scheme}}.json",
@@ -43,8 +44,8 @@ checkpoint evaluate_quantized:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=60,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:

@@ -17,4 +17,5 @@ evaluate(
     report_path=snakemake.output.report,
     cfg=config.evaluate,
     tracking=Tracking.from_config(config, snakemake.log[0]),
+    cluster=config.cluster,
 )

@@ -15,4 +15,5 @@ evaluate_base(
     out_path=snakemake.output[0],
     cfg=config.evaluate,
     tracking=Tracking.from_config(config, snakemake.log[0]),
+    cluster=config.cluster,
 )

@@ -19,4 +19,5 @@ evaluate_quantized(
     max_loss=getattr(config.quantize.max_accuracy_loss, snakemake.wildcards.scheme),
     cfg=config.evaluate,
     tracking=Tracking.from_config(config, snakemake.log[0]),
+    cluster=config.cluster,
 )

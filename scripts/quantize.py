@@ -16,4 +16,5 @@ quantize(
     scheme=snakemake.wildcards.scheme,
     cfg=config.quantize,
     tracking=Tracking.from_config(config, snakemake.log[0]),
+    cluster=config.cluster,
 )

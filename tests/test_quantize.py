@@ -4,7 +4,7 @@ import families
 import mlflow
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from workflow.bootstrap.problems import make_problems
 from workflow.engine import onnxruntime
@@ -27,10 +27,10 @@ def test_int4_awq_refuses_a_model_whose_shapes_cannot_take_it(tmp_path):
     with pytest.raises(QuantizeError) as err:
         check_quantizable(model, "int4_awq")
     assert str(err.value) == (
-        "quantize: int4_awq needs in-features divisible by 128 (got hidden_size (q/k/v, gate/up, lm_head) = 344, "
+        "quantize: int4_awq needs in-features divisible by 128 or 64 (got hidden_size (q/k/v, gate/up, lm_head) = 344, "
         "num_attention_heads x head_dim (o_proj) = 344); pick another scheme or model"
     )
-    check_quantizable(model, "int8_sq")  # per-channel INT8 takes any shape
+    assert check_quantizable(model, "int8_sq") == 1  # per-channel INT8 takes any shape
     with pytest.raises(QuantizeError, match="unknown scheme 'int3'; allowed: bf16, fp8, int8_sq, int4_awq"):
         check_quantizable(model, "int3")
 
@@ -78,6 +78,19 @@ def test_a_scheme_over_its_accuracy_loss_is_dropped_with_its_reason(tiny_base, t
     assert json.loads((tmp_path / "fp8.json").read_text())["passed"] is False
     run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'evaluate_quantized/fp8'", output_format="list")[0]
     assert run.data.tags["ft2prod.gate"] == "failed" and run.info.status == "FINISHED"
+
+
+def test_int4_awq_takes_groups_of_64_where_128_does_not_divide(tmp_path):
+    """A common small-model width, 576 (= 9 x 64): AWQ quantizes in groups of 64, for real with ModelOpt."""
+    assert check_quantizable(config_only_model(tmp_path / "m576", hidden=576, intermediate=1536), "int4_awq") == 64
+    assert check_quantizable(config_only_model(tmp_path / "m512", hidden=512, intermediate=1536), "int4_awq") == 128
+    model = tmp_path / "m192"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=192, intermediate_size=384, num_attention_heads=3, num_key_value_heads=3,
+                                 num_hidden_layers=1, vocab_size=300)).save_pretrained(model)
+    quantized = quantized_model(model, "int4_awq", [[1, 2, 3, 4, 5, 6, 7, 8]], block=check_quantizable(model, "int4_awq"))
+    blocks = {q.block_sizes.get(-1) for name, q in quantized.named_modules() if name.endswith("weight_quantizer") and q.is_enabled}
+    assert blocks == {64}
 
 
 # One family per architecture: quantization sees the layers, not the tokenizer or the template.

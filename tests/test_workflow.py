@@ -42,6 +42,11 @@ def jobs_planned(done: subprocess.CompletedProcess) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
 
 
+def jobs_run(done: subprocess.CompletedProcess) -> set[str]:
+    """Rule names of the jobs a real run started (checkpoints add jobs after the first job table)."""
+    return set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", done.stdout + done.stderr, re.M))
+
+
 def client(workdir) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow.db")
 
@@ -147,6 +152,7 @@ def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
 
 def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_package(zero2):
     from workflow.engine.onnxruntime import OrtEngine
+    from workflow.engine.interface import GenerationRequest
     from workflow.package import archive
     from workflow.package.kms import LocalKeyFile
 
@@ -171,7 +177,7 @@ def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_pac
     shm = Path("/dev/shm") / f"ft2prod-e2e-{os.getpid()}"
     try:
         engine = OrtEngine(archive.open_package(package, signer, kms, into=shm))
-        assert len(list(engine.stream([5, 6, 7, 8], 4, min_new_tokens=4))) == 4
+        assert len(list(engine.stream(GenerationRequest([5, 6, 7, 8], 4, min_new_tokens=4)))) == 4
     finally:
         shutil.rmtree(shm, ignore_errors=True)
 
@@ -340,16 +346,49 @@ def test_config_change_reruns_only_what_it_affects(zero2, tmp_path, snakemake):
     training = snakemake(work, merge(ZERO2, {"finetune": {"learning_rate": ZERO2["finetune"]["learning_rate"] / 2}}), "-n")
     assert {"finetune", "export", "evaluate", "quantize"} <= jobs_planned(training)
     assert not (upstream | {"evaluate_base"}) & jobs_planned(training)
-    # a re-plan that still fits reruns the plan only: the stages wait for it but do not rerun after it
+    # a re-plan that still fits reruns the plan rule only: no stage waits for it
     replanned = snakemake(work, merge(ZERO2, {"cluster": {"overhead_gib": 1.5}}), "-n")
     assert "plan" in jobs_planned(replanned) and jobs_planned(replanned) <= {"plan", "all"}
+
+
+
+DELIVERY = {"select", "package", "register", "backup", "rollout", "promote", "summary", "all"}
+ENGINE_JOBS = {"build_engine_onnxruntime", "benchmark_onnxruntime"}
+
+
+def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(zero2, tmp_path, snakemake):
+    """A benchmark, an evaluation and a fine-tune setting changed in turn: the dry run lists what the change affects,
+    one real run runs exactly that (on 375b44e the benchmark change listed the plan job alone), and a second run has
+    nothing to do."""
+    work = copy_of(zero2, tmp_path / "copy")
+    changes = [
+        ({"benchmark": {"output_len": ZERO2.get("benchmark", TINY["benchmark"])["output_len"] - 2}},
+         {"plan", "benchmark_onnxruntime"} | DELIVERY, None),
+        ({"evaluate": {"max_new_tokens": TINY["evaluate"]["max_new_tokens"] - 8}},
+         {"evaluate_base", "evaluate", "evaluate_quantized"} | ENGINE_JOBS | DELIVERY, None),
+        ({"finetune": {"max_steps": ZERO2["finetune"]["max_steps"] + 20}},  # a longer run: resumes (item 4)
+         {"finetune", "export", "evaluate", "quantize", "evaluate_quantized"} | ENGINE_JOBS | DELIVERY, "resuming from"),
+    ]
+    config = ZERO2
+    for change, affected, log_line in changes:
+        config = merge(config, change)
+        planned = jobs_planned(snakemake(work, config, "-n"))
+        # Jobs behind a checkpoint that reruns (evaluate_quantized, select) join the DAG once it has run.
+        behind = set() if "evaluate_quantized" not in affected else ENGINE_JOBS | DELIVERY
+        assert planned - behind == affected - behind, f"{change}: the dry run planned {sorted(planned)}"
+        done = snakemake(work, config)
+        assert jobs_run(done) == affected, f"{change}: ran {sorted(jobs_run(done))}, expected {sorted(affected)}"
+        again = snakemake(work, config, "-n")
+        assert "Nothing to be done" in again.stdout + again.stderr, f"{change}: a second run would do {sorted(jobs_planned(again))}"
+        if log_line:
+            assert log_line in (work / "results" / "logs" / "finetune.log").read_text()
 
 
 def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")
     done = snakemake(work, merge(ZERO2, {"evaluate": {"gate": {"min_accuracy": 0.99}}}), check=False)
     assert done.returncode != 0
-    assert re.search(r"evaluate gate failed: accuracy \d\.\d{3} < evaluate\.gate\.min_accuracy 0\.990", done.stdout + done.stderr)
+    assert re.search(r"evaluate gate failed: exact accuracy \d\.\d{3} < evaluate\.gate\.min_accuracy 0\.990", done.stdout + done.stderr)
     runs = client(work).search_runs(
         [client(work).get_experiment_by_name("ft2prod").experiment_id], filter_string="attributes.run_name = 'evaluate'"
     )

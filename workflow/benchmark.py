@@ -25,6 +25,8 @@ from pathlib import Path
 import mlflow
 
 from workflow.config import EngineConfig, LoadConfig
+from workflow.engine.interface import GenerationRequest
+from workflow.engine.runtime import load_engine
 from workflow.tracking import Tracking, describe, job_run
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def run_level(engine, prompts: list[list[int]], output_len: int, concurrency: in
                 return
             start = time.perf_counter()
             first, count = None, 0
-            for _ in engine.stream(prompt, output_len, min_new_tokens=output_len):
+            for _ in engine.stream(GenerationRequest(prompt, output_len, min_new_tokens=output_len)):
                 count += 1
                 first = first or time.perf_counter() - start
             with lock:
@@ -147,15 +149,13 @@ def benchmark(engine_dir: str | Path, tokenizer_dir: str | Path, out_path: str |
               cfg: LoadConfig, tracking: Tracking) -> dict:
     from transformers import AutoTokenizer
 
-    from workflow.engine.build import load_engine
-
     out_path = Path(out_path)
     with job_run(tracking, f"benchmark/{scheme}", {"benchmark": cfg.model_dump(), "backend": settings.backend}):
-        engine = load_engine(engine_dir, settings.backend, settings)
+        engine = load_engine(engine_dir, settings)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         levels, latencies = measure(engine, len(tokenizer), set(tokenizer.all_special_ids), cfg)
         record = {"scheme": scheme, "backend": settings.backend, "manifest": engine.manifest.precision,
-                  "algorithm": engine.manifest.algorithm, "max_batch_size": getattr(engine, "max_batch_size", None),
+                  "algorithm": engine.manifest.algorithm, "max_batch_size": engine.max_batch_size,
                   "load": cfg.model_dump(), "levels": levels}
         out_path.write_text(json.dumps(record, indent=1))
         figure = out_path.with_suffix(".png")

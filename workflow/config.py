@@ -235,19 +235,56 @@ class FinetuneConfig(Section):
 
 
 class Gate(Section):
-    """The fine-tuned model must pass both thresholds or the DAG stops."""
+    """The fine-tuned model must pass both thresholds on evaluate.metric or the DAG stops."""
 
     min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.5
-    """Minimum exact-match accuracy of the fine-tuned model."""
+    """Minimum score of the fine-tuned model on evaluate.metric (accuracy, the scorer's mean, or the lm_eval metric)."""
     min_gain: Annotated[float, Field(ge=-1, le=1)] = 0.3
-    """Minimum accuracy gain over the base model."""
+    """Minimum gain over the base model on the same metric."""
+
+
+class LmEvalTask(Section):
+    """An lm-evaluation-harness task run offline against each model (evaluate.metric: lm_eval)."""
+
+    include_path: str | None = None
+    """Folder of task YAML files (lm-eval's --include_path). Their datasets must be local files (dataset_path: json
+    with dataset_kwargs.data_files); the harness runs with HF_HUB_OFFLINE and HF_DATASETS_OFFLINE set."""
+    task: str | None = None
+    """Name of the task (its `task:` key) in include_path."""
+    metric: str = "exact_match"
+    """The task's metric the gate reads (a metric of its metric_list, e.g. exact_match or acc)."""
+    filter: str = "none"
+    """The task's filter whose result is read (lm-eval reports `metric,filter`; none when the task has no filter_list)."""
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    """Few-shot examples per prompt; null keeps the task's own setting."""
+    apply_chat_template: StrictBool = True
+    """Render prompts with the model's chat template (the way the model is served)."""
 
 
 class EvalConfig(Section):
-    """Evaluation on the held-out test split and the quality gate."""
+    """Evaluation of the base, fine-tuned and quantized models and the engines, and the quality gate."""
 
+    path: str | None = None
+    """JSONL file of evaluation rows (any form data.path accepts) used as the test split instead of the random
+    data.test_fraction share of data.path (which then goes to training); rows also in data.path are kept out of
+    training. null: the random split."""
+    metric: Literal["exact", "contains", "regex", "scorer", "lm_eval"] = "exact"
+    """How an answer (the text after </think>, or the whole text when the model does not think) is scored against the
+    reference answer. exact: equal after normalisation (case, whitespace, trailing punctuation, numbers written 1,000
+    or 1000.0); contains: the reference appears in the answer as whole words; regex: evaluate.pattern's first capture
+    group equals the reference's (or the whole reference), normalised; scorer: the user's function (evaluate.scorer);
+    lm_eval: an lm-evaluation-harness task (evaluate.lm_eval) instead of the test split's answers."""
+    pattern: str | None = None
+    """Regular expression with a capture group (metric regex), e.g. 'answer is (-?[0-9.,]+)'."""
+    scorer: str | None = None
+    """The user's scorer as module:function (metric scorer), called as function(answer, reference) and returning a
+    bool or a number in [0, 1]; the gate reads the mean."""
+    scorer_path: str = "."
+    """Folder the scorer's module is imported from (put first on the import path)."""
+    lm_eval: LmEvalTask = LmEvalTask()
+    """An lm-evaluation-harness task run offline against each model (metric lm_eval)."""
     max_samples: Annotated[int, Field(ge=1)] = 200
-    """Test rows evaluated (the first N of the test split)."""
+    """Test rows evaluated (the first N of the test split; the first N documents of an lm_eval task)."""
     max_new_tokens: Annotated[int, Field(ge=1)] = 96
     """Generation budget per answer (greedy)."""
     batch_size: Annotated[int, Field(ge=1)] = 32
@@ -255,7 +292,21 @@ class EvalConfig(Section):
     sample_generations: Annotated[int, Field(ge=0)] = 12
     """Rows shown in the sample-generation table."""
     gate: Gate = Gate()
-    """The fine-tuned model must pass both thresholds or the DAG stops."""
+    """The fine-tuned model must pass both thresholds on evaluate.metric or the DAG stops."""
+
+    @model_validator(mode="after")
+    def _metric_settings(self):
+        from workflow.metrics import compile_pattern, load_scorer
+
+        if self.metric == "regex":
+            compile_pattern(self.pattern)
+        elif self.metric == "scorer":
+            load_scorer(self.scorer, self.scorer_path)
+        elif self.metric == "lm_eval":
+            from workflow.harness import check_task
+
+            check_task(self.lm_eval)
+        return self
 
 
 AccuracyLoss = create_model(

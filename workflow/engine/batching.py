@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from workflow.engine.interface import GenerationRequest
+
 log = logging.getLogger(__name__)
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -45,6 +47,7 @@ def _close_at_exit(batcher_ref: weakref.ref) -> None:
 
 @dataclass(eq=False)
 class _Request:
+    asked: GenerationRequest
     prompt: list[int]
     max_new: int
     min_new: int
@@ -103,14 +106,13 @@ class ContinuousBatcher:
         if threading.current_thread() is not self.loop:
             self.loop.join(timeout=60)
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+    def stream(self, asked: GenerationRequest) -> Iterator[int]:
         """Greedy tokens for one request as they are generated; the end-of-sequence token, if reached, is the last."""
-        if not prompt_ids:
-            raise ValueError("generate: the prompt is empty")
-        if len(prompt_ids) + max_new_tokens > self.context_length:
-            raise ValueError(f"generate: {len(prompt_ids)} prompt tokens plus max_new_tokens {max_new_tokens} exceed the "
+        prompt, max_new = list(asked.prompt_ids), asked.max_new_tokens
+        if len(prompt) + max_new > self.context_length:
+            raise ValueError(f"generate: {len(prompt)} prompt tokens plus max_new_tokens {max_new} exceed the "
                              f"engine's context length {self.context_length}; shorten the prompt or ask for fewer tokens")
-        request = _Request(list(prompt_ids), max_new_tokens, min(min_new_tokens, max_new_tokens))
+        request = _Request(asked, prompt, max_new, min(asked.min_new_tokens, max_new))
         with self.wake:
             if self.closed:
                 raise RuntimeError("generate: the engine was unloaded")

@@ -10,11 +10,15 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workflow.engine.batching import ContinuousBatcher
-from workflow.engine.calibration import FoldReport
 from workflow.engine.manifest import EngineManifest, Target, check_target
+from workflow.engine.interface import GenerationRequest
 from workflow.schemes import SCHEMES
+
+if TYPE_CHECKING:  # the build's calibration (torch, transformers) stays out of what serves
+    from workflow.engine.calibration import FoldReport
 
 # The builder precision of each scheme is its row's `onnxruntime` (workflow/schemes.py); FP8 has no ONNX Runtime GenAI
 # kernels: it needs TensorRT-LLM on an FP8-capable GPU. The builder quantizes the weights it is given (MatMulNBits,
@@ -74,7 +78,8 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
 
 
 class OrtEngine:
-    """A built engine, loaded only where its manifest matches; generates greedily, streaming token ids.
+    """A built engine, loaded only where its manifest matches; generates greedily, streaming token ids
+    (workflow.engine.runtime.Engine).
 
     On CPU, concurrent `stream` calls are batched continuously (workflow/engine/batching.py); elsewhere each request
     runs its own og.Generator."""
@@ -87,6 +92,9 @@ class OrtEngine:
         self.model = None if provider == "cpu" else self._load_model()
 
     def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
         if getattr(self, "batcher", None) is not None:
             self.batcher.close()
 
@@ -95,21 +103,22 @@ class OrtEngine:
 
         return og.Model(str(self.engine_dir))
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+    def stream(self, request: GenerationRequest) -> Iterator[int]:
         if self.batcher is not None:
-            return self.batcher.stream(prompt_ids, max_new_tokens, min_new_tokens)
-        return self.stream_alone(prompt_ids, max_new_tokens, min_new_tokens)
+            return self.batcher.stream(request)
+        return self.stream_alone(request)
 
-    def stream_alone(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+    def stream_alone(self, request: GenerationRequest) -> Iterator[int]:
         """One request in its own og.Generator: onnxruntime-genai's own loop, the reference for batched outputs."""
         import onnxruntime_genai as og
 
         self.model = self.model or self._load_model()
         params = og.GeneratorParams(self.model)
-        total = len(prompt_ids) + max_new_tokens
-        params.set_search_options(max_length=total, min_length=len(prompt_ids) + min_new_tokens, do_sample=False)
+        prompt = len(request.prompt_ids)
+        params.set_search_options(max_length=prompt + request.max_new_tokens, min_length=prompt + request.min_new_tokens,
+                                  do_sample=False)
         generator = og.Generator(self.model, params)
-        generator.append_tokens(prompt_ids)
+        generator.append_tokens(list(request.prompt_ids))
         while not generator.is_done():
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from workflow.config import TrtllmSettings
 from workflow.engine.manifest import EngineManifest, Target, check_target
+from workflow.engine.interface import GenerationRequest
 from workflow.engine.release import TENSORRT_LLM, TENSORRT_LLM_IMAGE
 from workflow.schemes import BASELINE, SCHEMES
 
@@ -124,21 +125,26 @@ def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
 
 
 class TrtllmEngine:
-    """A saved engine, loaded only on the GPU architecture, version and tp x pp it was built for."""
+    """A saved engine, loaded only on the GPU architecture, version and tp x pp it was built for
+    (workflow.engine.runtime.Engine). Its executor batches in flight requests itself, up to the build's max_batch_size."""
 
     def __init__(self, engine_dir: str | Path) -> None:
         self.manifest = EngineManifest.read(engine_dir)
         check_target(self.manifest, target(self.manifest.target.tp_size, self.manifest.target.pp_size))
+        self.max_batch_size = int(self.manifest.build.get("max_batch_size", 1))
         from tensorrt_llm._tensorrt_engine import LLM
 
         self.llm = LLM(model=str(engine_dir))
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+    def stream(self, request: GenerationRequest) -> Iterator[int]:
         from tensorrt_llm import SamplingParams
 
-        sampling = SamplingParams(max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=0.0)
+        sampling = SamplingParams(max_tokens=request.max_new_tokens, min_tokens=request.min_new_tokens, temperature=0.0)
         seen = 0
-        for output in self.llm.generate_async(prompt_ids, sampling, streaming=True):
+        for output in self.llm.generate_async(list(request.prompt_ids), sampling, streaming=True):
             tokens = output.outputs[0].token_ids
             yield from tokens[seen:]
             seen = len(tokens)
+
+    def close(self) -> None:
+        self.llm.shutdown()

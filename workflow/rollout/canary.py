@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx2
 import openai
 
-from workflow.evaluate import final_answer
+from workflow.metrics import final_answer
 from workflow.roles import ROLES
 from workflow.serve.audit import AuditLog, AuditTampered
 from workflow.serve.tls import client_context
@@ -96,7 +96,7 @@ def check_generation(client: openai.OpenAI, model: str, rows: list[dict], refere
         reply = client.chat.completions.create(model=model, messages=row["messages"][:-1], max_tokens=max_tokens, temperature=0)
         text = reply.choices[0].message.content
         served.append(text)
-        correct += final_answer(text) == row["answer"].strip()
+        correct += final_answer(text, opens_think=True) == row["answer"].strip()
     differ = [i for i, (a, b) in enumerate(zip(served, reference, strict=True)) if a != b]
     detail = (f"{len(rows) - len(differ)}/{len(rows)} served completions equal the engine's; accuracy {correct / len(rows):.3f}"
               + (f"; first difference at prompt {differ[0]}: served {served[differ[0]][:80]!r}, engine {reference[differ[0]][:80]!r}" if differ else ""))

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from workflow.config import Allow, Config
 from workflow.data import read_split
-from workflow.engine.build import load_engine
+from workflow.engine.runtime import load_engine
 from workflow.evaluate import engine_completions
 from workflow.finetune.launch import free_port
 from workflow.package import archive
@@ -119,7 +119,7 @@ def local_checks(config: Config, package_dir: Path, selection: dict, test_path: 
     rows = read_split(test_path, settings.samples)
     max_tokens = config.evaluate.max_new_tokens
     engine_dir = selection["engine_dir"]
-    engine = load_engine(engine_dir, selection["backend"], config.engine)
+    engine = load_engine(engine_dir, config.engine)
     reference = [c.text for c in engine_completions(engine, AutoTokenizer.from_pretrained(engine_dir), rows, max_tokens)]
     with LocalGateway(config, package_dir, workdir, log_path) as gateway:
         ready_s = gateway.wait_ready(settings.ready_timeout_s)

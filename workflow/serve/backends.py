@@ -23,11 +23,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from workflow.chat import TemplateError, prompt_ids
 from workflow.config import EngineConfig
-from workflow.engine.build import load_engine
+from workflow.engine.interface import Engine, GenerationRequest
 from workflow.engine.manifest import EngineManifest
+from workflow.engine.runtime import load_engine
 from workflow.package import archive
 from workflow.serve.deployments import Deployments, package_path
-from workflow.serve.protocol import BadRequest, respond, upstream_body
+from workflow.serve.protocol import BadRequest, ModelCard, ModelList, respond, upstream_body
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class InProcess:
 
     def __init__(self, engine_settings: EngineConfig, memory_dir: str = "/dev/shm") -> None:
         self.engine_settings, self.memory_dir = engine_settings, memory_dir
-        self.engine = self.tokenizer = None
+        self.engine: Engine | None = None
+        self.tokenizer = None
         self.package: dict = {}
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -80,10 +82,10 @@ class InProcess:
         """What /readyz tells anyone: the failure's kind, never its text (paths, key ids); the log has the rest."""
         return f"load failed ({self.error.split(':')[0]}); see the gateway log" if self.error else "loading"
 
-    async def models(self, settings) -> dict:
+    async def models(self, settings) -> ModelList:
         self.current()
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ft2prod",
-                                            "package_sha256": self.package.get("sha256")}]}
+        return ModelList(object="list", data=[ModelCard(id=settings.model_name, object="model", created=0, owned_by="ft2prod",
+                                                        package_sha256=self.package.get("sha256"))])
 
     async def complete(self, kind: str, req, state: dict, settings):
         """A chat ("chat") or text ("text") completion from the loaded engine."""
@@ -93,12 +95,13 @@ class InProcess:
 
     def deploy(self, package_sha256: str, rollback: bool, settings) -> None:
         """Load the package `package_sha256` from the package root, if this gateway may serve it now (see
-        deployments.py); 409 while another package is loading. Checked here for a quick answer, and again by the load
-        on the very bytes it opens: a package swapped in between is refused, not served."""
+        deployments.py); 409 while another package is loading. The signed manifest is read and checked once, here, and
+        the load opens by what was checked (not by the folder read again): a package swapped in between fails to
+        decrypt under the checked header's key and digests, and is refused, not served."""
         path = package_path(settings.package_root, package_sha256)
         trusted = settings.trusted_signer()
         signed = self.checked(path, trusted, package_sha256, rollback)
-        self.load_in_background(self.load, path, trusted, settings.kms(), signed.sha256, rollback)
+        self.load_in_background(self.load, path, trusted, settings.kms(), signed)
 
     def checked(self, path: Path, trusted, expect: str | None, rollback: bool) -> archive.Signed:
         """The package's signed parts, read once, if it is the package `expect` (when given) and not older than the
@@ -118,10 +121,10 @@ class InProcess:
                              f"({str(self.package.get('sha256'))[:16]}…); GET /v1/deployment shows it", 409)
         self.unload()
 
-    def load(self, package: str | Path, trusted, kms, expect: str | None = None, rollback: bool = False) -> None:
-        """Check (signature, digest, floor), open exactly what was checked, load, then swap in atomically: requests
-        keep using the old model until the new one is ready."""
-        signed = self.checked(Path(package), trusted, expect, rollback)
+    def load(self, package: str | Path, trusted, kms, signed: archive.Signed | None = None) -> None:
+        """Check (signature, floor) unless deploy did (`signed`), open exactly what was checked, load, then swap in
+        atomically: requests keep using the old model until the new one is ready."""
+        signed = signed or self.checked(Path(package), trusted, None, rollback=False)
         created = signed.header.get("created", "")
         opened = Path(tempfile.mkdtemp(prefix="ft2prod-", dir=self.memory_dir))
         try:
@@ -135,13 +138,13 @@ class InProcess:
         """Load an engine folder already opened from a package (by the Kubernetes init container)."""
         from transformers import AutoTokenizer
 
-        manifest = EngineManifest.read(model_dir)
-        engine = load_engine(model_dir, manifest.target.backend, self.engine_settings)
+        engine = load_engine(model_dir, self.engine_settings)
+        manifest: EngineManifest = engine.manifest
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         info = (info or {"path": str(model_dir)}) | {"scheme": manifest.scheme, "precision": manifest.precision,
                                                      "backend": manifest.target.backend,
                                                      "context_length": context_length(Path(model_dir))}
-        with self._lock:
+        with self._lock:  # the old engine is freed when its last request in flight ends (they hold it)
             self.engine, self.tokenizer, self.package, self.error = engine, tokenizer, info, None
         log.info("serving %s (%s)", info["path"], info["scheme"])
 
@@ -189,7 +192,7 @@ class InProcess:
         _, tokenizer = self.current()
         return tokenizer(prompt, add_special_tokens=False).input_ids
 
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> Iterator[tuple[str, str | None, int]]:
+    def generate(self, request: GenerationRequest) -> Iterator[tuple[str, str | None, int]]:
         """(text delta, finish reason or None, tokens so far) per step; the last step's reason is 'stop' (end of
         sequence) or 'length'. Text is decoded incrementally over a short window of tokens (as vLLM and TGI do),
         holding back a delta while it ends in an incomplete multi-byte character."""
@@ -200,7 +203,7 @@ class InProcess:
             before = tokenizer.decode(tokens[prefix_offset:read_offset], skip_special_tokens=True)
             return tokenizer.decode(tokens[prefix_offset:], skip_special_tokens=True)[len(before):]
 
-        for token in engine.stream(prompt_ids, max_tokens):
+        for token in engine.stream(request):
             if token == tokenizer.eos_token_id:
                 yield pending(), "stop", len(tokens)
                 return

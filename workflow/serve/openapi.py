@@ -76,7 +76,7 @@ LimitsChange = create_model(
 )
 
 
-# The gateway's own answers, declared for the OpenAPI document (the routes return plain dicts).
+# The gateway's own answers: declared for the OpenAPI document, and what the routes build their answers from.
 class Alive(BaseModel):
     status: Literal["alive"]
 
@@ -120,6 +120,8 @@ class AuditRecord(BaseModel):
     """One audit record; request records also carry method, endpoint, status, key_id, role, client_ip, latency and
     token counts."""
 
+    model_config = ConfigDict(extra="allow")  # every field the record holds is answered, declared or not
+
     seq: int
     time: str
     prev: str
@@ -133,9 +135,20 @@ class AuditEvents(BaseModel):
 
 
 class Alert(BaseModel):
+    model_config = ConfigDict(extra="allow")  # every field an alert holds is answered, declared or not
+
     kind: Literal["outside_allow_list", "denied_burst", "audit_write_failed"]
     time: str
     client_ip: str | None = None
+    key_id: str | None = None
+    """outside_allow_list: the key that called."""
+    endpoint: str | None = None
+    """outside_allow_list: what it called."""
+    count: int | None = None
+    """denied_burst: denied requests within window_s."""
+    window_s: float | None = None
+    error: str | None = None
+    """audit_write_failed: why the audit record could not be written."""
 
 
 class AuditAlerts(BaseModel):

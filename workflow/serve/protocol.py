@@ -13,6 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from workflow.engine.interface import GenerationRequest
+
 
 class BadRequest(ValueError):
     """A request the gateway will not run; the message says what to change."""
@@ -84,7 +86,8 @@ def upstream_body(req: Sampling, limits) -> dict:
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "code": code}}
+    """A refusal's body, as ErrorBody declares it."""
+    return ErrorBody(error=ErrorDetail(message=message, type=kind, code=code)).model_dump()
 
 
 class ErrorDetail(BaseModel):
@@ -219,20 +222,24 @@ class TextCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+def generation_request(req: Sampling, prompt_ids: list[int], max_new_tokens: int) -> GenerationRequest:
+    """What the engine is asked for: the prompt, the token budget respond settled on, and the request's decoding
+    settings (greedy only so far: check_sampling refuses the rest)."""
+    return GenerationRequest(prompt_ids, max_new_tokens)
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_length: int,
-                  generate: callable, state: dict, settings):
-    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(prompt_ids, limit)`
-    yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked against
-    the gateway's limits and the model's context length first; state gets the token counts for the audit log."""
-    limit = max_new_tokens(req, settings.limits)
+def token_budget(req: Sampling, prompt_ids: list[int], context_length: int, limits) -> int:
+    """New tokens the request may have: its max_tokens (or the gateway's default, shrunk to what fits), checked
+    against the gateway's limits and the model's context length."""
+    limit = max_new_tokens(req, limits)
     if not prompt_ids:  # engines refuse an empty input (ONNX Runtime GenAI: "input_ids is empty")
         raise BadRequest("the prompt is empty (0 tokens); send some text")
-    if len(prompt_ids) > settings.limits.max_prompt_tokens:
-        raise BadRequest(f"prompt is {len(prompt_ids)} tokens, over the gateway's limit of {settings.limits.max_prompt_tokens}")
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise BadRequest(f"prompt is {len(prompt_ids)} tokens, over the gateway's limit of {limits.max_prompt_tokens}")
     room = context_length - len(prompt_ids)
     if limit > room:
         if req.max_tokens or getattr(req, "max_completion_tokens", None):
@@ -241,50 +248,69 @@ async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_lengt
         limit = room  # the default limit shrinks to what fits
     if limit < 1:
         raise BadRequest(f"prompt ({len(prompt_ids)} tokens) fills the model's context length of {context_length}")
+    return limit
+
+
+def whole_answer(kind: str, head: dict, text: str, finish: str, usage: Usage) -> ChatCompletion | TextCompletion:
+    """A non-streamed answer; head holds id, created and model."""
+    if kind == "chat":
+        choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text), finish_reason=finish)
+        return ChatCompletion(object="chat.completion", choices=[choice], usage=usage, **head)
+    return TextCompletion(object="text_completion", choices=[TextChoice(index=0, text=text, finish_reason=finish, logprobs=None)],
+                          usage=usage, **head)
+
+
+def chunk(kind: str, head: dict, delta: str | None, finish: str | None, first: bool, usage: Usage | None = None) -> str:
+    """One server-sent event of a streamed answer: a delta, or (delta None) the closing usage. Fields left unset are
+    not sent: the role in the first chat chunk only, the usage in the last."""
+    head = head | ({"usage": usage} if usage is not None else {})
+    if kind == "chat":
+        choices = [] if delta is None else [ChatChunkChoice(index=0, finish_reason=finish, delta=ChatDelta(
+            content=delta, **({"role": "assistant"} if first else {})))]
+        event = ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **head)
+    else:
+        choices = [] if delta is None else [TextChunkChoice(index=0, text=delta, finish_reason=finish, logprobs=None)]
+        event = TextCompletionChunk(object="text_completion", choices=choices, **head)
+    return sse(event.model_dump(mode="json", exclude_unset=True))
+
+
+async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_length: int,
+                  generate: callable, state: dict, settings):
+    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(GenerationRequest)`
+    yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked against
+    the gateway's limits and the model's context length first; state gets the token counts for the audit log."""
+    limit = token_budget(req, prompt_ids, context_length, settings.limits)
     state["prompt_tokens"] = len(prompt_ids)
     request_id = state["request_id"] = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    created, obj = int(time.time()), "chat.completion" if kind == "chat" else "text_completion"
+    head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
 
-    def choice(text: str, finish: str | None, final: bool) -> dict:
-        if kind == "chat":
-            key = "message" if final else "delta"
-            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-
-    def usage() -> dict:
+    def usage() -> Usage:
         done = state.get("completion_tokens", 0)
-        return {"prompt_tokens": len(prompt_ids), "completion_tokens": done, "total_tokens": len(prompt_ids) + done}
+        return Usage(prompt_tokens=len(prompt_ids), completion_tokens=done, total_tokens=len(prompt_ids) + done)
 
     def steps() -> Iterator[tuple[str, str | None]]:
-        for delta, finish, count in generate(prompt_ids, limit):
+        for delta, finish, count in generate(generation_request(req, prompt_ids, limit)):
             state["completion_tokens"] = count
             yield delta, finish
 
     if not req.stream:
-        def whole() -> dict:
+        def whole() -> ChatCompletion | TextCompletion:
             parts, finish = [], None
             for delta, finish in steps():
                 parts.append(delta)
             text = "".join(parts)
             if settings.audit.log_text:
                 state["text"] = {"prompt_tokens": prompt_ids, "output": text}
-            return {"id": request_id, "object": obj, "created": created, "model": settings.model_name,
-                    "choices": [choice(text, finish, final=True)], "usage": usage()}
+            return whole_answer(kind, head, text, finish, usage())
         return await run_in_threadpool(whole)
 
-    chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     include_usage = bool((req.stream_options or {}).get("include_usage"))
 
     def events():
         for step, (delta, finish) in enumerate(steps()):
-            chunk = choice(delta, finish, final=False)
-            if kind == "chat" and step > 0:
-                del chunk["delta"]["role"]  # OpenAI sends the role in the first chunk only
-            yield sse({"id": request_id, "object": chunk_obj, "created": created, "model": settings.model_name,
-                       "choices": [chunk]})
+            yield chunk(kind, head, delta, finish, first=step == 0)
         if include_usage:
-            yield sse({"id": request_id, "object": chunk_obj, "created": created, "model": settings.model_name,
-                       "choices": [], "usage": usage()})
+            yield chunk(kind, head, None, None, first=False, usage=usage())
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
