@@ -487,15 +487,21 @@ Allow = create_model(
 )
 
 
-class Limits(Section):
-    """Request limits (admins adjust them at run time)."""
+MAX_BODY_BYTES = 16 << 20
+"""The largest body limit an admin may set: a 1M-token prompt is about 4 MiB of text, so 16 MiB holds any real request."""
+MAX_TOKENS = 1 << 20
+"""The largest token limit an admin may set: the longest context windows models have (1M tokens)."""
 
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 65536
-    """Largest request body (413 above); at least 1024, so that an admin's request to raise it again still fits."""
-    max_prompt_tokens: Annotated[int, Field(ge=1)] = 1024
-    """Longest prompt in tokens (400 above)."""
-    max_tokens: Annotated[int, Field(ge=1)] = 256
-    """Most tokens a request may generate, and the default when it asks for none (400 above)."""
+
+class Limits(Section):
+    """Request limits (admins adjust them at run time, within these bounds)."""
+
+    max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_BODY_BYTES)] = 65536
+    """Largest request body (413 above); 1 KiB to 16 MiB (at least 1 KiB, so that an admin's request to raise it again still fits)."""
+    max_prompt_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 1024
+    """Longest prompt in tokens (400 above); 1 to 1,048,576."""
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 256
+    """Most tokens a request may generate, and the default when it asks for none (400 above); 1 to 1,048,576."""
 
 
 class Audit(Section):
@@ -540,10 +546,26 @@ class Deadlines(Section):
 class RateLimit(Section):
     """A token bucket per API key: it holds `burst` requests and refills at `requests_per_minute`."""
 
-    requests_per_minute: Annotated[float, Field(gt=0)] = 600
-    """Sustained requests per minute one key may send (429 with Retry-After above)."""
-    burst: Annotated[int, Field(ge=1)] = 60
+    requests_per_minute: Annotated[float, Field(gt=0, le=60000)] = 600
+    """Sustained requests per minute one key may send (429 with Retry-After above); at most 60,000."""
+    burst: Annotated[int, Field(ge=1, le=10000)] = 60
     """Requests one key may send at once before the sustained rate applies."""
+
+
+class RefusalLimit(Section):
+    """A token bucket per client address (IPv6 by /64) for the requests the gateway refuses before a key is admitted
+    (malformed HTTP, bad headers, no or unknown key, address not allowed, over a key's rate). Within it each refusal
+    gets its own answer and audit record; above it the answer is 429 with Retry-After and the refusals are counted,
+    then written as one aggregated audit record per address and reason every `summary_every_s`."""
+
+    per_minute: Annotated[float, Field(gt=0, le=60000)] = 60
+    """Refused requests per minute one address may get answered and audited one by one."""
+    burst: Annotated[int, Field(ge=1, le=10000)] = 30
+    """Refused requests one address may get at once before the per-minute rate applies."""
+    summary_every_s: Annotated[float, Field(ge=1, le=3600)] = 60
+    """How often the counts of refusals past the bucket are written as aggregated audit records."""
+    max_addresses: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    """Addresses tracked at once (about 200 bytes each); past it the longest-quiet one is forgotten."""
 
 
 RateLimits = create_model(
@@ -584,6 +606,8 @@ class Gateway(Section):
     """How long a client may take to send its request."""
     rate_limits: RateLimits = RateLimits()
     """Per-key request rates, by the key's role."""
+    refusal_limits: RefusalLimit = RefusalLimit()
+    """Per-address limit on refused requests answered and audited one by one (floods are aggregated)."""
     audit: Audit = Audit()
     """The hash-chained audit log."""
     alerts: Alerts = Alerts()

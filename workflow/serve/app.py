@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -29,7 +31,7 @@ from starlette.responses import Response
 from workflow.serve import openapi
 from workflow.serve.access import Denied
 from workflow.serve.audit import AuditTampered, alerts
-from workflow.serve.backends import NotReady
+from workflow.serve.backends import NotReady, UpstreamError
 from workflow.serve.deployments import DIGEST
 from workflow.serve.guard import Gateway, Guard
 from workflow.serve.openapi import (
@@ -80,6 +82,19 @@ class Undeploy(BaseModel):
     """The digest of the package being served: undeploy says what it takes down."""
 
 
+log = logging.getLogger(__name__)
+
+
+async def write_refusal_summaries(gateway: Gateway) -> None:
+    """Every refusal_limits.summary_every_s, the refusals counted past the per-address buckets as aggregated records."""
+    while True:
+        await asyncio.sleep(gateway.settings.refusal_limits.summary_every_s)
+        try:
+            gateway.flush_refusals()
+        except Exception:  # an audit write that fails must not stop the summaries for good
+            log.exception("writing the aggregated refusal records failed")
+
+
 def single_valued(request: Request) -> None:
     """A query parameter given twice is refused rather than the last one taken: a proxy or log in front could read
     the other one (HTTP parameter pollution)."""
@@ -116,6 +131,12 @@ def add_error_handlers(app: FastAPI) -> None:
     async def not_ready(request: Request, err: NotReady):
         return JSONResponse(error_body(f"not ready: {err}", "service_unavailable"), 503)
 
+    @app.exception_handler(UpstreamError)
+    async def upstream_failed(request: Request, err: UpstreamError):
+        request.scope["state"]["reason"] = "upstream_error"
+        log.warning("upstream: %s", err)
+        return JSONResponse(error_body(f"bad gateway: {err}", "upstream_error"), 502)
+
     @app.exception_handler(Denied)
     async def denied(request: Request, err: Denied):
         request.scope["state"]["reason"] = err.reason
@@ -139,7 +160,7 @@ def add_probes(app: FastAPI, gateway: Gateway) -> None:
         ready = await backend.is_ready()
         gateway.metrics.ready.set(int(ready))
         if ready:
-            return Ready(status="ready", package=backend.package)
+            return Ready(status="ready")  # anyone may ask: what is served is GET /v1/deployment's, behind a key
         return JSONResponse(NotReadyAnswer(status="not ready", reason=backend.not_ready_reason()).model_dump(), 503)
 
 
@@ -147,18 +168,18 @@ def add_inference(app: FastAPI, gateway: Gateway) -> None:
     """The OpenAI routes (infer) and what is served (view)."""
     settings, backend = gateway.settings, gateway.backend
 
-    @app.get("/v1/models", dependencies=allowed(gateway, "infer"), responses=answers(ModelList) | refusals(*KEYED, 503))
+    @app.get("/v1/models", dependencies=allowed(gateway, "infer"), responses=answers(ModelList) | refusals(*KEYED, 502, 503))
     async def models():
         return await backend.models(settings)
 
     @app.post("/v1/chat/completions", dependencies=allowed(gateway, "infer"),
-              responses=answers(ChatCompletion, ChatCompletionChunk) | refusals(*KEYED, 404, 503))
+              responses=answers(ChatCompletion, ChatCompletionChunk) | refusals(*KEYED, 404, 502, 503))
     async def chat_completions(req: ChatRequest, request: Request):
         check_sampling(req, settings.model_name)
         return await backend.complete("chat", req, request.scope["state"], settings)
 
     @app.post("/v1/completions", dependencies=allowed(gateway, "infer"),
-              responses=answers(TextCompletion, TextCompletionChunk) | refusals(*KEYED, 404, 503))
+              responses=answers(TextCompletion, TextCompletionChunk) | refusals(*KEYED, 404, 502, 503))
     async def completions(req: CompletionRequest, request: Request):
         check_sampling(req, settings.model_name)
         return await backend.complete("text", req, request.scope["state"], settings)
@@ -241,7 +262,13 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
 
     async def lifespan(app):
         backend.start(settings, package, model_dir, gateway.deployments)
+        summaries = asyncio.create_task(write_refusal_summaries(gateway))
         yield
+        summaries.cancel()
+        try:
+            gateway.flush_refusals()  # what was counted since the last summary is not lost at shutdown
+        except Exception:
+            log.exception("writing the last aggregated refusal records failed")
 
     app = FastAPI(title="ft2prod gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(single_valued)])

@@ -37,6 +37,11 @@ class NotReady(RuntimeError):
     """No model is loaded (still loading, undeployed, or the load failed)."""
 
 
+class UpstreamError(RuntimeError):
+    """The upstream engine server did not answer, failed (5xx) or answered with something other than a JSON object:
+    the gateway answers 502 in its own error shape, never the engine's bytes as its own 500."""
+
+
 def context_length(model_dir: Path) -> int:
     """Prompt plus generated tokens the engine can hold (ONNX Runtime GenAI's genai_config, else config.json)."""
     genai = model_dir / "genai_config.json"
@@ -260,7 +265,10 @@ class Upstream:
     async def forward(self, path: str, body: dict):
         """(status, JSON) for plain requests, or (status, async byte iterator) for streams."""
         request = self.client.build_request("POST", path, json=body)
-        response = await self.client.send(request, stream=bool(body.get("stream")))
+        try:
+            response = await self.client.send(request, stream=bool(body.get("stream")))
+        except httpx2.HTTPError as err:
+            raise UpstreamError(f"the engine server did not answer ({type(err).__name__})") from None
         if body.get("stream") and response.status_code == 200:
             async def relay():
                 try:
@@ -271,9 +279,27 @@ class Upstream:
 
             return response.status_code, relay()
         await response.aread()
-        return response.status_code, response.json()
+        return response.status_code, relayable(response)
 
     async def models(self, settings) -> dict:
-        response = await self.client.get("/v1/models")
-        response.raise_for_status()
-        return response.json()
+        try:
+            response = await self.client.get("/v1/models")
+        except httpx2.HTTPError as err:
+            raise UpstreamError(f"the engine server did not answer ({type(err).__name__})") from None
+        answer = relayable(response)
+        if response.status_code != 200:
+            raise UpstreamError(f"the engine server answered {response.status_code} to GET /v1/models")
+        return answer
+
+
+def relayable(response: httpx2.Response) -> dict:
+    """An upstream answer the gateway may pass on: a JSON object with a status below 500 (an engine's own 4xx, such
+    as a prompt over its context, reaches the client as the engine wrote it); else UpstreamError."""
+    try:
+        answer = response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        answer = None
+    if response.status_code >= 500 or not isinstance(answer, dict):
+        kind = "a JSON object" if isinstance(answer, dict) else f"a body that is not a JSON object ({response.headers.get('content-type', 'no content type')})"
+        raise UpstreamError(f"the engine server answered {response.status_code} with {kind}")
+    return answer

@@ -20,12 +20,13 @@ REFUSALS = {
     400: "A malformed or unsupported request (the message names the field), or a malformed X-Forwarded-For "
          "from a trusted proxy",
     401: "No API key, or an unknown, revoked or expired one",
-    403: "The key's role may not do this, or the client address is not on the role's allow-list",
+    403: "The key may not call this endpoint, or the client address is not on its role's allow-list",
     404: "The model named is not served here",
     408: "The request was not read within the gateway's deadline",
     409: "The request does not fit the gateway's state (e.g. undeploying a package that is not served)",
     413: "The body is over limits.max_body_bytes",
-    429: "Too many requests for this key; retry later",
+    429: "Too many requests for this key, or too many refused requests from this address; retry after Retry-After",
+    502: "The upstream engine server answered with something that is not the OpenAI API's JSON, or not at all",
     503: "No model is loaded (loading, undeployed, or the load failed), or the audit log cannot be written",
 }
 # Any request may be refused before it reaches its route: by the guard (body limit, read deadline, rate limit,
@@ -82,9 +83,9 @@ class Alive(BaseModel):
 
 
 class Ready(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     status: Literal["ready"]
-    package: dict
-    """What is served: path or upstream URL, digest, scheme, precision, backend, context length."""
 
 
 class NotReadyAnswer(BaseModel):

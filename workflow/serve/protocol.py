@@ -94,7 +94,7 @@ class ErrorDetail(BaseModel):
     message: str
     """What was wrong and what to do."""
     type: str
-    """invalid_request_error (the client's to fix) or service_unavailable."""
+    """invalid_request_error (the client's to fix), service_unavailable or upstream_error (the engine server failed)."""
     code: str | None = None
     """Why a request was refused, for refusals by the gateway's guard or access checks (no_key, role_forbidden, ...)."""
 
