@@ -23,12 +23,6 @@ CHAT = [{"role": "user", "content": "Ana has 2 pens and buys 3. How many?"},
 
 
 @pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("families")
-    return {name: families.make(name, root / name) for name in families.FAMILIES}
-
-
-@pytest.fixture(scope="session")
 def r1_base(tiny_base, tmp_path_factory):
     """A copy of the bootstrap base model carrying the DeepSeek-R1-Distill template instead of its own."""
     out = tmp_path_factory.mktemp("r1_base") / "model"

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO, snakemake
+from conftest import REPO
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -220,7 +220,8 @@ def test_tensorrt_llm_missing_is_a_clear_error(tmp_path):
         tensorrt_llm.build(plan, "sha")
 
 
-def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path):
+@pytest.mark.e2e
+def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path, snakemake):
     config = {"engine": {"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2}}}
     done = snakemake(tmp_path, config, "-n", "results/engine/tensorrt_llm/fp8")
     job = done.stdout.split("rule build_engine_tensorrt_llm:")[1].split("\n\n")[0]

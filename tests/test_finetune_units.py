@@ -218,6 +218,7 @@ def test_varlen_attention_keeps_packed_sequences_apart():
         torch.testing.assert_close(model(input_ids=stacked).logits, reference(input_ids=stacked).logits)
 
 
+@pytest.mark.slow  # a real op build
 def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
     """DeepSpeed JIT-builds its CPU all-reduce in the ranks; a build killed half way (here SIGKILL, on a cluster
     scancel) leaves torch's lock file, on which every later load waited forever. The launcher's build clears it."""
@@ -249,6 +250,7 @@ def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
     assert not lock.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
 
 
+@pytest.mark.slow  # torch.compile of the layers, then training twice
 def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_base, tracking, tmp_path):
     """torch_compile: true (here on the CPU) runs the real launch and gives the eager run's losses."""
     from workflow.finetune.launch import finetune

@@ -28,6 +28,8 @@ from test_serve import MODEL, Served, package  # noqa: F401  (package: the modul
 from workflow.roles import ROLES
 from workflow.serve.server import build
 
+pytestmark = pytest.mark.slow  # ~2,900 requests from the gateway's OpenAPI document
+
 # The permission each keyed operation needs (app.py's table); /healthz and /readyz need none.
 PERMISSION = {
     "GET /v1/models": "infer", "POST /v1/chat/completions": "infer", "POST /v1/completions": "infer",

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, merge, snakemake
+from conftest import REPO, merge
 from workflow.capacity import GIB, Architecture, Cluster, PlanError, Serving, Training, model_states, serving_memory, training_memory
 from workflow.config import Config, TrtllmSettings, settings
 from workflow.plan import checked_plan, plan, plan_for
@@ -245,7 +245,8 @@ def test_bad_model_configs_are_refused_with_the_reason(tmp_path):
     assert not result["fits"]
 
 
-def test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit(tmp_path):
+@pytest.mark.e2e
+def test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit(tmp_path, snakemake):
     done = snakemake(tmp_path / "fits", {}, "results/plan/plan.json")
     result = json.loads((tmp_path / "fits" / "results" / "plan" / "plan.json").read_text())
     assert result["fits"] and result["training"]["device_gib"] is None and result["training"]["host_per_node_gib"] < 16
@@ -260,7 +261,8 @@ def test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit(tmp_path):
     assert not (tmp_path / "tight" / "results" / "bootstrap").exists() and not (tmp_path / "tight" / "results" / "data").exists()
 
 
-def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_path):
+@pytest.mark.e2e
+def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_path, snakemake):
     gpus = {"cluster": {"gpus_per_node": 8, "nodes": 2}, "finetune": {"liger_kernel": False}}  # liger-kernel is not installed here
     done = snakemake(tmp_path, gpus, "-n", "-p", "results/finetune/summary.json")
     block = done.stdout.split("rule finetune:")[1].split("\n\n")[0]
@@ -270,7 +272,8 @@ def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_p
     assert "gpu=0" in single and "mpi=" not in single and "tasks=" not in single
 
 
-def test_bad_cluster_values_name_the_key(tmp_path):
+@pytest.mark.e2e
+def test_bad_cluster_values_name_the_key(tmp_path, snakemake):
     done = snakemake(tmp_path, {"cluster": {"nodes": 0, "gpu_memory_gib": -1}}, "-n", check=False)
     out = done.stdout + done.stderr
     assert done.returncode != 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY, merge, snakemake
+from conftest import REPO, TINY, merge
 
 import families
 from workflow.bootstrap.problems import make_problems
@@ -89,7 +89,7 @@ THIS_MACHINE = {
 
 
 @pytest.mark.e2e
-def test_readme_r1_config_promotes_on_a_tiny_r1_distill_model(tmp_path):
+def test_readme_r1_config_promotes_on_a_tiny_r1_distill_model(tmp_path, snakemake):
     example = readme_r1()
     positions = example["data"]["max_seq_len"] + example["evaluate"]["max_new_tokens"]
     base = families.make("r1-distill-qwen", tmp_path / "base", shape={"max_position_embeddings": positions})

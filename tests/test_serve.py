@@ -370,6 +370,7 @@ def test_audit_log_records_every_request_without_text_and_metrics_count_them(gat
     assert done.returncode == 0 and "audit log verified" in done.stdout
 
 
+@pytest.mark.slow  # a gateway process started and stopped
 def test_sigterm_finishes_the_request_in_flight(package, tmp_path):
     served = Served(tmp_path / "graceful", package, {"limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 4000}})
     served.wait_ready()
@@ -388,6 +389,7 @@ def test_sigterm_finishes_the_request_in_flight(package, tmp_path):
     assert served.process.wait(timeout=60) in STOPPED
 
 
+@pytest.mark.slow  # two gateway processes
 def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
     # The upstream: this gateway's own app on plain HTTP, as trtllm-serve or vLLM would listen inside a pod.
     upstream_root = tmp_path / "upstream"

@@ -16,6 +16,8 @@ from test_serve import Served, chat, package  # noqa: F401  (package: the module
 sys.path.insert(0, str(REPO / "benchmarks"))
 import slow_clients
 
+pytestmark = pytest.mark.slow  # hundreds of slow connections against a running gateway
+
 HEADER_S, BODY_S = 4.0, 1.5
 MAX_CONNECTIONS = 40
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from conftest import REPO
 from test_serve import package  # noqa: F401  (the module fixture: the tiny model's package)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import soak
+
+pytestmark = pytest.mark.slow  # a minute of load on the gateway
 
 
 def test_a_minute_of_load_with_slow_clients_and_aborted_streams(package, tmp_path):  # noqa: F811

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, TINY, ZERO2, merge, snakemake
+from conftest import REPO, TINY, ZERO2, merge
 from mlflow.tracking import MlflowClient
 
 from workflow import schemes
@@ -234,7 +234,7 @@ def test_rollout_passes_its_canary_and_promotes_to_production(zero2):
     assert production.tags["ft2prod.rollout.package_sha256"] == registered["package_sha256"]
 
 
-def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero2, tmp_path):
+def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")
     repackaged = merge(ZERO2, {"package": {"chunk_mb": 1}})
     failed = snakemake(work, merge(repackaged, {"rollout": {"canary": {"latency_p95_s": 1e-6}}}), check=False)
@@ -290,7 +290,7 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
     assert again.returncode == 2 and "no version with alias 'previous'" in again.stderr
 
 
-def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zero2, tmp_path):
+def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "k8s")
     pinned = {"image": "registry.internal/ft2prod/gateway:0.1.0@sha256:" + "1" * 64}  # rendering refuses an image by tag
     settings = merge(ZERO2, {"rollout": {"target": "kubernetes", "kubernetes": pinned}})
@@ -329,13 +329,13 @@ def test_no_plaintext_weights_or_keys_in_results_package_or_mlflow(zero2):
             assert not any(k in data for k in keys), f"key material in {path}"
 
 
-def test_a_copy_of_the_finished_dag_has_nothing_to_do(zero2, tmp_path):
+def test_a_copy_of_the_finished_dag_has_nothing_to_do(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")
     done = snakemake(work, ZERO2, "-n")
     assert "Nothing to be done" in done.stdout + done.stderr
 
 
-def test_config_change_reruns_only_what_it_affects(zero2, tmp_path):
+def test_config_change_reruns_only_what_it_affects(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")  # a dry run still writes config.yaml
     upstream = {"bootstrap", "generate_data", "prepare_data"}
     load = snakemake(work, merge(ZERO2, {"benchmark": {"requests": 3}}), "-n")
@@ -356,7 +356,7 @@ DELIVERY = {"select", "package", "register", "backup", "rollout", "promote", "su
 ENGINE_JOBS = {"build_engine_onnxruntime", "benchmark_onnxruntime"}
 
 
-def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(zero2, tmp_path):
+def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(zero2, tmp_path, snakemake):
     """A benchmark, an evaluation and a fine-tune setting changed in turn: the dry run lists what the change affects,
     one real run runs exactly that (on 375b44e the benchmark change listed the plan job alone), and a second run has
     nothing to do."""
@@ -384,7 +384,7 @@ def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(z
             assert log_line in (work / "results" / "logs" / "finetune.log").read_text()
 
 
-def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path):
+def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")
     done = snakemake(work, merge(ZERO2, {"evaluate": {"gate": {"min_accuracy": 0.99}}}), check=False)
     assert done.returncode != 0
@@ -397,11 +397,12 @@ def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path):
 
 
 @pytest.mark.parametrize("settings", [{"zero_stage": 3}, {"method": "lora", "zero_stage": 2}], ids=["zero3", "lora"])
-def test_finetune_variants_run_end_to_end(tmp_path, settings):
-    snakemake(tmp_path, {"finetune": settings}, "results/evaluate/finetuned.json")
+def test_finetune_variants_run_end_to_end(tmp_path, settings, tiny_base, snakemake):
+    """Through the exported model, from the session's tiny base model (the bootstrap stage runs in the whole DAG)."""
+    snakemake(tmp_path, {"base_model": str(tiny_base), "finetune": settings}, "results/model")
     described = json.loads((tmp_path / "results" / "model" / "ft2prod.json").read_text())
     assert {k: described["finetune"][k] for k in settings} == settings
-    base = (tmp_path / "results" / "bootstrap" / "model" / "model.safetensors").read_bytes()
+    base = (tiny_base / "model.safetensors").read_bytes()
     assert (tmp_path / "results" / "model" / "model.safetensors").read_bytes() != base, "training changed the weights"
     log = (tmp_path / "results" / "logs" / "finetune.log").read_text()
     assert f"'stage': {settings['zero_stage']}" in log or f'"zero_stage": {settings["zero_stage"]}' in log
@@ -414,17 +415,17 @@ def test_finetune_variants_run_end_to_end(tmp_path, settings):
     assert (run.data.params["resolved.liger_kernel"], run.data.params["resolved.attention"]) == ("False", "sdpa")
 
 
-def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path):
+def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path, tiny_base, snakemake):
     bad = tmp_path / "bad.jsonl"
     good = {"instruction": "Add 2 and 3", "output": "5"}
     bad.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"messages": [{"role": "user"}]}\n')
-    done = snakemake(tmp_path, {"data": {"path": str(bad)}}, "results/data/stats.json", check=False)
+    done = snakemake(tmp_path, {"base_model": str(tiny_base), "data": {"path": str(bad)}}, "results/data/stats.json", check=False)
     assert done.returncode != 0
     assert f"{bad}:3: messages[0].content must be a string" in done.stdout + done.stderr
 
 
-def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
-    settings = {"finetune": {"max_steps": 40, "save_steps": 5}}
+def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path, tiny_base, snakemake):
+    settings = {"base_model": str(tiny_base), "finetune": {"max_steps": 40, "save_steps": 5}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(merge(TINY, settings)))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml", "--cores", "2",
                "results/finetune/summary.json"]

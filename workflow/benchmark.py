@@ -27,6 +27,7 @@ import mlflow
 from workflow.config import EngineConfig, LoadConfig
 from workflow.engine.interface import GenerationRequest
 from workflow.engine.runtime import load_engine
+from workflow.progress import Progress
 from workflow.tracking import Tracking, describe, job_run
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def synthetic_prompts(vocab_size: int, special_ids: set[int], cfg: LoadConfig) -
     return [[rng.choice(ordinary) for _ in range(cfg.input_len)] for _ in range(cfg.requests)]
 
 
-def run_level(engine, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[RequestResult], float]:
+def run_level(engine, prompts: list[list[int]], output_len: int, concurrency: int,
+              progress: Progress | None = None) -> tuple[list[RequestResult], float]:
     pending: queue.Queue = queue.Queue()
     for prompt in prompts:
         pending.put(prompt)
@@ -72,6 +74,8 @@ def run_level(engine, prompts: list[list[int]], output_len: int, concurrency: in
                 first = first or time.perf_counter() - start
             with lock:
                 results.append(RequestResult(time.perf_counter() - start, first or 0.0, count))
+            if progress:
+                progress.update(1, concurrency=concurrency)
 
     began = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -109,11 +113,17 @@ def measure(engine, vocab_size: int, special_ids: set[int], cfg: LoadConfig) -> 
         raise ValueError(f"benchmark.repeats must be at least 1 (got {cfg.repeats})")
     prompts = synthetic_prompts(vocab_size, special_ids, cfg)
     run_level(engine, prompts[:1], cfg.output_len, 1)  # warm-up: first-run allocations stay out of the numbers
+    with Progress(len(cfg.concurrency) * cfg.repeats * len(prompts), "benchmark", unit="request") as shown:
+        return measure_levels(engine, prompts, cfg, shown)
+
+
+def measure_levels(engine, prompts: list[list[int]], cfg: LoadConfig, shown: Progress) -> tuple[list[dict], dict[int, list[float]]]:
+    """Each concurrency level cfg.repeats times; the median run's summary and latencies per level."""
     levels, latencies = [], {}
     for concurrency in cfg.concurrency:
         runs = []
         for _ in range(cfg.repeats):
-            results, wall = run_level(engine, prompts, cfg.output_len, concurrency)
+            results, wall = run_level(engine, prompts, cfg.output_len, concurrency, shown)
             runs.append((summarize(results, wall, concurrency), results))
         runs.sort(key=lambda run: run[0]["output_tokens_per_s"])
         median, results = runs[len(runs) // 2]

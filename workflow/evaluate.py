@@ -32,6 +32,7 @@ from workflow.data import read_split
 from workflow.engine.interface import Engine, GenerationRequest
 from workflow.generation import Journal, cache_length, fitted_batch, journal_key, load_model, model_device, peak_gib
 from workflow.metrics import Grader, grader, label
+from workflow.progress import Progress
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,8 @@ def engine_completions(engine: Engine, tokenizer, rows: list[dict], max_new_toke
         return tokens, False
 
     prompts = [prompt_ids(tokenizer, row["messages"][:-1]) for row in rows]
-    with ThreadPoolExecutor(engine.max_batch_size) as pool:
-        generated = list(pool.map(generate, prompts))
+    with Progress(len(prompts), "engine generation", unit="prompt") as shown, ThreadPoolExecutor(engine.max_batch_size) as pool:
+        generated = list(shown.counted(pool.map(generate, prompts)))
     return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated]
 
 

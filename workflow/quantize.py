@@ -23,6 +23,7 @@ from workflow.config import Cluster, EvalConfig, QuantizeConfig
 from workflow.data import read_split
 from workflow.evaluate import accuracy_gate, evaluate_model, gate_check, journal_for, log_results
 from workflow.generation import load_model, model_device, peak_gib
+from workflow.progress import Progress
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate
 
@@ -94,8 +95,8 @@ def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[i
         return mto.restore(model, str(state))
 
     def forward_loop(m) -> None:
-        with torch.inference_mode():
-            for ids in calibration:
+        with torch.inference_mode(), Progress(len(calibration), f"calibration {scheme}", unit="sample") as shown:
+            for ids in shown.counted(calibration):
                 m(input_ids=torch.tensor([ids], device=device))
 
     return mtq.quantize(model, recipe(scheme, block or SCHEMES[scheme].block), forward_loop=forward_loop)

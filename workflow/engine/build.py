@@ -20,6 +20,7 @@ from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
 from workflow.engine.runtime import load_engine
 from workflow.evaluate import accuracy_gate, engine_scores, gate_check, log_results
+from workflow.progress import Progress
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 
@@ -37,8 +38,9 @@ def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, sc
     source_sha256 = sha256_tree(model_dir)[0]
 
     def build(candidate_dir: Path, source: Path, report: FoldReport | None) -> None:
-        onnxruntime.build(source, candidate_dir, scheme, ort.execution_provider, ort.block_size, ort.accuracy_level,
-                          source_sha256, log_path, calibration=report)
+        with Progress(None, f"engine build {scheme} ({candidate_dir.name})"):
+            onnxruntime.build(source, candidate_dir, scheme, ort.execution_provider, ort.block_size, ort.accuracy_level,
+                              source_sha256, log_path, calibration=report)
 
     if SCHEMES[scheme].calibration is None or mode == "rtn":
         build(engine_dir, model_dir, None)
@@ -108,7 +110,8 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
             source = Path(quantized_dir) / "checkpoint"
             build_plan = tensorrt_llm.plan(source, engine_dir, scheme, settings.tensorrt_llm)
             log.info("TensorRT-LLM plan: %s", build_plan)
-            tensorrt_llm.build(build_plan, sha256_tree(source)[0])
+            with Progress(None, f"engine build {scheme} (TensorRT-LLM)"):
+                tensorrt_llm.build(build_plan, sha256_tree(source)[0])
         if comparison and "scored" in comparison:
             metrics, results = comparison.pop("scored")
         else:

@@ -30,6 +30,7 @@ from workflow.finetune.callbacks import (
     Checkpoints,
     MlflowMetrics,
     Profile,
+    StepProgress,
     StopOnNonFiniteLoss,
     Throughput,
 )
@@ -154,7 +155,7 @@ def make_trainer(job: Job, cfg: FinetuneConfig, args: TrainingArguments, model, 
         eval_dataset=TokenDataset(val) if val else None,
         data_collator=collator(cfg, speed),
         callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID")), Checkpoints(save_final=measure.save_checkpoints),
-                   StopOnNonFiniteLoss(), throughput],
+                   StopOnNonFiniteLoss(), throughput, StepProgress()],
     )
     if 0 < memory["checkpointed_layers"] < memory["num_layers"]:
         trainer.add_callback(CheckpointLayers(memory["checkpointed_layers"]))
