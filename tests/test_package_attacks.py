@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from workflow.config import EngineConfig, load
+from workflow.config import Kms as KmsSettings
 from workflow.package import archive, errors
 from workflow.package.kms import KmsError, LocalKeyFile, from_config
 from workflow.serve.audit import AuditLog
@@ -74,8 +75,8 @@ def test_a_gateway_trusting_the_default_signer_never_reads_the_private_key(tmp_p
 
 def test_an_empty_or_missing_hsm_pin_is_refused(tmp_path, monkeypatch):
     """Before: the command line's PKCS#11 PIN defaulted to empty, and the config's accepted an empty variable."""
-    settings = {"provider": "pkcs11", "pkcs11": {"module": "/nonexistent.so", "token_label": "t", "key_label": "k",
-                                                 "pin_env": "FT2PROD_TEST_PIN"}}
+    settings = KmsSettings.model_validate({"provider": "pkcs11", "pkcs11": {
+        "module": "/nonexistent.so", "token_label": "t", "key_label": "k", "pin_env": "FT2PROD_TEST_PIN"}})
     monkeypatch.setenv("FT2PROD_TEST_PIN", "")
     with pytest.raises(KmsError, match="empty PIN is refused"):
         from_config(settings)
