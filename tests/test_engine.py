@@ -222,7 +222,8 @@ def test_tensorrt_llm_missing_is_a_clear_error(tmp_path):
 
 @pytest.mark.e2e
 def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path, snakemake):
-    config = {"engine": {"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2}}}
+    config = {"engine": {"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2, "max_seq_len": 512}},
+              "cluster": {"gpus_per_node": 8}, "finetune": {"liger_kernel": False}}
     done = snakemake(tmp_path, config, "-n", "results/engine/tensorrt_llm/fp8")
     job = done.stdout.split("rule build_engine_tensorrt_llm:")[1].split("\n\n")[0]
     assert "gpu=8" in job

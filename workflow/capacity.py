@@ -375,6 +375,7 @@ def serving_memory(arch: Architecture, s: Serving, cluster: Cluster) -> dict:
         "per_device_gib": {k: round(v / GIB, 4) for k, v in per.items()},
         "device_gib": round(total / GIB, 4),
         "device_limit_gib": limit,
+        "gpus": gpus,
         "fits": total <= limit * GIB and (not s.on_gpu or s.tp * s.pp <= gpus) and arch.num_heads % s.tp == 0,
     }
 

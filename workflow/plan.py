@@ -65,10 +65,11 @@ def plan_for(arch: Architecture, config: Config) -> dict:
                         f"({'; '.join(s['dropped'] for s in schemes.values())}); add {' or '.join(ANY_SHAPE)}, which take any shape")
     serving = {}
     base = serving_setup(config)
-    if config.engine.backend == "tensorrt_llm" and not cluster.gpus_per_node:
+    no_gpus = config.engine.backend == "tensorrt_llm" and not cluster.gpus_per_node
+    if no_gpus:  # then per-GPU memory means nothing: this is the one problem to name
         problems.append("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0: set cluster.gpus_per_node, "
                         "or engine.backend: onnxruntime")
-    for scheme in kept:
+    for scheme in [] if no_gpus else kept:
         s = replace(base, scheme=scheme)
         serving[scheme] = serving_memory(arch, s, cluster)
         if not serving[scheme]["fits"]:
@@ -122,6 +123,9 @@ def training_problem(train: dict) -> str:
 
 def serving_problem(scheme: str, serve: dict) -> str:
     s = serve["setup"]
+    if s["on_gpu"] and s["tp"] * s["pp"] > serve["gpus"] and serve["device_gib"] <= serve["device_limit_gib"]:
+        return (f"serving {scheme} at tp {s['tp']} x pp {s['pp']} needs {s['tp'] * s['pp']} GPUs, but cluster.gpus_per_node x "
+                f"cluster.nodes is {serve['gpus']}: set cluster.gpus_per_node/nodes, or smaller engine.tensorrt_llm.tp_size/pp_size")
     text = (f"serving {scheme} does not fit: {_g(serve['device_gib'])} GiB per device > {serve['device_limit_gib']:g} GiB at tp {s['tp']} x pp {s['pp']}, "
             f"batch {s['max_batch']} x {s['max_seq_len']} tokens (weights {_g(serve['per_device_gib']['weights'])} GiB, KV cache "
             f"{_g(serve['per_device_gib']['kv_cache'])} GiB)")
