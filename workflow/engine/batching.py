@@ -12,6 +12,8 @@ ONNX model is driven here with ONNX Runtime, batching at every decode step as Or
 - a new request is prefilled alone into a free slot, then joins the next decode step of everyone running;
 - each row keeps its own length in the attention mask, so rotary positions and attention are those of the request
   run alone: greedy tokens equal og.Generator's (tests/test_engine.py);
+- each request picks its next token from its own row of logits with its own sampling parameters and random
+  generator (workflow/engine/sampling.py), so a seeded request gets the same tokens whoever shares its batch;
 - a finished (or abandoned) request frees its slot at once; the last slot moves into it, so a step always runs
   rows 0..n-1 of the buffer.
 """
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from workflow.engine.sampling import GREEDY, SamplingParams, TokenHistory, next_token
+
 log = logging.getLogger(__name__)
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -48,6 +52,7 @@ class _Request:
     prompt: list[int]
     max_new: int
     min_new: int
+    sampling: SamplingParams = GREEDY
     out: queue.Queue = field(default_factory=queue.Queue)
     length: int = 0
     """Tokens held in the request's key/value row."""
@@ -55,6 +60,10 @@ class _Request:
     last: int = -1
     finished: bool = False
     """Done, or abandoned by its caller: its slot is freed at the next step."""
+
+    def __post_init__(self) -> None:
+        self.rng = self.sampling.generator()
+        self.history = TokenHistory(self.prompt if self.sampling.repetition_penalty != 1.0 else ())
 
 
 class ContinuousBatcher:
@@ -69,6 +78,7 @@ class ContinuousBatcher:
         genai = json.loads((engine_dir / "genai_config.json").read_text())["model"]
         decoder = genai["decoder"]
         self.max_batch_size, self.context_length = max_batch_size, genai["context_length"]
+        self.vocab_size = genai["vocab_size"]
         eos = genai["eos_token_id"]
         self.eos_ids = list(eos) if isinstance(eos, list) else [eos]
         self.session = ort.InferenceSession(str(engine_dir / decoder["filename"]), providers=["CPUExecutionProvider"])
@@ -103,14 +113,19 @@ class ContinuousBatcher:
         if threading.current_thread() is not self.loop:
             self.loop.join(timeout=60)
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
-        """Greedy tokens for one request as they are generated; the end-of-sequence token, if reached, is the last."""
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
+               sampling: SamplingParams = GREEDY) -> Iterator[int]:
+        """One request's tokens as they are generated (greedy unless `sampling` says otherwise); the end-of-sequence
+        token, if reached, is the last."""
         if not prompt_ids:
             raise ValueError("generate: the prompt is empty")
         if len(prompt_ids) + max_new_tokens > self.context_length:
             raise ValueError(f"generate: {len(prompt_ids)} prompt tokens plus max_new_tokens {max_new_tokens} exceed the "
                              f"engine's context length {self.context_length}; shorten the prompt or ask for fewer tokens")
-        request = _Request(list(prompt_ids), max_new_tokens, min(min_new_tokens, max_new_tokens))
+        outside = [token for token in sampling.logit_bias if not 0 <= token < self.vocab_size]
+        if outside:
+            raise ValueError(f"generate: logit_bias names token ids outside the vocabulary (0..{self.vocab_size - 1}): {outside[:5]}")
+        request = _Request(list(prompt_ids), max_new_tokens, min(min_new_tokens, max_new_tokens), sampling)
         with self.wake:
             if self.closed:
                 raise RuntimeError("generate: the engine was unloaded")
@@ -210,7 +225,8 @@ class ContinuousBatcher:
         if request.generated < request.min_new:
             logits = logits.copy()
             logits[self.eos_ids] = -np.inf
-        request.last, request.generated = int(logits.argmax()), request.generated + 1
+        request.last, request.generated = next_token(logits, request.sampling, request.rng, request.history), request.generated + 1
+        request.history.add(request.last)
         request.out.put(request.last)
         if request.last in self.eos_ids or request.generated >= request.max_new:
             request.out.put(_DONE)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from workflow.config import TrtllmSettings
 from workflow.engine.manifest import EngineManifest, Target, check_target
+from workflow.engine.sampling import GREEDY, SamplingParams, keep_generation_config
 from workflow.schemes import SCHEMES
 
 RELEASE = "1.2.1"
@@ -113,6 +114,7 @@ def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
     arguments["build_config"] = BuildConfig(**arguments["build_config"])
     llm = LLM(**arguments)
     llm.save(build_plan.engine_dir)
+    keep_generation_config(build_plan.checkpoint_dir, build_plan.engine_dir)
     here = target(build_plan.settings.tp_size, build_plan.settings.pp_size)
     manifest = EngineManifest(build_plan.scheme, build_plan.quant_algo or "bf16", here, source_sha256,
                               {"release": RELEASE, **build_plan.settings.model_dump()},
@@ -132,10 +134,22 @@ class TrtllmEngine:
 
         self.llm = LLM(model=str(engine_dir))
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
-        from tensorrt_llm import SamplingParams
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
+               sampling: SamplingParams = GREEDY) -> Iterator[int]:
+        """Tokens as TensorRT-LLM generates them, sampled by its own sampler with the request's fields (its
+        SamplingParams: temperature 0 is greedy, top_k 0 keeps all); a logit bias is refused (ValueError), not dropped."""
+        from tensorrt_llm import SamplingParams as TrtllmSampling
 
-        sampling = SamplingParams(max_tokens=max_new_tokens, min_tokens=min_new_tokens, temperature=0.0)
+        if sampling.logit_bias:
+            raise ValueError("generate: logit_bias is not passed to TensorRT-LLM engines by this gateway; leave it out")
+        fields = {"max_tokens": max_new_tokens, "min_tokens": min_new_tokens, "temperature": sampling.temperature,
+                  "repetition_penalty": sampling.repetition_penalty, "presence_penalty": sampling.presence_penalty,
+                  "frequency_penalty": sampling.frequency_penalty}
+        if not sampling.greedy:
+            fields |= {"top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed}
+        return self._generated(prompt_ids, TrtllmSampling(**fields))
+
+    def _generated(self, prompt_ids: list[int], sampling) -> Iterator[int]:
         seen = 0
         for output in self.llm.generate_async(prompt_ids, sampling, streaming=True):
             tokens = output.outputs[0].token_ids

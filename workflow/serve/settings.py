@@ -51,6 +51,8 @@ class GatewaySettings:
     engine: dict = field(default_factory=dict)
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None = None
+    reasoning: str = "split"
+    """rollout.gateway.reasoning: split (reasoning_content apart from content) or raw."""
     package_settings: dict = field(default_factory=dict)
     package_root: Path | None = None
     """Where /admin/deploy finds packages by digest."""
@@ -76,6 +78,7 @@ class GatewaySettings:
             rate_limits=gateway["rate_limits"],
             engine=config["engine"],
             upstream=gateway["upstream"],
+            reasoning=gateway["reasoning"],
             package_settings=config["package"],
             package_root=Path(gateway["package_root"] or config["package"]["backup_dir"]),
         )
