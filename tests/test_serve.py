@@ -21,6 +21,7 @@ import openai
 import pytest
 import uvicorn
 import yaml
+from transformers import AutoTokenizer
 
 from workflow.config import load
 from workflow.engine import onnxruntime
@@ -462,7 +463,7 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
         thread.join(timeout=30)
 
 
-def test_sampling_with_the_official_client(gateway):
+def test_sampling_with_the_official_client(gateway, tiny_base):
     """temperature, top_p, seed, stop and include_usage as OpenAI clients send them (LangChain's 0.7, DeepSeek's
     0.6 / 0.95 for R1 models); what the gateway does not serve is a 400 naming the field."""
     client = gateway.openai()
@@ -485,6 +486,9 @@ def test_sampling_with_the_official_client(gateway):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.text
     assert streamed[-1].choices == [] and streamed[-1].usage.prompt_tokens > 0, "include_usage: a last chunk with the usage"
 
+    five = AutoTokenizer.from_pretrained(tiny_base).convert_tokens_to_ids("5")
+    forced = client.completions.create(model=MODEL, prompt="2 + 3 =", max_tokens=4, logit_bias={str(five): 100})
+    assert forced.choices[0].text == "5555", "logit_bias is applied"
     for refused, named in (({"logprobs": True}, "logprobs"), ({"n": 2}, "n"), ({"response_format": {"type": "json_object"}}, "response_format")):
         with pytest.raises(openai.BadRequestError, match=rf"{named} = .* is not supported"):
             client.chat.completions.create(**ask, **refused)

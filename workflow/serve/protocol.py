@@ -273,8 +273,8 @@ def check_sampling(req: Sampling, model_name: str) -> None:
     for name, (allowed, why) in type(req).REFUSED.items():
         value = getattr(req, name)
         if value is not None and not allowed(value):
-            raise BadRequest(f"{name} = {json.dumps(value if not isinstance(value, BaseModel) else value.model_dump(exclude_none=True))} "
-                             f"is not supported: {why}")
+            shown = json.dumps(value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value)
+            raise BadRequest(f"{name} = {shown if len(shown) <= 60 else shown[:57] + '...'} is not supported: {why}")
     if req.stream_options is not None and not req.stream:
         raise BadRequest("stream_options is only allowed with stream: true")
     if req.unknown_fields():
