@@ -17,6 +17,8 @@ from workflow.engine import onnxruntime
 from workflow.package import archive
 from workflow.package.kms import LocalKeyFile
 
+pytestmark = pytest.mark.slow  # teaches a model, builds and packs its engine, starts two gateways: minutes on 2 cores
+
 QUESTION, THOUGHT, ANSWER = "What is 2 + 3?", "Two plus three: count three on from two.", "The answer is 5."
 LIMITS = {"limits": {"max_body_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 128}}
 R1_GENERATION_CONFIG = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1-Distill-*'s published file
