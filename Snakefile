@@ -11,7 +11,8 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 
 
-config.update(checked_config(config))
+CONFIG = typed_config(config)
+config.update(CONFIG.model_dump(mode="json"))
 
 
 include: "rules/plan.smk"

@@ -54,6 +54,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from workflow.config import FinetuneConfig  # noqa: E402
 from workflow.finetune import ops  # noqa: E402
+from workflow.finetune.job import Measurement  # noqa: E402
 from workflow.finetune.launch import launch_command, launch_env, write_job  # noqa: E402
 
 SHAPES = {
@@ -174,10 +175,10 @@ def run_variant(name: str, args, model_dir: Path, data_dir: Path, out: Path) -> 
     cfg = FinetuneConfig(**settings)
     work = args.work / f"{args.shape_name}-{name}-{args.nproc}gpu"
     shutil.rmtree(work, ignore_errors=True)
-    extra = {"profile_dir": str(args.out / f"profile-{args.shape_name}-{args.seq}-{name}"), "profile_start": args.steps,
-             "timing_end_step": args.steps} if profiled else {}
-    job = write_job(model_dir, data_dir, work / "summary.json", cfg, args.seed,
-                    save_checkpoints=args.consolidate, timing_skip_steps=args.warmup, **extra)
+    profile = {"profile_dir": str(args.out / f"profile-{args.shape_name}-{args.seq}-{name}"), "profile_start": args.steps,
+               "timing_end_step": args.steps} if profiled else {}
+    measure = Measurement(save_checkpoints=args.consolidate, timing_skip_steps=args.warmup, **profile)
+    job = write_job(model_dir, data_dir, work / "summary.json", cfg, args.seed, measure)
     command = launch_command(cfg, job)
     env = launch_env(cfg, run_id="", tracking_uri="")
     ops.build(cfg, Path(env["TORCH_EXTENSIONS_DIR"]))  # as the rule does: one build under a lock, not one per rank

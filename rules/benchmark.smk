@@ -5,8 +5,8 @@ rule benchmark_onnxruntime:
     output:
         f"{RESULTS}/benchmark/onnxruntime/{{scheme}}.json",
     params:
-        settings=config["engine"],
-        load=config["benchmark"],
+        settings=dump(CONFIG.engine),
+        load=dump(CONFIG.benchmark),
     log:
         f"{RESULTS}/logs/benchmark/onnxruntime/{{scheme}}.log",
     threads: 2
@@ -27,8 +27,8 @@ rule benchmark_tensorrt_llm:
     output:
         f"{RESULTS}/benchmark/tensorrt_llm/{{scheme}}.json",
     params:
-        settings=config["engine"],
-        load=config["benchmark"],
+        settings=dump(CONFIG.engine),
+        load=dump(CONFIG.benchmark),
     log:
         f"{RESULTS}/logs/benchmark/tensorrt_llm/{{scheme}}.log",
     threads: 8
@@ -37,6 +37,6 @@ rule benchmark_tensorrt_llm:
         runtime=60,
         gpu=trtllm_gpus(),
     container:
-        "docker://nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+        TENSORRT_LLM_CONTAINER
     script:
         "../scripts/benchmark.py"

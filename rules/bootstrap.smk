@@ -5,7 +5,7 @@ rule bootstrap:
     output:
         model=directory(f"{RESULTS}/bootstrap/model"),
     params:
-        settings=config["bootstrap"],
+        settings=dump(CONFIG.bootstrap),
     log:
         f"{RESULTS}/logs/bootstrap.log",
     benchmark:
@@ -27,8 +27,8 @@ rule generate_data:
     output:
         f"{RESULTS}/data/generated.jsonl",
     params:
-        rows=config["data"]["generated_rows"],
-        seed=config["seed"],
+        rows=CONFIG.data.generated_rows,
+        seed=CONFIG.seed,
     log:
         f"{RESULTS}/logs/generate_data.log",
     threads: 1

@@ -1,46 +1,74 @@
 # Named helpers for the rules: paths and config look-ups. No logic beyond wiring.
-from workflow.config import check
-from workflow.schemes import WILDCARD as SCHEME_WILDCARD
+from workflow.config import settings
+from workflow.engine.release import TENSORRT_LLM_IMAGE
+from workflow.schemes import WILDCARD as SCHEME_WILDCARD, buildable
 
 RESULTS = "results"
+TENSORRT_LLM_CONTAINER = f"docker://{TENSORRT_LLM_IMAGE}"
 
 
-def checked_config(config):
-    """The config with every default filled in (workflow/config.py declares each key); a wrong key or value stops
-    the workflow before anything runs, naming the key and what is allowed."""
-    return check(config)
+def typed_config(config):
+    """The validated, typed config (workflow/config.py declares each key), every default filled in; a wrong key or
+    value stops the workflow before anything runs, naming the key and what is allowed. The rules read it by attribute;
+    Snakemake's own `config` is then replaced by its complete dump, which every job re-validates whole
+    (`settings(snakemake.config)`), so no stage ever sees a section rebuilt from picked keys."""
+    return settings(config)
 
 
-def base_model_dir(wildcards=None):
-    """The base checkpoint: built locally for the embedded default, else the configured path."""
-    if config["base_model"] == "bootstrap":
-        return f"{RESULTS}/bootstrap/model"
-    return config["base_model"]
-
-
-def dataset_file(wildcards=None):
-    """The raw dataset: generated for the embedded default, else the configured JSONL file."""
-    if config["data"]["path"] == "generated":
-        return f"{RESULTS}/data/generated.jsonl"
-    return config["data"]["path"]
-
-
-def training_template(wildcards=None):
-    """A training template file given as data.chat_template is an input, so editing it reruns prepare_data."""
-    value = config["data"]["chat_template"]
-    return [] if value in ("auto", "model") else [value]
+def dump(section, *leave_out):
+    """A typed section as plain data for a rule's params: what reruns the rule when it changes. Jobs never read
+    params for settings: they take their typed sections from the whole validated config."""
+    return section.model_dump(mode="json", exclude=set(leave_out))
 
 
 def data_settings():
     """The data section less what only picks the dataset file (an input already)."""
-    return {key: value for key, value in config["data"].items() if key not in ("path", "generated_rows")}
+    return dump(CONFIG.data, "path", "generated_rows")
+
+
+def eval_settings():
+    return dump(CONFIG.evaluate, "gate")
+
+
+def max_accuracy_loss(wildcards):
+    return getattr(CONFIG.quantize.max_accuracy_loss, wildcards.scheme)
+
+
+def package_settings():
+    return dump(CONFIG.package, "model_name", "backup_dir", "trusted_signer")
+
+
+def plan_settings():
+    """What the plan reads, so that unrelated config changes do not rerun it."""
+    return {"finetune": dump(CONFIG.finetune), "max_seq_len": CONFIG.data.max_seq_len, "cluster": dump(CONFIG.cluster),
+            "engine": dump(CONFIG.engine), "benchmark": dump(CONFIG.benchmark), "schemes": schemes(),
+            "bootstrap": dump(CONFIG.bootstrap), "base_model": CONFIG.base_model}
+
+
+def base_model_dir(wildcards=None):
+    """The base checkpoint: built locally for the embedded default, else the configured path."""
+    if CONFIG.base_model == "bootstrap":
+        return f"{RESULTS}/bootstrap/model"
+    return CONFIG.base_model
+
+
+def dataset_file(wildcards=None):
+    """The raw dataset: generated for the embedded default, else the configured JSONL file."""
+    if CONFIG.data.path == "generated":
+        return f"{RESULTS}/data/generated.jsonl"
+    return CONFIG.data.path
+
+
+def training_template(wildcards=None):
+    """A training template file given as data.chat_template is an input, so editing it reruns prepare_data."""
+    value = CONFIG.data.chat_template
+    return [] if value in ("auto", "model") else [value]
 
 
 def pipeline_targets():
     """Through promotion, unless the target is Kubernetes with no context to apply to: then the validated manifests.
     The summary rule comes after all of it."""
-    rollout = config["rollout"]
-    if rollout["target"] == "kubernetes" and not rollout["kubernetes"]["context"]:
+    if CONFIG.rollout.target == "kubernetes" and not CONFIG.rollout.kubernetes.context:
         return [f"{RESULTS}/rollout/report.json"]
     return [f"{RESULTS}/rollout/promoted.json"]
 
@@ -51,36 +79,24 @@ def refresh_summary():
     from workflow.summary import refresh_quietly
     from workflow.tracking import Tracking
 
-    refresh_quietly(Tracking.from_config(config, results_dir=RESULTS))
+    refresh_quietly(Tracking.from_config(CONFIG, results_dir=RESULTS))
 
 
 def final_targets():
     return pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
 
 
-def eval_settings():
-    return {key: value for key, value in config["evaluate"].items() if key != "gate"}
-
-
 def schemes():
-    return config["quantize"]["schemes"]
+    return list(CONFIG.quantize.schemes)
 
 
 def backend():
-    return config["engine"]["backend"]
-
-
-def max_accuracy_loss(wildcards):
-    return config["quantize"]["max_accuracy_loss"][wildcards.scheme]
+    return CONFIG.engine.backend
 
 
 def buildable_schemes():
     """Schemes the configured backend can build (ONNX Runtime GenAI has no FP8 kernels)."""
-    from workflow.engine.onnxruntime import PRECISIONS
-
-    if backend() == "onnxruntime":
-        return [s for s in schemes() if s in PRECISIONS[config["engine"]["onnxruntime"]["execution_provider"]]]
-    return schemes()
+    return [s for s in schemes() if buildable(s, backend(), CONFIG.engine.onnxruntime.execution_provider)]
 
 
 def passed_quantization(scheme):
@@ -101,8 +117,7 @@ def benchmark_files(wildcards):
 
 def trtllm_gpus():
     """GPUs a TensorRT-LLM engine spans: tp x pp."""
-    settings = config["engine"]["tensorrt_llm"]
-    return settings["tp_size"] * settings["pp_size"]
+    return CONFIG.engine.tensorrt_llm.tp_size * CONFIG.engine.tensorrt_llm.pp_size
 
 
 def selected_engine(wildcards):
@@ -113,33 +128,11 @@ def selected_engine(wildcards):
         return json.load(handle)["engine_dir"]
 
 
-def package_settings():
-    return {key: value for key, value in config["package"].items() if key not in ("model_name", "backup_dir", "trusted_signer")}
-
-
 def base_model_config(wildcards=None):
     """The base model's config.json for the plan; none for bootstrap (the plan reads the bootstrap settings)."""
-    if config["base_model"] == "bootstrap":
+    if CONFIG.base_model == "bootstrap":
         return []
-    return [f"{config['base_model']}/config.json"]
-
-
-PLAN_FINETUNE_KEYS = ("method", "precision", "zero_stage", "offload_optimizer", "offload_params", "micro_batch_size",
-                      "gradient_checkpointing", "nproc_per_node", "lora")
-BOOTSTRAP_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-
-
-def plan_settings():
-    """Only what the plan reads, so unrelated config changes do not rerun it."""
-    return {
-        "finetune": {key: config["finetune"][key] for key in PLAN_FINETUNE_KEYS},
-        "max_seq_len": config["data"]["max_seq_len"],
-        "cluster": config["cluster"],
-        "engine": config["engine"],
-        "benchmark": {key: config["benchmark"][key] for key in ("input_len", "output_len", "concurrency")},
-        "schemes": schemes(),
-        "bootstrap": {key: config["bootstrap"][key] for key in BOOTSTRAP_SHAPE_KEYS},
-    }
+    return [f"{CONFIG.base_model}/config.json"]
 
 
 def plan_done():
@@ -149,14 +142,26 @@ def plan_done():
 
 def finetune_gpus():
     """GPUs the finetune job requests: gpus_per_node x nodes (0 on a CPU machine)."""
-    return config["cluster"]["gpus_per_node"] * config["cluster"]["nodes"]
+    return CONFIG.cluster.gpus_per_node * CONFIG.cluster.nodes
 
 
 def finetune_nodes():
-    return config["cluster"]["nodes"]
+    return CONFIG.cluster.nodes
 
 
 def multi_node(value):
     """A resource only multi-node jobs carry: the SLURM plugin then runs the job script once on the first
     node (no `srun -n1` around it) and the launcher starts one process per node itself with srun."""
-    return value if config["cluster"]["nodes"] > 1 else None
+    return value if CONFIG.cluster.nodes > 1 else None
+
+
+def model_gpus():
+    """GPUs a job that runs the model itself asks for: one when the cluster has GPUs (workflow.generation uses it)."""
+    return 1 if CONFIG.cluster.gpus_per_node > 0 else 0
+
+
+def generation_runtime(wildcards=None, attempt=1):
+    """Minutes a job that generates for the test split asks for, from its token count (workflow.generation)."""
+    from workflow.generation import runtime_minutes
+
+    return runtime_minutes(CONFIG.evaluate.max_samples, CONFIG.evaluate.max_new_tokens, model_gpus() > 0)

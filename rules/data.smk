@@ -11,7 +11,7 @@ rule prepare_data:
         stats=f"{RESULTS}/data/stats.json",
     params:
         settings=data_settings(),
-        seed=config["seed"],
+        seed=CONFIG.seed,
     log:
         f"{RESULTS}/logs/prepare_data.log",
     threads: 1

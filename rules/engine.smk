@@ -7,7 +7,7 @@ rule build_engine_onnxruntime:
     output:
         directory(f"{RESULTS}/engine/onnxruntime/{{scheme}}"),
     params:
-        settings=config["engine"],
+        settings=dump(CONFIG.engine),
         max_loss=max_accuracy_loss,
         eval_settings=eval_settings(),
     log:
@@ -35,7 +35,7 @@ rule build_engine_tensorrt_llm:
     output:
         directory(f"{RESULTS}/engine/tensorrt_llm/{{scheme}}"),
     params:
-        settings=config["engine"],
+        settings=dump(CONFIG.engine),
         max_loss=max_accuracy_loss,
         eval_settings=eval_settings(),
     log:
@@ -48,6 +48,6 @@ rule build_engine_tensorrt_llm:
         runtime=120,
         gpu=trtllm_gpus(),
     container:
-        "docker://nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+        TENSORRT_LLM_CONTAINER
     script:
         "../scripts/build_engine.py"

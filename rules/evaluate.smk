@@ -13,8 +13,8 @@ rule evaluate_base:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=30,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:
@@ -30,7 +30,7 @@ rule evaluate:
         metrics=f"{RESULTS}/evaluate/finetuned.json",
         report=f"{RESULTS}/evaluate/report.md",
     params:
-        settings=config["evaluate"],
+        settings=dump(CONFIG.evaluate),
     log:
         f"{RESULTS}/logs/evaluate.log",
     benchmark:
@@ -38,8 +38,8 @@ rule evaluate:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=30,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:

@@ -7,8 +7,8 @@ rule finetune:
     output:
         summary=f"{RESULTS}/finetune/summary.json",
     params:
-        settings=config["finetune"],
-        seed=config["seed"],
+        settings=dump(CONFIG.finetune),
+        seed=CONFIG.seed,
     log:
         f"{RESULTS}/logs/finetune.log",
     benchmark:
@@ -35,7 +35,7 @@ rule export:
     output:
         model=directory(f"{RESULTS}/model"),
     params:
-        settings=config["finetune"],
+        settings=dump(CONFIG.finetune),
     log:
         f"{RESULTS}/logs/export.log",
     threads: 1

@@ -29,7 +29,7 @@ rule register:
     output:
         f"{RESULTS}/package/registered.json",
     params:
-        model_name=config["package"]["model_name"],
+        model_name=CONFIG.package.model_name,
         settings=package_settings(),
     log:
         f"{RESULTS}/logs/register.log",
@@ -50,8 +50,8 @@ rule backup:
     output:
         f"{RESULTS}/package/backup.json",
     params:
-        backup_dir=config["package"]["backup_dir"],
-        signing_key=config["package"]["signing_key"],
+        backup_dir=CONFIG.package.backup_dir,
+        signing_key=CONFIG.package.signing_key,
     log:
         f"{RESULTS}/logs/backup.log",
     threads: 1

@@ -5,7 +5,7 @@ rule quantize:
     output:
         directory(f"{RESULTS}/quantize/{{scheme}}"),
     params:
-        calib_samples=config["quantize"]["calib_samples"],
+        calib_samples=CONFIG.quantize.calib_samples,
     log:
         f"{RESULTS}/logs/quantize/{{scheme}}.log",
     benchmark:
@@ -15,8 +15,8 @@ rule quantize:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=60,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:
@@ -43,8 +43,8 @@ checkpoint evaluate_quantized:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=60,
-        gpu=0,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
     conda:
         "../envs/train.yaml"
     script:

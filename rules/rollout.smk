@@ -8,7 +8,7 @@ rule rollout:
     output:
         f"{RESULTS}/rollout/report.json",
     params:
-        settings=config["rollout"],
+        settings=dump(CONFIG.rollout),
     log:
         f"{RESULTS}/logs/rollout.log",
     benchmark:

@@ -8,7 +8,7 @@ checkpoint select:
         report=f"{RESULTS}/select/report.md",
     params:
         schemes=schemes(),
-        settings=config["select"],
+        settings=dump(CONFIG.select),
         backend=backend(),
     log:
         f"{RESULTS}/logs/select.log",

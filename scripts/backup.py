@@ -3,11 +3,13 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
+from workflow.config import settings
 from workflow.package.stage import backup
+
+config = settings(snakemake.config)  # the whole validated config; params only decide what reruns
 
 backup(
     package_dir=snakemake.input[0],
-    backup_root=snakemake.params.backup_dir,
     out_path=snakemake.output[0],
-    signing_key=snakemake.params.signing_key,
+    settings=config.package,
 )

@@ -4,11 +4,13 @@ from workflow.logs import to_file
 to_file(snakemake.log[0])
 
 from workflow.bootstrap.model import bootstrap
-from workflow.config import BootstrapConfig
+from workflow.config import settings
 from workflow.tracking import Tracking
 
+config = settings(snakemake.config)  # the whole validated config; params only decide what reruns
+
 bootstrap(
-    cfg=BootstrapConfig(**snakemake.params.settings),
+    cfg=config.bootstrap,
     out_dir=snakemake.output.model,
-    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    tracking=Tracking.from_config(config, snakemake.log[0]),
 )

@@ -3,19 +3,21 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.config import EvalConfig
+from workflow.config import settings
 from workflow.engine.build import build_engine
 from workflow.tracking import Tracking
+
+config = settings(snakemake.config)  # the whole validated config; params only decide what reruns
 
 build_engine(
     model_dir=snakemake.input.model,
     quantized_dir=snakemake.input.quantized,
     engine_dir=snakemake.output[0],
     scheme=snakemake.wildcards.scheme,
-    settings=snakemake.params.settings,
+    settings=config.engine,
     test_path=snakemake.input.test,
     finetuned_path=snakemake.input.finetuned,
-    max_loss=snakemake.params.max_loss,
-    eval_cfg=EvalConfig(**snakemake.params.eval_settings),
-    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    max_loss=getattr(config.quantize.max_accuracy_loss, snakemake.wildcards.scheme),
+    eval_cfg=config.evaluate,
+    tracking=Tracking.from_config(config, snakemake.log[0]),
 )

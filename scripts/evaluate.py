@@ -3,9 +3,11 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.config import EvalConfig
+from workflow.config import settings
 from workflow.evaluate import evaluate
 from workflow.tracking import Tracking
+
+config = settings(snakemake.config)  # the whole validated config; params only decide what reruns
 
 evaluate(
     model_dir=snakemake.input.model,
@@ -13,6 +15,7 @@ evaluate(
     base_path=snakemake.input.base,
     out_path=snakemake.output.metrics,
     report_path=snakemake.output.report,
-    cfg=EvalConfig(**snakemake.params.settings),
-    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    cfg=config.evaluate,
+    tracking=Tracking.from_config(config, snakemake.log[0]),
+    cluster=config.cluster,
 )

@@ -3,9 +3,11 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.config import EvalConfig
+from workflow.config import settings
 from workflow.quantize import evaluate_quantized
 from workflow.tracking import Tracking
+
+config = settings(snakemake.config)  # the whole validated config; params only decide what reruns
 
 evaluate_quantized(
     model_dir=snakemake.input.model,
@@ -14,7 +16,8 @@ evaluate_quantized(
     finetuned_path=snakemake.input.finetuned,
     out_path=snakemake.output[0],
     scheme=snakemake.wildcards.scheme,
-    max_loss=snakemake.params.max_loss,
-    cfg=EvalConfig(**snakemake.params.settings),
-    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    max_loss=getattr(config.quantize.max_accuracy_loss, snakemake.wildcards.scheme),
+    cfg=config.evaluate,
+    tracking=Tracking.from_config(config, snakemake.log[0]),
+    cluster=config.cluster,
 )

@@ -3,14 +3,16 @@ from workflow.logs import to_file
 
 to_file(snakemake.log[0])
 
-from workflow.config import FinetuneConfig
+from workflow.config import settings
 from workflow.finetune.export import export
 from workflow.tracking import Tracking
+
+config = settings(snakemake.config)  # the whole validated config; params only decide what reruns
 
 export(
     base_dir=snakemake.input.model,
     summary_path=snakemake.input.summary,
     out_dir=snakemake.output.model,
-    cfg=FinetuneConfig(**snakemake.params.settings),
-    tracking=Tracking.from_config(snakemake.config, snakemake.log[0]),
+    cfg=config.finetune,
+    tracking=Tracking.from_config(config, snakemake.log[0]),
 )

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workflow.schemes import SCHEMES
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Small enough for a 2-core machine: the DAG runs end to end in about a minute.
@@ -19,7 +21,7 @@ TINY = {
     "data": {"generated_rows": 240, "test_fraction": 0.1},
     "finetune": {"max_steps": 8, "save_steps": 4, "micro_batch_size": 8, "logging_steps": 2},
     "evaluate": {"max_samples": 8, "max_new_tokens": 48, "gate": {"min_accuracy": 0.0, "min_gain": -1.0}},
-    "quantize": {"calib_samples": 4, "max_accuracy_loss": {"bf16": 1.0, "fp8": 1.0, "int8_sq": 1.0, "int4_awq": 1.0}},
+    "quantize": {"calib_samples": 4, "max_accuracy_loss": dict.fromkeys(SCHEMES, 1.0)},
     "benchmark": {"input_len": 24, "output_len": 8, "concurrency": [1, 2], "requests": 4},
     "rollout": {"canary": {"samples": 4, "requests": 4}},
 }

@@ -50,14 +50,15 @@ FAMILIES = {
 }
 
 
-def make(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a tiny checkpoint of family `name` (tokenizer with its template, random weights) to out_dir."""
+def make(name: str, out_dir: str | Path, seed: int = 0, shape: dict | None = None) -> Path:
+    """Save a tiny checkpoint of family `name` (tokenizer with its template, random weights) to out_dir; `shape`
+    overrides the tiny shape (benchmarks/gpu_dag.sh builds the Qwen2-1.5B shape with it)."""
     family, out_dir = FAMILIES[name], Path(out_dir)
     problems = make_problems(400, seed=seed + 99)
     texts = [p.as_text() for p in problems] + [json.dumps(p.as_chat()) for p in problems[:100]]
     tokenizer = train_tokenizer(texts, 512, chat_template=(TEMPLATES / family.template).read_text(), **family.tokens)
     shape = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 1024} | family.shape
+             "num_key_value_heads": 2, "max_position_embeddings": 1024} | family.shape | (shape or {})
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False}
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import yaml
 
+from workflow.config import Gateway
 from workflow.serve.access import Denied, KeyStore, Policy, client_ip, networks
 from workflow.serve.audit import GENESIS, AuditBusy, AuditLog, AuditTampered, alerts
 
@@ -183,4 +184,4 @@ def test_keys_are_stored_only_as_hashes_and_roles_checked(tmp_path):
     with pytest.raises(Denied):
         KeyStore(tmp_path / "keys.json").identify(f"Bearer {key}")
     with pytest.raises(ValueError, match="rollout.gateway.allow.analyst"):
-        Policy.from_config({"allow": {"analyst": ["10.0.0.300/8"]}, "trusted_proxies": []})
+        Policy.from_config(Gateway(allow={"analyst": ["10.0.0.300/8"]}))

@@ -7,6 +7,7 @@ from conftest import REPO, snakemake
 from pydantic import BaseModel
 
 from workflow.config import Config, ConfigError, check, schema_text
+from workflow.schemes import BASELINE, SCHEMES
 
 CONFIG = REPO / "config" / "config.yaml"
 SCHEMA = REPO / "config" / "schema.yaml"
@@ -87,7 +88,7 @@ def test_every_problem_is_reported():
     config = default_config()
     config["data"]["on_bad_row"] = "ignore"
     config["finetune"]["learning_rate"] = -1
-    config["quantize"]["schemes"] = ["bf16", "int3"]
+    config["quantize"]["schemes"] = [BASELINE, "int3"]
     config["bootstrap"]["num_heads"] = 3
     config["rollout"]["gateway"]["audit"]["log_text"] = "yes"
     with pytest.raises(ConfigError) as err:
@@ -95,7 +96,7 @@ def test_every_problem_is_reported():
     lines = str(err.value).splitlines()
     assert "config: data.on_bad_row: 'ignore' is not allowed; allowed values: 'fail', 'skip'" in lines
     assert "config: finetune.learning_rate: Input should be greater than 0 (got -1)" in lines
-    assert "config: quantize.schemes.1: 'int3' is not allowed; allowed values: 'bf16', 'fp8', 'int8_sq', 'int4_awq'" in lines
+    assert f"config: quantize.schemes.1: 'int3' is not allowed; allowed values: {', '.join(map(repr, SCHEMES))}" in lines
     assert any(line.startswith("config: bootstrap: hidden_size (128) must divide by num_heads (3)") for line in lines)
     assert "config: rollout.gateway.audit.log_text: Input should be a valid boolean (got 'yes')" in lines
 
@@ -103,7 +104,7 @@ def test_every_problem_is_reported():
 def test_defaults_fill_what_a_config_leaves_out():
     filled = check({"finetune": {"method": "lora", "lora": {"r": 8}}})
     assert filled["finetune"]["lora"] == {**filled["finetune"]["lora"], "r": 8, "alpha": 32}
-    assert filled["quantize"]["max_accuracy_loss"]["fp8"] == 0.008
+    assert filled["quantize"]["max_accuracy_loss"] == {name: s.max_accuracy_loss for name, s in SCHEMES.items()}
     assert filled["data"]["path"] == "generated"
 
 

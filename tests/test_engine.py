@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from workflow.benchmark import LoadConfig, measure, run_level
-from workflow.config import EvalConfig, QuantizeConfig
+from workflow.config import EngineConfig, EvalConfig, QuantizeConfig
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.build import build_engine
 from workflow.engine.calibration import CalibrationError, fold_calibration
@@ -118,8 +118,8 @@ def test_int4_engine_carries_awq_and_reports_it_beside_round_to_nearest(tiny_bas
     test.write_text(json.dumps(row) + "\n")
     finetuned = tmp_path / "finetuned.json"
     finetuned.write_text(json.dumps({"metrics": {"accuracy": 1.0}}))
-    settings = {"backend": "onnxruntime", "onnxruntime": {"execution_provider": "cpu", "block_size": 32, "accuracy_level": 4,
-                                                          "calibration": "auto", "max_batch_size": 4}}
+    settings = EngineConfig(onnxruntime={"execution_provider": "cpu", "block_size": 32, "accuracy_level": 4, "calibration": "auto",
+                                         "max_batch_size": 4})
     record = build_engine(tiny_base, q, tmp_path / "engines" / "int4_awq", "int4_awq", settings, test, finetuned, 1.0,
                           EvalConfig(max_samples=1, max_new_tokens=8), tracking)
     manifest = record["manifest"]
@@ -200,7 +200,8 @@ def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path):
     assert "gpu=8" in job
     for stage in ("engine", "benchmark"):  # build_engine_tensorrt_llm, benchmark_tensorrt_llm
         rules = (REPO / "rules" / f"{stage}.smk").read_text()
-        assert rules.count(f'"{tensorrt_llm.CONTAINER}"') == 1, f"rules/{stage}.smk: TensorRT-LLM runs in the pinned release container"
+        assert rules.count("container:\n        TENSORRT_LLM_CONTAINER") == 1, f"rules/{stage}.smk: TensorRT-LLM runs in the pinned release container"
+    assert 'TENSORRT_LLM_CONTAINER = f"docker://{TENSORRT_LLM_IMAGE}"' in (REPO / "rules" / "common.smk").read_text()
 
 
 class GatedEngine:

@@ -25,7 +25,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 from test_serve import MODEL, Served, package  # noqa: F401  (package: the module's fixture)
 
-from workflow.serve.access import ROLES
+from workflow.roles import ROLES
 from workflow.serve.server import build
 
 # The permission each keyed operation needs (app.py's table); /healthz and /readyz need none.
@@ -74,7 +74,7 @@ def refusal(identity: str, label: str) -> int | None:
         return None
     if identity not in ROLES:
         return 401
-    return None if PERMISSION[label] in ROLES[identity] else 403
+    return None if PERMISSION[label] in ROLES[identity].permissions else 403
 
 
 def test_the_document_declares_every_route_its_key_and_its_refusals(fuzzed):

@@ -244,21 +244,24 @@ def test_command_line(model_dir, tmp_path, capsys):
 
 
 def test_kms_providers_from_config_and_their_refusals(monkeypatch, tmp_path):
+    from workflow.config import ConfigError, Kms
+    from workflow.config import settings as settings_of
     from workflow.package.kms import VaultTransit, from_config
 
-    settings = {"provider": "local", "local": {"key_file": str(tmp_path / "k.bin")},
-                "pkcs11": {"module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "t", "key_label": "kek", "pin_env": "TEST_PIN"},
-                "vault": {"url": "https://vault.example:8200", "key_name": "ft2prod", "mount_point": "transit"}}
+    settings = Kms(local={"key_file": str(tmp_path / "k.bin")},
+                   pkcs11={"module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "t", "key_label": "kek", "pin_env": "TEST_PIN"},
+                   vault={"url": "https://vault.example:8200", "key_name": "ft2prod", "mount_point": "transit-prod"})
     assert isinstance(from_config(settings), LocalKeyFile)
     monkeypatch.delenv("TEST_PIN", raising=False)
     with pytest.raises(KmsError, match="pkcs11 needs the HSM user PIN in the environment variable TEST_PIN"):
-        from_config(settings | {"provider": "pkcs11"})
+        from_config(settings.model_copy(update={"provider": "pkcs11"}))
     monkeypatch.setenv("TEST_PIN", "1234")
-    assert from_config(settings | {"provider": "pkcs11"}).pin == "1234"
-    vault = from_config(settings | {"provider": "vault"})
-    assert isinstance(vault, VaultTransit) and vault.key_id() == "vault:https://vault.example:8200/transit/ft2prod"
+    assert from_config(settings.model_copy(update={"provider": "pkcs11"})).pin == "1234"
+    vault = from_config(settings.model_copy(update={"provider": "vault"}))
+    # the configured mount point, not a second default
+    assert isinstance(vault, VaultTransit) and vault.key_id() == "vault:https://vault.example:8200/transit-prod/ft2prod"
     monkeypatch.delenv("VAULT_TOKEN", raising=False)
     with pytest.raises(KmsError, match="vault needs the VAULT_TOKEN environment variable"):
         vault.wrap(b"\0" * 32)
-    with pytest.raises(ValueError, match="package.kms.provider must be one of local, pkcs11, vault"):
-        from_config(settings | {"provider": "aws"})
+    with pytest.raises(ConfigError, match="config: package.kms.provider: 'aws' is not allowed; allowed values: 'local', 'pkcs11', 'vault'"):
+        settings_of({"package": {"kms": {"provider": "aws"}}})

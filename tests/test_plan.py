@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, snakemake
 from workflow.capacity import GIB, Architecture, Cluster, PlanError, Serving, Training, model_states, serving_memory, training_memory
+from workflow.config import Config, TrtllmSettings, settings
 from workflow.plan import plan, plan_for
 
 # config.json values of the published checkpoints (Hugging Face), written here so no hub is needed.
@@ -181,18 +182,17 @@ def test_serving_figures_by_hand_llama_70b_tp4_pp2():
     assert bf16["weights_total_gib"] == round(2 * p["total"] / GIB, 4) and not bf16["fits"]
 
 
-def default_settings(**changes) -> dict:
+def default_settings(max_seq_len: int | None = None, **changes) -> Config:
+    """The embedded default config with sections changed (merged one level deep), typed as the plan rule gets it."""
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    settings = {
-        "finetune": cfg["finetune"], "max_seq_len": cfg["data"]["max_seq_len"], "cluster": cfg["cluster"], "engine": cfg["engine"],
-        "benchmark": cfg["benchmark"], "schemes": cfg["quantize"]["schemes"], "bootstrap": cfg["bootstrap"],
-    }
     for key, value in changes.items():
-        settings[key] = settings[key] | value if isinstance(value, dict) else value
-    return settings
+        cfg[key] = cfg[key] | value
+    if max_seq_len is not None:
+        cfg["data"]["max_seq_len"] = max_seq_len
+    return settings(cfg)
 
 
-def cluster_70b(**finetune) -> dict:
+def cluster_70b(**finetune) -> Config:
     return default_settings(
         finetune={"precision": "bf16", "nproc_per_node": 8, "micro_batch_size": 1, "zero_stage": 2} | finetune,
         max_seq_len=4096,
@@ -225,9 +225,9 @@ def test_70b_with_zero2_fails_with_numbers_and_the_smallest_change_that_fits(tmp
 
 
 def test_serving_that_cannot_fit_suggests_more_gpus():
-    settings = cluster_70b(zero_stage=3, gradient_checkpointing=True, offload_optimizer=True)
-    settings["engine"] = settings["engine"] | {"tensorrt_llm": settings["engine"]["tensorrt_llm"] | {"tp_size": 1, "pp_size": 1}}
-    result = plan_for(Architecture.from_hf_config(LLAMA_70B), settings)
+    config = cluster_70b(zero_stage=3, gradient_checkpointing=True, offload_optimizer=True)
+    config = config.model_copy(update={"engine": config.engine.model_copy(update={"tensorrt_llm": TrtllmSettings(max_input_len=1024)})})
+    result = plan_for(Architecture.from_hf_config(LLAMA_70B), config)
     assert not result["serving"]["bf16"]["fits"] and result["serving"]["int4_awq"]["fits"]
     # tp 2 would hold 65.7 GiB of weights + 20 GiB of KV cache (64 x 2048 x 80 layers x 2 x 4 heads x 128 x 2 B) + 2: too much
     assert result["serving"]["bf16"]["suggestion"]["changes"] == {"engine.tensorrt_llm.tp_size": 4, "engine.tensorrt_llm.pp_size": 1}

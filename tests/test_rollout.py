@@ -11,11 +11,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from workflow.config import load
+from workflow.engine.release import TENSORRT_LLM_IMAGE
 from workflow.rollout import kubernetes, registry
 
 DIGEST = "ab" * 32
 PINNED = {"image": "registry.internal/ft2prod/gateway:0.1.0@sha256:" + "1" * 64,
-          "engine_image": "nvcr.io/nvidia/tensorrt-llm/release:1.2.1@sha256:" + "2" * 64}
+          "engine_image": TENSORRT_LLM_IMAGE + "@sha256:" + "2" * 64}
 
 
 def merged(base: dict, overrides: dict) -> dict:
@@ -47,7 +48,7 @@ def test_kustomize_builds_manifests_that_validate_against_the_kubernetes_schemas
     config, resources = rendered(tmp_path, {"rollout": {"gateway": {"allow": {"analyst": ["10.20.0.0/16"]}}}})
     kinds = by_kind(resources)
     assert set(kinds) == {"Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget", "PersistentVolumeClaim", "ConfigMap"}
-    assert len(kubernetes.validate(resources, config["rollout"]["kubernetes"]["kubernetes_version"])) == 6
+    assert len(kubernetes.validate(resources, config.rollout.kubernetes.kubernetes_version)) == 6
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
     init, gateway = pod["initContainers"][0], pod["containers"][0]
     assert init["args"][:4] == ["python", "-m", "workflow.package", "open"] and f"/packages/{DIGEST}" in init["args"]
@@ -75,7 +76,7 @@ def test_tensorrt_llm_gets_an_engine_container_with_tp_x_pp_gpus(tmp_path):
     config, resources = rendered(tmp_path, {"engine": {"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2}},
                                             "package": {"kms": {"provider": "vault"}},
                                             "rollout": {"kubernetes": {"kms_egress_cidrs": ["10.0.5.0/28"]}}})
-    kubernetes.validate(resources, config["rollout"]["kubernetes"]["kubernetes_version"])
+    kubernetes.validate(resources, config.rollout.kubernetes.kubernetes_version)
     pod = by_kind(resources)["Deployment"]["spec"]["template"]["spec"]
     engine = pod["containers"][1]
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "8" and "--tp_size" in engine["args"]
@@ -90,11 +91,11 @@ def test_an_invalid_manifest_is_refused_with_the_field(tmp_path):
     deployment = by_kind(resources)["Deployment"]
     deployment["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes.InvalidManifest, match="Deployment/ft2prod-gateway: .*replicas"):
-        kubernetes.validate(resources, config["rollout"]["kubernetes"]["kubernetes_version"])
+        kubernetes.validate(resources, config.rollout.kubernetes.kubernetes_version)
     deployment["spec"]["replicas"] = 2
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
     with pytest.raises(kubernetes.InvalidManifest, match="livenessProbes"):
-        kubernetes.validate(resources, config["rollout"]["kubernetes"]["kubernetes_version"])
+        kubernetes.validate(resources, config.rollout.kubernetes.kubernetes_version)
 
 
 @pytest.fixture

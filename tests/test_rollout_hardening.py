@@ -14,28 +14,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow.config import load
+from workflow.config import Config, load
+from workflow.engine.release import TENSORRT_LLM_IMAGE
 from workflow.package import archive
 from workflow.package.__main__ import main as package_main
 from workflow.package.kms import LocalKeyFile
 from workflow.rollout import kubernetes
 
 PINNED = {"image": "registry.internal/ft2prod/gateway:0.1.0@sha256:" + "1" * 64,
-          "engine_image": "nvcr.io/nvidia/tensorrt-llm/release:1.2.1@sha256:" + "2" * 64}
+          "engine_image": TENSORRT_LLM_IMAGE + "@sha256:" + "2" * 64}
 TRT = {"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 2, "pp_size": 1}}
 
 
-def config_with(tmp_path, engine: dict | None = None, kms: dict | None = None, k8s: dict | None = None) -> dict:
+def config_with(tmp_path, engine: dict | None = None, kms: dict | None = None, k8s: dict | None = None) -> Config:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"engine": engine or {}, "package": {"kms": kms or {}},
                                     "rollout": {"kubernetes": PINNED | (k8s or {})}}))
     return load(path)
 
 
-def pod_of(config: dict, tmp_path: Path, digest: str = "ab" * 32, signer: bytes = b"-----BEGIN PUBLIC KEY-----\n") -> tuple[dict, dict]:
+def pod_of(config: Config, tmp_path: Path, digest: str = "ab" * 32, signer: bytes = b"-----BEGIN PUBLIC KEY-----\n") -> tuple[dict, dict]:
     folder = kubernetes.render(config, digest, tmp_path / "k8s", signer)
     resources = {r["kind"]: r for r in kubernetes.build(folder)}
-    kubernetes.validate(list(resources.values()), config["rollout"]["kubernetes"]["kubernetes_version"])
+    kubernetes.validate(list(resources.values()), config.rollout.kubernetes.kubernetes_version)
     return resources["Deployment"]["spec"]["template"]["spec"], resources
 
 
@@ -73,26 +74,40 @@ def secret_uses(container: dict, secret: str) -> list[str]:
 def test_the_kms_credential_reaches_the_init_container_only(tmp_path, kms, used):
     config = config_with(tmp_path, TRT, kms, {"kms_egress_cidrs": ["10.0.5.0/28"]})
     pod, _ = pod_of(config, tmp_path)
-    secret = config["rollout"]["kubernetes"]["secrets"]["kms"]
+    secret = config.rollout.kubernetes.secrets.kms
     init, gateway, engine = pod["initContainers"][0], pod["containers"][0], pod["containers"][1]
     assert secret_uses(init, secret) == used
     assert secret_uses(gateway, secret) == [] and secret_uses(engine, secret) == []
     assert not any("kms" in str(m) for c in pod["containers"] for m in c["volumeMounts"])
 
 
+def test_the_pods_resources_and_the_vault_mount_come_from_the_config(tmp_path):
+    vault = {"provider": "vault", "vault": {"url": "https://10.0.5.3:8200", "key_name": "k", "mount_point": "transit-prod"}}
+    sized = {"kms_egress_cidrs": ["10.0.5.0/28"], "audit_storage": "50Gi",
+             "resources": {"cpu": "6", "memory": "24Gi", "memory_limit": "48Gi"}}
+    pod, resources = pod_of(config_with(tmp_path, kms=vault, k8s=sized), tmp_path)
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "6", "memory": "24Gi"}, "limits": {"memory": "48Gi"}}
+    assert resources["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    args = pod["initContainers"][0]["args"]
+    assert args[args.index("--vault-mount") + 1] == "transit-prod"  # the init container opens with the configured mount
+
+
 @pytest.mark.parametrize("key, engine", [("image", {}), ("engine_image", TRT)])
 def test_an_image_named_by_tag_is_refused_naming_the_key(tmp_path, key, engine):
-    tagged = {"image": "registry.internal/ft2prod/gateway:0.1.0", "engine_image": "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"}[key]
+    tagged = {"image": "registry.internal/ft2prod/gateway:0.1.0", "engine_image": TENSORRT_LLM_IMAGE}[key]
     config = config_with(tmp_path, engine, k8s={key: tagged})
     with pytest.raises(kubernetes.UnsafeSetting, match=rf"rollout.kubernetes.{key} must name the image by digest.*got '{tagged}'"):
         kubernetes.render(config, "ab" * 32, tmp_path / "k8s", b"")
     for bad in ("gateway@sha256:" + "1" * 63, "gateway@sha256:" + "G" * 64, "gateway:latest@sha1:" + "1" * 40):
         with pytest.raises(kubernetes.UnsafeSetting, match=f"rollout.kubernetes.{key}"):
             kubernetes.render(config_with(tmp_path, engine, k8s={key: bad}), "ab" * 32, tmp_path / "k8s", b"")
+    if key == "engine_image":  # unset: the pinned release's image, still to be given by digest
+        with pytest.raises(kubernetes.UnsafeSetting, match=rf"rollout.kubernetes.engine_image must name the image by digest.*got '{TENSORRT_LLM_IMAGE}'"):
+            kubernetes.render(config_with(tmp_path, engine, k8s={key: None}), "ab" * 32, tmp_path / "k8s", b"")
 
 
 def test_engine_image_is_not_needed_without_an_engine_container(tmp_path):
-    pod, _ = pod_of(config_with(tmp_path, k8s={"engine_image": "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"}), tmp_path)
+    pod, _ = pod_of(config_with(tmp_path, k8s={"engine_image": TENSORRT_LLM_IMAGE}), tmp_path)
     assert {c["image"] for c in pod["initContainers"] + pod["containers"]} == {PINNED["image"]}
 
 

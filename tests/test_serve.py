@@ -29,7 +29,8 @@ from workflow.finetune.launch import free_port
 from workflow.package import archive
 from workflow.package.kms import LocalKeyFile
 from workflow.serve.access import KeyStore
-from workflow.serve.deployments import Deployments, DeploymentsTampered
+from workflow.serve.audit import AuditLog
+from workflow.serve.deployments import Deployments
 from workflow.serve.protocol import BadRequest
 from workflow.serve.server import build
 from workflow.serve.tls import client_context
@@ -353,17 +354,15 @@ def test_deploy_takes_a_digest_from_the_package_root_one_load_at_a_time_and_refu
         wait_for(lambda: served.http("analyst").get("/v1/deployment").json()["package"].get("sha256") == first, "the rollback", 60)
     finally:
         assert served.stop() in STOPPED
-    state = json.loads((served.root / "audit.deployments.json").read_text())
-    assert [h["sha256"] for h in state["history"]] == [new, first] and oct((served.root / "audit.deployments.json").stat().st_mode)[-3:] == "600"
-    record = served.root / "audit.deployments.json"
-    after_restart = Deployments(record, (served.root / "audit.key").read_bytes())  # what a restarted gateway reads
-    created = archive.signed_manifest(older, signing.public_key())[1]["created"]
-    with pytest.raises(BadRequest, match="older package"):
-        after_restart.check(old, created, rollback=False)
-    lowered = json.loads(record.read_text()) | {"floor": ""}  # whoever can write the audit volume lowers the floor
-    record.write_text(json.dumps(lowered))
-    with pytest.raises(DeploymentsTampered, match="changed outside the gateway"):
-        Deployments(record, (served.root / "audit.key").read_bytes())
+    audit = AuditLog(served.root / "audit.jsonl", (served.root / "audit.key").read_bytes(), writer=True)
+    try:
+        after_restart = Deployments(audit)  # what a restarted gateway rebuilds from its verified chain
+        assert [h["sha256"] for h in after_restart.state["history"]][-2:] == [new, first]
+        created = archive.signed_manifest(older, signing.public_key())[1]["created"]
+        with pytest.raises(BadRequest, match="older package"):
+            after_restart.check(old, created, rollback=False)
+    finally:
+        audit.close()
 
 
 def test_audit_log_records_every_request_without_text_and_metrics_count_them(gateway):

@@ -20,13 +20,15 @@ import yaml
 from conftest import REPO, TINY, ZERO2, merge, snakemake
 from mlflow.tracking import MlflowClient
 
+from workflow import schemes
 from workflow.stages import STAGES
 from workflow.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
-SCHEMES = ("bf16", "fp8", "int8_sq", "int4_awq")
-ENGINES = ("bf16", "int8_sq", "int4_awq")  # ONNX Runtime GenAI has no FP8 kernels
+SCHEMES = tuple(schemes.SCHEMES)
+ENGINES = tuple(s for s in SCHEMES if schemes.buildable(s, "onnxruntime", "cpu"))  # ONNX Runtime GenAI has no FP8 kernels
+SMALLEST = min(SCHEMES, key=lambda s: schemes.SCHEMES[s].weight_bytes)
 # The child runs a default run makes: every tracked stage of the stage table, per scheme where it runs per scheme
 # (the engine stages only for the schemes the backend builds).
 JOBS = {stage.name for stage in STAGES if stage.tracked and not stage.per_scheme} | {
@@ -115,16 +117,16 @@ def test_mlflow_has_parent_children_metrics_and_artifacts(zero2):
 def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
     results = zero2 / "results"
     records = {s: json.loads((results / "quantize" / s / "quantize.json").read_text()) for s in SCHEMES}
-    assert {s: r["recipe"]["quant_algo"] for s, r in records.items()} == {
-        "bf16": None, "fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ"}
-    assert records["int4_awq"]["calib_samples"] == 4 and records["int4_awq"]["checkpoint_bytes"] < records["bf16"]["checkpoint_bytes"]
+    assert {s: r["recipe"]["quant_algo"] for s, r in records.items()} == {s: schemes.SCHEMES[s].quant_algo for s in SCHEMES}
+    baseline = records[schemes.BASELINE]
+    assert records[SMALLEST]["calib_samples"] == 4 and records[SMALLEST]["checkpoint_bytes"] < baseline["checkpoint_bytes"]
     for scheme in ENGINES:
         manifest = json.loads((results / "engine" / "onnxruntime" / scheme / "engine_manifest.json").read_text())
         assert manifest["scheme"] == scheme and manifest["target"]["backend"] == "onnxruntime"
         levels = json.loads((results / "benchmark" / "onnxruntime" / f"{scheme}.json").read_text())["levels"]
         assert [lv["concurrency"] for lv in levels] == [1, 2] and all(lv["output_tokens_per_request"] == 8 for lv in levels)
         assert all(len(lv["output_tokens_per_s_runs"]) == 3 and lv["output_tokens_per_s_spread"] >= 0 for lv in levels)
-        if scheme != "bf16":  # the quantize -> engine edge carries the calibration: both builds measured, one kept
+        if schemes.SCHEMES[scheme].calibration:  # the quantize -> engine edge carries the calibration: both builds measured, one kept
             choice = json.loads((results / "engine" / "onnxruntime" / scheme / "accuracy.json").read_text())["calibration_choice"]
             assert set(choice["candidates"]) == {"calibrated", "rtn"} and choice["kept"] in choice["candidates"]
             assert manifest["algorithm"] == choice["candidates"][choice["kept"]]["algorithm"]
@@ -134,9 +136,9 @@ def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
     assert selection["selected"] in ENGINES and selection["policy"] == "max_throughput"
     assert selection["reason"].startswith(("highest throughput", "throughput tie within the benchmark's measured spread"))
     verdicts = {r["scheme"]: r["verdict"] for r in selection["evidence"]}
-    assert verdicts["fp8"] == "no onnxruntime engine for fp8"
+    assert all(verdicts[s] == f"no onnxruntime engine for {s}" for s in SCHEMES if s not in ENGINES)
     report = (results / "select" / "report.md").read_text()
-    assert f"# Scheme selection: **{selection['selected']}**" in report and "| int4_awq |" in report
+    assert f"# Scheme selection: **{selection['selected']}**" in report and f"| {SMALLEST} |" in report
     select_run = client(zero2).search_runs([client(zero2).get_experiment_by_name("ft2prod").experiment_id],
                                            filter_string="attributes.run_name = 'select'")[0]
     artifacts = {a.path for a in client(zero2).list_artifacts(select_run.info.run_id)}
@@ -187,7 +189,7 @@ def test_review_summary_dag_report_descriptions_and_registry(zero2):
     html = (results / "summary" / "summary.html").read_text()
     selection = json.loads((results / "select" / "selection.json").read_text())
     for text in ("Pipeline gate: <span class=\"passed\"", f"selected <b>{selection['selected']}</b>", "<svg", "data:image/png;base64,",
-                 "accuracy loss &lt;= quantize.max_accuracy_loss.int4_awq", "p95 latency &lt;= select.latency_slo_p95_s",
+                 f"accuracy loss &lt;= quantize.max_accuracy_loss.{SMALLEST}", "p95 latency &lt;= select.latency_slo_p95_s",
                  '<span class="alias">production</span><span class="alias">candidate</span>', "<h2>Rollout</h2>",
                  '<td>role_matrix</td>', f"#/experiments/{experiment.experiment_id}/runs/{children['finetune'].info.run_id}"):
         assert text in html, text
@@ -200,7 +202,7 @@ def test_review_summary_dag_report_descriptions_and_registry(zero2):
     for name, run in children.items():
         assert run.data.tags["mlflow.note.content"].startswith(f"**{name.split('/')[0]}**"), name
     assert "final train loss **" in children["finetune"].data.tags["mlflow.note.content"]
-    assert "output tokens/s" in children["benchmark/int4_awq"].data.tags["mlflow.note.content"]
+    assert "output tokens/s" in children[f"benchmark/{SMALLEST}"].data.tags["mlflow.note.content"]
     version = mlflow.get_model_version_by_alias("ft2prod-model", "candidate")
     assert version.tags["scheme"] == selection["selected"] and version.tags["pipeline_run_id"] == parent.info.run_id
     assert "- quantization gate: " in version.description and version.tags["package_sha256"] in version.description

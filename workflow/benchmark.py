@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlflow
 
-from workflow.config import LoadConfig
+from workflow.config import EngineConfig, LoadConfig
 from workflow.tracking import Tracking, describe, job_run
 
 log = logging.getLogger(__name__)
@@ -143,29 +143,29 @@ def plot(levels: list[dict], latencies: dict[int, list[float]], title: str, path
     plt.close(fig)
 
 
-def benchmark(engine_dir: str | Path, tokenizer_dir: str | Path, out_path: str | Path, scheme: str, settings: dict,
+def benchmark(engine_dir: str | Path, tokenizer_dir: str | Path, out_path: str | Path, scheme: str, settings: EngineConfig,
               cfg: LoadConfig, tracking: Tracking) -> dict:
     from transformers import AutoTokenizer
 
     from workflow.engine.build import load_engine
 
     out_path = Path(out_path)
-    with job_run(tracking, f"benchmark/{scheme}", {"benchmark": cfg.model_dump(), "backend": settings["backend"]}):
-        engine = load_engine(engine_dir, settings["backend"], settings)
+    with job_run(tracking, f"benchmark/{scheme}", {"benchmark": cfg.model_dump(), "backend": settings.backend}):
+        engine = load_engine(engine_dir, settings.backend, settings)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         levels, latencies = measure(engine, len(tokenizer), set(tokenizer.all_special_ids), cfg)
-        record = {"scheme": scheme, "backend": settings["backend"], "manifest": engine.manifest.precision,
+        record = {"scheme": scheme, "backend": settings.backend, "manifest": engine.manifest.precision,
                   "algorithm": engine.manifest.algorithm, "max_batch_size": getattr(engine, "max_batch_size", None),
                   "load": cfg.model_dump(), "levels": levels}
         out_path.write_text(json.dumps(record, indent=1))
         figure = out_path.with_suffix(".png")
-        plot(levels, latencies, f"{scheme} on {settings['backend']} (input {cfg.input_len}, output {cfg.output_len})", figure)
+        plot(levels, latencies, f"{scheme} on {settings.backend} (input {cfg.input_len}, output {cfg.output_len})", figure)
         mlflow.log_artifact(str(figure))
         mlflow.log_dict(record, "benchmark.json")
         for level in levels:
             mlflow.log_metrics({k: v for k, v in level.items() if k not in ("concurrency", "output_tokens_per_s_runs")},
                                step=level["concurrency"])
-        describe(f"{scheme} on {settings['backend']}, input {cfg.input_len} / output {cfg.output_len} tokens, {cfg.requests} requests per level:\n\n"
+        describe(f"{scheme} on {settings.backend}, input {cfg.input_len} / output {cfg.output_len} tokens, {cfg.requests} requests per level:\n\n"
                  + "\n".join(f"- concurrency {lv['concurrency']}: **{lv['output_tokens_per_s']:.1f}** output tokens/s "
                               f"(spread {lv['output_tokens_per_s_spread']:.1f} over {cfg.repeats} runs), "
                               f"p95 latency {lv['latency_p95_s']:.3f} s" for lv in levels))

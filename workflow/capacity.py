@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from workflow.config import LORA_MODULES, Cluster, FinetuneConfig
+from workflow.config import LORA_MODULES, BootstrapConfig, Cluster, FinetuneConfig
 from workflow.schemes import SCHEMES
 
 GIB = 2**30
@@ -346,7 +346,7 @@ class Serving:
 
     @property
     def linear_bytes(self) -> float:
-        return 4.0 if self.fp32_baseline and self.scheme == "bf16" else SCHEMES[self.scheme].weight_bytes
+        return 4.0 if self.fp32_baseline and SCHEMES[self.scheme].baseline else SCHEMES[self.scheme].weight_bytes
 
     @property
     def other_bytes(self) -> float:
@@ -394,12 +394,31 @@ def serving_suggestion(arch: Architecture, s: Serving, cluster: Cluster) -> dict
     return None
 
 
-def model_architecture(model_dir: str | None, bootstrap: dict) -> tuple[Architecture, str]:
+def generation_memory(arch: Architecture, batch: int, cache_len: int, prompt_len: int, dtype_bytes: int, cluster: Cluster) -> dict:
+    """Bytes on one GPU while a job generates `batch` sequences at once (workflow.generation): the weights in their
+    dtype, a static KV cache of `cache_len` positions per sequence, and the largest transient, the prefill of
+    `prompt_len` tokens per sequence through one decoder layer (hidden states, q/k/v, the MLP's gate, up and product,
+    the padded attention mask) and the last position's fp32 logits."""
+    p = arch.params()
+    weights = p["total"] * dtype_bytes
+    kv = batch * cache_len * arch.num_layers * 2 * arch.kv_dim * dtype_bytes
+    tokens = batch * prompt_len
+    prefill = tokens * (4 * arch.hidden_size + arch.q_dim + 2 * arch.kv_dim + 3 * arch.intermediate_size) * dtype_bytes
+    mask = batch * prompt_len * cache_len
+    logits = batch * arch.vocab_size * 4 * 2
+    per = {"weights": float(weights), "kv_cache": float(kv), "prefill": float(prefill + mask + logits),
+           "overhead": cluster.overhead_gib * GIB}
+    total = sum(per.values())
+    return {"batch": batch, "cache_len": cache_len, "per_device_gib": {k: round(v / GIB, 4) for k, v in per.items()},
+            "device_gib": round(total / GIB, 4), "device_limit_gib": cluster.gpu_memory_gib, "fits": total <= cluster.gpu_memory_gib * GIB}
+
+
+def model_architecture(model_dir: str | None, bootstrap: BootstrapConfig) -> tuple[Architecture, str]:
     """The base model's architecture: its config.json, or the bootstrap settings (built later by the DAG)."""
     if model_dir is None:
-        config = {"vocab_size": bootstrap["vocab_size"], "hidden_size": bootstrap["hidden_size"], "num_hidden_layers": bootstrap["num_layers"],
-                  "num_attention_heads": bootstrap["num_heads"], "num_key_value_heads": bootstrap["num_kv_heads"],
-                  "intermediate_size": bootstrap["intermediate_size"], "model_type": "llama"}
+        config = {"vocab_size": bootstrap.vocab_size, "hidden_size": bootstrap.hidden_size, "num_hidden_layers": bootstrap.num_layers,
+                  "num_attention_heads": bootstrap.num_heads, "num_key_value_heads": bootstrap.num_kv_heads,
+                  "intermediate_size": bootstrap.intermediate_size, "model_type": "llama"}
         return Architecture.from_hf_config(config, "bootstrap settings"), "the bootstrap settings; vocab_size as an upper bound"
     path = Path(model_dir) / "config.json"
     if not path.is_file():

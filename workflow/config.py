@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from workflow.roles import ROLES
 from workflow.schemes import SCHEMES
 
 SCHEMA = Path(__file__).parent.parent / "config" / "schema.yaml"
@@ -271,7 +272,7 @@ class QuantizeConfig(Section):
     """Post-training quantization with NVIDIA ModelOpt and its accuracy gate."""
 
     schemes: Annotated[tuple[SchemeName, ...], Field(min_length=1)] = tuple(SCHEMES)
-    """Schemes to quantize, evaluate, build and benchmark (bf16 is the unquantized baseline)."""
+    """Schemes to quantize, evaluate, build and benchmark (workflow/schemes.py; bf16 is the unquantized baseline)."""
     calib_samples: Annotated[int, Field(ge=1)] = 64
     """Training rows used to calibrate scales (recorded with their digest)."""
     max_accuracy_loss: AccuracyLoss = AccuracyLoss()
@@ -408,7 +409,8 @@ class PackageConfig(Section):
     log_max_mb: Annotated[float, Field(ge=0)] = 200
     """Packages up to this size are copied into MLflow (ciphertext); larger ones by reference."""
     trusted_signer: str | None = None
-    """Signer public key (PEM) that gateways accept packages from; null takes the public half of signing_key."""
+    """Signer public key (PEM) that gateways accept packages from; null takes the public half written beside signing_key
+    (keys/signing.pub): gateways never read the private key."""
     kms: Kms = Kms()
     """Which KMS holds the key-encryption key."""
 
@@ -425,15 +427,13 @@ class Tls(Section):
 LOOPBACK = ("127.0.0.0/8",)
 
 
-class Allow(Section):
-    """Client address allow-list (CIDRs) per role."""
-
-    admin: tuple[str, ...] = LOOPBACK
-    """CIDRs admins may call from."""
-    analyst: tuple[str, ...] = LOOPBACK
-    """CIDRs analysts may call from."""
-    auditor: tuple[str, ...] = LOOPBACK
-    """CIDRs auditors may call from."""
+Allow = create_model(
+    "Allow",
+    __base__=Section,
+    __doc__="Client address allow-list (CIDRs) per role.",
+    **{name: (tuple[str, ...], Field(LOOPBACK, description=f"CIDRs {name}s may call from."))  # type: ignore[call-overload]
+       for name in ROLES},
+)
 
 
 class Limits(Section):
@@ -495,15 +495,14 @@ class RateLimit(Section):
     """Requests one key may send at once before the sustained rate applies."""
 
 
-class RateLimits(Section):
-    """Per-key request rates, by the key's role (counted in each gateway process)."""
-
-    admin: RateLimit = RateLimit(requests_per_minute=60, burst=20)
-    """Each admin key's rate."""
-    analyst: RateLimit = RateLimit(requests_per_minute=600, burst=60)
-    """Each analyst key's rate."""
-    auditor: RateLimit = RateLimit(requests_per_minute=120, burst=30)
-    """Each auditor key's rate."""
+RateLimits = create_model(
+    "RateLimits",
+    __base__=Section,
+    __doc__="Per-key request rates, by the key's role (counted in each gateway process).",
+    **{name: (RateLimit, Field(RateLimit(requests_per_minute=role.requests_per_minute, burst=role.burst),
+                               description=f"Each {name} key's rate."))
+       for name, role in ROLES.items()},
+)
 
 
 class Gateway(Section):
@@ -577,6 +576,17 @@ class Secrets(Section):
     """Secret with the audit chain's key (key audit.key), mounted in the gateway container only."""
 
 
+class PodResources(Section):
+    """The gateway container's resources (Kubernetes quantities); the engine container asks for tp x pp GPUs."""
+
+    cpu: str = "2"
+    """CPU request."""
+    memory: str = "8Gi"
+    """Memory request."""
+    memory_limit: str = "16Gi"
+    """Memory limit (the in-process engine's weights and KV cache live here)."""
+
+
 class Kubernetes(Section):
     """Kubernetes manifests (kustomize), and applying them."""
 
@@ -586,8 +596,9 @@ class Kubernetes(Section):
     """Name of the Deployment, Service, NetworkPolicy and PodDisruptionBudget."""
     image: str = "registry.internal/ft2prod/gateway:0.1.0"
     """Gateway image (envs/gateway.Dockerfile); rendering the manifests requires it by digest, NAME[:TAG]@sha256:<64 hex>."""
-    engine_image: str = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
-    """Engine server image for engine.backend tensorrt_llm; by digest, as image."""
+    engine_image: str | None = None
+    """Engine server image for engine.backend tensorrt_llm; by digest, as image. null: the pinned TensorRT-LLM
+    release's image (workflow/engine/release.py), which rendering asks you to name by its digest."""
     kms_egress_cidrs: tuple[str, ...] = ()
     """Address ranges (CIDRs) of the KMS endpoint (Vault, a network HSM) the pods may reach; required when
     package.kms.provider is vault. All other egress is denied (DNS is allowed only together with these)."""
@@ -597,6 +608,10 @@ class Kubernetes(Section):
     """PersistentVolumeClaim holding the packages (read-only)."""
     secrets: Secrets = Secrets()
     """Names of the Secrets the pods reference."""
+    resources: PodResources = PodResources()
+    """The gateway container's resources (Kubernetes quantities)."""
+    audit_storage: str = "10Gi"
+    """Size of the audit log's PersistentVolumeClaim (ReadWriteMany, shared by the replicas)."""
     startup_timeout_s: Annotated[int, Field(ge=10)] = 600
     """Startup probe budget for loading weights."""
     kubernetes_version: str = "1.32.0"
@@ -713,7 +728,8 @@ def errors(exc: ValidationError, root: type[BaseModel] = None, what: str = "conf
 
 
 def settings(config: dict) -> Config:
-    """The typed config, every default filled in; ConfigError lists every problem, one line each."""
+    """The typed config, every default filled in; ConfigError lists every problem, one line each. Jobs call it on the
+    WHOLE config Snakemake hands them (`settings(snakemake.config)`), never on a section picked apart from it."""
     try:
         return Config.model_validate(config or {})
     except ValidationError as exc:
@@ -721,13 +737,14 @@ def settings(config: dict) -> Config:
 
 
 def check(config: dict) -> dict:
-    """config completed with every default, as plain data (what the rules read); ConfigError when it is wrong."""
+    """config completed with every default, as plain data (what Snakemake keeps and hands to every job);
+    ConfigError when it is wrong."""
     return settings(config).model_dump(mode="json")
 
 
-def load(path: str | Path) -> dict:
-    """A config file, checked and completed with the defaults (for tools run outside Snakemake)."""
-    return check(yaml.safe_load(Path(path).read_text()) or {})
+def load(path: str | Path) -> Config:
+    """A config file as the typed config, checked and completed with the defaults (for tools run outside Snakemake)."""
+    return settings(yaml.safe_load(Path(path).read_text()) or {})
 
 
 # --- the generated schema ---------------------------------------------------------------------------------------

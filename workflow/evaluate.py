@@ -20,11 +20,14 @@ from pathlib import Path
 
 import mlflow
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from workflow import generation
+from workflow.capacity import Architecture, generation_memory
 from workflow.chat import prompt_ids
-from workflow.config import EvalConfig
+from workflow.config import Cluster, EvalConfig
 from workflow.data import read_split
+from workflow.generation import Journal, cache_length, fitted_batch, journal_key, load_model, model_device, peak_gib
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
@@ -74,24 +77,39 @@ def score(rows: list[dict], completions: list[Completion]) -> tuple[dict, list[d
     return metrics, results
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig) -> list[Completion]:
-    """Greedy completions of each row's prompt (the conversation up to its last answer), batched."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # Llama-3 tokenizers have none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    pad = tokenizer.pad_token_id
-    completions = []
-    for start in range(0, len(rows), cfg.batch_size):
-        batch = rows[start : start + cfg.batch_size]
-        inputs = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, r["messages"][:-1]) for r in batch]}, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
-        for tokens in out[:, inputs.input_ids.shape[1] :].tolist():
-            ended = tokenizer.eos_token_id in tokens
-            if ended:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-            completions.append(Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended))
-    return completions
+def eos_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a generation: the tokenizer's EOS and any the model's generation config adds."""
+    extra = model.generation_config.eos_token_id
+    return {tokenizer.eos_token_id} | set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+
+
+def gpu_batch(model, prompts: list[list[int]], cfg: EvalConfig, cluster: Cluster) -> tuple[int, dict | None]:
+    """Prompts generated together: cfg.batch_size on the CPU; on a GPU the most the planner's memory model fits
+    (workflow.capacity.generation_memory), with that model's figure for the job."""
+    if model.device.type != "cuda":
+        return cfg.batch_size, None
+    arch = Architecture.from_hf_config(model.config.to_dict())
+    cache_len, longest = cache_length(prompts, cfg.max_new_tokens), max(map(len, prompts))
+    batch = fitted_batch(arch, cluster, cache_len, longest, model.dtype.itemsize, len(prompts))
+    return batch, generation_memory(arch, batch, cache_len, longest, model.dtype.itemsize, cluster)
+
+
+def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig, cluster: Cluster = Cluster(),
+             journal_path: str | Path | None = None, static_cache: bool = True) -> tuple[list[Completion], dict | None]:
+    """Greedy completions of each row's prompt (the conversation up to its last answer), batched as gpu_batch says,
+    on a GPU with a static KV cache unless `static_cache` is off (ModelOpt's fake-quantized modules are not
+    compiled), each finished prompt journalled to `journal_path` so a killed job resumes; and the planner's memory
+    figure on a GPU."""
+    prompts = [prompt_ids(tokenizer, r["messages"][:-1]) for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch, planned = gpu_batch(model, prompts, cfg, cluster)
+    static = static_cache and planned is not None
+    log.info("generating %d prompts on %s, %d at a time%s", len(prompts), model.device, batch,
+             f" (planner: {planned['device_gib']} GiB of {planned['device_limit_gib']})" if planned else "")
+    journal = Journal(journal_path, journal_key(model.name_or_path, prompts, cfg.max_new_tokens, f"{model.dtype}{static}"))
+    generated = generation.generate(model, prompts, cfg.max_new_tokens, batch, pad, eos_ids(model, tokenizer), journal,
+                                    static_cache=static)
+    return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated], planned
 
 
 def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
@@ -117,23 +135,37 @@ def perplexity(model, rows: list[dict]) -> float:
     """exp of the mean negative log-likelihood of the reference assistant tokens."""
     total, count = 0.0, 0
     for row in rows:
-        ids = torch.tensor([row["input_ids"]])
-        labels = torch.tensor([row["labels"]])
+        ids = torch.tensor([row["input_ids"]], device=model.device)
+        labels = torch.tensor([row["labels"]], device=model.device)
         n = int((labels[:, 1:] != -100).sum())
         total += model(input_ids=ids, labels=labels).loss.item() * n
         count += n
     return math.exp(total / count)
 
 
-def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig, model=None) -> tuple[dict, list[dict]]:
-    """Scores of the model in model_dir (or of `model`, e.g. a quantized one, with model_dir's tokenizer)."""
+def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig, model=None, cluster: Cluster = Cluster(),
+                   journal_path: str | Path | None = None) -> tuple[dict, list[dict]]:
+    """Scores of the model in model_dir (or of `model`, e.g. a quantized one, with model_dir's tokenizer), on the
+    GPU when the cluster has one (workflow.generation), with the job's device and peak GPU memory in the metrics."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    quantized = model is not None and any("quantizer" in name for name, _ in model.named_modules())
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = load_model(model_dir, model_device(cluster))
     rows = read_split(test_path, cfg.max_samples)
-    metrics, results = score(rows, generate(model, tokenizer, rows, cfg))
+    completions, planned = generate(model, tokenizer, rows, cfg, cluster, journal_path, static_cache=not quantized)
+    metrics, results = score(rows, completions)
     metrics["perplexity"] = perplexity(model, rows)
+    if planned:
+        metrics |= {"gpu_planned_gib": planned["device_gib"], "gpu_peak_gib": peak_gib(model.device), "gpu_batch": planned["batch"]}
+    if journal_path:
+        Path(journal_path).unlink(missing_ok=True)
     return metrics, results
+
+
+def journal_for(out_path: str | Path) -> Path:
+    """Where a job's finished generations are kept until it ends: beside its output, not an output itself (Snakemake
+    deletes a failed job's outputs; the journal must outlive the job)."""
+    return Path(out_path).with_name(Path(out_path).stem + ".partial.jsonl")
 
 
 def samples_markdown(results: list[dict], limit: int) -> str:
@@ -150,10 +182,11 @@ def log_results(name: str, metrics: dict, results: list[dict], limit: int) -> No
     mlflow.log_text(samples_markdown(results, limit), f"{name}_samples.md")
 
 
-def evaluate_base(model_dir: str | Path, test_path: str | Path, out_path: str | Path, cfg: EvalConfig, tracking: Tracking) -> dict:
+def evaluate_base(model_dir: str | Path, test_path: str | Path, out_path: str | Path, cfg: EvalConfig, tracking: Tracking,
+                  cluster: Cluster = Cluster()) -> dict:
     """The base model's scores, the reference the fine-tuned model must beat."""
     with job_run(tracking, "evaluate_base", {"evaluate": cfg.model_dump(), "model": str(model_dir)}):
-        metrics, results = evaluate_model(model_dir, test_path, cfg)
+        metrics, results = evaluate_model(model_dir, test_path, cfg, cluster=cluster, journal_path=journal_for(out_path))
         log_results("base", metrics, results, cfg.sample_generations)
         Path(out_path).write_text(json.dumps({"metrics": metrics, "results": results}, indent=1))
         describe(f"Base model: accuracy **{metrics['accuracy']:.3f}**, format adherence {metrics['format_adherence']:.3f}, "
@@ -175,12 +208,12 @@ def gate_failures(metrics: dict, base: dict, min_accuracy: float, min_gain: floa
 
 
 def evaluate(model_dir: str | Path, test_path: str | Path, base_path: str | Path, out_path: str | Path,
-                       report_path: str | Path, cfg: EvalConfig, tracking: Tracking) -> dict:
+                       report_path: str | Path, cfg: EvalConfig, tracking: Tracking, cluster: Cluster = Cluster()) -> dict:
     """Score the fine-tuned model, compare with the base, write the report, and stop the DAG if cfg.gate fails."""
     gate = cfg.gate
     base = json.loads(Path(base_path).read_text())["metrics"]
     with job_run(tracking, "evaluate", {"evaluate": cfg.model_dump(), "model": str(model_dir)}):
-        metrics, results = evaluate_model(model_dir, test_path, cfg)
+        metrics, results = evaluate_model(model_dir, test_path, cfg, cluster=cluster, journal_path=journal_for(out_path))
         metrics["gain_over_base"] = metrics["accuracy"] - base["accuracy"]
         log_results("finetuned", metrics, results, cfg.sample_generations)
         mlflow.log_metrics({f"base_{k}": float(v) for k, v in base.items()})

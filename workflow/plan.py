@@ -31,17 +31,16 @@ from workflow.capacity import (
     training_memory,
     training_suggestion,
 )
-from workflow.config import Cluster, FinetuneConfig
+from workflow.config import Config
+from workflow.schemes import BASELINE
 
 
-def plan_for(arch: Architecture, settings: dict) -> dict:
-    """The plan for the workflow settings passed by the rule (finetune, data, cluster, engine, benchmark, schemes)."""
-    cluster = Cluster(**settings["cluster"])
-    ft = FinetuneConfig(**settings["finetune"])
-    # The rule passes only the keys the plan reads (it stays put when the others change), liger_kernel not among
-    # them: without Liger the logits count in full, which only overstates what a GPU run with Liger needs.
-    liger = settings["finetune"].get("liger_kernel", False) and cluster.gpus_per_node > 0
-    training = Training.of(ft, settings["max_seq_len"], ft.nproc_per_node, cluster.nodes, liger_kernel=liger)
+def plan_for(arch: Architecture, config: Config) -> dict:
+    """The plan for the whole typed config: the settings that will run (finetune, data, cluster, engine, benchmark,
+    schemes), as the user wrote them."""
+    cluster, ft = config.cluster, config.finetune
+    liger = ft.liger_kernel and cluster.gpus_per_node > 0
+    training = Training.of(ft, config.data.max_seq_len, ft.nproc_per_node, cluster.nodes, liger_kernel=liger)
     problems = []
     if cluster.gpus_per_node and ft.nproc_per_node > cluster.gpus_per_node:
         problems.append(f"finetune.nproc_per_node {ft.nproc_per_node} > cluster.gpus_per_node {cluster.gpus_per_node}: one process per GPU")
@@ -56,18 +55,18 @@ def plan_for(arch: Architecture, settings: dict) -> dict:
         train["suggestion"] = training_suggestion(arch, training, cluster)
         problems.append(training_problem(train))
 
-    engine = settings["engine"]
-    if engine["backend"] == "tensorrt_llm":
-        trt = engine["tensorrt_llm"]
-        base = Serving("bf16", trt["tp_size"], trt["pp_size"], trt["max_batch_size"], trt["max_seq_len"], on_gpu=True)
+    engine = config.engine
+    if engine.backend == "tensorrt_llm":
+        trt = engine.tensorrt_llm
+        base = Serving(BASELINE, trt.tp_size, trt.pp_size, trt.max_batch_size, trt.max_seq_len, on_gpu=True)
         if not cluster.gpus_per_node:
             problems.append("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0")
     else:
-        bench = settings["benchmark"]
-        on_gpu = engine["onnxruntime"]["execution_provider"] == "cuda" and cluster.gpus_per_node > 0
-        base = Serving("bf16", 1, 1, max(bench["concurrency"]), bench["input_len"] + bench["output_len"], on_gpu=on_gpu, fp32_baseline=not on_gpu)
+        bench = config.benchmark
+        on_gpu = engine.onnxruntime.execution_provider == "cuda" and cluster.gpus_per_node > 0
+        base = Serving(BASELINE, 1, 1, max(bench.concurrency), bench.input_len + bench.output_len, on_gpu=on_gpu, fp32_baseline=not on_gpu)
     serving = {}
-    for scheme in settings["schemes"]:
+    for scheme in config.quantize.schemes:
         s = replace(base, scheme=scheme)
         serving[scheme] = serving_memory(arch, s, cluster)
         if not serving[scheme]["fits"]:
@@ -78,6 +77,8 @@ def plan_for(arch: Architecture, settings: dict) -> dict:
         "model": asdict(arch) | {"params": p["total"], "params_billion": round(p["total"] / 1e9, 3),
                                  "weights_bf16_gb": round(2 * p["total"] / 1e9, 4)},
         "cluster": cluster.model_dump(),
+        "resolved": {"finetune": ft.model_dump(mode="json"), "max_seq_len": config.data.max_seq_len,
+                     "liger_kernel_counted": liger},
         "training": train,
         "serving": serving,
         "fits": not problems,
@@ -143,18 +144,20 @@ def markdown(result: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def plan(model_dir: str | None, settings: dict, json_path: str | Path, md_path: str | Path, tracking) -> dict:
+def plan(model_dir: str | None, config: Config, json_path: str | Path, md_path: str | Path, tracking) -> dict:
     """Write the plan (JSON and Markdown), log it to MLflow, and raise PlanError when it does not fit."""
     import mlflow
 
     from workflow.tracking import job_run
 
-    arch, source = model_architecture(model_dir, settings["bootstrap"])
-    result = plan_for(arch, settings)
+    arch, source = model_architecture(model_dir, config.bootstrap)
+    result = plan_for(arch, config)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=2))
     Path(md_path).write_text(markdown(result, source))
-    with job_run(tracking, "plan", {k: v for k, v in settings.items() if k != "bootstrap"}):
+    read = {"finetune": config.finetune.model_dump(), "max_seq_len": config.data.max_seq_len, "cluster": config.cluster.model_dump(),
+            "engine": config.engine.model_dump(), "benchmark": config.benchmark.model_dump(), "schemes": config.quantize.schemes}
+    with job_run(tracking, "plan", read):
         mlflow.log_artifact(str(json_path))
         mlflow.log_artifact(str(md_path))
         metrics = {"params": result["model"]["params"], "training_host_per_node_gib": result["training"]["host_per_node_gib"]}

@@ -19,9 +19,10 @@ import mlflow
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from workflow.config import EvalConfig, QuantizeConfig
+from workflow.config import Cluster, EvalConfig, QuantizeConfig
 from workflow.data import read_split
-from workflow.evaluate import accuracy_gate, evaluate_model, gate_check, log_results
+from workflow.evaluate import accuracy_gate, evaluate_model, gate_check, journal_for, log_results
+from workflow.generation import load_model, model_device, peak_gib
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate
 
@@ -62,33 +63,37 @@ def calibration_rows(train_path: str | Path, n: int) -> tuple[list[list[int]], s
     return ids, hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
-def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[int]] | None = None, state: str | Path | None = None):
-    """The model with the scheme applied: calibrated anew from `calibration`, or restored from a saved `state`."""
+def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[int]] | None = None, state: str | Path | None = None,
+                    device: torch.device = torch.device("cpu")):
+    """The model with the scheme applied: calibrated anew from `calibration`, or restored from a saved `state`; in
+    fp32 on the CPU, in the model's half precision on a GPU (workflow.generation.model_dtype)."""
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
 
     if SCHEMES[scheme].modelopt is None:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    model = load_model(model_dir, device)
     if state is not None:
         return mto.restore(model, str(state))
 
     def forward_loop(m) -> None:
         with torch.inference_mode():
             for ids in calibration:
-                m(input_ids=torch.tensor([ids]))
+                m(input_ids=torch.tensor([ids], device=device))
 
     return mtq.quantize(model, getattr(mtq, SCHEMES[scheme].modelopt), forward_loop=forward_loop)
 
 
-def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, scheme: str, cfg: QuantizeConfig, tracking: Tracking) -> dict:
+def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, scheme: str, cfg: QuantizeConfig, tracking: Tracking,
+             cluster: Cluster = Cluster()) -> dict:
     """Quantize model_dir with scheme into out_dir/checkpoint (+ out_dir/modelopt_state.pth); returns the record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with job_run(tracking, f"quantize/{scheme}", {"scheme": scheme, "calib_samples": cfg.calib_samples}):
         check_quantizable(model_dir, scheme)
         calibration, calib_digest = calibration_rows(train_path, cfg.calib_samples)
-        model = quantized_model(model_dir, scheme, calibration)
+        device = model_device(cluster)
+        model = quantized_model(model_dir, scheme, calibration, device=device)
         checkpoint = out_dir / "checkpoint"
         if SCHEMES[scheme].modelopt is None:
             model.save_pretrained(checkpoint)
@@ -108,6 +113,8 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
             "calib_sha256": calib_digest if SCHEMES[scheme].modelopt else None,
             "checkpoint_bytes": dir_bytes(checkpoint),
             "source_model": str(Path(model_dir).resolve()),
+            "device": str(device),
+            "gpu_peak_gib": peak_gib(device),
         }
         (out_dir / "quantize.json").write_text(json.dumps(record, indent=2))
         mlflow.log_dict(record, "quantize.json")
@@ -120,7 +127,8 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
 
 
 def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_path: str | Path, finetuned_path: str | Path,
-                       out_path: str | Path, scheme: str, max_loss: float, cfg: EvalConfig, tracking: Tracking) -> dict:
+                       out_path: str | Path, scheme: str, max_loss: float, cfg: EvalConfig, tracking: Tracking,
+                       cluster: Cluster = Cluster()) -> dict:
     """Score the quantized model itself (ModelOpt state restored in memory) and gate its accuracy loss.
 
     A failing scheme does not stop the DAG: it is dropped from engine building and selection, and the
@@ -130,12 +138,13 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
     baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
     with job_run(tracking, f"evaluate_quantized/{scheme}", {"scheme": scheme, "max_accuracy_loss": max_loss, "evaluate": cfg.model_dump()}):
         state = quantized_dir / "modelopt_state.pth"
-        model = quantized_model(model_dir, scheme, state=state if state.exists() else None)
-        metrics, results = evaluate_model(model_dir, test_path, cfg, model=model)
+        model = quantized_model(model_dir, scheme, state=state if state.exists() else None, device=model_device(cluster))
+        metrics, results = evaluate_model(model_dir, test_path, cfg, model=model, cluster=cluster, journal_path=journal_for(out_path))
         record = json.loads((quantized_dir / "quantize.json").read_text())
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
         result = gate | {"format_adherence": metrics["format_adherence"], "perplexity": metrics["perplexity"],
-                         "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"]}
+                         "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"],
+                         **{k: metrics[k] for k in ("gpu_planned_gib", "gpu_peak_gib", "gpu_batch") if k in metrics}}
         log_results(scheme, metrics, results, cfg.sample_generations)
         mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20})
         mlflow.set_tag("ft2prod.gate_reason", gate["reason"])

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import mlflow
 
+from workflow.config import SelectConfig
 from workflow.evaluate import GateFailed
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
-
-POLICIES = ("max_throughput", "max_accuracy")
-
 
 def read_json(path: str | Path | None) -> dict | None:
     return json.loads(Path(path).read_text()) if path and Path(path).exists() else None
@@ -68,9 +66,7 @@ def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict
 
 
 def choose(rows: list[dict], policy: str) -> tuple[dict, str]:
-    """The selected row and why, in words."""
-    if policy not in POLICIES:
-        raise ValueError(f"select.policy must be one of {', '.join(POLICIES)} (got {policy!r})")
+    """The selected row and why, in words (policy: select.policy, which the config checked)."""
     eligible = [r for r in rows if r["verdict"] == "eligible"]
     if not eligible:
         raise GateFailed("select: no scheme is eligible:\n" + "\n".join(f"  {r['scheme']}: {r['verdict']}" for r in rows))
@@ -145,9 +141,10 @@ def gate_checks(rows: list[dict], slo_p95_s: float) -> list[dict]:
                       "detail": ", ".join(eligible) or "; ".join(f"{r['scheme']}: {r['verdict']}" for r in rows)}]
 
 
-def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchmark_paths: dict, policy: str, slo_p95_s: float,
+def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchmark_paths: dict, cfg: SelectConfig,
            backend: str, out_path: str | Path, report_path: str | Path, tracking: Tracking) -> dict:
     out_path, report_path = Path(out_path), Path(report_path)
+    policy, slo_p95_s = cfg.policy, cfg.latency_slo_p95_s
     with job_run(tracking, "select", {"policy": policy, "latency_slo_p95_s": slo_p95_s, "schemes": schemes}):
         quantized = {s: read_json(quantized_paths[s]) for s in schemes}
         engines = {s: read_json(Path(d) / "accuracy.json") for s, d in engine_dirs.items()}

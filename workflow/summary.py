@@ -33,6 +33,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from workflow.config import Config, settings
 from workflow.stages import STAGES
 from workflow.tracking import GATE_TAG, Tracking, pipeline_run_id, set_note
 
@@ -316,14 +317,14 @@ def snakemake_report(snakefile: str | Path, config_file: Path, out_html: Path) -
         raise RuntimeError(f"summary: `snakemake --report` failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
-def summary(snakefile: str | Path, config: dict, out_html: str | Path, out_md: str | Path, dag_svg: str | Path,
+def summary(snakefile: str | Path, config: Config, out_html: str | Path, out_md: str | Path, dag_svg: str | Path,
           report_html: str | Path, tracking: Tracking) -> dict:
     """The summary rule: draw the DAG, write the Snakemake report, refresh the summary, and keep all four files
     in results/summary/ and on the parent run (summary/dag.svg, summary/snakemake-report.html)."""
     out_html, out_md, dag_svg, report_html = map(Path, (out_html, out_md, dag_svg, report_html))
     out_html.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config_file:
-        yaml.safe_dump(config, config_file, sort_keys=False)  # key order is part of the params Snakemake compares
+        yaml.safe_dump(config.model_dump(mode="json"), config_file, sort_keys=False)  # key order is part of the params Snakemake compares
         config_file.flush()
         draw_dag(snakefile, Path(config_file.name), dag_svg)
         snakemake_report(snakefile, Path(config_file.name), report_html)
@@ -352,7 +353,7 @@ def main() -> None:
     config = yaml.safe_load((Path(__file__).parent.parent / "config" / "config.yaml").read_text())
     if args.configfile:
         config = merged(config, yaml.safe_load(Path(args.configfile).read_text()) or {})
-    data = refresh(Tracking.from_config(config, results_dir=args.results))
+    data = refresh(Tracking.from_config(settings(config), results_dir=args.results))
     print(f"summary refreshed: gate {data['gate']}, {len(data['runs'])} runs")
 
 

@@ -31,6 +31,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
+from workflow.config import Config
 from workflow.digest import sha256_file
 from workflow.stages import STAGES, description
 
@@ -61,14 +62,13 @@ class Tracking:
     """The job's log file, attached to its run when the job ends (failed jobs too)."""
 
     @classmethod
-    def from_config(cls, config: dict, log_path: str | None = None, results_dir: str = "results") -> Tracking:
-        section = config["tracking"]
+    def from_config(cls, config: Config, log_path: str | None = None, results_dir: str = "results") -> Tracking:
         return cls(
-            uri=section["uri"],
-            experiment=section["experiment"],
+            uri=config.tracking.uri,
+            experiment=config.tracking.experiment,
             results_dir=results_dir,
-            run_name=config["run_name"],
-            base_model=str(config.get("base_model", "")),
+            run_name=config.run_name,
+            base_model=config.base_model,
             log_path=log_path,
         )
 

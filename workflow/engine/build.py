@@ -14,7 +14,7 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.chat import prompt_ids
-from workflow.config import EvalConfig, TrtllmSettings
+from workflow.config import EngineConfig, EvalConfig
 from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
@@ -25,31 +25,26 @@ from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gat
 log = logging.getLogger(__name__)
 
 
-def load_engine(engine_dir: str | Path, backend: str, settings: dict):
+def load_engine(engine_dir: str | Path, backend: str, settings: EngineConfig):
     """The engine in engine_dir, refused unless its manifest matches this machine."""
     if backend == "onnxruntime":
-        ort = settings["onnxruntime"]
-        return onnxruntime.OrtEngine(engine_dir, ort["execution_provider"], ort["max_batch_size"])
+        ort = settings.onnxruntime
+        return onnxruntime.OrtEngine(engine_dir, ort.execution_provider, ort.max_batch_size)
     return tensorrt_llm.TrtllmEngine(engine_dir)
 
 
-CALIBRATION_MODES = ("auto", "calibrated", "rtn")
-
-
-def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, scheme: str, settings: dict, rows: list[dict],
+def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, scheme: str, settings: EngineConfig, rows: list[dict],
                       tokenizer, max_new_tokens: int, log_path) -> dict | None:
     """Build the ONNX Runtime engine of scheme into engine_dir: from the fine-tuned weights with the quantize stage's
     calibration folded in, from the fine-tuned weights alone (round-to-nearest), or both, keeping the one with the
     higher accuracy on rows (engine.onnxruntime.calibration: calibrated | rtn | auto; ties keep calibrated).
     Returns, when both were built (or calibration could not be carried), which was kept and why, each candidate's
     accuracy, and the kept one's scores ("scored": (metrics, results))."""
-    ort, mode = settings["onnxruntime"], settings["onnxruntime"]["calibration"]
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(f"engine.onnxruntime.calibration must be one of {', '.join(CALIBRATION_MODES)} (got {mode!r})")
+    ort, mode = settings.onnxruntime, settings.onnxruntime.calibration
     source_sha256 = sha256_tree(model_dir)[0]
 
     def build(candidate_dir: Path, source: Path, report: FoldReport | None) -> None:
-        onnxruntime.build(source, candidate_dir, scheme, ort["execution_provider"], ort["block_size"], ort["accuracy_level"],
+        onnxruntime.build(source, candidate_dir, scheme, ort.execution_provider, ort.block_size, ort.accuracy_level,
                           source_sha256, log_path, calibration=report)
 
     if SCHEMES[scheme].calibration is None or mode == "rtn":
@@ -74,7 +69,7 @@ def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, sc
         build(work / "rtn", model_dir, None)
         candidates, scored = {}, {}
         for name in ("calibrated", "rtn"):
-            engine = onnxruntime.OrtEngine(work / name, ort["execution_provider"], ort["max_batch_size"])
+            engine = onnxruntime.OrtEngine(work / name, ort.execution_provider, ort.max_batch_size)
             metrics, results = score(rows, engine_completions(engine, tokenizer, rows, max_new_tokens))
             candidates[name] = {"accuracy": metrics["accuracy"], "algorithm": engine.manifest.algorithm}
             scored[name] = (metrics, results)
@@ -103,13 +98,13 @@ def choice_text(choice: dict | None) -> str:
     return f" Accuracy loss of both builds: {losses}; kept **{choice['kept']}**."
 
 
-def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: str | Path, scheme: str, settings: dict,
+def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: str | Path, scheme: str, settings: EngineConfig,
                  test_path: str | Path, finetuned_path: str | Path, max_loss: float, eval_cfg: EvalConfig,
                  tracking: Tracking) -> dict:
     """ONNX Runtime GenAI builds from the fine-tuned model, with the quantize stage's calibration folded in (its
     builder quantizes weights itself); TensorRT-LLM builds from the ModelOpt checkpoint of the scheme."""
-    backend, engine_dir = settings["backend"], Path(engine_dir)
-    with job_run(tracking, f"build_engine/{scheme}", {"engine": settings, "scheme": scheme}):
+    backend, engine_dir = settings.backend, Path(engine_dir)
+    with job_run(tracking, f"build_engine/{scheme}", {"engine": settings.model_dump(), "scheme": scheme}):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         rows = read_split(test_path, eval_cfg.max_samples)
         comparison = None
@@ -118,7 +113,7 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
                                            eval_cfg.max_new_tokens, tracking.log_path)
         else:
             source = Path(quantized_dir) / "checkpoint"
-            build_plan = tensorrt_llm.plan(source, engine_dir, scheme, TrtllmSettings(**settings["tensorrt_llm"]))
+            build_plan = tensorrt_llm.plan(source, engine_dir, scheme, settings.tensorrt_llm)
             log.info("TensorRT-LLM plan: %s", build_plan)
             tensorrt_llm.build(build_plan, sha256_tree(source)[0])
         if comparison and "scored" in comparison:

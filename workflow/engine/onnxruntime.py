@@ -16,28 +16,25 @@ from workflow.engine.batching import ContinuousBatcher
 from workflow.engine.calibration import FoldReport
 from workflow.engine.manifest import EngineManifest, Target, check_target
 from workflow.engine.sampling import GREEDY, SamplingParams, keep_generation_config
+from workflow.schemes import SCHEMES
 
-# scheme -> builder precision per execution provider. FP8 has no ONNX Runtime GenAI kernels: it needs
-# TensorRT-LLM on an FP8-capable GPU. The builder quantizes the weights it is given (MatMulNBits, block-wise); the
-# quantize stage's AWQ/SmoothQuant scales reach it folded into those weights (workflow/engine/calibration.py).
-# Activations stay in floating point (accuracy_level 4 quantizes them to int8 per block inside the MatMul), so
-# int8_sq and int4_awq engines are weight-only here.
-PRECISIONS = {
-    "cpu": {"bf16": "fp32", "int8_sq": "int8", "int4_awq": "int4"},
-    "cuda": {"bf16": "bf16", "int8_sq": "int8", "int4_awq": "int4"},
-}
+# The builder precision of each scheme is its row's `onnxruntime` (workflow/schemes.py); FP8 has no ONNX Runtime GenAI
+# kernels: it needs TensorRT-LLM on an FP8-capable GPU. The builder quantizes the weights it is given (MatMulNBits,
+# block-wise); the quantize stage's AWQ/SmoothQuant scales reach it folded into those weights
+# (workflow/engine/calibration.py). Activations stay in floating point (accuracy_level 4 quantizes them to int8 per
+# block inside the MatMul), so int8_sq and int4_awq engines are weight-only here.
 
 
 def precision_for(scheme: str, provider: str) -> str:
-    table = PRECISIONS.get(provider)
-    if table is None:
-        raise ValueError(f"engine.onnxruntime.execution_provider must be one of {', '.join(PRECISIONS)} (got {provider!r})")
-    if scheme not in table:
+    """The builder's precision for the scheme on the provider (the config already checked both names)."""
+    precision = SCHEMES[scheme].onnxruntime.get(provider)
+    if precision is None:
+        supported = [name for name, s in SCHEMES.items() if provider in s.onnxruntime]
         raise ValueError(
             f"build_engine: scheme {scheme} has no ONNX Runtime GenAI engine on {provider} "
-            f"(supported: {', '.join(table)}); use engine.backend: tensorrt_llm for {scheme}, or drop it from quantize.schemes"
+            f"(supported: {', '.join(supported)}); use engine.backend: tensorrt_llm for {scheme}, or drop it from quantize.schemes"
         )
-    return table[scheme]
+    return precision
 
 
 def target(provider: str) -> Target:

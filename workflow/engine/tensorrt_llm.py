@@ -2,8 +2,8 @@
 
     snakemake --sdm apptainer results/engine/fp8/engine_manifest.json   (with engine.backend: tensorrt_llm)
 
-Pinned to TensorRT-LLM 1.2.1, the last line with the TensorRT engine backend: `tensorrt_llm._tensorrt_engine.LLM`
-builds a tp x pp engine from the ModelOpt unified checkpoint and `llm.save` writes it. The forward-looking
+Pinned to one TensorRT-LLM release (workflow/engine/release.py), of the last line with the TensorRT engine backend:
+`tensorrt_llm._tensorrt_engine.LLM` builds a tp x pp engine from the ModelOpt unified checkpoint and `llm.save` writes it. The forward-looking
 alternative needs no engine: `trtllm-serve <checkpoint> --tp_size N --pp_size M` on the PyTorch backend
 (`serve_command`). TensorRT-LLM cannot be installed on our machines: the plan and its checks run in the
 tests; the build and the streaming engine below are written against the release's documented API and
@@ -19,11 +19,10 @@ from pathlib import Path
 
 from workflow.config import TrtllmSettings
 from workflow.engine.manifest import EngineManifest, Target, check_target
+from workflow.engine.release import TENSORRT_LLM, TENSORRT_LLM_IMAGE
 from workflow.engine.sampling import GREEDY, SamplingParams, keep_generation_config
-from workflow.schemes import SCHEMES
+from workflow.schemes import BASELINE, SCHEMES
 
-RELEASE = "1.2.1"
-CONTAINER = f"docker://nvcr.io/nvidia/tensorrt-llm/release:{RELEASE}"
 
 
 class TrtllmMissing(RuntimeError):
@@ -74,10 +73,12 @@ def plan(checkpoint_dir: str | Path, engine_dir: str | Path, scheme: str, settin
         problems.append(f"pp_size {pp} exceeds num_hidden_layers {layers}")
     if settings.max_input_len >= settings.max_seq_len:
         problems.append(f"max_input_len {settings.max_input_len} must be below max_seq_len {settings.max_seq_len}")
-    if problems:
-        raise ValueError("build_engine (tensorrt_llm): " + "; ".join(problems) + " (engine.tensorrt_llm)")
     recipe = checkpoint_dir / "hf_quant_config.json"
     quant_algo = json.loads(recipe.read_text())["quantization"]["quant_algo"] if recipe.exists() else None
+    if quant_algo != SCHEMES[scheme].quant_algo:
+        problems.append(f"the checkpoint's quant_algo is {quant_algo}, but {scheme} is {SCHEMES[scheme].quant_algo} (workflow/schemes.py)")
+    if problems:
+        raise ValueError("build_engine (tensorrt_llm): " + "; ".join(problems) + " (engine.tensorrt_llm)")
     return BuildPlan(scheme, quant_algo, str(checkpoint_dir), str(engine_dir), settings)
 
 
@@ -86,8 +87,8 @@ def _tensorrt_llm():
         import tensorrt_llm
     except ImportError as err:
         raise TrtllmMissing(
-            f"engine.backend tensorrt_llm needs TensorRT-LLM {RELEASE}, which is not importable here ({err}). "
-            f"Run the workflow with `--sdm apptainer` so the rule uses {CONTAINER}, or install tensorrt-llm=={RELEASE} on a GPU host."
+            f"engine.backend tensorrt_llm needs TensorRT-LLM {TENSORRT_LLM}, which is not importable here ({err}). "
+            f"Run the workflow with `--sdm apptainer` so the rule uses {TENSORRT_LLM_IMAGE}, or install tensorrt-llm=={TENSORRT_LLM} on a GPU host."
         ) from None
     return tensorrt_llm
 
@@ -116,8 +117,8 @@ def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
     llm.save(build_plan.engine_dir)
     keep_generation_config(build_plan.checkpoint_dir, build_plan.engine_dir)
     here = target(build_plan.settings.tp_size, build_plan.settings.pp_size)
-    manifest = EngineManifest(build_plan.scheme, build_plan.quant_algo or "bf16", here, source_sha256,
-                              {"release": RELEASE, **build_plan.settings.model_dump()},
+    manifest = EngineManifest(build_plan.scheme, build_plan.quant_algo or BASELINE, here, source_sha256,
+                              {"release": TENSORRT_LLM, **build_plan.settings.model_dump()},
                               algorithm=f"ModelOpt {build_plan.quant_algo}, calibrated by the quantize stage"
                               if build_plan.quant_algo else "none: unquantized weights")
     manifest.write(build_plan.engine_dir)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from workflow.config import FinetuneConfig
+from workflow.finetune.job import Job, Measurement
 from workflow.digest import sha256_file
 from workflow.finetune import ops
 from workflow.finetune.config import latest_complete_checkpoint
@@ -133,7 +134,8 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: FinetuneConfig, seed: int, **extra) -> Path:
+def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: FinetuneConfig, seed: int,
+              measure: Measurement = Measurement()) -> Path:
     """The job file the ranks read: settings, paths and the checkpoint to resume from (if it matches)."""
     checkpoint_dir = summary_path.parent / "checkpoints"
     job_file = checkpoint_dir / "job.json"
@@ -142,18 +144,10 @@ def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: Finetune
         log.info("settings or data changed since the checkpoints in %s were written: starting afresh", checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    job = {
-        "finetune": cfg.model_dump(mode="json"),
-        "seed": seed,
-        "model_dir": str(model_dir.resolve()),
-        "data_dir": str(data_dir.resolve()),
-        "checkpoint_dir": str(checkpoint_dir.resolve()),
-        "summary": str(summary_path.resolve()),
-        "fingerprint": mark,
-        "resume_from": latest_complete_checkpoint(checkpoint_dir.resolve()),
-    }
-    job.update(extra)
-    job_file.write_text(json.dumps(job, indent=2))
+    job = Job(finetune=cfg, seed=seed, model_dir=str(model_dir.resolve()), data_dir=str(data_dir.resolve()),
+              checkpoint_dir=str(checkpoint_dir.resolve()), summary=str(summary_path.resolve()), fingerprint=mark,
+              resume_from=latest_complete_checkpoint(checkpoint_dir.resolve()), measure=measure)
+    job_file.write_text(job.model_dump_json(indent=2))
     return job_file
 
 

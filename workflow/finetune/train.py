@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from workflow.config import FinetuneConfig
+from workflow.finetune.job import Job
 from workflow.finetune.batches import TokenDataset, collator
 from workflow.finetune.callbacks import (
     CheckpointLayers,
@@ -86,23 +87,23 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
     )
 
 
-def train(job: dict) -> dict:
-    cfg = FinetuneConfig(**job["finetune"])
+def train(job: Job) -> dict:
+    cfg = job.finetune
     on_cpu = not torch.cuda.is_available()
     speed = resolve(cfg, cuda=not on_cpu)
-    val = Path(job["data_dir"]) / "val.jsonl"
+    val = Path(job.data_dir) / "val.jsonl"
     has_val = val.exists() and val.stat().st_size > 0
-    save = job.get("save_checkpoints", True)
+    save = job.measure.save_checkpoints
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
-    train_rows = TokenDataset(Path(job["data_dir"]) / "train.jsonl")
+    train_rows = TokenDataset(Path(job.data_dir) / "train.jsonl")
     configured = cfg
-    cfg, memory = fill_micro_batch(cfg, job["model_dir"], world_size, gpu_bytes, max(len(r["input_ids"]) for r in train_rows.rows),
+    cfg, memory = fill_micro_batch(cfg, job.model_dir, world_size, gpu_bytes, max(len(r["input_ids"]) for r in train_rows.rows),
                                    speed.liger_kernel)
     memory |= {"micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
-    ds_config = deepspeed_config(cfg, count_parameters(job["model_dir"]), world_size, gpu_bytes)
+    ds_config = deepspeed_config(cfg, count_parameters(job.model_dir), world_size, gpu_bytes)
     checkpointed = memory["checkpointed_layers"]
-    args = training_arguments(cfg, job["checkpoint_dir"], job["seed"], on_cpu, speed, ds_config, evaluate=has_val, save=save,
+    args = training_arguments(cfg, job.checkpoint_dir, job.seed, on_cpu, speed, ds_config, evaluate=has_val, save=save,
                               checkpointing=cfg.gradient_checkpointing is True or checkpointed > 0)
     if on_cpu:
         import deepspeed
@@ -110,7 +111,7 @@ def train(job: dict) -> dict:
         # On CPU the Trainer would set up distributed state after zero.Init needs it (see shared NOTES).
         deepspeed.init_distributed(dist_backend="gloo")
     if args.process_index == 0:
-        log.info("resolved settings: %s", json.dumps(job, indent=1))
+        log.info("resolved settings: %s", job.model_dump_json(indent=1))
         log.info("speed settings on this device: %s", json.dumps(speed.as_dict()))
         log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
         for reason in speed.skipped:
@@ -129,7 +130,7 @@ def train(job: dict) -> dict:
     if speed.attention == VARLEN:
         register_varlen_attention()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=dtype, attn_implementation=speed.attention)
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=dtype, attn_implementation=speed.attention)
     # Training needs no KV cache, and packing needs it off: with a cache, transformers ignores the
     # restarting position ids and lets packed sequences attend to each other.
     model.config.use_cache = False
@@ -152,7 +153,8 @@ def train(job: dict) -> dict:
         count = compile_decoder_layers(model)
         if args.process_index == 0:
             log.info("compiled the forward of %d decoder layers with torch.compile", count)
-    throughput = Throughput(skip=job.get("timing_skip_steps", 2), end=job.get("timing_end_step"))
+    measure = job.measure
+    throughput = Throughput(skip=measure.timing_skip_steps, end=measure.timing_end_step)
     trainer = Trainer(
         model=model,
         args=args,
@@ -163,13 +165,14 @@ def train(job: dict) -> dict:
     )
     if 0 < checkpointed < memory["num_layers"]:
         trainer.add_callback(CheckpointLayers(checkpointed))
-    if job.get("profile_dir"):
-        trainer.add_callback(Profile(job["profile_dir"], start=job.get("profile_start", job.get("timing_skip_steps", 2))))
-    resume = job["resume_from"]
+    if measure.profile_dir:
+        start = measure.timing_skip_steps if measure.profile_start is None else measure.profile_start
+        trainer.add_callback(Profile(measure.profile_dir, start=start))
+    resume = job.resume_from
     if args.process_index == 0:
         log.info("resuming from %s" % resume if resume else "starting from step 0 (no checkpoint)")
     result = trainer.train(resume_from_checkpoint=resume)
-    last = latest_complete_checkpoint(job["checkpoint_dir"])
+    last = latest_complete_checkpoint(job.checkpoint_dir)
     return {
         "checkpoint": last,
         "global_step": trainer.state.global_step,
@@ -217,10 +220,10 @@ def main() -> None:
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    job = json.loads(Path(args.job).read_text())
+    job = Job.model_validate_json(Path(args.job).read_text())
     summary = train(job)
     if rank == 0:
-        Path(job["summary"]).write_text(json.dumps(summary, indent=2))
+        Path(job.summary).write_text(json.dumps(summary, indent=2))
     # Leave together and tear the process group down: a rank that exits with gloo (ZeRO-3) threads
     # still running aborts ("terminate called without an active exception").
     if torch.distributed.is_initialized():

@@ -17,7 +17,8 @@ import os
 import sys
 
 from workflow.package import archive
-from workflow.package.kms import KmsError, LocalKeyFile, Pkcs11Hsm, VaultTransit
+from workflow.config import VaultKms
+from workflow.package.kms import KmsError, LocalKeyFile, Pkcs11Hsm, VaultTransit, pin_from
 
 
 def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -29,6 +30,7 @@ def add_kms(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}key-label", help="label of the AES key in the HSM")
     parser.add_argument(f"--{prefix}vault-url", help="HashiCorp Vault address (Transit engine)")
     parser.add_argument(f"--{prefix}vault-key", help="Vault Transit key name")
+    parser.add_argument(f"--{prefix}vault-mount", default=VaultKms().mount_point, help="Vault Transit engine mount point")
 
 
 def kms_from(args: argparse.Namespace, prefix: str = "", create: bool = False):
@@ -36,9 +38,9 @@ def kms_from(args: argparse.Namespace, prefix: str = "", create: bool = False):
     if get("key_file"):
         return LocalKeyFile(get("key_file"), create=create, group=get("key_file_group"))
     if get("pkcs11_module"):
-        return Pkcs11Hsm(get("pkcs11_module"), get("token"), get("key_label"), os.environ.get("PKCS11_PIN", ""))
+        return Pkcs11Hsm(get("pkcs11_module"), get("token"), get("key_label"), pin_from("PKCS11_PIN"))
     if get("vault_url"):
-        return VaultTransit(get("vault_url"), get("vault_key"))
+        return VaultTransit(get("vault_url"), get("vault_key"), get("vault_mount"))
     return None
 
 

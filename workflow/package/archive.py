@@ -19,8 +19,13 @@ chunks whatever the model size.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
+import secrets
+import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +39,8 @@ from workflow.package.errors import (MissingChunk, PackageError, ReorderedChunk,
 from workflow.package.kms import Kms
 from workflow.package.layout import check_path, ciphertext_name
 from workflow.package.memfs import PrivateFolder
-from workflow.package.signing import (FORMAT, attestation, digest, key_id, load_public_key, load_signing_key,  # noqa: F401
-                                      public_pem, signed_manifest, write_signed)
+from workflow.package.signing import (FORMAT, Signed, attestation, digest, key_id, load_public_key,  # noqa: F401
+                                      load_signing_key, public_key_path, public_pem, signed_manifest, signed_package, write_signed)
 
 
 def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519PrivateKey, provenance: dict,
@@ -96,13 +101,15 @@ def verify(package: str | Path, trusted: Ed25519PublicKey, kms: Kms | None = Non
 
 
 def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into: str | Path | None = None,
-                 replace: bool = False) -> dict[str, bytes] | Path:
+                 replace: bool = False, signed: Signed | None = None) -> dict[str, bytes] | Path:
     """Verify and decrypt: into memory (a dict), or into the folder `into` on a memory-backed filesystem — never onto
     disk. `into` is made 0700 here, or must already be ours, 0700 and empty (`replace`: emptied first when it is ours
     and 0700); files are made 0600, each new, through the folder's descriptor, so no link is followed. A bad chunk
-    anywhere leaves nothing behind."""
+    anywhere leaves nothing behind. `signed`: the package's signed parts as the caller checked them (signed_package
+    with `trusted`), opened as they are rather than read again."""
     package = Path(package)
-    manifest, header, _ = signed_manifest(package, trusted)
+    signed = signed or signed_package(package, trusted)
+    manifest, header = signed.manifest, signed.header
     if into is None:
         files: dict[str, bytearray] = {}
         decrypt(package, header, manifest, unwrap_data_key(header, kms),
@@ -133,11 +140,33 @@ def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into:
 
 
 def rotate_key(package: str | Path, trusted_and_signing: Ed25519PrivateKey, old: Kms, new: Kms) -> dict:
-    """Re-wrap the data key under a new KMS key and re-sign; the encrypted weights are not touched."""
+    """Re-wrap the data key under a new KMS key and re-sign; the encrypted weights are not touched. The re-signed
+    package is built beside the old one (its ciphertext hard-linked, not copied), checked, and exchanged with it in one
+    atomic rename: a crash or a full disk at any point leaves either the old package or the new one, each verifying."""
     package = Path(package)
     manifest, header, statement = signed_manifest(package, trusted_and_signing.public_key())
     data_key = unwrap_data_key(header, old)
     header["kms"] = {"provider": new.provider, "key_id": new.key_id()}
     header["wrapped_key"] = new.wrap(data_key)
-    write_signed(package, header, statement, manifest["files"], trusted_and_signing)
+    staging = package.with_name(f".{package.name}.{secrets.token_hex(8)}.rotating")
+    staging.mkdir(mode=0o700)
+    try:
+        (staging / "payload").mkdir()
+        for entry in manifest["files"]:
+            os.link(package / entry["ciphertext"], staging / entry["ciphertext"], follow_symlinks=False)
+        write_signed(staging, header, statement, manifest["files"], trusted_and_signing)
+        signed_manifest(staging, trusted_and_signing.public_key())
+        os.chmod(staging, stat.S_IMODE(os.stat(package).st_mode))
+        exchange(staging, package)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the old signed files after the exchange, or the unfinished new ones
     return header["kms"]
+
+
+def exchange(first: Path, second: Path) -> None:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"exchanging {first} and {second}: {os.strerror(error)}")

@@ -16,6 +16,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from workflow.config import Kms as KmsSettings
+
 
 class KmsError(RuntimeError):
     """The KMS refused, or holds a key other than the one that wrapped this package."""
@@ -135,7 +137,7 @@ class VaultTransit:
 
     url: str
     key_name: str
-    mount_point: str = "transit"
+    mount_point: str
     provider: str = "vault"
 
     def _client(self):
@@ -164,17 +166,20 @@ class VaultTransit:
         return base64.b64decode(reply["data"]["plaintext"])
 
 
-def from_config(settings: dict) -> Kms:
+def pin_from(variable: str) -> str:
+    """The HSM user PIN from the environment; unset or empty is refused (a token with an empty PIN is no lock)."""
+    pin = os.environ.get(variable)
+    if not pin:
+        raise KmsError(f"kms: pkcs11 needs the HSM user PIN in the environment variable {variable} "
+                       f"({'empty' if pin == '' else 'not set'}); an empty PIN is refused")
+    return pin
+
+
+def from_config(settings: KmsSettings) -> Kms:
     """The provider named by `package.kms.provider`, with its settings (secrets come from the environment)."""
-    provider = settings["provider"]
-    if provider == "local":
-        return LocalKeyFile(settings["local"]["key_file"])
-    if provider == "pkcs11":
-        p = settings["pkcs11"]
-        pin = os.environ.get(p["pin_env"])
-        if pin is None:
-            raise KmsError(f"kms: pkcs11 needs the HSM user PIN in the environment variable {p['pin_env']}")
-        return Pkcs11Hsm(p["module"], p["token_label"], p["key_label"], pin)
-    if provider == "vault":
-        return VaultTransit(settings["vault"]["url"], settings["vault"]["key_name"], settings["vault"].get("mount_point", "transit"))
-    raise ValueError(f"package.kms.provider must be one of local, pkcs11, vault (got {provider!r})")
+    if settings.provider == "local":
+        return LocalKeyFile(settings.local.key_file)
+    if settings.provider == "pkcs11":
+        p = settings.pkcs11
+        return Pkcs11Hsm(p.module, p.token_label, p.key_label, pin_from(p.pin_env))
+    return VaultTransit(settings.vault.url, settings.vault.key_name, settings.vault.mount_point)

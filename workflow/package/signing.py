@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -24,8 +25,15 @@ def key_id(public: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
+def public_key_path(signing_key: str | Path) -> Path:
+    """Where the public half of `signing_key` is kept beside it (keys/signing.pem -> keys/signing.pub): what a gateway
+    trusts when `package.trusted_signer` is null, so that it never reads the private key."""
+    return Path(signing_key).with_suffix(".pub")
+
+
 def load_signing_key(path: str | Path, create: bool = True) -> Ed25519PrivateKey:
-    """The Ed25519 signing key (PEM, owner-only permissions), made on first use when `create`."""
+    """The Ed25519 signing key (PEM, owner-only permissions), made on first use when `create`; its public half is
+    written beside it (public_key_path) when missing."""
     path = Path(path)
     if not path.exists() and create:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +44,11 @@ def load_signing_key(path: str | Path, create: bool = True) -> Ed25519PrivateKey
             handle.write(pem)
     if os.stat(path).st_mode & 0o077:
         raise PackageError(f"signing key {path} must be readable by its owner only (chmod 600)")
-    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    public = public_key_path(path)
+    if not public.exists():
+        public.write_bytes(public_pem(key.public_key()))
+    return key
 
 
 def public_pem(public: Ed25519PublicKey) -> bytes:
@@ -80,10 +92,27 @@ def digest(package: str | Path) -> str:
     return hashlib.sha256((Path(package) / "manifest.json").read_bytes()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Signed:
+    """A package's signed parts, parsed from the very bytes that were checked, and its digest (of those bytes)."""
+
+    manifest: dict
+    header: dict
+    attestation: dict
+    sha256: str
+
+
 def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dict, dict]:
-    """(manifest, header, attestation), each parsed from the very bytes whose signature and digests were checked:
-    nothing is read again after the check, so a file swapped in between is never used. Every path they name is
-    checked too (layout.py): a signature says who made a package, not that its paths are safe."""
+    """(manifest, header, attestation): signed_package's parts."""
+    signed = signed_package(package, trusted)
+    return signed.manifest, signed.header, signed.attestation
+
+
+def signed_package(package: Path, trusted: Ed25519PublicKey) -> Signed:
+    """The package's manifest, header and attestation, each parsed from the very bytes whose signature and digests
+    were checked, and its digest: nothing is read again after the check, so a file swapped in between is never used
+    (deploy checks the floor and the digest on what it then opens). Every path they name is checked too (layout.py):
+    a signature says who made a package, not that its paths are safe."""
     if not (package / "manifest.sig").exists() or not (package / "manifest.json").exists():
         raise UnsignedPackage(f"{package}: unsigned package (no manifest.json/manifest.sig); refusing to load it")
     manifest_bytes = (package / "manifest.json").read_bytes()
@@ -101,4 +130,4 @@ def signed_manifest(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dic
             raise TamperedPackage(f"{package}: {name}.json was changed after signing")
         checked[name] = json.loads(data)
     check_manifest(package, manifest, checked["header"])
-    return manifest, checked["header"], checked["attestation"]
+    return Signed(manifest, checked["header"], checked["attestation"], hashlib.sha256(manifest_bytes).hexdigest())

@@ -15,6 +15,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from workflow.config import Config, PackageConfig
 from workflow.package import archive, kms as kms_providers
 from workflow.tracking import Tracking, describe, dir_bytes, git_commit, job_run, pipeline_run_id, sha256_tree
 
@@ -31,7 +32,7 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def provenance(config: dict, selection: dict, results: Path, base_model: str | Path, tracking: Tracking) -> dict:
+def provenance(config: Config, selection: dict, results: Path, base_model: str | Path, tracking: Tracking) -> dict:
     """Where the packaged model came from: inputs' digests, code, config, every gate, the engine build, the runs."""
     scheme = selection["selected"]
     parent = pipeline_run_id(tracking)
@@ -42,7 +43,7 @@ def provenance(config: dict, selection: dict, results: Path, base_model: str | P
         "datasets": read_json(results / "data" / "stats.json")["digests"],
         "calibration": {k: read_json(results / "quantize" / scheme / "quantize.json")[k] for k in ("calib_samples", "calib_sha256")},
         "code_commit": git_commit(),
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "config_sha256": hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest(),
         "gates": {
             "evaluate": read_json(results / "evaluate" / "finetuned.json")["metrics"],
             "quantization": read_json(results / "evaluate_quantized" / f"{scheme}.json"),
@@ -54,16 +55,16 @@ def provenance(config: dict, selection: dict, results: Path, base_model: str | P
     }
 
 
-def package(selection_path: str | Path, base_model: str | Path, out_dir: str | Path, settings: dict, config: dict, tracking: Tracking) -> dict:
+def package(selection_path: str | Path, base_model: str | Path, out_dir: str | Path, config: Config, tracking: Tracking) -> dict:
     """Pack the selected engine, verify the result end to end, and record it."""
     selection = read_json(selection_path)
     results = Path(selection_path).parent.parent
-    out_dir = Path(out_dir)
-    with job_run(tracking, "package", {"package": settings, "scheme": selection["selected"]}):
-        kms = kms_providers.from_config(settings["kms"])
-        signing_key = archive.load_signing_key(settings["signing_key"])
+    out_dir, settings = Path(out_dir), config.package
+    with job_run(tracking, "package", {"package": settings.model_dump(), "scheme": selection["selected"]}):
+        kms = kms_providers.from_config(settings.kms)
+        signing_key = archive.load_signing_key(settings.signing_key)
         manifest = archive.pack(selection["engine_dir"], out_dir, kms, signing_key,
-                                provenance(config, selection, results, base_model, tracking), settings["chunk_mb"] << 20)
+                                provenance(config, selection, results, base_model, tracking), settings.chunk_mb << 20)
         archive.verify(out_dir, signing_key.public_key(), kms)
         record = {"package": str(out_dir), "sha256": archive.digest(out_dir), "signer": manifest["signer"],
                   "kms_key_id": kms.key_id(), "scheme": selection["selected"], "files": len(manifest["files"]),
@@ -99,14 +100,14 @@ def version_card(statement: dict, digest: str, signer: str, pipeline_run: str) -
     return description, tags
 
 
-def register(package_dir: str | Path, out_path: str | Path, model_name: str, settings: dict, tracking: Tracking) -> dict:
+def register(package_dir: str | Path, out_path: str | Path, settings: PackageConfig, tracking: Tracking) -> dict:
     """A new model version for the package, alias `candidate`, tagged with digest, signer and scheme."""
     package_dir = Path(package_dir)
     manifest = read_json(package_dir / "manifest.json")
     statement = read_json(package_dir / "attestation.json")
-    size_mb = dir_bytes(package_dir) / 2**20
+    size_mb, model_name = dir_bytes(package_dir) / 2**20, settings.model_name
     with job_run(tracking, "register", {"model_name": model_name, "package": str(package_dir)}) as run:
-        if size_mb <= settings["log_max_mb"]:
+        if size_mb <= settings.log_max_mb:
             mlflow.log_artifacts(str(package_dir), "package")  # ciphertext only: safe to copy
             source = mlflow.get_artifact_uri("package")
         else:
@@ -129,16 +130,16 @@ def register(package_dir: str | Path, out_path: str | Path, model_name: str, set
         return record
 
 
-def backup(package_dir: str | Path, backup_root: str | Path, out_path: str | Path, signing_key: str | Path) -> dict:
+def backup(package_dir: str | Path, out_path: str | Path, settings: PackageConfig) -> dict:
     """Copy the package to the backup location and verify the copy against our signer (signature, manifest,
     every chunk's digest); no KMS access needed."""
     package_dir = Path(package_dir)
     digest = archive.digest(package_dir)
-    target = Path(backup_root) / digest
+    target = Path(settings.backup_dir) / digest
     if not target.exists():
         shutil.copytree(package_dir, target.with_suffix(".partial"))
         target.with_suffix(".partial").rename(target)
-    archive.verify(target, archive.load_signing_key(signing_key, create=False).public_key())
+    archive.verify(target, archive.load_signing_key(settings.signing_key, create=False).public_key())
     record = {"package_sha256": digest, "backup": str(target.resolve())}
     Path(out_path).write_text(json.dumps(record, indent=1))
     return record

@@ -20,7 +20,7 @@ import httpx2
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from workflow.config import ConfigError, load
+from workflow.config import Config, ConfigError, load
 from workflow.package import archive
 from workflow.rollout import kubernetes, registry
 from workflow.serve.settings import GatewaySettings
@@ -42,24 +42,24 @@ def redeploy_gateway(url: str, ca: Path, admin_key: str, package: Path, digest: 
             raise RuntimeError(f"rollback: {err}") from None
 
 
-def rollback(config: dict, gateway_url: str | None, admin_key: str | None, results_dir: str = "results") -> dict:
+def rollback(config: Config, gateway_url: str | None, admin_key: str | None, results_dir: str = "results") -> dict:
     tracking = Tracking.from_config(config, results_dir=results_dir)
     mlflow.set_tracking_uri(tracking.resolved_uri())
-    model_name = config["package"]["model_name"]
+    model_name = config.package.model_name
     with job_run(tracking, "rollback", {"model_name": model_name}):
         record = registry.rollback(model_name)
         digest = MlflowClient().get_model_version(model_name, record["production"]).tags["package_sha256"]
-        package = Path(config["package"]["backup_dir"]) / digest
+        package = Path(config.package.backup_dir) / digest
         archive.verify(package, GatewaySettings.from_config(config).trusted_signer())
-        k8s = config["rollout"]["kubernetes"]
-        if config["rollout"]["target"] == "kubernetes" and k8s["context"]:
+        k8s = config.rollout.kubernetes
+        if config.rollout.target == "kubernetes" and k8s.context:
             signer = archive.public_pem(GatewaySettings.from_config(config).trusted_signer())
             folder = kubernetes.render(config, digest, Path(results_dir) / "rollout" / "k8s", signer)
-            record["redeployed"] = kubernetes.apply(folder, k8s["context"], k8s["namespace"], k8s["name"], k8s["startup_timeout_s"])
+            record["redeployed"] = kubernetes.apply(folder, k8s.context, k8s.namespace, k8s.name, k8s.startup_timeout_s)
         elif gateway_url:
             if not admin_key:
                 raise ValueError("rollback: --gateway needs an admin API key in $FT2PROD_ADMIN_KEY")
-            ca = Path(config["rollout"]["gateway"]["tls"]["dir"]) / "ca.pem"
+            ca = Path(config.rollout.gateway.tls.dir) / "ca.pem"
             redeploy_gateway(gateway_url, ca, admin_key, package, digest)
             record["redeployed"] = {"gateway": gateway_url, "package": str(package)}
         record["package_sha256"] = digest

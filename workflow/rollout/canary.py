@@ -16,7 +16,7 @@ import httpx2
 import openai
 
 from workflow.evaluate import final_answer
-from workflow.serve.access import ROLES
+from workflow.roles import ROLES
 from workflow.serve.audit import AuditLog, AuditTampered
 from workflow.serve.tls import client_context
 
@@ -76,7 +76,7 @@ def check_roles(base_url: str, ca: Path, keys: dict[str, str], model: str) -> Ch
                 if body is not None:
                     body = {k: (v.format(model=model) if isinstance(v, str) else v) for k, v in body.items()}
                 status = client.request(method, path, json=body, headers=headers).status_code
-                expected = 401 if role is None else (None if permission in ROLES[role] else 403)
+                expected = 401 if role is None else (None if permission in ROLES[role].permissions else 403)
                 ok = status == expected if expected else status not in (401, 403) and status < 500
                 tried += 1
                 if not ok:

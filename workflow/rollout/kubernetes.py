@@ -29,6 +29,9 @@ from urllib.parse import urlparse
 import kubernetes_validate
 import yaml
 
+from workflow.config import Config
+from workflow.engine.release import TENSORRT_LLM_IMAGE
+
 GATEWAY_PORT, ENGINE_PORT = 8443, 8000
 MOUNTS = {"packages": "/packages", "model": "/model", "config": "/etc/ft2prod/config", "tls": "/etc/ft2prod/tls",
           "api-keys": "/etc/ft2prod/keys", "kms": "/etc/ft2prod/kms", "audit": "/var/log/ft2prod", "tmp": "/tmp",
@@ -56,9 +59,10 @@ class UnsafeSetting(ValueError):
     """A rollout.kubernetes setting the manifests cannot be made safe with (an image by tag, a KMS with no egress)."""
 
 
-def pinned_image(config: dict, key: str) -> str:
-    """`rollout.kubernetes.<key>`, which must name its image by digest: a tag can be moved to other content."""
-    reference = config["rollout"]["kubernetes"][key]
+def pinned_image(config: Config, key: str) -> str:
+    """`rollout.kubernetes.<key>`, which must name its image by digest: a tag can be moved to other content (an unset
+    engine_image is the pinned TensorRT-LLM release's, by tag until you give its digest)."""
+    reference = getattr(config.rollout.kubernetes, key) or TENSORRT_LLM_IMAGE
     if not DIGEST_REFERENCE.match(reference):
         raise UnsafeSetting(f"rollout.kubernetes.{key} must name the image by digest, name[:tag]@sha256:<64 hex digits> "
                             f"(a tag can be moved to other content); got {reference!r}. Find the digest with "
@@ -66,25 +70,25 @@ def pinned_image(config: dict, key: str) -> str:
     return reference
 
 
-def egress_rules(config: dict) -> list[dict]:
+def egress_rules(config: Config) -> list[dict]:
     """What the pod may reach: nothing, or, when the KMS is reached over the network, DNS and the KMS endpoint's
     CIDRs (on the Vault URL's port). The engine is on 127.0.0.1 in the same pod, which NetworkPolicy does not govern."""
-    kms, cidrs = config["package"]["kms"], config["rollout"]["kubernetes"]["kms_egress_cidrs"]
-    if kms["provider"] == "vault" and not cidrs:
+    kms, cidrs = config.package.kms, config.rollout.kubernetes.kms_egress_cidrs
+    if kms.provider == "vault" and not cidrs:
         raise UnsafeSetting(f"rollout.kubernetes.kms_egress_cidrs is empty, but package.kms.provider vault needs the pod to reach "
-                            f"{kms['vault']['url']}: give the Vault server's address range (e.g. [10.0.5.10/32]); "
+                            f"{kms.vault.url}: give the Vault server's address range (e.g. [10.0.5.10/32]); "
                             "every other egress stays closed")
     for cidr in cidrs:
         try:
             ipaddress.ip_network(cidr)
         except ValueError as err:
             raise UnsafeSetting(f"rollout.kubernetes.kms_egress_cidrs: {cidr!r} is not an address range ({err})") from None
-    if kms["provider"] == "local" or not cidrs:
+    if kms.provider == "local" or not cidrs:
         return []
     to = {"to": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs]}
     host = None
-    if kms["provider"] == "vault":
-        url = urlparse(kms["vault"]["url"])
+    if kms.provider == "vault":
+        url = urlparse(kms.vault.url)
         to["ports"] = [{"protocol": "TCP", "port": url.port or (443 if url.scheme == "https" else 80)}]
         host = url.hostname
     try:
@@ -95,16 +99,16 @@ def egress_rules(config: dict) -> list[dict]:
         return [dns, to]
 
 
-def pod_config(config: dict) -> dict:
+def pod_config(config: Config) -> dict:
     """The workflow config the pods read, with in-pod paths (rendered into a ConfigMap by kustomize)."""
-    gateway = config["rollout"]["gateway"]
-    kms = dict(config["package"]["kms"])
-    if kms["provider"] == "local":
+    gateway = config.rollout.gateway.model_dump(mode="json")
+    kms = config.package.kms.model_dump(mode="json")
+    if config.package.kms.provider == "local":
         kms["local"] = {"key_file": f"{MOUNTS['kms']}/kek.bin"}
-    upstream = f"http://127.0.0.1:{ENGINE_PORT}" if config["engine"]["backend"] == "tensorrt_llm" else None
+    upstream = f"http://127.0.0.1:{ENGINE_PORT}" if config.engine.backend == "tensorrt_llm" else None
     return {
-        "engine": config["engine"],
-        "package": {"model_name": config["package"]["model_name"], "trusted_signer": f"{MOUNTS['config']}/signer.pub", "kms": kms},
+        "engine": config.engine.model_dump(mode="json"),
+        "package": {"model_name": config.package.model_name, "trusted_signer": f"{MOUNTS['config']}/signer.pub", "kms": kms},
         "rollout": {"gateway": {**gateway, "host": "0.0.0.0", "port": GATEWAY_PORT, "upstream": upstream,
                                 "api_keys": f"{MOUNTS['api-keys']}/api_keys.json", "tls": {"dir": MOUNTS["tls"], "hosts": gateway["tls"]["hosts"]},
                                 "audit": {**gateway["audit"], "path": f"{MOUNTS['audit']}/gateway.jsonl",
@@ -113,20 +117,20 @@ def pod_config(config: dict) -> dict:
     }
 
 
-def _open_args(config: dict, package_path: str) -> tuple[list[str], list[dict]]:
+def _open_args(config: Config, package_path: str) -> tuple[list[str], list[dict]]:
     """The init container's `workflow.package open` arguments and environment for the configured KMS."""
-    kms, secret = config["package"]["kms"], config["rollout"]["kubernetes"]["secrets"]["kms"]
+    kms, secret = config.package.kms, config.rollout.kubernetes.secrets.kms
     args = ["python", "-m", "workflow.package", "open", package_path, "--signer-pub", f"{MOUNTS['config']}/signer.pub",
             "--into", MODEL_DIR, "--replace"]  # a restarted pod's init container finds its own earlier copy there
-    if kms["provider"] == "local":  # the kubelet turns the Secret's 0400 into 0440 under fsGroup: accept that group only
+    if kms.provider == "local":  # the kubelet turns the Secret's 0400 into 0440 under fsGroup: accept that group only
         return args + ["--key-file", f"{MOUNTS['kms']}/kek.bin", "--key-file-group", str(POD_USER)], []
-    if kms["provider"] == "pkcs11":
-        p = kms["pkcs11"]
+    if kms.provider == "pkcs11":
+        p = kms.pkcs11
         env = [{"name": "PKCS11_PIN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "pin"}}}]
-        return args + ["--pkcs11-module", p["module"], "--token", p["token_label"], "--key-label", p["key_label"]], env
-    v = kms["vault"]
+        return args + ["--pkcs11-module", p.module, "--token", p.token_label, "--key-label", p.key_label], env
+    v = kms.vault
     env = [{"name": "VAULT_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}}]
-    return args + ["--vault-url", v["url"], "--vault-key", v["key_name"]], env
+    return args + ["--vault-url", v.url, "--vault-key", v.key_name, "--vault-mount", v.mount_point], env
 
 
 def mount(volume: str, read_only: bool = True) -> dict:
@@ -138,10 +142,11 @@ def _probe(path: str, period: int, failures: int) -> dict:
             "timeoutSeconds": 5, "failureThreshold": failures}
 
 
-def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: bytes) -> Path:
+def render(config: Config, package_sha256: str, out_dir: str | Path, signer_pub: bytes) -> Path:
     """Write the kustomize folder: Deployment, Service, NetworkPolicy, PodDisruptionBudget, config and signer."""
-    k8s, gateway, engine = config["rollout"]["kubernetes"], config["rollout"]["gateway"], config["engine"]
-    name, labels = k8s["name"], {"app.kubernetes.io/name": k8s["name"], "app.kubernetes.io/part-of": "ft2prod"}
+    k8s, gateway, engine = config.rollout.kubernetes, config.rollout.gateway, config.engine
+    name, labels = k8s.name, {"app.kubernetes.io/name": k8s.name, "app.kubernetes.io/part-of": "ft2prod"}
+    local_kms = config.package.kms.provider == "local"
     image, egress = pinned_image(config, "image"), egress_rules(config)
     open_args, open_env = _open_args(config, f"{MOUNTS['packages']}/{package_sha256}")
     gateway_container = {
@@ -150,22 +155,23 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
                  MODEL_DIR, "--audit-log", f"{MOUNTS['audit']}/$(POD_NAME).jsonl"],
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "https", "containerPort": GATEWAY_PORT}],
-        "startupProbe": _probe("/readyz", 10, math.ceil(k8s["startup_timeout_s"] / 10)),
+        "startupProbe": _probe("/readyz", 10, math.ceil(k8s.startup_timeout_s / 10)),
         "livenessProbe": _probe("/healthz", 10, 3),
         "readinessProbe": _probe("/readyz", 5, 3),
-        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
+        "resources": {"requests": {"cpu": k8s.resources.cpu, "memory": k8s.resources.memory},
+                      "limits": {"memory": k8s.resources.memory_limit}},
         "securityContext": container_security(),
         "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False),
                          mount("audit-key")],
     }
     containers = [gateway_container]
-    if engine["backend"] == "tensorrt_llm":
-        trt = engine["tensorrt_llm"]
-        gpus = trt["tp_size"] * trt["pp_size"]
+    if engine.backend == "tensorrt_llm":
+        trt = engine.tensorrt_llm
+        gpus = trt.tp_size * trt.pp_size
         containers.append({
             "name": "engine", "image": pinned_image(config, "engine_image"),
             "args": ["trtllm-serve", MODEL_DIR, "--host", "127.0.0.1", "--port", str(ENGINE_PORT),
-                     "--tp_size", str(trt["tp_size"]), "--pp_size", str(trt["pp_size"])],
+                     "--tp_size", str(trt.tp_size), "--pp_size", str(trt.pp_size)],
             "env": [{"name": "HOME", "value": MOUNTS["tmp"]}],  # caches go to the memory-backed /tmp, not the read-only root
             "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}},
             "securityContext": container_security(),
@@ -173,13 +179,12 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
         })
     # a key file (local KMS) as a Secret volume: 0400 becomes 0440 under fsGroup, which open accepts for that group only;
     # the HSM PIN or Vault token reach the init container as environment variables instead
-    kms_volume = ([{"name": "kms", "secret": {"secretName": k8s["secrets"]["kms"], "defaultMode": 0o400}}]
-                  if config["package"]["kms"]["provider"] == "local" else [])
+    kms_volume = [{"name": "kms", "secret": {"secretName": k8s.secrets.kms, "defaultMode": 0o400}}] if local_kms else []
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
         "spec": {
-            "replicas": k8s["replicas"], "selector": {"matchLabels": labels},
+            "replicas": k8s.replicas, "selector": {"matchLabels": labels},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
@@ -192,19 +197,19 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
                         "name": "open-package", "image": image, "args": open_args, "env": open_env,
                         "securityContext": container_security(),
                         "volumeMounts": [mount("packages"), mount("model", False), mount("config")]
-                                        + ([mount("kms")] if config["package"]["kms"]["provider"] == "local" else []),
+                                        + ([mount("kms")] if local_kms else []),
                     }],
                     "containers": containers,
                     "volumes": [
-                        {"name": "packages", "persistentVolumeClaim": {"claimName": k8s["package_claim"], "readOnly": True}},
+                        {"name": "packages", "persistentVolumeClaim": {"claimName": k8s.package_claim, "readOnly": True}},
                         {"name": "model", "emptyDir": {"medium": "Memory"}},
                         {"name": "config", "configMap": {"name": f"{name}-config"}},
-                        {"name": "tls", "secret": {"secretName": k8s["secrets"]["tls"],
+                        {"name": "tls", "secret": {"secretName": k8s.secrets.tls,
                                                    "items": [{"key": "tls.crt", "path": "server.pem"}, {"key": "tls.key", "path": "server.key"},
                                                              {"key": "ca.crt", "path": "ca.pem"}]}},
-                        {"name": "api-keys", "secret": {"secretName": k8s["secrets"]["api_keys"]}},
+                        {"name": "api-keys", "secret": {"secretName": k8s.secrets.api_keys, "defaultMode": 0o400}},
                         {"name": "audit", "persistentVolumeClaim": {"claimName": f"{name}-audit"}},
-                        {"name": "audit-key", "secret": {"secretName": k8s["secrets"]["audit_key"], "defaultMode": 0o400,
+                        {"name": "audit-key", "secret": {"secretName": k8s.secrets.audit_key, "defaultMode": 0o400,
                                                          "items": [{"key": "audit.key", "path": "audit.key"}]}},
                     ] + kms_volume + ([{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}] if len(containers) > 1 else []),
                 },
@@ -213,7 +218,7 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
     }
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
                "spec": {"selector": labels, "ports": [{"name": "https", "port": 443, "targetPort": "https"}]}}
-    cidrs = sorted({cidr for role_cidrs in gateway["allow"].values() for cidr in role_cidrs})
+    cidrs = sorted({cidr for role_cidrs in gateway.allow.model_dump().values() for cidr in role_cidrs})
     network_policy = {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "labels": labels},
         "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress", "Egress"],
@@ -224,7 +229,7 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
     budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name, "labels": labels},
               "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}
     audit_claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": f"{name}-audit", "labels": labels},
-                   "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}}}}
+                   "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": k8s.audit_storage}}}}
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -236,7 +241,7 @@ def render(config: dict, package_sha256: str, out_dir: str | Path, signer_pub: b
     (out_dir / "config.yaml").write_text(yaml.safe_dump(pod_config(config), sort_keys=False))
     (out_dir / "signer.pub").write_bytes(signer_pub)
     kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": k8s["namespace"],
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": k8s.namespace,
         "resources": list(resources),
         "configMapGenerator": [{"name": f"{name}-config", "files": ["config.yaml", "signer.pub"]}],
     }

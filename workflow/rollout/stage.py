@@ -10,7 +10,6 @@ a kubectl context apply them and wait for the rollout (undone when the pods do n
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -27,13 +26,15 @@ import yaml
 from transformers import AutoTokenizer
 
 from workflow.chat import prompt_text
+from workflow.config import Allow, Config
 from workflow.data import read_split
 from workflow.engine.build import load_engine
 from workflow.evaluate import engine_completions
 from workflow.finetune.launch import free_port
 from workflow.package import archive
 from workflow.rollout import canary, kubernetes, registry
-from workflow.serve.access import ROLES, KeyStore
+from workflow.roles import ROLES
+from workflow.serve.access import KeyStore
 from workflow.serve.output import ReasoningSplit, split_text
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import client_context, ensure_certificates
@@ -55,27 +56,27 @@ def read_json(path: str | Path) -> dict:
 class LocalGateway:
     """The gateway as its own process on a loopback port, with throw-away canary keys (one per role)."""
 
-    def __init__(self, config: dict, package: str | Path, workdir: Path, log_path: str | None) -> None:
+    def __init__(self, config: Config, package: str | Path, workdir: Path, log_path: str | None) -> None:
         self.workdir, self.package, self.log_path = workdir, package, log_path
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        gateway = copy.deepcopy(config["rollout"]["gateway"])
+        gateway = config.rollout.gateway
         keys_path = workdir / "canary_keys.json"
         keys_path.unlink(missing_ok=True)
         store = KeyStore(keys_path)
         self.keys = {role: store.add(f"canary-{role}", role) for role in ROLES}
         self.audit_path = workdir / "canary-audit.jsonl"
         # The canary's gateway starts afresh: no audit records, anchor or served-package history of an earlier canary.
-        for stale in (self.audit_path, self.audit_path.with_name(self.audit_path.name + ".anchor.json"),
-                      self.audit_path.with_name(self.audit_path.stem + ".deployments.json")):
+        for stale in (self.audit_path, self.audit_path.with_name(self.audit_path.name + ".anchor.json")):
             stale.unlink(missing_ok=True)
-        gateway.update(host="127.0.0.1", port=self.port, api_keys=str(keys_path), upstream=None,
-                       audit={**gateway["audit"], "path": str(self.audit_path)})
-        gateway["allow"] = {role: ["127.0.0.0/8"] for role in ROLES}  # the canary calls from loopback
-        self.config = {**config, "rollout": {**config["rollout"], "gateway": gateway}}
+        canary_gateway = gateway.model_copy(update={
+            "host": "127.0.0.1", "port": self.port, "api_keys": str(keys_path), "upstream": None,
+            "audit": gateway.audit.model_copy(update={"path": str(self.audit_path)}),
+            "allow": Allow(**{role: ("127.0.0.0/8",) for role in ROLES})})  # the canary calls from loopback
+        self.config = config.model_copy(update={"rollout": config.rollout.model_copy(update={"gateway": canary_gateway})})
         self.config_path = workdir / "canary-config.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        self.ca = ensure_certificates(gateway["tls"]["dir"], gateway["tls"]["hosts"]).ca
+        self.config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
+        self.ca = ensure_certificates(gateway.tls.dir, gateway.tls.hosts).ca
         self.url = f"https://127.0.0.1:{self.port}"
 
     def __enter__(self) -> LocalGateway:
@@ -121,54 +122,54 @@ def served_fields(text: str, tokenizer, row: dict, reasoning: str) -> dict:
     return split_text(text, ReasoningSplit.opens_think(prompt_text(tokenizer, row["messages"][:-1])))
 
 
-def local_checks(config: dict, package_dir: Path, selection: dict, test_path: str | Path, workdir: Path,
+def local_checks(config: Config, package_dir: Path, selection: dict, test_path: str | Path, workdir: Path,
                  log_path: str | None) -> tuple[list[canary.Check], dict]:
-    settings, model = config["rollout"]["canary"], config["package"]["model_name"]
-    rows = read_split(test_path, settings["samples"])
-    max_tokens = config["evaluate"]["max_new_tokens"]
+    settings, model = config.rollout.canary, config.package.model_name
+    rows = read_split(test_path, settings.samples)
+    max_tokens = config.evaluate.max_new_tokens
     engine_dir = selection["engine_dir"]
-    engine = load_engine(engine_dir, selection["backend"], config["engine"])
+    engine = load_engine(engine_dir, selection["backend"], config.engine)
     tokenizer = AutoTokenizer.from_pretrained(engine_dir)
-    reference = [served_fields(c.text, tokenizer, row, config["rollout"]["gateway"]["reasoning"])
+    reference = [served_fields(c.text, tokenizer, row, config.rollout.gateway.reasoning)
                  for c, row in zip(engine_completions(engine, tokenizer, rows, max_tokens), rows, strict=True)]
     with LocalGateway(config, package_dir, workdir, log_path) as gateway:
-        ready_s = gateway.wait_ready(settings["ready_timeout_s"])
+        ready_s = gateway.wait_ready(settings.ready_timeout_s)
         analyst = canary.openai_client(gateway.url, gateway.ca, gateway.keys["analyst"])
         checks = [
             canary.check_tls("127.0.0.1", gateway.port, gateway.ca),
             canary.check_roles(gateway.url, gateway.ca, gateway.keys, model),
             canary.check_generation(analyst, model, rows, reference, max_tokens),
-            canary.check_latency(analyst, model, rows, max(config["benchmark"]["concurrency"]), settings["requests"],
-                                 config["benchmark"]["output_len"], settings["latency_p95_s"]),
+            canary.check_latency(analyst, model, rows, max(config.benchmark.concurrency), settings.requests,
+                                 config.benchmark.output_len, settings.latency_p95_s),
         ]
-        calls = (len(ROLES) + 1) * len(canary.ENDPOINTS) + len(rows) + settings["requests"]
+        calls = (len(ROLES) + 1) * len(canary.ENDPOINTS) + len(rows) + settings.requests
     audit = GatewaySettings.from_config(gateway.config).audit_log(writer=False)
     checks.append(canary.check_audit(audit, calls, rows[0]["messages"][-2]["content"]))
     return checks, {"url": gateway.url, "ready_s": ready_s}
 
 
-def kubernetes_checks(config: dict, package_dir: Path, out_dir: Path) -> tuple[list[canary.Check], dict]:
-    k8s = config["rollout"]["kubernetes"]
+def kubernetes_checks(config: Config, package_dir: Path, out_dir: Path) -> tuple[list[canary.Check], dict]:
+    k8s = config.rollout.kubernetes
     signer = GatewaySettings.from_config(config).trusted_signer()
     folder = kubernetes.render(config, archive.digest(package_dir), out_dir / "k8s", archive.public_pem(signer))
     try:
-        checked = kubernetes.validate(kubernetes.build(folder), k8s["kubernetes_version"])
-        checks = [canary.Check("manifests", True, checked, f"Kubernetes {k8s['kubernetes_version']} schemas (strict)",
+        checked = kubernetes.validate(kubernetes.build(folder), k8s.kubernetes_version)
+        checks = [canary.Check("manifests", True, checked, f"Kubernetes {k8s.kubernetes_version} schemas (strict)",
                                f"{len(checked)} resources valid: {', '.join(checked)}")]
     except kubernetes.InvalidManifest as err:
         return [canary.Check("manifests", False, None, "valid", str(err))], {"kustomize": str(folder)}
-    if k8s["context"]:
-        applied = kubernetes.apply(folder, k8s["context"], k8s["namespace"], k8s["name"], k8s["startup_timeout_s"] + 60)
+    if k8s.context:
+        applied = kubernetes.apply(folder, k8s.context, k8s.namespace, k8s.name, k8s.startup_timeout_s + 60)
         checks.append(canary.Check("rollout_status", applied["ready"], applied, "ready", applied["status"]))
-    return checks, {"kustomize": str(folder), "applied": bool(k8s["context"])}
+    return checks, {"kustomize": str(folder), "applied": bool(k8s.context)}
 
 
 def rollout(package_dir: str | Path, registered_path: str | Path, selection_path: str | Path, test_path: str | Path,
-            out_path: str | Path, config: dict, tracking: Tracking) -> dict:
+            out_path: str | Path, config: Config, tracking: Tracking) -> dict:
     package_dir, out_path = Path(package_dir), Path(out_path)
     registered, selection = read_json(registered_path), read_json(selection_path)
-    target = config["rollout"]["target"]
-    with job_run(tracking, "rollout", {"rollout": config["rollout"], "version": registered["version"]}):
+    target = config.rollout.target
+    with job_run(tracking, "rollout", {"rollout": config.rollout.model_dump(), "version": registered["version"]}):
         if target == "local":
             checks, where = local_checks(config, package_dir, selection, test_path, out_path.parent, tracking.log_path)
         else:

@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load(args.config)
-        gateway = config["rollout"]["gateway"]
+        gateway = config.rollout.gateway
         if args.command == "start":
             from workflow.serve.server import serve
 
-            if not (args.package or args.model_dir or gateway["upstream"]):
+            if not (args.package or args.model_dir or gateway.upstream):
                 parser.error("start needs --package or --model-dir, or rollout.gateway.upstream in the config")
             serve(config, args.package, args.model_dir, args.host, args.port, args.audit_log)
         elif args.command == "keys":
-            store = KeyStore(gateway["api_keys"])
+            store = KeyStore(gateway.api_keys)
             if args.action == "add":
                 if not args.id or not args.role:
                     parser.error("keys add needs --id and --role")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = log.verify(args.expect_head)
                 print(f"audit log verified: {result['records']} records from #{result['first_seq']}, head {result['head']}")
             else:
-                print(f"pruned {log.prune()} records older than {gateway['audit']['retention_days']} days")
+                print(f"pruned {log.prune()} records older than {gateway.audit.retention_days} days")
     except (ConfigError, ValueError, AuditTampered, AuditBusy, OSError, KmsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,19 +8,23 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-# The source document's access matrix. Health probes need no key.
-ROLES = {
-    "admin": {"deploy", "adjust", "view"},
-    "analyst": {"infer", "view"},
-    "auditor": {"audit", "monitor", "view"},
-}
+from workflow.config import Gateway
+from workflow.roles import ROLES
+
 KEY_PREFIX = "ftk-"
+log = logging.getLogger(__name__)
+
+
+class UnsafeKeyFile(ValueError):
+    """The API-key file may be written by someone other than its owner: its keys cannot be trusted."""
 
 
 class Denied(Exception):
@@ -55,15 +59,39 @@ class KeyStore:
 
     def _stamp(self) -> tuple | None:
         try:
-            stat = self.path.stat()
+            info = self.path.stat()
         except FileNotFoundError:
             return None
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+        self._mode = info.st_mode, info.st_uid
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
+    def _loose(self) -> bool:
+        """A chmod or chown changes no content stamp: the mode and owner are checked on every request too."""
+        mode, owner = getattr(self, "_mode", (0, os.geteuid()))
+        return bool(stat.S_IMODE(mode) & 0o026) or owner not in (os.geteuid(), 0)
 
     def _load(self) -> None:
-        self._seen = self._stamp()
-        self.entries = json.loads(self.path.read_text())["keys"] if self._seen else []
-        self.by_hash = {entry["sha256"]: entry for entry in self.entries}
+        """Read the file through one descriptor after checking, on that descriptor (a Kubernetes Secret's file is a
+        link into its volume: the file it names is what is checked), that only its
+        owner (this user, or root for a mounted Secret) may write it and others may not read it: on every reload, so a
+        file loosened while the gateway runs is refused, not trusted (UnsafeKeyFile)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._seen, self.entries, self.by_hash = None, [], {}
+            return
+        except OSError as err:
+            raise UnsafeKeyFile(f"API-key file {self.path}: {err.strerror}; refusing it") from None
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            mode = stat.S_IMODE(info.st_mode)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid not in (os.geteuid(), 0) or mode & 0o026:
+                raise UnsafeKeyFile(f"API-key file {self.path} has mode {mode:04o} and owner uid {info.st_uid}: it must be a "
+                                    "file of this user (or root) that no group or other user can write, nor others read "
+                                    f"(chmod 600); every key is refused until it is")
+            entries = json.loads(handle.read())["keys"]
+        self._seen = (info.st_ino, info.st_mtime_ns, info.st_size)
+        self.entries, self.by_hash = entries, {entry["sha256"]: entry for entry in entries}
 
     def add(self, key_id: str, role: str, expires_days: float | None = None) -> str:
         if role not in ROLES:
@@ -90,8 +118,8 @@ class KeyStore:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        partial = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump({"keys": self.entries}, handle, indent=1)
         partial.replace(self.path)
@@ -100,8 +128,12 @@ class KeyStore:
     def identify(self, authorization: str | None) -> Identity:
         if not authorization or not authorization.startswith("Bearer "):
             raise Denied(401, "no_key", "missing API key: send 'Authorization: Bearer <key>'")
-        if self._stamp() != self._seen:  # added, revoked or expired since: read again (one stat per request)
-            self._load()
+        if self._stamp() != self._seen or self._loose():  # changed since: read again (one stat per request)
+            try:
+                self._load()
+            except UnsafeKeyFile as err:
+                log.error("ALERT %s", err)
+                raise Denied(503, "key_file_unsafe", "the gateway's API-key file is unsafe; the operators are alerted") from None
         entry = self.by_hash.get(key_hash(authorization.removeprefix("Bearer ").strip()))
         if entry is None:
             raise Denied(401, "unknown_key", "unknown API key")
@@ -142,13 +174,10 @@ class Policy:
     trusted_proxies: list[Network]
 
     @classmethod
-    def from_config(cls, gateway: dict) -> Policy:
-        unknown = set(gateway["allow"]) - set(ROLES)
-        if unknown:
-            raise ValueError(f"config: rollout.gateway.allow: unknown role(s) {sorted(unknown)}; roles: {', '.join(ROLES)}")
+    def from_config(cls, gateway: Gateway) -> Policy:
         return cls(
-            allow={role: networks(gateway["allow"].get(role, []), f"rollout.gateway.allow.{role}") for role in ROLES},
-            trusted_proxies=networks(gateway["trusted_proxies"], "rollout.gateway.trusted_proxies"),
+            allow={role: networks(getattr(gateway.allow, role), f"rollout.gateway.allow.{role}") for role in ROLES},
+            trusted_proxies=networks(gateway.trusted_proxies, "rollout.gateway.trusted_proxies"),
         )
 
     def check_address(self, identity: Identity, ip: str) -> None:
@@ -158,5 +187,5 @@ class Policy:
 
     def authorize(self, identity: Identity, ip: str, permission: str) -> None:
         self.check_address(identity, ip)
-        if permission not in ROLES[identity.role]:
+        if permission not in ROLES[identity.role].permissions:
             raise Denied(403, "role_forbidden", f"role {identity.role} may not {permission}")

@@ -28,7 +28,7 @@ from starlette.responses import Response
 
 from workflow.serve import openapi
 from workflow.serve.access import Denied
-from workflow.serve.audit import alerts
+from workflow.serve.audit import AuditTampered, alerts
 from workflow.serve.backends import NotReady
 from workflow.serve.deployments import DIGEST
 from workflow.serve.guard import Gateway, Guard
@@ -91,7 +91,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     settings, backend = gateway.settings, gateway.backend
 
     async def lifespan(app):
-        backend.start(settings, package, model_dir)
+        backend.start(settings, package, model_dir, gateway.deployments)
         yield
 
     app = FastAPI(title="ft2prod gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
@@ -135,7 +135,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     async def healthz():
         return {"status": "alive"}
 
-    @app.get("/readyz", responses=answers(Ready) | {503: {"model": NotReadyAnswer}} | refusals(*GUARDED))
+    @app.get("/readyz", responses=answers(Ready) | refusals(*GUARDED) | {503: {"model": NotReadyAnswer}})
     async def readyz():
         ready = await backend.is_ready()
         gateway.metrics.ready.set(int(ready))
@@ -191,9 +191,12 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
         request.scope["state"]["detail"] = {"limits": changes}
         return settings.limits.model_dump()
 
-    @app.post("/admin/audit/prune", dependencies=allowed("adjust"), responses=answers(Pruned) | refusals(*KEYED))
+    @app.post("/admin/audit/prune", dependencies=allowed("adjust"), responses=answers(Pruned) | refusals(*KEYED, 409))
     async def audit_prune(request: Request):
-        pruned = await run_in_threadpool(gateway.audit.prune)  # under the log's own lock: the chain never forks
+        try:  # under the log's own lock: the chain never forks; a log that does not verify loses nothing
+            pruned = await run_in_threadpool(gateway.audit.prune)
+        except AuditTampered as err:
+            raise BadRequest(f"nothing pruned: the audit log does not verify ({err}); run `audit verify`", 409) from None
         request.scope["state"]["detail"] = {"pruned": pruned}
         return {"pruned": pruned, "retention_days": settings.audit.retention_days}
 
@@ -208,7 +211,7 @@ def create_app(gateway: Gateway, package: str | None = None, model_dir: str | No
     @app.get("/audit/alerts", dependencies=allowed("audit"), responses=answers(AuditAlerts) | refusals(*KEYED))
     async def audit_alerts(since: str | None = None):
         records = await run_in_threadpool(gateway.audit.search, since, None, 10**9)
-        return {"alerts": alerts(records, settings.denied_burst, settings.alert_window_s)}
+        return {"alerts": alerts(records, settings.denied_burst, settings.alert_window_s) + gateway.audit.failures}
 
     @app.get("/metrics", dependencies=allowed("monitor"), response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}} | refusals(*KEYED))

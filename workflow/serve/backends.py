@@ -22,6 +22,7 @@ import httpx2
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from workflow.chat import TemplateError, prompt_text
+from workflow.config import EngineConfig
 from workflow.engine.build import load_engine
 from workflow.engine.manifest import EngineManifest
 from workflow.engine.sampling import SamplingParams, generation_defaults
@@ -52,7 +53,7 @@ class InProcess:
 
     kind = "in_process"
 
-    def __init__(self, engine_settings: dict, memory_dir: str = "/dev/shm") -> None:
+    def __init__(self, engine_settings: EngineConfig, memory_dir: str = "/dev/shm") -> None:
         self.engine_settings, self.memory_dir = engine_settings, memory_dir
         self.engine = self.tokenizer = None
         self.package: dict = {}
@@ -62,9 +63,11 @@ class InProcess:
         """Held while a package loads: one load at a time (each needs the plaintext model in memory)."""
         self.deployments: Deployments | None = None
 
-    def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
-        """Begin loading the package (encrypted) or the folder (already opened) given at start, if any."""
-        self.deployments = Deployments(settings.deployments_path, settings.audit_key())
+    def start(self, settings, package: str | None = None, model_dir: str | None = None,
+              deployments: Deployments | None = None) -> None:
+        """Begin loading the package (encrypted) or the folder (already opened) given at start, if any; a package
+        older than the anti-rollback floor (`deployments`) is refused as a deploy would be."""
+        self.deployments = deployments
         if package:
             self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
         elif model_dir:
@@ -102,17 +105,24 @@ class InProcess:
 
     def deploy(self, package_sha256: str, rollback: bool, settings) -> None:
         """Load the package `package_sha256` from the package root, if this gateway may serve it now (see
-        deployments.py); 409 while another package is loading."""
+        deployments.py); 409 while another package is loading. Checked here for a quick answer, and again by the load
+        on the very bytes it opens: a package swapped in between is refused, not served."""
         path = package_path(settings.package_root, package_sha256)
         trusted = settings.trusted_signer()
+        signed = self.checked(path, trusted, package_sha256, rollback)
+        self.load_in_background(self.load, path, trusted, settings.kms(), signed.sha256, rollback)
+
+    def checked(self, path: Path, trusted, expect: str | None, rollback: bool) -> archive.Signed:
+        """The package's signed parts, read once, if it is the package `expect` (when given) and not older than the
+        floor; BadRequest (409) otherwise."""
         try:
-            _, header, _ = archive.signed_manifest(path, trusted)
+            signed = archive.signed_package(Path(path), trusted)
         except archive.PackageError as err:
-            raise BadRequest(f"package {package_sha256[:16]}… is refused: {type(err).__name__}", 409) from None
-        if archive.digest(path) != package_sha256:
-            raise BadRequest(f"the package stored as {package_sha256[:16]}… has another digest: refusing it", 409)
-        self.deployments.check(package_sha256, header.get("created", ""), rollback)
-        self.load_in_background(self.load, path, trusted, settings.kms())
+            raise BadRequest(f"package {str(expect or path)[:16]}… is refused: {type(err).__name__}", 409) from None
+        if expect and signed.sha256 != expect:
+            raise BadRequest(f"the package stored as {expect[:16]}… has another digest: refusing it", 409)
+        self.deployments.check(signed.sha256, signed.header.get("created", ""), rollback)
+        return signed
 
     def undeploy(self, package_sha256: str) -> None:
         if package_sha256 != self.package.get("sha256"):
@@ -120,15 +130,16 @@ class InProcess:
                              f"({str(self.package.get('sha256'))[:16]}…); GET /v1/deployment shows it", 409)
         self.unload()
 
-    def load(self, package: str | Path, trusted, kms) -> None:
-        """Open, load, then swap in atomically: requests keep using the old model until the new one is ready."""
+    def load(self, package: str | Path, trusted, kms, expect: str | None = None, rollback: bool = False) -> None:
+        """Check (signature, digest, floor), open exactly what was checked, load, then swap in atomically: requests
+        keep using the old model until the new one is ready."""
+        signed = self.checked(Path(package), trusted, expect, rollback)
+        created = signed.header.get("created", "")
         opened = Path(tempfile.mkdtemp(prefix="ft2prod-", dir=self.memory_dir))
         try:
-            manifest, header, _ = archive.signed_manifest(Path(package), trusted)
-            archive.open_package(package, trusted, kms, into=opened)
-            sha256 = archive.digest(package)
-            self.load_opened(opened, {"path": str(package), "sha256": sha256, "created": header.get("created", "")})
-            self.deployments.record(sha256, header.get("created", ""))
+            archive.open_package(package, trusted, kms, into=opened, signed=signed)
+            self.load_opened(opened, {"path": str(package), "sha256": signed.sha256, "created": created})
+            self.deployments.record(signed.sha256, created)
         finally:
             shutil.rmtree(opened, ignore_errors=True)  # loaded engines keep their own copy (or mapping)
 
@@ -241,7 +252,7 @@ class Upstream:
         self.client = httpx2.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers)
         self.package = {"upstream": self.url}
 
-    def start(self, settings, package: str | None = None, model_dir: str | None = None) -> None:
+    def start(self, settings, package: str | None = None, model_dir: str | None = None, deployments=None) -> None:
         """Nothing to load: the engine server opens the package itself."""
 
     async def is_ready(self) -> bool:

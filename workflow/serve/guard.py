@@ -12,7 +12,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from workflow.serve.access import Denied, KeyStore, client_ip
+from workflow.serve.audit import AuditWriteFailed
 from workflow.serve.backends import InProcess, Upstream
+from workflow.serve.deployments import Deployments
 from workflow.serve.protocol import error_body
 from workflow.serve.ratelimit import RateLimiter, retry_after
 from workflow.serve.settings import GatewaySettings
@@ -47,9 +49,19 @@ class Guard:
             return await self.app(scope, receive, send)
         g, began = self.gateway, time.perf_counter()
         state = scope.setdefault("state", {})
-        outcome = {"status": 500}
+        outcome = {"status": 500, "recorded": False}
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         endpoint = scope["path"] if scope["path"] in g.paths else "other"
+
+        def audited(status: int) -> bool:
+            outcome["recorded"] = True
+            try:
+                g.record(state, scope["method"], endpoint, status, time.perf_counter() - began)
+                return True
+            except AuditWriteFailed:
+                return False
+
+        send = audit_before_last_byte(send, outcome, audited)
         g.metrics.in_flight.inc()
         try:
             state["client_ip"] = client_ip(scope["client"][0], headers.get("x-forwarded-for"), g.settings.policy.trusted_proxies)
@@ -65,23 +77,20 @@ class Guard:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            async def watch(message):
-                if message["type"] == "http.response.start":
-                    outcome["status"] = message["status"]
-                await send(message)
-
-            await self.app(scope, replay, watch)
+            await self.app(scope, replay, send)
         except Denied as denied:
             state["reason"] = denied.reason
-            outcome["status"] = denied.status
             await JSONResponse(error_body(str(denied), "invalid_request_error", denied.reason), denied.status,
                                denied.headers)(scope, receive, send)
+        except Unaudited:
+            pass  # a stream whose record could not be written: cut off before its end (uvicorn closes the connection)
         finally:
             g.metrics.in_flight.dec()
-            g.record(state, scope["method"], endpoint, outcome["status"], time.perf_counter() - began)
+            if not outcome["recorded"]:  # the client left, or the app failed, before the last byte
+                audited(outcome["status"])
 
     async def _body_in_time(self, receive, headers: dict) -> bytes:
-        seconds = self.gateway.settings.deadlines["body_s"]
+        seconds = self.gateway.settings.deadlines.body_s
         try:
             async with asyncio.timeout(seconds):
                 return await self._bounded_body(receive, headers)
@@ -104,6 +113,38 @@ class Guard:
                 return body
 
 
+class Unaudited(Exception):
+    """A streamed answer whose audit record could not be written: it must not complete."""
+
+
+def audit_before_last_byte(send, outcome: dict, audited):
+    """`send`, writing the audit record before the answer's last byte: an answer whose record cannot be written never
+    completes. A one-piece answer (start and a single body message) is held until its record is written, and becomes a
+    503 when it cannot be; a stream is cut off before its end (Unaudited)."""
+    held = []
+
+    async def watched(message):
+        if message["type"] == "http.response.start":
+            outcome["status"] = message["status"]
+            held.append(message)
+            return
+        if message["type"] == "http.response.body" and not message.get("more_body") and not outcome["recorded"]:
+            if not audited(outcome["status"]):
+                if not held:
+                    raise Unaudited()
+                held.clear()
+                outcome["status"] = 503
+                body = error_body("the audit log cannot be written: nothing is served unaudited; the operators are alerted",
+                                  "service_unavailable", "audit_unavailable")
+                await JSONResponse(body, 503, {"connection": "close"})({"type": "http"}, None, send)
+                return
+        while held:
+            await send(held.pop())
+        await send(message)
+
+    return watched
+
+
 class Gateway:
     """The gateway's state: settings, keys, audit log, metrics and what it serves."""
 
@@ -113,6 +154,7 @@ class Gateway:
         self.keys = KeyStore(settings.api_keys)
         self.rates = RateLimiter(settings.rate_limits)
         self.audit = settings.audit_log()
+        self.deployments = Deployments(self.audit)  # before the first prune, which carries its state forward
         self.audit.prune()  # retention applies from the start; then daily, as records are appended
         self.metrics = Metrics()
         self.paths: set[str] = set()
@@ -147,7 +189,7 @@ class Gateway:
         self.settings.policy.check_address(identity, state["client_ip"])
         wait = self.rates.wait(identity.key_id, identity.role)
         if wait:
-            rate = self.settings.rate_limits[identity.role]
+            rate = getattr(self.settings.rate_limits, identity.role)
             raise Denied(429, "rate_limited", f"key {identity.key_id} is over the {identity.role} rate limit "
                          f"({rate['requests_per_minute']:g} requests per minute, burst {rate['burst']}); retry in {wait:.1f} s",
                          {"retry-after": retry_after(wait)})

@@ -26,11 +26,12 @@ REFUSALS = {
     409: "The request does not fit the gateway's state (e.g. undeploying a package that is not served)",
     413: "The body is over limits.max_body_bytes",
     429: "Too many requests for this key; retry later",
-    503: "No model is loaded (loading, undeployed, or the load failed)",
+    503: "No model is loaded (loading, undeployed, or the load failed), or the audit log cannot be written",
 }
 # Any request may be refused before it reaches its route: by the guard (body limit, read deadline, rate limit,
-# X-Forwarded-For) and, for routes behind a key, by the access checks.
-GUARDED = (400, 408, 413, 429)
+# X-Forwarded-For), when its audit record cannot be written (503: nothing is served unaudited) and, for routes behind a
+# key, by the access checks.
+GUARDED = (400, 408, 413, 429, 503)
 KEYED = GUARDED + (401, 403)
 
 
@@ -132,9 +133,9 @@ class AuditEvents(BaseModel):
 
 
 class Alert(BaseModel):
-    kind: Literal["outside_allow_list", "denied_burst"]
+    kind: Literal["outside_allow_list", "denied_burst", "audit_write_failed"]
     time: str
-    client_ip: str
+    client_ip: str | None = None
 
 
 class AuditAlerts(BaseModel):

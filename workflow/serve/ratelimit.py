@@ -11,6 +11,8 @@ import math
 import threading
 import time
 
+from workflow.config import RateLimits
+
 
 class Bucket:
     def __init__(self, per_minute: float, burst: int, now: float) -> None:
@@ -30,8 +32,8 @@ class Bucket:
 class RateLimiter:
     """`wait(key_id, role)`: 0 when the key may send a request now, else the seconds it must wait (Retry-After)."""
 
-    def __init__(self, per_role: dict[str, dict], clock=time.monotonic) -> None:
-        """per_role: {role: {"requests_per_minute": float, "burst": int}} (rollout.gateway.rate_limits)."""
+    def __init__(self, per_role: RateLimits, clock=time.monotonic) -> None:
+        """per_role: rollout.gateway.rate_limits, a RateLimit per role."""
         self.per_role, self.clock = per_role, clock
         self.buckets: dict[tuple[str, str], Bucket] = {}
         self._lock = threading.Lock()
@@ -41,8 +43,8 @@ class RateLimiter:
         with self._lock:
             bucket = self.buckets.get((key_id, role))
             if bucket is None:
-                rate = self.per_role[role]
-                bucket = self.buckets[(key_id, role)] = Bucket(rate["requests_per_minute"], rate["burst"], now)
+                rate = getattr(self.per_role, role)
+                bucket = self.buckets[(key_id, role)] = Bucket(rate.requests_per_minute, rate.burst, now)
             return bucket.take(now)
 
 

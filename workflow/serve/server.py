@@ -8,42 +8,49 @@ from pathlib import Path
 
 import uvicorn
 
+from workflow.config import Config
+
 from workflow.serve.app import create_app
 from workflow.serve.backends import InProcess, Upstream
 from workflow.serve.connections import with_header_deadline
 from workflow.serve.guard import Gateway
+from workflow.serve.protocol import BadRequest
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import ensure_certificates, restrict_to_tls13
 
 log = logging.getLogger(__name__)
 
 
-def build(config: dict, package: str | None = None, model_dir: str | None = None, audit_path: str | None = None):
+def build(config: Config, package: str | None = None, model_dir: str | None = None, audit_path: str | None = None):
     """The FastAPI app and its Gateway for a workflow config."""
     settings = GatewaySettings.from_config(config, audit_path)
-    key_env = config["rollout"]["gateway"]["upstream_key_env"]
+    key_env = config.rollout.gateway.upstream_key_env
     upstream_key = os.environ.get(key_env) if key_env else None
-    backend = Upstream(settings.upstream, upstream_key) if settings.upstream else InProcess(config["engine"])
+    backend = Upstream(settings.upstream, upstream_key) if settings.upstream else InProcess(config.engine)
     gateway = Gateway(settings, backend)
     return create_app(gateway, package, model_dir), gateway
 
 
-def serve(config: dict, package: str | None = None, model_dir: str | None = None, host: str | None = None,
+def serve(config: Config, package: str | None = None, model_dir: str | None = None, host: str | None = None,
           port: int | None = None, audit_path: str | None = None) -> None:
-    gateway_section = config["rollout"]["gateway"]
-    tls = gateway_section["tls"]
-    files = ensure_certificates(tls["dir"], tls["hosts"])
+    gateway_section = config.rollout.gateway
+    files = ensure_certificates(gateway_section.tls.dir, gateway_section.tls.hosts)
     app, gateway = build(config, package, model_dir, audit_path)
     if package:  # fail now, with a clear message, rather than inside the server's start-up
-        gateway.settings.trusted_signer(), gateway.settings.kms()
-    deadlines = gateway_section["deadlines"]
+        trusted, _ = gateway.settings.trusted_signer(), gateway.settings.kms()
+        gateway.backend.deployments = gateway.deployments
+        try:  # the anti-rollback floor holds across restarts: an older package is refused at start too
+            gateway.backend.checked(Path(package), trusted, None, rollback=False)
+        except BadRequest as err:
+            raise ValueError(f"refusing to start: {err}") from None
+    deadlines = gateway_section.deadlines
     settings = uvicorn.Config(
-        app, host=host or gateway_section["host"], port=port if port is not None else gateway_section["port"],
-        ssl_certfile=str(files.cert), ssl_keyfile=str(files.key), timeout_graceful_shutdown=gateway_section["graceful_shutdown_s"],
-        log_level="info", access_log=False, limit_concurrency=gateway_section["max_connections"],
+        app, host=host or gateway_section.host, port=port if port is not None else gateway_section.port,
+        ssl_certfile=str(files.cert), ssl_keyfile=str(files.key), timeout_graceful_shutdown=gateway_section.graceful_shutdown_s,
+        log_level="info", access_log=False, limit_concurrency=gateway_section.max_connections,
         # headers within deadlines.header_s (the body's deadline is the guard's); idle keep-alive closed after keep_alive_s
-        http=with_header_deadline(deadlines["header_s"], lambda reason: gateway.metrics.closed.labels(reason).inc()),
-        timeout_keep_alive=deadlines["keep_alive_s"],
+        http=with_header_deadline(deadlines.header_s, lambda reason: gateway.metrics.closed.labels(reason).inc()),
+        timeout_keep_alive=deadlines.keep_alive_s,
         proxy_headers=False,  # X-Forwarded-For is believed only from rollout.gateway.trusted_proxies (access.client_ip)
     )
     settings.load()

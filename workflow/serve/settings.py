@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ConfigDict, ValidationError
 
-from workflow.config import Audit
+from workflow.config import Audit, Config, Deadlines, EngineConfig, PackageConfig, RateLimits, errors
 from workflow.config import Limits as LimitSettings
-from workflow.config import errors
 from workflow.package import archive
 from workflow.package import kms as kms_providers
 from workflow.package.kms import owner_only_key
@@ -44,43 +43,36 @@ class GatewaySettings:
     """The configured audit section (its path may be overridden by audit_path)."""
     denied_burst: int
     alert_window_s: float
-    deadlines: dict = field(default_factory=dict)
-    """rollout.gateway.deadlines: header_s, body_s, keep_alive_s."""
-    rate_limits: dict = field(default_factory=dict)
-    """rollout.gateway.rate_limits: {role: {requests_per_minute, burst}}."""
-    engine: dict = field(default_factory=dict)
+    deadlines: Deadlines
+    rate_limits: RateLimits
+    engine: EngineConfig
     """The workflow's `engine` section: how to load the package's engine in-process."""
-    upstream: str | None = None
-    reasoning: str = "split"
+    upstream: str | None
+    reasoning: str
     """rollout.gateway.reasoning: split (reasoning_content apart from content) or raw."""
-    package_settings: dict = field(default_factory=dict)
-    package_root: Path | None = None
+    package_settings: PackageConfig
+    package_root: Path
     """Where /admin/deploy finds packages by digest."""
 
-    @property
-    def deployments_path(self) -> Path:
-        """The anti-rollback record (deployments.py), beside the audit log: state the gateway keeps and may write."""
-        return self.audit_path.with_name(self.audit_path.stem + ".deployments.json")
-
     @classmethod
-    def from_config(cls, config: dict, audit_path: str | Path | None = None) -> GatewaySettings:
-        gateway = config["rollout"]["gateway"]
+    def from_config(cls, config: Config, audit_path: str | Path | None = None) -> GatewaySettings:
+        gateway = config.rollout.gateway
         return cls(
-            model_name=config["package"]["model_name"],
-            limits=Limits(**gateway["limits"]),
+            model_name=config.package.model_name,
+            limits=Limits(**gateway.limits.model_dump()),
             policy=Policy.from_config(gateway),
-            api_keys=Path(gateway["api_keys"]),
-            audit_path=Path(audit_path or gateway["audit"]["path"]),
-            audit=Audit(**gateway["audit"]),
-            denied_burst=gateway["alerts"]["denied_burst"],
-            alert_window_s=gateway["alerts"]["window_s"],
-            deadlines=gateway["deadlines"],
-            rate_limits=gateway["rate_limits"],
-            engine=config["engine"],
-            upstream=gateway["upstream"],
-            reasoning=gateway["reasoning"],
-            package_settings=config["package"],
-            package_root=Path(gateway["package_root"] or config["package"]["backup_dir"]),
+            api_keys=Path(gateway.api_keys),
+            audit_path=Path(audit_path or gateway.audit.path),
+            audit=gateway.audit,
+            denied_burst=gateway.alerts.denied_burst,
+            alert_window_s=gateway.alerts.window_s,
+            deadlines=gateway.deadlines,
+            rate_limits=gateway.rate_limits,
+            engine=config.engine,
+            upstream=gateway.upstream,
+            reasoning=gateway.reasoning,
+            package_settings=config.package,
+            package_root=Path(gateway.package_root or config.package.backup_dir),
         )
 
     def audit_key(self, create: bool = True) -> bytes:
@@ -92,11 +84,13 @@ class GatewaySettings:
         return AuditLog(self.audit_path, self.audit_key(create=writer), self.audit.retention_days, writer, self.audit.head_export_s)
 
     def kms(self):
-        return kms_providers.from_config(self.package_settings["kms"])
+        return kms_providers.from_config(self.package_settings.kms)
 
     def trusted_signer(self):
-        """The signer packages must carry: `package.trusted_signer` (a public key), else the local signing key's."""
-        public = self.package_settings.get("trusted_signer")
-        if public:
-            return archive.load_public_key(public)
-        return archive.load_signing_key(self.package_settings["signing_key"], create=False).public_key()
+        """The signer packages must carry: `package.trusted_signer` (a public key), else the public half kept beside
+        `package.signing_key` (keys/signing.pub). The gateway never reads the private signing key."""
+        public = self.package_settings.trusted_signer or archive.public_key_path(self.package_settings.signing_key)
+        if not Path(public).exists():
+            raise ValueError(f"package.trusted_signer is null and {public} (the public half of package.signing_key, "
+                             "written when a package is signed) does not exist: set package.trusted_signer to the signer's public key")
+        return archive.load_public_key(public)
