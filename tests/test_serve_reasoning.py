@@ -106,3 +106,21 @@ def test_raw_setting_keeps_the_generated_text(thinking_package, tmp_path):
         assert message.content == f"{THOUGHT}\n</think>\n\n{ANSWER}" and getattr(message, "reasoning_content", None) is None
     finally:
         assert served.stop() in STOPPED
+
+
+def test_the_canary_compares_the_split_answers_with_the_engines_own(thinking, thinking_package):
+    """rollout's generation check on a thinking model: the served (reasoning_content, content) equal the engine's own
+    greedy generation split the same way, and the answer after the reasoning is scored."""
+    from workflow.engine.onnxruntime import OrtEngine
+    from workflow.evaluate import engine_completions
+    from workflow.rollout import canary
+    from workflow.rollout.stage import served_fields
+
+    engine_dir = thinking_package.parent / "engine"
+    tokenizer = AutoTokenizer.from_pretrained(engine_dir)
+    rows = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}], "answer": ANSWER}]
+    completions = engine_completions(OrtEngine(engine_dir), tokenizer, rows, 96)
+    reference = [served_fields(c.text, tokenizer, row, "split") for c, row in zip(completions, rows, strict=True)]
+    assert reference == [{"reasoning_content": THOUGHT, "content": ANSWER}]
+    check = canary.check_generation(thinking.openai(), MODEL, rows, reference, 96)
+    assert check.passed and check.value == {"equal": 1, "accuracy": 1.0}, check.detail
