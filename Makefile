@@ -1,5 +1,5 @@
 # ft2prod: `make run` sets up and runs the whole DAG on the embedded default; `make test` sets up and runs every test;
-# `make test-fast` runs the unit tests only (no root, no Debian packages, no services, no DAG runs; a few minutes).
+# `make test-fast` runs the fast tier only (no root, no Debian packages, no services, no DAG runs; a few minutes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,12 +31,15 @@ system:
 run: setup
 	$(BIN)/snakemake
 
+# Every tier: -m "" replaces the fast-tier selection that pyproject.toml's addopts make the default. The 15 slowest
+# tests are listed at the end.
 test: setup system
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -m "" --durations=15
 
-# The unit tier: no root, no Debian packages, no services, no DAG runs. The markers are declared in pyproject.toml.
+# The fast tier, what a bare `pytest` runs (pyproject.toml's addopts): no root, no Debian packages, no services,
+# no DAG runs. Tests carry their tier as a marker (e2e, services, slow; declared in pyproject.toml).
 test-fast: setup
-	$(BIN)/python -m pytest -ra -m "not e2e and not services and not slow"
+	$(BIN)/python -m pytest -ra
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -13,6 +13,7 @@ include: "rules/common.smk"
 
 CONFIG = typed_config(config)
 config.update(CONFIG.model_dump(mode="json"))
+PLAN = planned(CONFIG)
 
 
 include: "rules/plan.smk"

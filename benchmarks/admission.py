@@ -19,6 +19,7 @@ import threading
 import time
 
 from workflow.benchmark import run_level
+from workflow.engine.interface import GenerationRequest
 
 SLOW, FAST = [1], [2]
 PROMPTS = [SLOW, FAST, FAST, FAST]
@@ -28,9 +29,9 @@ TOKENS, WORKERS = 8, 2
 class SleepingEngine:
     """A stand-in with known per-token times: 50 ms for the slow prompt, 10 ms for the fast ones."""
 
-    def stream(self, prompt_ids, max_new_tokens, min_new_tokens=0):
-        for _ in range(max_new_tokens):
-            time.sleep(0.05 if prompt_ids == SLOW else 0.01)
+    def stream(self, request: GenerationRequest):
+        for _ in range(request.max_new_tokens):
+            time.sleep(0.05 if list(request.prompt_ids) == SLOW else 0.01)
             yield 0
 
 
@@ -38,7 +39,7 @@ def lock_step(engine, prompts: list[list[int]], output_len: int, batch: int) -> 
     """The baseline: batches of `batch` requests, each batch waiting for its slowest request."""
     began = time.perf_counter()
     for start in range(0, len(prompts), batch):
-        threads = [threading.Thread(target=lambda p=p: list(engine.stream(p, output_len, output_len)))
+        threads = [threading.Thread(target=lambda p=p: list(engine.stream(GenerationRequest(p, output_len, output_len))))
                    for p in prompts[start : start + batch]]
         for thread in threads:
             thread.start()
@@ -49,7 +50,7 @@ def lock_step(engine, prompts: list[list[int]], output_len: int, batch: int) -> 
 
 def alone(engine, prompt: list[int], output_len: int) -> float:
     began = time.perf_counter()
-    list(engine.stream(prompt, output_len, output_len))
+    list(engine.stream(GenerationRequest(prompt, output_len, output_len)))
     return time.perf_counter() - began
 
 

@@ -38,6 +38,7 @@ from workflow.bootstrap.model import BootstrapConfig, make_base_model
 from workflow.config import QuantizeConfig
 from workflow.engine import onnxruntime
 from workflow.engine.calibration import fold_calibration
+from workflow.engine.interface import GenerationRequest
 from workflow.quantize import quantize
 from workflow.tracking import Tracking
 
@@ -61,12 +62,15 @@ class TokenQueue(BaseStreamer):
 class TransformersEngine:
     """Plain transformers serving: one greedy generate() call per request, streamed."""
 
+    max_batch_size = 1
+
     def __init__(self, model) -> None:
         self.model = model
 
-    def stream(self, prompt_ids, max_new_tokens, min_new_tokens=0):
+    def stream(self, request: GenerationRequest):
         streamer = TokenQueue()
-        arguments = {"input_ids": torch.tensor([prompt_ids]), "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+        arguments = {"input_ids": torch.tensor([list(request.prompt_ids)]), "max_new_tokens": request.max_new_tokens,
+                     "min_new_tokens": request.min_new_tokens,
                      "do_sample": False, "streamer": streamer}
         worker = threading.Thread(target=lambda: torch.inference_mode()(self.model.generate)(**arguments))
         worker.start()
@@ -96,7 +100,7 @@ def agreement(engine, reference: list[list[int]], prompts: list[list[int]], n: i
     """Share of greedy tokens equal to the fp32 model's, position by position."""
     same = total = 0
     for prompt, expected in zip(prompts, reference):
-        got = list(engine.stream(prompt, n, min_new_tokens=n))
+        got = list(engine.stream(GenerationRequest(prompt, n, min_new_tokens=n)))
         same += sum(a == b for a, b in zip(got, expected))
         total += n
     return same / total
@@ -168,7 +172,7 @@ def main() -> None:
     rng = random.Random(2)
     held_out = [[rng.randrange(10, len(tokenizer) - 10) for _ in range(256)] for _ in range(8)]
     probe = [[t for t in range(5, 5 + 64)], [t for t in range(100, 164)], [t for t in range(200, 264)]]
-    reference = [list(TransformersEngine(model).stream(p, 32, min_new_tokens=32)) for p in probe]
+    reference = [list(TransformersEngine(model).stream(GenerationRequest(p, 32, min_new_tokens=32))) for p in probe]
 
     def build(scheme: str, name: str, calibrated: bool) -> Path:
         engine_dir = work / "engines" / name

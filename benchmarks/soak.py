@@ -1,24 +1,28 @@
 """A bounded soak of the gateway on loopback: well-formed load at fixed concurrency with slow clients, aborted streams
 and a greedy key mixed in, then the figures a serving team signs off on.
 
-    .venv/bin/python benchmarks/soak.py [--minutes 10] [--concurrency 32] [--slow 250] [--json soak.json]
+    .venv/bin/python benchmarks/soak.py [--minutes 10] [--concurrency 32] [--keys 8] [--slow 250] [--json soak.json]
 
 Builds a model of the embedded default's shape (the bootstrap Llama, briefly pretrained: its answers do not matter
 here), its ONNX Runtime GenAI bf16 engine and package (local key file, fresh signing key), and serves the package
 in-process with `python -m workflow.serve start` (TLS 1.3, the default deadlines, rate limits and max_connections).
 For --minutes it runs at once:
 
-- --concurrency well-formed clients, each with its own analyst key (within the default analyst rate): chat
-  completions plain and streamed, and text completions; every --abort-every-th request of each is a streamed chat
-  completion reset by the client after its first event;
+- --concurrency well-formed clients sharing --keys analyst keys (as a team's services share their keys), every key
+  kept by its clients within the rate the deployment gives analysts (the embedded default's rollout.gateway.rate_limits,
+  requests spread evenly, none above it): chat completions plain and streamed, and text completions; every
+  --abort-every-th request of each is a streamed chat completion reset by the client after its first event;
 - --slow slow clients (benchmarks/slow_clients.py), each repeating: TLS handshake then silence; headers one byte at a
   time; headers announcing a body that never comes, with a key (408 expected) and without (401 expected);
 - one greedy admin key reading /admin/limits --greedy-rps times a second, above the admin rate (429 expected).
 
-Then it prints requests, errors by class among well-formed requests (2xx/4xx/5xx/transport) and the expected
-408/401/429 apart, latency percentiles, the gateway's resident memory (at load start, after warm-up, at the end,
-peak), audit records written against requests sent, `python -m workflow.serve audit verify`, and whether the gateway
-still serves. tests/test_soak.py runs a one-minute version and asserts on the same figures.
+Every client is on loopback, one address: past the per-address refusal bucket (rollout.gateway.refusal_limits) the
+expected 401/408/429 become 429 too_many_refusals, counted in aggregated audit records. Then it prints requests,
+errors by class among well-formed requests (2xx/4xx/5xx/transport) and the expected refusals apart, requests per key,
+latency percentiles, the gateway's resident memory (at load start, after warm-up, at the end, peak), and, after the
+gateway's graceful stop (which writes the last aggregated records), audit records against requests sent (one record
+each, or a share of an aggregated one) and `python -m workflow.serve audit verify`. tests/test_soak.py runs a
+one-minute version and asserts on the same figures.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slow_clients  # the misbehaving clients, beside this script
 
+from workflow.config import RateLimits
 from workflow.finetune.launch import free_port
 from workflow.serve.access import KeyStore
 from workflow.serve.tls import client_context
@@ -72,7 +77,7 @@ def build_package(work: Path, layers: int = 4) -> Path:
 class Gateway:
     """`python -m workflow.serve start` on a loopback port, with keys made for the soak."""
 
-    def __init__(self, work: Path, package: Path, concurrency: int, overrides: dict) -> None:
+    def __init__(self, work: Path, package: Path, concurrency: int, keys: int, overrides: dict) -> None:
         self.work, self.port = work, free_port()
         keys_dir = package.parent
         gateway = {"port": self.port, "api_keys": str(work / "api_keys.json"), "tls": {"dir": str(work / "tls")},
@@ -84,7 +89,8 @@ class Gateway:
         self.config = work / "config.yaml"
         self.config.write_text(yaml.safe_dump(config))
         store = KeyStore(work / "api_keys.json")
-        self.clients = [store.add(f"soak-{i}", "analyst") for i in range(concurrency)]
+        self.keys = [store.add(f"soak-{i}", "analyst") for i in range(keys)]
+        self.clients = [self.keys[i % keys] for i in range(concurrency)]
         self.slow, self.greedy, self.auditor = store.add("slow", "analyst"), store.add("greedy", "admin"), store.add("auditor", "auditor")
         self.log = work / "gateway.log"
         self.process = subprocess.Popen([sys.executable, "-m", "workflow.serve", "--config", str(self.config), "start",
@@ -116,13 +122,21 @@ class Gateway:
         raise RuntimeError("no VmRSS")
 
     def request_records(self) -> int:
-        """Audit records of requests written so far."""
-        count, path = 0, self.work / "audit.jsonl"
+        """Requests the audit log accounts for so far: a record each, or a count in an aggregated record."""
+        return sum(self.audit_counts().values())
+
+    def audit_counts(self) -> dict[str, int]:
+        """{"own": requests with a record of their own, "aggregated": requests counted in aggregated records}."""
+        counts, path = {"own": 0, "aggregated": 0}, self.work / "audit.jsonl"
         if path.exists():
             with open(path) as handle:
                 for line in handle:
-                    count += json.loads(line).get("event") == "request"
-        return count
+                    record = json.loads(line)
+                    if record.get("event") == "request":
+                        counts["own"] += 1
+                    elif record.get("event") == "refused.aggregate":
+                        counts["aggregated"] += record["count"]
+        return counts
 
     def settled_records(self, still_s: float = 3, timeout: float = 120) -> int:
         """Request records once none has been added for still_s: a record is written after the answer's last byte,
@@ -140,6 +154,16 @@ class Gateway:
         return self.process.wait(timeout=90)
 
 
+def refusal(outcome: slow_clients.Outcome) -> str:
+    """"408", "401", or "429 <code>" (rate_limited for a key, too_many_refusals for the address)."""
+    if outcome.status != 429:
+        return str(outcome.status)
+    try:
+        return f"429 {json.loads(outcome.body)['error']['code']}"
+    except (ValueError, KeyError):
+        return "429"
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
@@ -149,10 +173,24 @@ def status_class(status) -> str:
     return f"{status // 100}xx" if isinstance(status, int) else "transport"
 
 
-def soak(package: Path, work: Path, seconds: float, concurrency: int = 32, slow: int = 250, abort_every: int = 10,
-         greedy_rps: float = 20, overrides: dict | None = None) -> dict:
+class Pacer:
+    """Keeps one key's requests, from all its clients, within requests_per_minute, spread evenly (no burst used)."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.interval, self.next, self.lock = 60.0 / per_minute, 0.0, threading.Lock()
+
+    def wait(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            slot = max(now, self.next)
+            self.next = slot + self.interval
+        time.sleep(slot - now)
+
+
+def soak(package: Path, work: Path, seconds: float, concurrency: int = 32, keys: int = 8, slow: int = 250,
+         abort_every: int = 10, greedy_rps: float = 20, overrides: dict | None = None) -> dict:
     """Run the soak against a gateway serving `package` (keys beside it); the figures as a dict."""
-    gateway = Gateway(work, package, concurrency, overrides or {})
+    gateway = Gateway(work, package, concurrency, keys, overrides or {})
     try:
         gateway.wait_ready()
         return _drive(gateway, seconds, concurrency, slow, abort_every, greedy_rps)
@@ -163,12 +201,15 @@ def soak(package: Path, work: Path, seconds: float, concurrency: int = 32, slow:
 
 def _drive(gateway: Gateway, seconds: float, concurrency: int, slow: int, abort_every: int, greedy_rps: float) -> dict:
     lock = threading.Lock()
-    well_formed: list[tuple[str, object, float]] = []  # (kind, status or transport error, seconds)
+    well_formed: list[tuple[str, object, float, str]] = []  # (kind, status or transport error, seconds, key)
     aborted: list[slow_clients.Outcome] = []
     misbehaved: list[slow_clients.Outcome] = []
     greedy: list[object] = []
     rss: list[tuple[float, float]] = []
     records_before = gateway.settled_records(still_s=1)
+    analyst_rate = RateLimits().analyst.requests_per_minute  # the embedded default's, which the soak's gateway keeps
+    pacers = {key: Pacer(analyst_rate) for key in gateway.keys}
+    load_before = os.getloadavg()
     began = time.monotonic()
     end = began + seconds
 
@@ -178,6 +219,7 @@ def _drive(gateway: Gateway, seconds: float, concurrency: int, slow: int, abort_
             n = 0
             while time.monotonic() < end:
                 n += 1
+                pacers[key].wait()
                 if abort_every and n % abort_every == 0:
                     outcome = slow_clients.aborted_stream(gateway.port, gateway.ca, key, MODEL, max_tokens=32)
                     with lock:
@@ -199,7 +241,7 @@ def _drive(gateway: Gateway, seconds: float, concurrency: int, slow: int, abort_
                 except httpx2.TransportError as err:
                     status = f"transport: {type(err).__name__}: {err}"
                 with lock:
-                    well_formed.append((kind, status, time.perf_counter() - start))
+                    well_formed.append((kind, status, time.perf_counter() - start, key))
 
     give_up = 60.0
 
@@ -221,7 +263,8 @@ def _drive(gateway: Gateway, seconds: float, concurrency: int, slow: int, abort_
         with gateway.http(gateway.greedy) as http:
             while time.monotonic() < end:
                 try:
-                    status = http.get("/admin/limits").status_code
+                    answer = http.get("/admin/limits")
+                    status = answer.status_code if answer.status_code != 429 else f"429 {answer.json()['error']['code']}"
                 except httpx2.TransportError as err:
                     status = f"transport: {type(err).__name__}"
                 greedy.append(status)
@@ -241,43 +284,48 @@ def _drive(gateway: Gateway, seconds: float, concurrency: int, slow: int, abort_
         thread.join()
     load_s = time.monotonic() - began
 
-    records = gateway.settled_records()
     headers_sent = [o for o in misbehaved if o.kind.startswith("idle_body") and not o.error]
-    sent = len(well_formed) + len([o for o in aborted if not o.error]) + len(headers_sent) + len(greedy)
-    verified = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(gateway.config), "audit", "verify"],
-                              capture_output=True, text=True, check=False)
+    # + 2: the check below that it still serves and the auditor's metrics read, both audited too
+    sent = len(well_formed) + len([o for o in aborted if not o.error]) + len(headers_sent) + len(greedy) + 2
     with gateway.http(gateway.clients[0]) as http:
         after = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "messages": [
             {"role": "user", "content": "What is 2 + 3?"}]}).status_code
     with gateway.http(gateway.auditor) as http:
         metrics = [line for line in http.get("/metrics").text.splitlines()
                    if line.startswith(("ft2prod_gateway_connections_closed_total", "ft2prod_gateway_denied_total"))]
+    gateway.settled_records()
+    stopped = gateway.stop()  # the graceful stop writes the refusals counted since the last aggregated record
+    audit = gateway.audit_counts()
+    verified = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(gateway.config), "audit", "verify"],
+                              capture_output=True, text=True, check=False)
     log = gateway.log.read_text()
-    latencies = [seconds for _, status, seconds in well_formed if isinstance(status, int) and status < 300]
+    latencies = [seconds for _, status, seconds, _ in well_formed if isinstance(status, int) and status < 300]
+    refused = Counter(refusal(o) for o in misbehaved if o.status) + Counter(str(s) for s in greedy if s != 200)
     warm = next((mib for at, mib in rss if at >= min(30.0, 0.1 * seconds)), rss[-1][1])
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end",
+        "machine": (f"{platform.machine()}, {os.cpu_count()} cores, load average (1/5/15 min) "
+                    f"{'/'.join(f'{x:.2f}' for x in load_before)} at the start, "
+                    f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at the end"),
         "load_s": round(load_s, 1), "concurrency": concurrency, "slow_clients": slow,
-        "well_formed": {"requests": len(well_formed), **Counter(status_class(s) for _, s, _ in well_formed),
-                        "by_kind": dict(Counter(k for k, _, _ in well_formed)),
-                        "not_2xx": dict(Counter(str(s) for _, s, _ in well_formed if status_class(s) != "2xx").most_common(5))},
+        "well_formed": {"requests": len(well_formed), **Counter(status_class(s) for _, s, _, _ in well_formed),
+                        "by_kind": dict(Counter(k for k, _, _, _ in well_formed)),
+                        "keys": len(gateway.keys), "analyst_rate_per_minute": analyst_rate,
+                        "per_key": sorted(Counter(key for _, _, _, key in well_formed).values()),
+                        "not_2xx": dict(Counter(str(s) for _, s, _, _ in well_formed if status_class(s) != "2xx").most_common(5))},
         "latency_s": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95), "p99": percentile(latencies, 0.99),
                       "max": max(latencies, default=float("nan"))},
         "aborted_streams": {"requests": len(aborted), **Counter(status_class(o.status) if o.status else "no answer"
                                                                for o in aborted)},
-        "expected_refusals": {"408_body_timeout": sum(o.status == 408 for o in misbehaved),
-                              "401_no_key": sum(o.status == 401 for o in misbehaved),
-                              "429_rate_limited": sum(s == 429 for s in greedy) + sum(o.status == 429 for o in misbehaved),
-                              "greedy_2xx": sum(s == 200 for s in greedy)},
+        "expected_refusals": dict(refused) | {"greedy_2xx": sum(s == 200 for s in greedy)},
         "slow_connections": {kind: {"n": len(group), "closed_by_gateway": sum(o.closed_s is not None for o in group),
                                     "answered": dict(Counter(str(o.status) for o in group)),
                                     "client_errors": sum(bool(o.error) for o in group)}
                              for kind in ("silent", "trickle", "idle_body_key", "idle_body_nokey")
                              for group in [[o for o in misbehaved if o.kind == kind]]},
         "rss_mib": {"load_start": rss[0][1], "warm": warm, "end": rss[-1][1], "peak": max(m for _, m in rss)},
-        "audit": {"request_records": records - records_before, "requests_sent": sent,
-                  "verify": (verified.stdout or verified.stderr).strip(), "verified": verified.returncode == 0},
-        "serving_after": after == 200,
+        "audit": {"request_records": audit["own"] - records_before, "aggregated_requests": audit["aggregated"],
+                  "requests_sent": sent, "verify": (verified.stdout or verified.stderr).strip(), "verified": verified.returncode == 0},
+        "serving_after": after == 200, "stopped": stopped,
         "gateway_log": {"503_concurrency_limit": log.count("Exceeded concurrency limit"),
                         "asgi_exceptions": log.count("Exception in ASGI application")},
         "metrics": metrics,
@@ -297,7 +345,9 @@ def report(figures: dict) -> str:
         f"slow connections: {figures['slow_connections']}",
         (f"gateway RSS: {mem['load_start']:.0f} MiB at load start, {mem['warm']:.0f} after warm-up, {mem['end']:.0f} at the end "
          f"(peak {mem['peak']:.0f})"),
-        f"audit: {audit['request_records']} request records for {audit['requests_sent']} requests sent; {audit['verify']}",
+        (f"audit: {audit['request_records']} records of their own + {audit['aggregated_requests']} requests in aggregated "
+         f"records = {audit['request_records'] + audit['aggregated_requests']} for {audit['requests_sent']} requests sent; "
+         f"{audit['verify']}"),
         f"serving after: {figures['serving_after']}; gateway log: {figures['gateway_log']}",
         "metrics: " + "; ".join(figures["metrics"]),
     ]
@@ -308,6 +358,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--keys", type=int, default=8, help="analyst keys the well-formed clients share, each kept within the default analyst rate")
     parser.add_argument("--slow", type=int, default=250, help="slow clients at once (the issue measured 250)")
     parser.add_argument("--abort-every", type=int, default=10)
     parser.add_argument("--greedy-rps", type=float, default=20)
@@ -318,7 +369,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ft2prod-soak-"))
     package = Path(args.package) if args.package else build_package(work / "package", args.layers)
-    figures = soak(package, work / "gateway", args.minutes * 60, args.concurrency, args.slow, args.abort_every, args.greedy_rps)
+    figures = soak(package, work / "gateway", args.minutes * 60, args.concurrency, args.keys, args.slow, args.abort_every,
+                   args.greedy_rps)
     print(report(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))

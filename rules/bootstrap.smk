@@ -1,7 +1,5 @@
 # The embedded default only: the small base model and the arithmetic reasoning dataset, made locally.
 rule bootstrap:
-    input:
-        plan=plan_done(),
     output:
         model=directory(f"{RESULTS}/bootstrap/model"),
     params:
@@ -22,8 +20,6 @@ rule bootstrap:
 
 
 rule generate_data:
-    input:
-        plan=plan_done(),
     output:
         f"{RESULTS}/data/generated.jsonl",
     params:

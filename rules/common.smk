@@ -1,6 +1,7 @@
 # Named helpers for the rules: paths and config look-ups. No logic beyond wiring.
 from workflow.config import settings
 from workflow.engine.release import TENSORRT_LLM_IMAGE
+from workflow.plan import checked_plan
 from workflow.schemes import WILDCARD as SCHEME_WILDCARD, buildable
 
 RESULTS = "results"
@@ -13,6 +14,13 @@ def typed_config(config):
     Snakemake's own `config` is then replaced by its complete dump, which every job re-validates whole
     (`settings(snakemake.config)`), so no stage ever sees a section rebuilt from picked keys."""
     return settings(config)
+
+
+def planned(config):
+    """The plan, made as the workflow is parsed: a config that cannot run (memory, lengths across stages, features
+    not installed) stops here, before any job, naming the keys and a fix. No job waits for the plan rule, so a
+    config change reruns, in one invocation, exactly the jobs whose own inputs or params changed."""
+    return checked_plan(config)
 
 
 def dump(section, *leave_out):
@@ -30,19 +38,24 @@ def eval_settings():
     return dump(CONFIG.evaluate, "gate")
 
 
+def evaluation_file(wildcards=None):
+    """evaluate.path, the user's evaluation rows, when set: prepare_data makes the test split from it."""
+    return [CONFIG.evaluate.path] if CONFIG.evaluate.path else []
+
+
+def metric_files(wildcards=None):
+    """The scorer's module or the lm_eval task files: editing them reruns every scoring job."""
+    from workflow.metrics import metric_files as files
+
+    return files(CONFIG.evaluate)
+
+
 def max_accuracy_loss(wildcards):
     return getattr(CONFIG.quantize.max_accuracy_loss, wildcards.scheme)
 
 
 def package_settings():
     return dump(CONFIG.package, "model_name", "backup_dir", "trusted_signer")
-
-
-def plan_settings():
-    """What the plan reads, so that unrelated config changes do not rerun it."""
-    return {"finetune": dump(CONFIG.finetune), "max_seq_len": CONFIG.data.max_seq_len, "cluster": dump(CONFIG.cluster),
-            "engine": dump(CONFIG.engine), "benchmark": dump(CONFIG.benchmark), "schemes": schemes(),
-            "bootstrap": dump(CONFIG.bootstrap), "base_model": CONFIG.base_model}
 
 
 def base_model_dir(wildcards=None):
@@ -83,11 +96,12 @@ def refresh_summary():
 
 
 def final_targets():
-    return pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
+    return [f"{RESULTS}/plan/plan.json"] + pipeline_targets() + [f"{RESULTS}/summary/summary.html"]
 
 
 def schemes():
-    return list(CONFIG.quantize.schemes)
+    """The configured schemes the model's shapes take (the plan drops the others, with their reason, in plan.md)."""
+    return [s for s in CONFIG.quantize.schemes if "dropped" not in PLAN["schemes"][s]]
 
 
 def backend():
@@ -135,9 +149,9 @@ def base_model_config(wildcards=None):
     return [f"{CONFIG.base_model}/config.json"]
 
 
-def plan_done():
-    """Every stage waits for a passing plan; ancient(): a re-planned config that still fits reruns nothing."""
-    return ancient(f"{RESULTS}/plan/plan.json")
+def plan_record():
+    """What the plan found (rerun-triggering only: the plan job writes it down again when it changes)."""
+    return {key: value for key, value in PLAN.items() if key != "source"}
 
 
 def finetune_gpus():

@@ -3,7 +3,7 @@ rule prepare_data:
         dataset=dataset_file,
         model=base_model_dir,
         template=training_template,
-        plan=plan_done(),
+        evaluation=evaluation_file,
     output:
         train=f"{RESULTS}/data/train.jsonl",
         val=f"{RESULTS}/data/val.jsonl",

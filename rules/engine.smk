@@ -3,6 +3,7 @@ rule build_engine_onnxruntime:
         model=f"{RESULTS}/model",
         quantized=f"{RESULTS}/quantize/{{scheme}}",
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
         finetuned=f"{RESULTS}/evaluate/finetuned.json",
     output:
         directory(f"{RESULTS}/engine/onnxruntime/{{scheme}}"),
@@ -31,6 +32,7 @@ rule build_engine_tensorrt_llm:
         model=f"{RESULTS}/model",
         quantized=f"{RESULTS}/quantize/{{scheme}}",
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
         finetuned=f"{RESULTS}/evaluate/finetuned.json",
     output:
         directory(f"{RESULTS}/engine/tensorrt_llm/{{scheme}}"),

@@ -2,6 +2,7 @@ rule evaluate_base:
     input:
         model=base_model_dir,
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
     output:
         f"{RESULTS}/evaluate/base.json",
     params:
@@ -25,6 +26,7 @@ rule evaluate:
     input:
         model=f"{RESULTS}/model",
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
         base=f"{RESULTS}/evaluate/base.json",
     output:
         metrics=f"{RESULTS}/evaluate/finetuned.json",

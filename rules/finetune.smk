@@ -3,7 +3,6 @@ rule finetune:
         model=base_model_dir,
         train=f"{RESULTS}/data/train.jsonl",
         val=f"{RESULTS}/data/val.jsonl",
-        plan=plan_done(),
     output:
         summary=f"{RESULTS}/finetune/summary.json",
     params:

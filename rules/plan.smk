@@ -1,4 +1,5 @@
-# Runs first, on the submit host (no queue, no GPU): a config that cannot fit its cluster stops here in seconds.
+# The plan is made when the workflow is parsed (rules/common.smk: planned), so a config that cannot run stops before
+# any job; this rule writes it down (plan.json, plan.md, MLflow) on the submit host. No job waits for it.
 localrules:
     plan,
 
@@ -10,7 +11,7 @@ rule plan:
         plan=f"{RESULTS}/plan/plan.json",
         report=f"{RESULTS}/plan/plan.md",
     params:
-        settings=plan_settings(),
+        plan=plan_record(),
     log:
         f"{RESULTS}/logs/plan.log",
     threads: 1

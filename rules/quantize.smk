@@ -28,6 +28,7 @@ checkpoint evaluate_quantized:
         model=f"{RESULTS}/model",
         quantized=f"{RESULTS}/quantize/{{scheme}}",
         test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
         finetuned=f"{RESULTS}/evaluate/finetuned.json",
     output:
         f"{RESULTS}/evaluate_quantized/{{scheme}}.json",

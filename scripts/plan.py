@@ -1,4 +1,4 @@
-"""Snakemake adapter for rule plan: memory per device for training and serving, checked against `cluster:`."""
+"""Snakemake adapter for rule plan: the plan made at parse time, written down (JSON, Markdown) and logged to MLflow."""
 from workflow.logs import to_file
 
 to_file(snakemake.log[0])

@@ -18,4 +18,5 @@ prepare_data(
     cfg=config.data,
     tracking=Tracking.from_config(config, snakemake.log[0]),
     seed=config.seed,
+    eval_path=config.evaluate.path,
 )

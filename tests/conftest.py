@@ -27,33 +27,18 @@ TINY = {
 }
 
 
-# What `make test-fast` (-m "not e2e and not services and not slow") leaves out, beside the modules that mark
-# themselves e2e: by file, or file::test. Markers are declared in pyproject.toml; `make test` runs everything.
-MARKED = {
-    "services": {  # needs Debian packages that `make system` installs (root), or starts their daemons
-        "test_launch_slurm.py",  # scontrol (slurm-wlm)
-        "test_package.py::test_softhsm2_holds_the_key",  # softhsm2
-        "test_slurm.py", "test_tracking_server.py", "test_review_ui.py",  # SLURM, PostgreSQL, Chromium
-    },
-    "e2e": {"test_plan.py::test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit"},  # runs the plan rule for real
-    "slow": {  # 30 s to 2 min each on a busy 2-core machine: real op builds, training, process lifecycles
-        "test_finetune_units.py::test_an_op_build_killed_half_way_does_not_block_later_launches",
-        "test_finetune_units.py::test_compiled_decoder_layers_train_as_the_eager_ones",
-        "test_serve.py::test_sigterm_finishes_the_request_in_flight",
-        "test_serve.py::test_forwarding_to_an_upstream_openai_compatible_server",
-        "test_soak.py",  # a minute of load on the gateway (benchmarks/soak.py)
-        "test_fuzz.py",  # ~2,900 requests from the gateway's OpenAPI document (Schemathesis)
-        "test_serve_guard.py",  # hundreds of slow connections against a running gateway
-    },
-}
+# Test tiers are markers on the tests themselves (declared in pyproject.toml, whose addopts make a bare `pytest` run
+# the fast tier; `make test` runs them all). One tier is checked here: whatever asks for the `snakemake` fixture,
+# directly or through a fixture that does (the session's DAG runs), runs the workflow and must be marked e2e.
+DAG_FIXTURE = "snakemake"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        where = {item.path.name, f"{item.path.name}::{item.originalname}"}
-        for marker, marked in MARKED.items():
-            if where & marked:
-                item.add_marker(marker)
+    unmarked = [item.nodeid for item in items if DAG_FIXTURE in getattr(item, "fixturenames", ()) and not item.get_closest_marker("e2e")]
+    if unmarked:
+        raise pytest.UsageError(f"these tests run snakemake (the `{DAG_FIXTURE}` fixture) but are not marked e2e; add "
+                                f"`pytestmark = pytest.mark.e2e` to the module or `@pytest.mark.e2e` to the test: {', '.join(unmarked)}")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -63,8 +48,9 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the workflow's Snakefile in workdir with config (merged into the tiny defaults)."""
+def _run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow's Snakefile in workdir with config (merged into the tiny defaults). Tests reach it through
+    the `snakemake` fixture, which marks them as DAG runs (pytest_collection_modifyitems)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(merge(TINY, config)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -92,7 +78,13 @@ ZERO2 = {
 
 
 @pytest.fixture(scope="session")
-def zero2(tmp_path_factory) -> Path:
+def snakemake():
+    """snakemake(workdir, config, *args, check=True): the workflow run in workdir (a dry run with "-n")."""
+    return _run_snakemake
+
+
+@pytest.fixture(scope="session")
+def zero2(tmp_path_factory, snakemake) -> Path:
     """The whole DAG on ZERO2, run once per session: test_workflow looks at what it made and test_review_ui
     reviews it in the MLflow UI. Tests that run snakemake again work on a copy (test_workflow.copy_of)."""
     workdir = tmp_path_factory.mktemp("zero2")
@@ -108,6 +100,15 @@ def tiny_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_base")
     make_base_model(BootstrapConfig(num_layers=2, pretrain_rows=200, pretrain_steps=2, max_position_embeddings=512), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict:
+    """A tiny random-weight checkpoint of each family users bring (tests/families.py), by family name."""
+    import families
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: families.make(name, root / name) for name in families.FAMILIES}
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ FAMILIES = {
 
 def make(name: str, out_dir: str | Path, seed: int = 0, shape: dict | None = None) -> Path:
     """Save a tiny checkpoint of family `name` (tokenizer with its template, random weights) to out_dir; `shape`
-    overrides the tiny shape (benchmarks/gpu_dag.sh builds the Qwen2-1.5B shape with it)."""
+    overrides the tiny shape (e.g. max_position_embeddings; benchmarks/gpu_dag.sh builds the Qwen2-1.5B shape with it)."""
     family, out_dir = FAMILIES[name], Path(out_dir)
     problems = make_problems(400, seed=seed + 99)
     texts = [p.as_text() for p in problems] + [json.dumps(p.as_chat()) for p in problems[:100]]

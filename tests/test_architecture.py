@@ -4,7 +4,11 @@ entry point where workflow/stages.py says."""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,21 @@ def test_adapters_pass_keyword_arguments():
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name):
                 if node.value.func.id != "to_file":
                     assert not node.value.args, f"{path.name}: {node.value.func.id}(...) takes positional arguments"
+
+
+# What the gateway must not load: the build stages, tracking, and the libraries only they need. A gateway image
+# carries the engine runtime (workflow/engine/runtime.py), not the code that built the engine.
+BUILD_ONLY = ("workflow.engine.build", "workflow.engine.calibration", "workflow.evaluate", "workflow.quantize",
+              "workflow.tracking", "workflow.data", "workflow.finetune", "workflow.plan", "workflow.select",
+              "workflow.summary", "workflow.bootstrap", "mlflow", "torch", "transformers", "modelopt", "deepspeed")
+
+
+def test_the_gateway_imports_the_engine_runtime_and_no_build_stage():
+    """In a fresh interpreter: the gateway's app and the engine backends it may load import nothing of the build."""
+    probe = ("import json, sys; import workflow.serve.app, workflow.engine.onnxruntime, workflow.engine.tensorrt_llm; "
+             "print(json.dumps(sorted(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    loaded = json.loads(done.stdout)
+    assert "workflow.engine.runtime" in loaded
+    assert [m for m in loaded if any(m == b or m.startswith(b + ".") for b in BUILD_ONLY)] == []

@@ -12,19 +12,14 @@ from transformers import AutoTokenizer
 from workflow.bootstrap.model import CHAT_TEMPLATE
 from workflow.bootstrap.problems import FORMS, make_problems
 from workflow.chat import ChatFormat, TemplateError, prompt_ids, prompt_text
+from workflow.config import EngineConfig
 from workflow.data import DataConfig, DataError, prepare_data, to_messages
-from workflow.quantize import QuantizeError, check_quantizable
+from workflow.quantize import check_quantizable
 
 R1_PROMPT_END = "<｜Assistant｜><think>\n"
 REASONING = "Ana starts with 2 pens.\n2 + 3 = 5"
 CHAT = [{"role": "user", "content": "Ana has 2 pens and buys 3. How many?"},
         {"role": "assistant", "reasoning_content": REASONING, "content": "The answer is 5."}]
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("families")
-    return {name: families.make(name, root / name) for name in families.FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -155,10 +150,9 @@ def test_bad_reasoning_rows_name_file_and_line(tmp_path, tiny_base, tracking, ro
         prepare_data(source, tiny_base, tmp_path / "out", DataConfig(), tracking, seed=0)
 
 
-def test_a_scheme_the_shapes_cannot_take_is_refused_with_the_reason(family_dirs):
-    with pytest.raises(QuantizeError, match=r"int4_awq needs in-features divisible by 128 \(got intermediate_size \(down_proj\) = 320\)"):
-        check_quantizable(family_dirs["qwen3"], "int4_awq")
-    check_quantizable(family_dirs["qwen3"], "int8_sq")
+def test_a_shape_128_does_not_divide_takes_awq_groups_of_64(family_dirs):
+    assert check_quantizable(family_dirs["qwen3"], "int4_awq") == 64  # intermediate 320 = 5 x 64
+    assert check_quantizable(family_dirs["qwen3"], "int8_sq") == 1
 
 
 def test_a_template_that_serves_with_thinking_off_trains_answers_and_refuses_reasoning(r1_base, tmp_path, tracking):
@@ -198,7 +192,7 @@ def test_the_gateway_answers_a_conversation_the_template_refuses_with_a_400(r1_b
     from workflow.serve.backends import InProcess
     from workflow.serve.protocol import BadRequest
 
-    backend = InProcess({})
+    backend = InProcess(EngineConfig())
     backend.engine, backend.tokenizer = "loaded", AutoTokenizer.from_pretrained(r1_base)
     backend.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                                        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")

@@ -3,7 +3,7 @@ import re
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO, snakemake
+from conftest import REPO
 from pydantic import BaseModel
 
 from workflow.config import Config, ConfigError, check, schema_text
@@ -108,7 +108,8 @@ def test_defaults_fill_what_a_config_leaves_out():
     assert filled["data"]["path"] == "generated"
 
 
-def test_snakemake_refuses_bad_config_before_running(tmp_path):
+@pytest.mark.e2e
+def test_snakemake_refuses_bad_config_before_running(tmp_path, snakemake):
     done = snakemake(tmp_path, {"finetune": {"method": "qlora"}}, "-n", check=False)
     assert done.returncode != 0
     assert "config: finetune.method: 'qlora' is not allowed; allowed values: 'full', 'lora'" in done.stderr + done.stdout

@@ -107,3 +107,30 @@ def test_prepare_fails_on_empty_test_split(tmp_path, tiny_base, tracking):
     source = write_jsonl(tmp_path / "d.jsonl", [CHAT])
     with pytest.raises(DataError, match="the test split is empty"):
         prepare_data(source, tiny_base, tmp_path / "out", DataConfig(test_fraction=0.01), tracking, seed=0)
+
+
+def test_a_users_evaluation_file_is_the_test_split(tmp_path, tiny_base, tracking):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(60)]
+    source = write_jsonl(tmp_path / "d.jsonl", rows)
+    # ShareGPT and alpaca rows are accepted as in data.path; one row of the training data is also in the evaluation file
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", [
+        {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris, of course."}]},
+        {"instruction": "Name a primary colour.", "output": "Red"},
+        rows[5],
+    ])
+    stats = prepare_data(source, tiny_base, tmp_path / "out", DataConfig(max_seq_len=128, test_fraction=0.3), tracking,
+                         seed=0, eval_path=evaluation)
+    test = [json.loads(line) for line in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
+    assert [row["answer"] for row in test] == ["Paris, of course.", "Red", "a5"]
+    assert stats.eval_overlap == 1  # kept out of training
+    assert stats.rows["train"] + stats.rows["val"] == 59  # the random test share trains instead
+    trained = (tmp_path / "out" / "train.jsonl").read_text() + (tmp_path / "out" / "val.jsonl").read_text()
+    assert '"a5"' not in trained
+    assert len(stats.digests["evaluation_source"]) == 64
+
+
+def test_a_bad_row_of_the_evaluation_file_is_named_by_file_and_line(tmp_path, tiny_base, tracking):
+    source = write_jsonl(tmp_path / "d.jsonl", [CHAT])
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", [CHAT, {"messages": [{"role": "user", "content": "no answer"}]}])
+    with pytest.raises(DataError, match=rf"{evaluation}:2: the last message must be the assistant's answer"):
+        prepare_data(source, tiny_base, tmp_path / "out", DataConfig(), tracking, seed=0, eval_path=evaluation)

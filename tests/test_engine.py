@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO, snakemake
+from conftest import REPO
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -20,6 +20,8 @@ from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.build import build_engine
 from workflow.engine.calibration import CalibrationError, fold_calibration
 from workflow.engine.manifest import MANIFEST, EngineMismatch
+from workflow.engine.interface import Engine, GenerationRequest
+from workflow.engine.runtime import load_engine
 from workflow.quantize import quantize
 
 
@@ -38,7 +40,7 @@ def test_engine_generates_what_transformers_generates(tiny_base, ort_engine):
         ids = tokenizer(text).input_ids
         with torch.no_grad():
             expected = model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
-        assert list(engine.stream(ids, 12, min_new_tokens=12)) == expected
+        assert list(engine.stream(GenerationRequest(ids, 12, min_new_tokens=12))) == expected
 
 
 def test_engine_refuses_a_mismatched_target(ort_engine):
@@ -57,6 +59,31 @@ def test_engine_refuses_a_mismatched_target(ort_engine):
     (moved / MANIFEST).unlink()
     with pytest.raises(EngineMismatch, match="has no engine_manifest.json"):
         onnxruntime.OrtEngine(moved)
+
+
+def test_load_engine_loads_the_backend_its_manifest_names(ort_engine, tmp_path):
+    engine = load_engine(ort_engine, EngineConfig(onnxruntime={"max_batch_size": 2}))
+    assert isinstance(engine, onnxruntime.OrtEngine) and isinstance(engine, Engine)
+    assert engine.max_batch_size == 2 and engine.manifest.scheme == "bf16"
+    assert len(list(engine.stream(GenerationRequest([5, 6, 7], 3, min_new_tokens=3)))) == 3
+    engine.close()
+    manifest = json.loads((ort_engine / MANIFEST).read_text())
+    for backend, refusal in (("tensorrt_llm", tensorrt_llm.TrtllmMissing), ("vllm", ValueError)):
+        other = tmp_path / backend
+        other.mkdir()
+        (other / MANIFEST).write_text(json.dumps(manifest | {"target": manifest["target"] | {"backend": backend}}))
+        with pytest.raises(refusal, match="needs TensorRT-LLM" if backend == "tensorrt_llm" else "this runtime loads onnxruntime, tensorrt_llm"):
+            load_engine(other, EngineConfig())
+
+
+@pytest.mark.parametrize(("fields", "refusal"), [
+    ({"prompt_ids": [], "max_new_tokens": 4}, "the prompt is empty"),
+    ({"prompt_ids": [5], "max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+    ({"prompt_ids": [5], "max_new_tokens": 4, "min_new_tokens": -1}, "min_new_tokens must be 0 or more"),
+])
+def test_a_generation_request_refuses_what_no_engine_can_run(fields, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        GenerationRequest(**fields)
 
 
 def test_an_engine_states_the_quantization_it_really_holds(tiny_base, tmp_path, ort_engine):
@@ -193,7 +220,8 @@ def test_tensorrt_llm_missing_is_a_clear_error(tmp_path):
         tensorrt_llm.build(plan, "sha")
 
 
-def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path):
+@pytest.mark.e2e
+def test_dag_asks_for_tp_times_pp_gpus_and_the_release_container(tmp_path, snakemake):
     config = {"engine": {"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2}}}
     done = snakemake(tmp_path, config, "-n", "results/engine/tensorrt_llm/fp8")
     job = done.stdout.split("rule build_engine_tensorrt_llm:")[1].split("\n\n")[0]
@@ -213,12 +241,12 @@ class GatedEngine:
         self.fast_finished, self.lock, self.all_fast = 0, threading.Lock(), threading.Event()
         self.slow_saw_all_fast = None
 
-    def stream(self, prompt_ids, max_new_tokens, min_new_tokens=0):
-        for step in range(max_new_tokens):
-            if prompt_ids[0] == 1 and step == max_new_tokens - 1:
+    def stream(self, request: GenerationRequest):
+        for step in range(request.max_new_tokens):
+            if request.prompt_ids[0] == 1 and step == request.max_new_tokens - 1:
                 self.slow_saw_all_fast = self.all_fast.wait(timeout=30)
             yield 0
-        if prompt_ids[0] == 2:
+        if request.prompt_ids[0] == 2:
             with self.lock:
                 self.fast_finished += 1
                 if self.fast_finished == 3:
@@ -256,11 +284,11 @@ def test_batched_greedy_tokens_equal_one_request_alone(engine_fixture, request):
     engine = onnxruntime.OrtEngine(request.getfixturevalue(engine_fixture), max_batch_size=3)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 400) for _ in range(rng.randrange(2, 80))] for _ in range(8)]
-    alone = [list(engine.stream_alone(p, 24)) for p in prompts]
+    alone = [list(engine.stream_alone(GenerationRequest(p, 24))) for p in prompts]
     batched = [None] * len(prompts)
 
     def run(i):
-        batched[i] = list(engine.stream(prompts[i], 24))
+        batched[i] = list(engine.stream(GenerationRequest(prompts[i], 24)))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]  # 8 requests, 3 slots
     for thread in threads:
@@ -277,14 +305,14 @@ def test_a_request_joins_the_running_batch_without_waiting_for_it(ort_engine):
 
     def run_long():
         count = 0
-        for count, _ in enumerate(engine.stream([5, 6, 7], 400, min_new_tokens=400), 1):
+        for count, _ in enumerate(engine.stream(GenerationRequest([5, 6, 7], 400, min_new_tokens=400)), 1):
             long_started.set()
         finished["long"] = (time.perf_counter(), count)
 
     thread = threading.Thread(target=run_long)
     thread.start()
     long_started.wait(timeout=60)
-    late = list(engine.stream([8, 9, 10], 3, min_new_tokens=3))
+    late = list(engine.stream(GenerationRequest([8, 9, 10], 3, min_new_tokens=3)))
     finished["late"] = (time.perf_counter(), len(late))
     thread.join()
     assert finished["long"][1] == 400 and finished["late"][1] == 3
@@ -293,15 +321,15 @@ def test_a_request_joins_the_running_batch_without_waiting_for_it(ort_engine):
 
 def test_streams_stop_early_and_refuse_what_cannot_fit(ort_engine):
     engine = onnxruntime.OrtEngine(ort_engine, max_batch_size=2)
-    abandoned = engine.stream([5, 6, 7], 300)
+    abandoned = engine.stream(GenerationRequest([5, 6, 7], 300))
     next(abandoned)
     abandoned.close()  # the caller went away: its slot frees
-    assert len(list(engine.stream([5, 6, 7], 5, min_new_tokens=5))) == 5
+    assert len(list(engine.stream(GenerationRequest([5, 6, 7], 5, min_new_tokens=5)))) == 5
     context = json.loads((ort_engine / "genai_config.json").read_text())["model"]["context_length"]
     with pytest.raises(ValueError, match=rf"3 prompt tokens plus max_new_tokens {context} exceed the engine's context length {context}"):
-        engine.stream([5, 6, 7], context)
+        engine.stream(GenerationRequest([5, 6, 7], context))
     with pytest.raises(ValueError, match="the prompt is empty"):
-        engine.stream([], 5)
+        GenerationRequest([], 5)
     with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
         onnxruntime.OrtEngine(ort_engine, max_batch_size=0)
     batcher = weakref.ref(engine.batcher)

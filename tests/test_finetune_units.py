@@ -218,6 +218,7 @@ def test_varlen_attention_keeps_packed_sequences_apart():
         torch.testing.assert_close(model(input_ids=stacked).logits, reference(input_ids=stacked).logits)
 
 
+@pytest.mark.slow  # a real op build
 def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
     """DeepSpeed JIT-builds its CPU all-reduce in the ranks; a build killed half way (here SIGKILL, on a cluster
     scancel) leaves torch's lock file, on which every later load waited forever. The launcher's build clears it."""
@@ -249,6 +250,7 @@ def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
     assert not lock.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
 
 
+@pytest.mark.slow  # torch.compile of the layers, then training twice
 def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_base, tracking, tmp_path):
     """torch_compile: true (here on the CPU) runs the real launch and gives the eager run's losses."""
     from workflow.finetune.launch import finetune
@@ -313,3 +315,55 @@ def test_micro_batch_fill_keeps_the_rows_per_step_and_fits(tiny_base):
     gpu = int((two["predicted_peak_gib"] + 1e-3) * 2**30 / 0.9)
     filled, plan = fill_micro_batch(cfg.model_copy(update=dict(gradient_checkpointing=False)), tiny_base, 2, gpu, 8192, True)
     assert (filled.micro_batch_size, filled.gradient_accumulation_steps) == (2, 3) and plan["checkpointed_layers"] == 0
+
+
+def finished_run(tmp_path, cfg, **extra):
+    """A job file and one complete checkpoint, as a finished run leaves them."""
+    from workflow.finetune.launch import write_job
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir(exist_ok=True), data.mkdir(exist_ok=True)
+    (model / "config.json").write_text('{"hidden_size": 64}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    (data / "train.jsonl").write_text('{"input_ids": [1, 2]}\n')
+    summary = tmp_path / "finetune" / "summary.json"
+    job = write_job(model, data, summary, cfg, seed=0, **extra)
+    step = job.parent / "checkpoint-8"
+    step.mkdir(exist_ok=True)
+    (step / "weights.pt").write_bytes(b"trained for 8 steps")
+    (step / COMPLETE).touch()
+    return model, data, summary
+
+
+@pytest.mark.parametrize("change", [{"logging_steps": 1}, {"save_steps": 2, "dataloader_workers": 0}, {"max_steps": 12}],
+                         ids=["logging", "save-cadence-and-workers", "longer-run"])
+def test_checkpoints_resume_across_settings_that_do_not_change_what_is_trained(tmp_path, change, caplog):
+    from workflow.finetune.launch import write_job
+
+    cfg = FinetuneConfig(max_steps=8)
+    model, data, summary = finished_run(tmp_path, cfg)
+    job = json.loads(write_job(model, data, summary, cfg.model_copy(update=change), seed=0).read_text())
+    assert job["resume_from"] == str((summary.parent / "checkpoints" / "checkpoint-8").resolve())
+    assert not list(summary.parent.glob("checkpoints.*")) and "WARNING" not in caplog.text
+
+
+@pytest.mark.parametrize("change", [{"learning_rate": 0.0005}, {"max_steps": 4}], ids=["learning-rate", "shorter-run"])
+def test_checkpoints_of_other_settings_are_moved_aside_named_never_deleted(tmp_path, change, caplog):
+    from workflow.finetune.launch import write_job
+
+    cfg = FinetuneConfig(max_steps=8)
+    model, data, summary = finished_run(tmp_path, cfg)
+    old = json.loads((summary.parent / "checkpoints" / "job.json").read_text())["fingerprint"]
+    with caplog.at_level("WARNING"):
+        job = json.loads(write_job(model, data, summary, cfg.model_copy(update=change), seed=0).read_text())
+    assert job["resume_from"] is None
+    [aside] = summary.parent.glob("checkpoints.*")
+    assert aside.name == f"checkpoints.{old[:12]}"
+    assert (aside / "checkpoint-8" / "weights.pt").read_bytes() == b"trained for 8 steps"
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"changed: finetune.{next(iter(change))}" in record.getMessage() and str(aside) in record.getMessage()
+    # a seed change moves the new run's folder aside too, next to the first one, which stays as it was
+    with caplog.at_level("WARNING"):
+        write_job(model, data, summary, cfg.model_copy(update=change), seed=1)
+    assert len(list(summary.parent.glob("checkpoints.*"))) == 2 and "changed: seed" in caplog.records[-1].getMessage()
+    assert (aside / "checkpoint-8" / "weights.pt").exists()

@@ -15,7 +15,8 @@ import pytest
 from workflow.config import FinetuneConfig
 from workflow.finetune.launch import launch_command, slurm_hosts
 
-pytestmark = pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs Debian's slurm-wlm (make system installs it)")
+pytestmark = [pytest.mark.services,  # scontrol (slurm-wlm)
+              pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs Debian's slurm-wlm (make system installs it)")]
 
 
 def batch_env(tmp_path, nodelist: str, nodes: int) -> dict[str, str]:

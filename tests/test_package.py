@@ -204,6 +204,7 @@ def softhsm(tmp_path, monkeypatch):
     return module
 
 
+@pytest.mark.services  # softhsm2
 def test_softhsm2_holds_the_key(softhsm, model_dir, keys, tmp_path):
     hsm = Pkcs11Hsm(softhsm, "ft2prod", "kek", "1234")
     archive.pack(model_dir, tmp_path / "hsm_pkg", hsm, keys[1], {}, chunk_size=CHUNK)

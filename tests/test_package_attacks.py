@@ -8,18 +8,21 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from workflow.config import load
-from workflow.package import archive
+from workflow.config import EngineConfig, Kms, load
+from workflow.package import archive, errors
 from workflow.package.kms import KmsError, LocalKeyFile, from_config
 from workflow.serve.audit import AuditLog
 from workflow.serve.backends import InProcess
 from workflow.serve.deployments import Deployments
 from workflow.serve.settings import GatewaySettings
+
+PACKAGE_ERRORS = {name for name in dir(errors) if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), errors.PackageError)}
 
 
 def packed(folder: Path, keys: Path) -> Path:
@@ -71,8 +74,8 @@ def test_a_gateway_trusting_the_default_signer_never_reads_the_private_key(tmp_p
 
 def test_an_empty_or_missing_hsm_pin_is_refused(tmp_path, monkeypatch):
     """Before: the command line's PKCS#11 PIN defaulted to empty, and the config's accepted an empty variable."""
-    settings = {"provider": "pkcs11", "pkcs11": {"module": "/nonexistent.so", "token_label": "t", "key_label": "k",
-                                                 "pin_env": "FT2PROD_TEST_PIN"}}
+    settings = Kms(provider="pkcs11", pkcs11={"module": "/nonexistent.so", "token_label": "t", "key_label": "k",
+                                              "pin_env": "FT2PROD_TEST_PIN"})
     monkeypatch.setenv("FT2PROD_TEST_PIN", "")
     with pytest.raises(KmsError, match="empty PIN is refused"):
         from_config(settings)
@@ -103,7 +106,7 @@ class SwappingSettings:
 
 def test_a_package_swapped_between_the_deploy_check_and_the_load_is_refused(tmp_path):
     """Before: deploy checked the folder (digest, floor) and the load read it again, so an older signed package put
-    in its place between the two was opened and served. Now the load checks the very bytes it opens."""
+    in its place between the two was opened and served. Now the load opens by exactly what deploy checked."""
     keys = tmp_path / "keys"
     older = packed(tmp_path / "older.ftpkg", keys)
     newer = packed(tmp_path / "newer.ftpkg", keys)
@@ -112,13 +115,18 @@ def test_a_package_swapped_between_the_deploy_check_and_the_load_is_refused(tmp_
     root = tmp_path / "packages"
     shutil.copytree(newer, root / digest)
     audit = AuditLog(tmp_path / "audit" / "gateway.jsonl", bytes(32), writer=True)
-    backend = InProcess({}, memory_dir=str(tmp_path))
+    shm = Path(tempfile.mkdtemp(prefix="ft2prod-swap-", dir="/dev/shm"))  # the load opens what deploy checked, in memory
+    backend = InProcess(EngineConfig(), memory_dir=str(shm))
     backend.deployments = Deployments(audit)
     backend.deployments.record(digest, archive.signed_manifest(newer, trusted)[1]["created"])
     backend.deploy(digest, False, SwappingSettings(root, keys, older, digest))
     deadline = time.monotonic() + 30
     while backend._loading.locked() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert backend.error and backend.error.startswith("BadRequest") and "another digest" in backend.error, backend.error
+    # The load opens by the manifest and header deploy checked (read once): the swapped-in package's chunks do not
+    # decrypt under the checked package's data key, so nothing of it is served or left in memory.
+    assert backend.error and backend.error.split(":")[0] in PACKAGE_ERRORS and not backend.ready(), backend.error
     assert [r["event"] for r in audit.records()] == ["package.served"], "the older package was not recorded as served"
+    assert list(shm.iterdir()) == [], "plaintext left behind"
+    shm.rmdir()
     audit.close()

@@ -3,6 +3,7 @@ estimators, its refusals, and the plan rule stopping a config that cannot fit be
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 
@@ -10,10 +11,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, snakemake
+from conftest import REPO, merge
 from workflow.capacity import GIB, Architecture, Cluster, PlanError, Serving, Training, model_states, serving_memory, training_memory
 from workflow.config import Config, TrtllmSettings, settings
-from workflow.plan import plan, plan_for
+from workflow.plan import checked_plan, plan, plan_for
 
 # config.json values of the published checkpoints (Hugging Face), written here so no hub is needed.
 QWEN_7B = {  # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-Math-7B architecture)
@@ -183,10 +184,8 @@ def test_serving_figures_by_hand_llama_70b_tp4_pp2():
 
 
 def default_settings(max_seq_len: int | None = None, **changes) -> Config:
-    """The embedded default config with sections changed (merged one level deep), typed as the plan rule gets it."""
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for key, value in changes.items():
-        cfg[key] = cfg[key] | value
+    """The embedded default config with sections changed (merged key by key), typed as the plan rule gets it."""
+    cfg = merge(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), changes)
     if max_seq_len is not None:
         cfg["data"]["max_seq_len"] = max_seq_len
     return settings(cfg)
@@ -195,7 +194,7 @@ def default_settings(max_seq_len: int | None = None, **changes) -> Config:
 def cluster_70b(**finetune) -> Config:
     return default_settings(
         finetune={"precision": "bf16", "nproc_per_node": 8, "micro_batch_size": 1, "zero_stage": 2} | finetune,
-        max_seq_len=4096,
+        data={"max_seq_len": 4096},
         cluster={"gpus_per_node": 8, "gpu_memory_gib": 80, "nodes": 2, "host_memory_gib": 1024, "overhead_gib": 2},
         engine={"backend": "tensorrt_llm", "tensorrt_llm": {"tp_size": 4, "pp_size": 2, "max_batch_size": 64, "max_input_len": 1024, "max_seq_len": 2048}},
     )
@@ -216,7 +215,7 @@ def test_70b_with_zero2_fails_with_numbers_and_the_smallest_change_that_fits(tmp
     assert not result["fits"] and result["training"]["suggestion"]["memory"]["fits"]
     # the suggestion, applied, fits
     applied = plan_for(Architecture.from_hf_config(LLAMA_70B), cluster_70b(**({"gradient_checkpointing": False} | {k.split(".")[1]: v for k, v in changes.items()})))
-    assert applied["fits"], applied["problems"]
+    assert applied["training"]["fits"], applied["problems"]
     assert "# Plan: DOES NOT FIT" in (tmp_path / "plan.md").read_text()
     runs = MlflowClient(tracking.resolved_uri()).search_runs(
         [MlflowClient(tracking.resolved_uri()).get_experiment_by_name("tests").experiment_id], filter_string="attributes.run_name = 'plan'")
@@ -242,10 +241,12 @@ def test_bad_model_configs_are_refused_with_the_reason(tmp_path):
     with pytest.raises(PlanError, match="config.json not found"):
         plan(str(tmp_path), default_settings(), tmp_path / "p.json", tmp_path / "p.md", None)
     result = plan_for(Architecture.from_hf_config(QWEN_7B), default_settings(engine={"backend": "tensorrt_llm"}))
-    assert "engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0" in result["problems"] and not result["fits"]
+    assert any(p.startswith("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0") for p in result["problems"])
+    assert not result["fits"]
 
 
-def test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit(tmp_path):
+@pytest.mark.e2e
+def test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit(tmp_path, snakemake):
     done = snakemake(tmp_path / "fits", {}, "results/plan/plan.json")
     result = json.loads((tmp_path / "fits" / "results" / "plan" / "plan.json").read_text())
     assert result["fits"] and result["training"]["device_gib"] is None and result["training"]["host_per_node_gib"] < 16
@@ -260,8 +261,10 @@ def test_plan_rule_runs_first_and_stops_a_config_that_cannot_fit(tmp_path):
     assert not (tmp_path / "tight" / "results" / "bootstrap").exists() and not (tmp_path / "tight" / "results" / "data").exists()
 
 
-def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_path):
-    done = snakemake(tmp_path, {"cluster": {"gpus_per_node": 8, "nodes": 2}}, "-n", "-p", "results/finetune/summary.json")
+@pytest.mark.e2e
+def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_path, snakemake):
+    gpus = {"cluster": {"gpus_per_node": 8, "nodes": 2}, "finetune": {"liger_kernel": False}}  # liger-kernel is not installed here
+    done = snakemake(tmp_path, gpus, "-n", "-p", "results/finetune/summary.json")
     block = done.stdout.split("rule finetune:")[1].split("\n\n")[0]
     resources = dict(item.split("=", 1) for item in block.split("resources:")[1].strip().splitlines()[0].split(", "))
     assert (resources["gpu"], resources["nodes"], resources["mpi"], resources["tasks"], resources["tasks_per_gpu"]) == ("16", "2", "srun", "2", "0")
@@ -269,9 +272,61 @@ def test_finetune_requests_gpus_per_node_times_nodes_and_one_task_per_node(tmp_p
     assert "gpu=0" in single and "mpi=" not in single and "tasks=" not in single
 
 
-def test_bad_cluster_values_name_the_key(tmp_path):
+@pytest.mark.e2e
+def test_bad_cluster_values_name_the_key(tmp_path, snakemake):
     done = snakemake(tmp_path, {"cluster": {"nodes": 0, "gpu_memory_gib": -1}}, "-n", check=False)
     out = done.stdout + done.stderr
     assert done.returncode != 0
     assert "config: cluster.nodes: Input should be greater than or equal to 1 (got 0)" in out
     assert "config: cluster.gpu_memory_gib: Input should be greater than 0 (got -1)" in out
+
+
+def test_schemes_the_shapes_cannot_take_are_dropped_with_their_reason_and_the_others_go_on():
+    width_576 = Architecture.from_hf_config(QWEN_7B | {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "vocab_size": 4096, "num_hidden_layers": 4,
+                                                       "num_key_value_heads": 3})
+    result = plan_for(width_576, default_settings())
+    assert result["schemes"]["int4_awq"] == {"block": 64} and result["fits"]
+    width_200 = Architecture.from_hf_config(QWEN_7B | {"hidden_size": 200, "intermediate_size": 800, "num_attention_heads": 5, "vocab_size": 4096, "num_hidden_layers": 4,
+                                                       "num_key_value_heads": 5})
+    result = plan_for(width_200, default_settings())
+    assert result["schemes"]["fp8"]["dropped"] == "fp8 needs every linear layer's in-features divisible by 16 (this model: hidden_size 200, num_heads x head_dim 200)"
+    assert result["schemes"]["int4_awq"]["dropped"].startswith("int4_awq needs every linear layer's in-features divisible by 128 or 64")
+    assert set(result["serving"]) == {"bf16", "int8_sq"} and result["fits"], "the other schemes go on"
+    none_left = plan_for(width_200, default_settings(quantize={"schemes": ["fp8", "int4_awq"]}))
+    assert any(p.startswith("quantize.schemes ['fp8', 'int4_awq']: the model's shapes take none of them") for p in none_left["problems"])
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"evaluate": {"max_new_tokens": 512}}, "evaluate.max_new_tokens 512 > rollout.gateway.limits.max_tokens 256: "),
+    ({"benchmark": {"output_len": 300}}, "benchmark.output_len 300 > rollout.gateway.limits.max_tokens 256: "),
+    ({"data": {"max_seq_len": 2048}, "rollout": {"gateway": {"limits": {"max_prompt_tokens": 4096}}}},
+     "data.max_seq_len 2048 > the model's max_position_embeddings 1024: "),
+    ({"evaluate": {"max_new_tokens": 200}, "data": {"max_seq_len": 900}, "rollout": {"gateway": {"limits": {"max_prompt_tokens": 900}}}},
+     "data.max_seq_len 900 + evaluate.max_new_tokens 200 = 1100 > the model's max_position_embeddings 1024: evaluation prompts plus "
+     "their answers do not fit the engine; lower evaluate.max_new_tokens to 124, or lower data.max_seq_len to 824, or raise "
+     "bootstrap.max_position_embeddings to 1100"),
+    ({"benchmark": {"input_len": 1000, "output_len": 100}}, "benchmark.input_len 1000 + benchmark.output_len 100 = 1100 > the model's "),
+    ({"finetune": {"attention": "varlen"}}, "finetune.attention varlen needs a CUDA GPU, but cluster.gpus_per_node is 0"),
+    ({"engine": {"onnxruntime": {"execution_provider": "cuda"}}}, "engine.onnxruntime.execution_provider cuda needs GPUs"),
+    ({"cluster": {"gpus_per_node": 2}, "finetune": {"precision": "bf16"}}, "finetune.liger_kernel true with cluster.gpus_per_node 2, but "
+     "liger-kernel is not installed: install the GPU set-up"),
+], ids=["eval-vs-gateway", "benchmark-vs-gateway", "data-vs-model", "eval-vs-engine", "benchmark-vs-engine", "varlen-on-cpu",
+        "cuda-engine-on-cpu", "liger-not-installed"])
+def test_a_config_that_cannot_run_is_refused_naming_both_keys_and_a_fix(change, problem):
+    if "liger" in problem and importlib.util.find_spec("liger_kernel"):
+        pytest.skip("liger-kernel is installed here")
+    cfg = default_settings(**change)
+    with pytest.raises(PlanError) as err:
+        checked_plan(cfg)
+    assert problem in str(err.value)
+    lines = str(err.value).splitlines()[1:]
+    also = ["data.max_seq_len 2048 + evaluate.max_new_tokens 96 = 2144 > the model's max_position_embeddings 1024"]  # rows too long for the model
+    assert [line for line in lines if problem not in line and not any(a in line for a in also)] == []  # nothing else is wrong
+
+
+def test_trt_lengths_are_checked_against_its_build_limits():
+    cfg = default_settings(cluster={"gpus_per_node": 1}, finetune={"liger_kernel": False},
+                           engine={"backend": "tensorrt_llm", "tensorrt_llm": {"max_input_len": 128, "max_seq_len": 4096}})
+    problems = plan_for(Architecture.from_hf_config(QWEN_7B | {"max_position_embeddings": 2048}), cfg)["problems"]
+    assert "benchmark.input_len 512 > engine.tensorrt_llm.max_input_len 128: longer prompts than the engine takes; set engine.tensorrt_llm.max_input_len: 512 (below max_seq_len)" in problems
+    assert "engine.tensorrt_llm.max_seq_len 4096 > the model's max_position_embeddings 2048; set engine.tensorrt_llm.max_seq_len: 2048" in problems

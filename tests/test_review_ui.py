@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from workflow.finetune.launch import free_port
 from workflow.wait import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.services]  # the session's DAG run; Chromium and `mlflow server`
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 60_000

@@ -16,6 +16,8 @@ from test_serve import Served, chat, package  # noqa: F401  (package: the module
 sys.path.insert(0, str(REPO / "benchmarks"))
 import slow_clients
 
+pytestmark = pytest.mark.slow  # hundreds of slow connections against a running gateway
+
 HEADER_S, BODY_S = 4.0, 1.5
 MAX_CONNECTIONS = 40
 
@@ -23,7 +25,10 @@ MAX_CONNECTIONS = 40
 @pytest.fixture(scope="module")
 def guarded(package):  # noqa: F811  (the fixture)
     served = Served(package.parent / "guarded", package, {
-        "deadlines": {"header_s": HEADER_S, "body_s": BODY_S, "keep_alive_s": 5}, "max_connections": MAX_CONNECTIONS})
+        "deadlines": {"header_s": HEADER_S, "body_s": BODY_S, "keep_alive_s": 5}, "max_connections": MAX_CONNECTIONS,
+        # every attacker here is on loopback, one address: let each refusal be answered as itself (408/401), not as the
+        # address's 429 too_many_refusals (tests/test_serve_http.py tests that limit)
+        "refusal_limits": {"per_minute": 60000, "burst": 10000}})
     served.wait_ready()
     yield served
     served.stop()

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, merge, snakemake
+from conftest import REPO, TINY, merge
 from services import SlurmCluster, wait_for
 from workflow.tracking import sha256_file
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.services,
     pytest.mark.skipif(not all(shutil.which(t) for t in ("slurmctld", "slurmdbd", "munged", "mariadbd")),
                        reason="needs Debian's slurm-wlm, slurmdbd, munge and mariadb-server (make system installs them)"),
 ]
@@ -87,7 +88,7 @@ def digests(workdir: Path) -> dict:
     }
 
 
-def test_workflow_on_slurm_equals_local_and_a_cancelled_job_is_reported_and_rerun(cluster, tmp_path):
+def test_workflow_on_slurm_equals_local_and_a_cancelled_job_is_reported_and_rerun(cluster, tmp_path, snakemake):
     local = tmp_path / "local"
     snakemake(local, {}, TARGET)
 

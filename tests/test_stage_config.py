@@ -9,13 +9,12 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import snakemake
 from workflow.bootstrap.problems import generate_data
 
 pytestmark = pytest.mark.e2e  # runs the plan and prepare_data rules for real (about 30 s)
 
 
-def test_plan_and_prepare_data_see_the_users_values(tmp_path, tiny_base, tracking):
+def test_plan_and_prepare_data_see_the_users_values(tmp_path, tiny_base, tracking, snakemake):
     rows = tmp_path / "our_rows.jsonl"
     generate_data(str(rows), 120, seed=3, tracking=tracking)
     user = {"base_model": str(tiny_base), "data": {"path": str(rows)},

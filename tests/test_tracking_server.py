@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import snakemake
 from services import MlflowServer
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.services,
     pytest.mark.skipif(not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("runuser") is None,
                        reason="needs Debian's postgresql (make system installs it)"),
 ]
@@ -31,7 +31,7 @@ def server(tmp_path_factory):
         server.stop()
 
 
-def test_jobs_attach_to_one_parent_run_on_a_postgresql_backed_server(server, tmp_path):
+def test_jobs_attach_to_one_parent_run_on_a_postgresql_backed_server(server, tmp_path, snakemake):
     snakemake(tmp_path, {"tracking": {"uri": server.uri}}, "results/finetune/summary.json")
     assert not (tmp_path / "results" / "mlflow.db").exists() and not (tmp_path / "results" / "mlartifacts").exists()
 

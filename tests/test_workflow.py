@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, TINY, ZERO2, merge, snakemake
+from conftest import REPO, TINY, ZERO2, merge
 from mlflow.tracking import MlflowClient
 
 from workflow import schemes
@@ -40,6 +40,11 @@ def jobs_planned(done: subprocess.CompletedProcess) -> set[str]:
     """Rule names in a dry run's job table."""
     table = done.stdout.split("Job stats:")[1].split("\n\n")[0] if "Job stats:" in done.stdout else ""
     return {line.split()[0] for line in table.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
+
+
+def jobs_run(done: subprocess.CompletedProcess) -> set[str]:
+    """Rule names of the jobs a real run started (checkpoints add jobs after the first job table)."""
+    return set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", done.stdout + done.stderr, re.M))
 
 
 def client(workdir) -> MlflowClient:
@@ -147,6 +152,7 @@ def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
 
 def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_package(zero2):
     from workflow.engine.onnxruntime import OrtEngine
+    from workflow.engine.interface import GenerationRequest
     from workflow.package import archive
     from workflow.package.kms import LocalKeyFile
 
@@ -171,7 +177,7 @@ def test_selected_engine_is_packaged_registered_backed_up_and_loads_from_the_pac
     shm = Path("/dev/shm") / f"ft2prod-e2e-{os.getpid()}"
     try:
         engine = OrtEngine(archive.open_package(package, signer, kms, into=shm))
-        assert len(list(engine.stream([5, 6, 7, 8], 4, min_new_tokens=4))) == 4
+        assert len(list(engine.stream(GenerationRequest([5, 6, 7, 8], 4, min_new_tokens=4)))) == 4
     finally:
         shutil.rmtree(shm, ignore_errors=True)
 
@@ -228,7 +234,7 @@ def test_rollout_passes_its_canary_and_promotes_to_production(zero2):
     assert production.tags["ft2prod.rollout.package_sha256"] == registered["package_sha256"]
 
 
-def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero2, tmp_path):
+def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")
     repackaged = merge(ZERO2, {"package": {"chunk_mb": 1}})
     failed = snakemake(work, merge(repackaged, {"rollout": {"canary": {"latency_p95_s": 1e-6}}}), check=False)
@@ -284,7 +290,7 @@ def test_failed_canary_keeps_production_then_promotion_and_rollback_move_it(zero
     assert again.returncode == 2 and "no version with alias 'previous'" in again.stderr
 
 
-def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zero2, tmp_path):
+def test_kubernetes_target_renders_and_validates_manifests_without_promoting(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "k8s")
     pinned = {"image": "registry.internal/ft2prod/gateway:0.1.0@sha256:" + "1" * 64}  # rendering refuses an image by tag
     settings = merge(ZERO2, {"rollout": {"target": "kubernetes", "kubernetes": pinned}})
@@ -323,13 +329,13 @@ def test_no_plaintext_weights_or_keys_in_results_package_or_mlflow(zero2):
             assert not any(k in data for k in keys), f"key material in {path}"
 
 
-def test_a_copy_of_the_finished_dag_has_nothing_to_do(zero2, tmp_path):
+def test_a_copy_of_the_finished_dag_has_nothing_to_do(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")
     done = snakemake(work, ZERO2, "-n")
     assert "Nothing to be done" in done.stdout + done.stderr
 
 
-def test_config_change_reruns_only_what_it_affects(zero2, tmp_path):
+def test_config_change_reruns_only_what_it_affects(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")  # a dry run still writes config.yaml
     upstream = {"bootstrap", "generate_data", "prepare_data"}
     load = snakemake(work, merge(ZERO2, {"benchmark": {"requests": 3}}), "-n")
@@ -340,16 +346,49 @@ def test_config_change_reruns_only_what_it_affects(zero2, tmp_path):
     training = snakemake(work, merge(ZERO2, {"finetune": {"learning_rate": ZERO2["finetune"]["learning_rate"] / 2}}), "-n")
     assert {"finetune", "export", "evaluate", "quantize"} <= jobs_planned(training)
     assert not (upstream | {"evaluate_base"}) & jobs_planned(training)
-    # a re-plan that still fits reruns the plan only: the stages wait for it but do not rerun after it
+    # a re-plan that still fits reruns the plan rule only: no stage waits for it
     replanned = snakemake(work, merge(ZERO2, {"cluster": {"overhead_gib": 1.5}}), "-n")
     assert "plan" in jobs_planned(replanned) and jobs_planned(replanned) <= {"plan", "all"}
 
 
-def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path):
+
+DELIVERY = {"select", "package", "register", "backup", "rollout", "promote", "summary", "all"}
+ENGINE_JOBS = {"build_engine_onnxruntime", "benchmark_onnxruntime"}
+
+
+def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(zero2, tmp_path, snakemake):
+    """A benchmark, an evaluation and a fine-tune setting changed in turn: the dry run lists what the change affects,
+    one real run runs exactly that (on 375b44e the benchmark change listed the plan job alone), and a second run has
+    nothing to do."""
+    work = copy_of(zero2, tmp_path / "copy")
+    changes = [
+        ({"benchmark": {"output_len": ZERO2.get("benchmark", TINY["benchmark"])["output_len"] - 2}},
+         {"plan", "benchmark_onnxruntime"} | DELIVERY, None),
+        ({"evaluate": {"max_new_tokens": TINY["evaluate"]["max_new_tokens"] - 8}},
+         {"evaluate_base", "evaluate", "evaluate_quantized"} | ENGINE_JOBS | DELIVERY, None),
+        ({"finetune": {"max_steps": ZERO2["finetune"]["max_steps"] + 20}},  # a longer run: resumes (item 4)
+         {"finetune", "export", "evaluate", "quantize", "evaluate_quantized"} | ENGINE_JOBS | DELIVERY, "resuming from"),
+    ]
+    config = ZERO2
+    for change, affected, log_line in changes:
+        config = merge(config, change)
+        planned = jobs_planned(snakemake(work, config, "-n"))
+        # Jobs behind a checkpoint that reruns (evaluate_quantized, select) join the DAG once it has run.
+        behind = set() if "evaluate_quantized" not in affected else ENGINE_JOBS | DELIVERY
+        assert planned - behind == affected - behind, f"{change}: the dry run planned {sorted(planned)}"
+        done = snakemake(work, config)
+        assert jobs_run(done) == affected, f"{change}: ran {sorted(jobs_run(done))}, expected {sorted(affected)}"
+        again = snakemake(work, config, "-n")
+        assert "Nothing to be done" in again.stdout + again.stderr, f"{change}: a second run would do {sorted(jobs_planned(again))}"
+        if log_line:
+            assert log_line in (work / "results" / "logs" / "finetune.log").read_text()
+
+
+def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path, snakemake):
     work = copy_of(zero2, tmp_path / "copy")
     done = snakemake(work, merge(ZERO2, {"evaluate": {"gate": {"min_accuracy": 0.99}}}), check=False)
     assert done.returncode != 0
-    assert re.search(r"evaluate gate failed: accuracy \d\.\d{3} < evaluate\.gate\.min_accuracy 0\.990", done.stdout + done.stderr)
+    assert re.search(r"evaluate gate failed: exact accuracy \d\.\d{3} < evaluate\.gate\.min_accuracy 0\.990", done.stdout + done.stderr)
     runs = client(work).search_runs(
         [client(work).get_experiment_by_name("ft2prod").experiment_id], filter_string="attributes.run_name = 'evaluate'"
     )
@@ -358,11 +397,12 @@ def test_failed_gate_stops_the_dag_and_says_why(zero2, tmp_path):
 
 
 @pytest.mark.parametrize("settings", [{"zero_stage": 3}, {"method": "lora", "zero_stage": 2}], ids=["zero3", "lora"])
-def test_finetune_variants_run_end_to_end(tmp_path, settings):
-    snakemake(tmp_path, {"finetune": settings}, "results/evaluate/finetuned.json")
+def test_finetune_variants_run_end_to_end(tmp_path, settings, tiny_base, snakemake):
+    """Through the exported model, from the session's tiny base model (the bootstrap stage runs in the whole DAG)."""
+    snakemake(tmp_path, {"base_model": str(tiny_base), "finetune": settings}, "results/model")
     described = json.loads((tmp_path / "results" / "model" / "ft2prod.json").read_text())
     assert {k: described["finetune"][k] for k in settings} == settings
-    base = (tmp_path / "results" / "bootstrap" / "model" / "model.safetensors").read_bytes()
+    base = (tiny_base / "model.safetensors").read_bytes()
     assert (tmp_path / "results" / "model" / "model.safetensors").read_bytes() != base, "training changed the weights"
     log = (tmp_path / "results" / "logs" / "finetune.log").read_text()
     assert f"'stage': {settings['zero_stage']}" in log or f'"zero_stage": {settings["zero_stage"]}' in log
@@ -375,17 +415,17 @@ def test_finetune_variants_run_end_to_end(tmp_path, settings):
     assert (run.data.params["resolved.liger_kernel"], run.data.params["resolved.attention"]) == ("False", "sdpa")
 
 
-def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path):
+def test_bad_dataset_row_stops_prepare_data_naming_file_and_line(tmp_path, tiny_base, snakemake):
     bad = tmp_path / "bad.jsonl"
     good = {"instruction": "Add 2 and 3", "output": "5"}
     bad.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"messages": [{"role": "user"}]}\n')
-    done = snakemake(tmp_path, {"data": {"path": str(bad)}}, "results/data/stats.json", check=False)
+    done = snakemake(tmp_path, {"base_model": str(tiny_base), "data": {"path": str(bad)}}, "results/data/stats.json", check=False)
     assert done.returncode != 0
     assert f"{bad}:3: messages[0].content must be a string" in done.stdout + done.stderr
 
 
-def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
-    settings = {"finetune": {"max_steps": 40, "save_steps": 5}}
+def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path, tiny_base, snakemake):
+    settings = {"base_model": str(tiny_base), "finetune": {"max_steps": 40, "save_steps": 5}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(merge(TINY, settings)))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", "config.yaml", "--cores", "2",
                "results/finetune/summary.json"]

@@ -25,6 +25,9 @@ from pathlib import Path
 import mlflow
 
 from workflow.config import EngineConfig, LoadConfig
+from workflow.engine.interface import GenerationRequest
+from workflow.engine.runtime import load_engine
+from workflow.progress import Progress
 from workflow.tracking import Tracking, describe, job_run
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ def synthetic_prompts(vocab_size: int, special_ids: set[int], cfg: LoadConfig) -
     return [[rng.choice(ordinary) for _ in range(cfg.input_len)] for _ in range(cfg.requests)]
 
 
-def run_level(engine, prompts: list[list[int]], output_len: int, concurrency: int) -> tuple[list[RequestResult], float]:
+def run_level(engine, prompts: list[list[int]], output_len: int, concurrency: int,
+              progress: Progress | None = None) -> tuple[list[RequestResult], float]:
     pending: queue.Queue = queue.Queue()
     for prompt in prompts:
         pending.put(prompt)
@@ -65,11 +69,13 @@ def run_level(engine, prompts: list[list[int]], output_len: int, concurrency: in
                 return
             start = time.perf_counter()
             first, count = None, 0
-            for _ in engine.stream(prompt, output_len, min_new_tokens=output_len):
+            for _ in engine.stream(GenerationRequest(prompt, output_len, min_new_tokens=output_len)):
                 count += 1
                 first = first or time.perf_counter() - start
             with lock:
                 results.append(RequestResult(time.perf_counter() - start, first or 0.0, count))
+            if progress:
+                progress.update(1, concurrency=concurrency)
 
     began = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -107,11 +113,17 @@ def measure(engine, vocab_size: int, special_ids: set[int], cfg: LoadConfig) -> 
         raise ValueError(f"benchmark.repeats must be at least 1 (got {cfg.repeats})")
     prompts = synthetic_prompts(vocab_size, special_ids, cfg)
     run_level(engine, prompts[:1], cfg.output_len, 1)  # warm-up: first-run allocations stay out of the numbers
+    with Progress(len(cfg.concurrency) * cfg.repeats * len(prompts), "benchmark", unit="request") as shown:
+        return measure_levels(engine, prompts, cfg, shown)
+
+
+def measure_levels(engine, prompts: list[list[int]], cfg: LoadConfig, shown: Progress) -> tuple[list[dict], dict[int, list[float]]]:
+    """Each concurrency level cfg.repeats times; the median run's summary and latencies per level."""
     levels, latencies = [], {}
     for concurrency in cfg.concurrency:
         runs = []
         for _ in range(cfg.repeats):
-            results, wall = run_level(engine, prompts, cfg.output_len, concurrency)
+            results, wall = run_level(engine, prompts, cfg.output_len, concurrency, shown)
             runs.append((summarize(results, wall, concurrency), results))
         runs.sort(key=lambda run: run[0]["output_tokens_per_s"])
         median, results = runs[len(runs) // 2]
@@ -147,15 +159,13 @@ def benchmark(engine_dir: str | Path, tokenizer_dir: str | Path, out_path: str |
               cfg: LoadConfig, tracking: Tracking) -> dict:
     from transformers import AutoTokenizer
 
-    from workflow.engine.build import load_engine
-
     out_path = Path(out_path)
     with job_run(tracking, f"benchmark/{scheme}", {"benchmark": cfg.model_dump(), "backend": settings.backend}):
-        engine = load_engine(engine_dir, settings.backend, settings)
+        engine = load_engine(engine_dir, settings)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         levels, latencies = measure(engine, len(tokenizer), set(tokenizer.all_special_ids), cfg)
         record = {"scheme": scheme, "backend": settings.backend, "manifest": engine.manifest.precision,
-                  "algorithm": engine.manifest.algorithm, "max_batch_size": getattr(engine, "max_batch_size", None),
+                  "algorithm": engine.manifest.algorithm, "max_batch_size": engine.max_batch_size,
                   "load": cfg.model_dump(), "levels": levels}
         out_path.write_text(json.dumps(record, indent=1))
         figure = out_path.with_suffix(".png")

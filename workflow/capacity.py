@@ -41,6 +41,8 @@ class Architecture:
     intermediate_size: int
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    max_positions: int | None = None
+    """Longest sequence the model was built for (config.json's max_position_embeddings); None when it names none."""
 
     @classmethod
     def from_hf_config(cls, config: dict, source: str = "config.json") -> Architecture:
@@ -61,6 +63,7 @@ class Architecture:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             # Qwen2 has biases on q, k and v; Llama names the flag attention_bias.
             attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            max_positions=config.get("max_position_embeddings"),
         )
 
     @property
@@ -377,13 +380,19 @@ def serving_memory(arch: Architecture, s: Serving, cluster: Cluster) -> dict:
 
 
 def serving_suggestion(arch: Architecture, s: Serving, cluster: Cluster) -> dict | None:
-    """The fewest GPUs (tp within a node first, then pp across nodes) that fit, else a smaller batch."""
+    """A change that makes serving fit. On GPUs: the fewest GPUs (tp within a node first, then pp across nodes).
+    On the CPU: fewer concurrent requests when the KV cache is what overflows, else the host memory it needs or a GPU
+    engine (a smaller batch cannot shrink the weights)."""
     if not s.on_gpu:
-        batches = [s.max_batch >> k for k in range(1, 12) if s.max_batch >> k >= 1]
-        for b in batches:
-            if serving_memory(arch, replace(s, max_batch=b), cluster)["fits"]:
-                return {"changes": {"max_batch": b}, "memory": serving_memory(arch, replace(s, max_batch=b), cluster)}
-        return None
+        for b in (s.max_batch >> k for k in range(1, 12) if s.max_batch >> k >= 1):
+            smaller = serving_memory(arch, replace(s, max_batch=b), cluster)
+            if smaller["fits"]:
+                return {"changes": {"benchmark.concurrency": f"at most {b}"}, "memory": smaller}
+        need = math.ceil(serving_memory(arch, s, cluster)["device_gib"])
+        changes = {"cluster.host_memory_gib": need}
+        if cluster.gpus_per_node:
+            changes["or engine.backend"] = "tensorrt_llm"
+        return {"changes": changes, "memory": serving_memory(arch, s, cluster.model_copy(update={"host_memory_gib": need}))}
     options = sorted((tp * pp, pp, tp) for tp in (1, 2, 4, 8, 16) for pp in (1, 2, 4, 8, 16)
                       if tp <= max(cluster.gpus_per_node, 1) and arch.num_heads % tp == 0 and pp <= arch.num_layers)
     for _, pp, tp in options:
@@ -418,7 +427,8 @@ def model_architecture(model_dir: str | None, bootstrap: BootstrapConfig) -> tup
     if model_dir is None:
         config = {"vocab_size": bootstrap.vocab_size, "hidden_size": bootstrap.hidden_size, "num_hidden_layers": bootstrap.num_layers,
                   "num_attention_heads": bootstrap.num_heads, "num_key_value_heads": bootstrap.num_kv_heads,
-                  "intermediate_size": bootstrap.intermediate_size, "model_type": "llama"}
+                  "intermediate_size": bootstrap.intermediate_size, "model_type": "llama",
+                  "max_position_embeddings": bootstrap.max_position_embeddings}
         return Architecture.from_hf_config(config, "bootstrap settings"), "the bootstrap settings; vocab_size as an upper bound"
     path = Path(model_dir) / "config.json"
     if not path.is_file():

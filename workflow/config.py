@@ -235,19 +235,56 @@ class FinetuneConfig(Section):
 
 
 class Gate(Section):
-    """The fine-tuned model must pass both thresholds or the DAG stops."""
+    """The fine-tuned model must pass both thresholds on evaluate.metric or the DAG stops."""
 
     min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.5
-    """Minimum exact-match accuracy of the fine-tuned model."""
+    """Minimum score of the fine-tuned model on evaluate.metric (accuracy, the scorer's mean, or the lm_eval metric)."""
     min_gain: Annotated[float, Field(ge=-1, le=1)] = 0.3
-    """Minimum accuracy gain over the base model."""
+    """Minimum gain over the base model on the same metric."""
+
+
+class LmEvalTask(Section):
+    """An lm-evaluation-harness task run offline against each model (evaluate.metric: lm_eval)."""
+
+    include_path: str | None = None
+    """Folder of task YAML files (lm-eval's --include_path). Their datasets must be local files (dataset_path: json
+    with dataset_kwargs.data_files); the harness runs with HF_HUB_OFFLINE and HF_DATASETS_OFFLINE set."""
+    task: str | None = None
+    """Name of the task (its `task:` key) in include_path."""
+    metric: str = "exact_match"
+    """The task's metric the gate reads (a metric of its metric_list, e.g. exact_match or acc)."""
+    filter: str = "none"
+    """The task's filter whose result is read (lm-eval reports `metric,filter`; none when the task has no filter_list)."""
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    """Few-shot examples per prompt; null keeps the task's own setting."""
+    apply_chat_template: StrictBool = True
+    """Render prompts with the model's chat template (the way the model is served)."""
 
 
 class EvalConfig(Section):
-    """Evaluation on the held-out test split and the quality gate."""
+    """Evaluation of the base, fine-tuned and quantized models and the engines, and the quality gate."""
 
+    path: str | None = None
+    """JSONL file of evaluation rows (any form data.path accepts) used as the test split instead of the random
+    data.test_fraction share of data.path (which then goes to training); rows also in data.path are kept out of
+    training. null: the random split."""
+    metric: Literal["exact", "contains", "regex", "scorer", "lm_eval"] = "exact"
+    """How an answer (the text after </think>, or the whole text when the model does not think) is scored against the
+    reference answer. exact: equal after normalisation (case, whitespace, trailing punctuation, numbers written 1,000
+    or 1000.0); contains: the reference appears in the answer as whole words; regex: evaluate.pattern's first capture
+    group equals the reference's (or the whole reference), normalised; scorer: the user's function (evaluate.scorer);
+    lm_eval: an lm-evaluation-harness task (evaluate.lm_eval) instead of the test split's answers."""
+    pattern: str | None = None
+    """Regular expression with a capture group (metric regex), e.g. 'answer is (-?[0-9.,]+)'."""
+    scorer: str | None = None
+    """The user's scorer as module:function (metric scorer), called as function(answer, reference) and returning a
+    bool or a number in [0, 1]; the gate reads the mean."""
+    scorer_path: str = "."
+    """Folder the scorer's module is imported from (put first on the import path)."""
+    lm_eval: LmEvalTask = LmEvalTask()
+    """An lm-evaluation-harness task run offline against each model (metric lm_eval)."""
     max_samples: Annotated[int, Field(ge=1)] = 200
-    """Test rows evaluated (the first N of the test split)."""
+    """Test rows evaluated (the first N of the test split; the first N documents of an lm_eval task)."""
     max_new_tokens: Annotated[int, Field(ge=1)] = 96
     """Generation budget per answer (greedy)."""
     batch_size: Annotated[int, Field(ge=1)] = 32
@@ -255,7 +292,21 @@ class EvalConfig(Section):
     sample_generations: Annotated[int, Field(ge=0)] = 12
     """Rows shown in the sample-generation table."""
     gate: Gate = Gate()
-    """The fine-tuned model must pass both thresholds or the DAG stops."""
+    """The fine-tuned model must pass both thresholds on evaluate.metric or the DAG stops."""
+
+    @model_validator(mode="after")
+    def _metric_settings(self):
+        from workflow.metrics import compile_pattern, load_scorer
+
+        if self.metric == "regex":
+            compile_pattern(self.pattern)
+        elif self.metric == "scorer":
+            load_scorer(self.scorer, self.scorer_path)
+        elif self.metric == "lm_eval":
+            from workflow.harness import check_task
+
+            check_task(self.lm_eval)
+        return self
 
 
 AccuracyLoss = create_model(
@@ -436,15 +487,21 @@ Allow = create_model(
 )
 
 
-class Limits(Section):
-    """Request limits (admins adjust them at run time)."""
+MAX_BODY_BYTES = 16 << 20
+"""The largest body limit an admin may set: a 1M-token prompt is about 4 MiB of text, so 16 MiB holds any real request."""
+MAX_TOKENS = 1 << 20
+"""The largest token limit an admin may set: the longest context windows models have (1M tokens)."""
 
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 65536
-    """Largest request body (413 above); at least 1024, so that an admin's request to raise it again still fits."""
-    max_prompt_tokens: Annotated[int, Field(ge=1)] = 1024
-    """Longest prompt in tokens (400 above)."""
-    max_tokens: Annotated[int, Field(ge=1)] = 256
-    """Most tokens a request may generate, and the default when it asks for none (400 above)."""
+
+class Limits(Section):
+    """Request limits (admins adjust them at run time, within these bounds)."""
+
+    max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_BODY_BYTES)] = 65536
+    """Largest request body (413 above); 1 KiB to 16 MiB (at least 1 KiB, so that an admin's request to raise it again still fits)."""
+    max_prompt_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 1024
+    """Longest prompt in tokens (400 above); 1 to 1,048,576."""
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 256
+    """Most tokens a request may generate, and the default when it asks for none (400 above); 1 to 1,048,576."""
 
 
 class Audit(Section):
@@ -489,10 +546,26 @@ class Deadlines(Section):
 class RateLimit(Section):
     """A token bucket per API key: it holds `burst` requests and refills at `requests_per_minute`."""
 
-    requests_per_minute: Annotated[float, Field(gt=0)] = 600
-    """Sustained requests per minute one key may send (429 with Retry-After above)."""
-    burst: Annotated[int, Field(ge=1)] = 60
+    requests_per_minute: Annotated[float, Field(gt=0, le=60000)] = 600
+    """Sustained requests per minute one key may send (429 with Retry-After above); at most 60,000."""
+    burst: Annotated[int, Field(ge=1, le=10000)] = 60
     """Requests one key may send at once before the sustained rate applies."""
+
+
+class RefusalLimit(Section):
+    """A token bucket per client address (IPv6 by /64) for the requests the gateway refuses before a key is admitted
+    (malformed HTTP, bad headers, no or unknown key, address not allowed, over a key's rate). Within it each refusal
+    gets its own answer and audit record; above it the answer is 429 with Retry-After and the refusals are counted,
+    then written as one aggregated audit record per address and reason every `summary_every_s`."""
+
+    per_minute: Annotated[float, Field(gt=0, le=60000)] = 60
+    """Refused requests per minute one address may get answered and audited one by one."""
+    burst: Annotated[int, Field(ge=1, le=10000)] = 30
+    """Refused requests one address may get at once before the per-minute rate applies."""
+    summary_every_s: Annotated[float, Field(ge=1, le=3600)] = 60
+    """How often the counts of refusals past the bucket are written as aggregated audit records."""
+    max_addresses: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    """Addresses tracked at once (about 200 bytes each); past it the longest-quiet one is forgotten."""
 
 
 RateLimits = create_model(
@@ -538,6 +611,8 @@ class Gateway(Section):
     """How long a client may take to send its request."""
     rate_limits: RateLimits = RateLimits()
     """Per-key request rates, by the key's role."""
+    refusal_limits: RefusalLimit = RefusalLimit()
+    """Per-address limit on refused requests answered and audited one by one (floods are aggregated)."""
     audit: Audit = Audit()
     """The hash-chained audit log."""
     alerts: Alerts = Alerts()

@@ -49,6 +49,8 @@ class Stats:
     """Rows whose trained turn has reasoning."""
     history_reasoning_untrained: int = 0
     """Earlier assistant turns whose reasoning the template strips from history (data.reasoning_turns: last)."""
+    eval_overlap: int = 0
+    """Rows of data.path also in evaluate.path, kept out of training."""
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -195,26 +197,20 @@ def examples(messages: list[dict], fmt: ChatFormat, where: str, stats: Stats) ->
     return made
 
 
-def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig, tracking: Tracking,
-                 seed: int) -> Stats:
-    """Read, check, deduplicate, split (by `seed`, the config's) and render `source` into out_dir/{train,val,test}.jsonl
-    and stats.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with job_run(tracking, "prepare_data", {"data": cfg.model_dump(), "seed": seed, "source": str(source)}):
-        stats = Stats()
-        stats.digests["source"] = log_dataset(source, "source", "raw")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        try:
-            fmt = ChatFormat.probe(tokenizer, cfg.chat_template, cfg.reasoning_turns, str(tokenizer_dir))
-        except TemplateError as err:
-            raise DataError(f"prepare_data: {err}") from None
-        stats.chat_format = {"style": fmt.style, "template": fmt.source if fmt.training_template else "model",
-                             "template_sha256": fmt.template_sha256}
-        log.info("chat format: %s", json.dumps(stats.chat_format))
-        seen, splits = set(), {name: [] for name in SPLITS}
-        for where, messages in read_rows(source, cfg.on_bad_row, stats):
+def split_rows(source: str | Path, eval_path: str | Path | None, fmt: ChatFormat, cfg: DataConfig, seed: int,
+               stats: Stats) -> dict[str, list[dict]]:
+    """The rendered examples of each split: source's rows split by hash, or, with eval_path (evaluate.path), source's
+    rows all in train/val and eval_path's rows the test split (rows of both kept out of training)."""
+    sources = [(source, False)] + ([(eval_path, True)] if eval_path else [])
+    conversations = {is_eval: read_rows(path, cfg.on_bad_row, stats) for path, is_eval in sources}
+    held_out = {json.dumps(messages, sort_keys=True) for _, messages in conversations.get(True, [])}
+    seen, splits = set(), {name: [] for name in SPLITS}
+    for is_eval, rows in sorted(conversations.items(), reverse=True):
+        for where, messages in rows:
             key = json.dumps(messages, sort_keys=True)
+            if not is_eval and key in held_out:
+                stats.eval_overlap += 1
+                continue
             if key in seen:
                 stats.duplicates += 1
                 continue
@@ -226,16 +222,43 @@ def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | P
                     raise DataError(f"{err} (set data.on_bad_row: skip to drop such rows)") from None
                 stats.bad_rows.append(str(err))
                 continue
-            split = split_of(messages, cfg, seed)
+            split = "test" if is_eval else split_of(messages, cfg, seed)
+            if eval_path and not is_eval and split == "test":
+                split = "train"
             for example in made:
                 if len(example.input_ids) > cfg.max_seq_len:
                     stats.too_long += 1
                     continue
                 splits[split].append({"messages": example.messages, "answer": example.answer,
-                                                        "input_ids": example.input_ids, "labels": example.labels})
+                                      "input_ids": example.input_ids, "labels": example.labels})
+    return splits
+
+
+def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, cfg: DataConfig, tracking: Tracking,
+                 seed: int, eval_path: str | Path | None = None) -> Stats:
+    """Read, check, deduplicate, split (by `seed`, the config's) and render `source` into out_dir/{train,val,test}.jsonl
+    and stats.json; with eval_path (evaluate.path) its rows are the test split instead of a random share of source."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with job_run(tracking, "prepare_data", {"data": cfg.model_dump(), "seed": seed, "source": str(source),
+                                            "evaluation_source": str(eval_path)}):
+        stats = Stats()
+        stats.digests["source"] = log_dataset(source, "source", "raw")
+        if eval_path:
+            stats.digests["evaluation_source"] = log_dataset(eval_path, "evaluation_source", "raw")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        try:
+            fmt = ChatFormat.probe(tokenizer, cfg.chat_template, cfg.reasoning_turns, str(tokenizer_dir))
+        except TemplateError as err:
+            raise DataError(f"prepare_data: {err}") from None
+        stats.chat_format = {"style": fmt.style, "template": fmt.source if fmt.training_template else "model",
+                             "template_sha256": fmt.template_sha256}
+        log.info("chat format: %s", json.dumps(stats.chat_format))
+        splits = split_rows(source, eval_path, fmt, cfg, seed, stats)
         for name, rows in splits.items():
             if not rows and name != "val":
-                raise DataError(f"prepare_data: the {name} split is empty ({stats.rows_read} rows read); add rows or change data.{name}_fraction")
+                where = "evaluate.path has no usable row" if name == "test" and eval_path else f"change data.{name}_fraction"
+                raise DataError(f"prepare_data: the {name} split is empty ({stats.rows_read} rows read); add rows or {where}")
             path = out_dir / f"{name}.jsonl"
             with open(path, "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
@@ -244,6 +267,7 @@ def prepare_data(source: str | Path, tokenizer_dir: str | Path, out_dir: str | P
             stats.digests[name] = log_dataset(path, name, {"train": "training", "val": "validation"}.get(name, "testing"))
         mlflow.log_metrics(
             {"rows_read": stats.rows_read, "bad_rows": len(stats.bad_rows), "duplicates": stats.duplicates, "too_long": stats.too_long,
+             "eval_overlap": stats.eval_overlap,
              "reasoning_rows": stats.reasoning_rows, "history_reasoning_untrained": stats.history_reasoning_untrained}
             | {f"rows_{k}": v for k, v in stats.rows.items()}
         )

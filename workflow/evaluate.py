@@ -1,12 +1,14 @@
-"""evaluate: exact-match accuracy, format adherence and perplexity on the held-out test split, and the gate.
+"""evaluate: accuracy on evaluate.metric, format adherence and perplexity on the held-out test split, and the gate.
 
     snakemake results/evaluate/finetuned.json
 
 Generation is greedy, from the prompt the model's own chat template renders (workflow.chat.prompt_ids). The answer is
-the text after the last </think>, up to EOS; it must equal the reference answer exactly (whitespace trimmed). Format
-adherence means the think block was closed and the generation ended with EOS rather than running out of tokens.
-Truncated thinking counts the generations that hit max_new_tokens before closing the think block, the most common
-silent failure when evaluating R1-style models: raise evaluate.max_new_tokens when it is not zero.
+the text after the last </think> (the whole text for a model that does not think), up to EOS, scored against the
+reference answer by evaluate.metric (workflow.metrics: exact after normalisation, contains, regex, the user's scorer;
+or an lm-evaluation-harness task, workflow.harness). Format adherence means the think block (if any) was closed and
+the generation ended with EOS rather than running out of tokens. Truncated thinking counts the generations that hit
+max_new_tokens before closing the think block, the most common silent failure when evaluating R1-style models: raise
+evaluate.max_new_tokens when it is not zero. The test split is the random one, or evaluate.path's rows.
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ import mlflow
 import torch
 from transformers import AutoTokenizer
 
-from workflow import generation
+from workflow import generation, harness
 from workflow.capacity import Architecture, generation_memory
 from workflow.chat import prompt_ids
 from workflow.config import Cluster, EvalConfig
 from workflow.data import read_split
+from workflow.engine.interface import Engine, GenerationRequest
 from workflow.generation import Journal, cache_length, fitted_batch, journal_key, load_model, model_device, peak_gib
+from workflow.metrics import Grader, grader, label
+from workflow.progress import Progress
 from workflow.tracking import Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
-
-END_THINK = "</think>"
-
 
 class GateFailed(RuntimeError):
     """A model (or scheme) missed a threshold; the message names the metric, its value and the threshold."""
@@ -47,29 +49,27 @@ class Completion:
     """The generation stopped at EOS (not at the token budget)."""
 
 
-def final_answer(text: str) -> str | None:
-    """The text after the last </think>, or None if the think block was never closed."""
-    return text.rsplit(END_THINK, 1)[1].strip() if END_THINK in text else None
-
-
-def score(rows: list[dict], completions: list[Completion]) -> tuple[dict, list[dict]]:
-    """Accuracy and format adherence of completions against the rows' reference answers, and per-row results."""
+def score(rows: list[dict], completions: list[Completion], grading: Grader) -> tuple[dict, list[dict]]:
+    """The mean score on the grader's metric ("accuracy"), format adherence and truncated thinking of completions
+    against the rows' reference answers, and per-row results."""
     results = []
     for row, completion in zip(rows, completions, strict=True):
         reference = row["answer"].strip()
-        answer = final_answer(completion.text)
+        answer = grading.answer(completion.text)
+        value = grading.score(answer, reference)
         results.append({
             "prompt": row["messages"][-2]["content"] if len(row["messages"]) > 1 else "",
             "reference": reference,
             "generation": completion.text,
             "answer": answer,
-            "correct": answer == reference,
+            "score": value,
+            "correct": value >= 1.0,
             "well_formed": answer is not None and completion.ended,
             "truncated_thinking": answer is None and not completion.ended,
         })
     n = len(results)
     metrics = {
-        "accuracy": sum(r["correct"] for r in results) / n,
+        "accuracy": sum(r["score"] for r in results) / n,
         "format_adherence": sum(r["well_formed"] for r in results) / n,
         "truncated_thinking": sum(r["truncated_thinking"] for r in results) / n,
         "samples": n,
@@ -112,22 +112,29 @@ def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig, cluster: Clust
     return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated], planned
 
 
-def engine_completions(engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
-    """Greedy completions from a built engine's own generation loop (anything with `stream(ids, n)`), as many rows
-    at a time as the engine batches (`max_batch_size`, 1 if it has none); in the rows' order. The tokenizer is used
+def engine_completions(engine: Engine, tokenizer, rows: list[dict], max_new_tokens: int) -> list[Completion]:
+    """Greedy completions from a built engine's own generation loop, as many rows at a time as the engine batches
+    (`max_batch_size`); in the rows' order. The tokenizer is used
     from this thread only (a fast tokenizer shared between threads can fail with "Already borrowed")."""
     def generate(ids: list[int]) -> tuple[list[int], bool]:
         tokens = []
-        for token in engine.stream(ids, max_new_tokens):
+        for token in engine.stream(GenerationRequest(ids, max_new_tokens)):
             if token == tokenizer.eos_token_id:
                 return tokens, True
             tokens.append(token)
         return tokens, False
 
     prompts = [prompt_ids(tokenizer, row["messages"][:-1]) for row in rows]
-    with ThreadPoolExecutor(getattr(engine, "max_batch_size", 1)) as pool:
-        generated = list(pool.map(generate, prompts))
+    with Progress(len(prompts), "engine generation", unit="prompt") as shown, ThreadPoolExecutor(engine.max_batch_size) as pool:
+        generated = list(shown.counted(pool.map(generate, prompts)))
     return [Completion(tokenizer.decode(tokens, skip_special_tokens=True), ended) for tokens, ended in generated]
+
+
+def engine_scores(engine, tokenizer, rows: list[dict], cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """A built engine's scores on evaluate.metric: its greedy answers to rows, or the lm_eval task run through it."""
+    if cfg.metric == "lm_eval":
+        return harness.run_task(harness.engine_model(engine, tokenizer), cfg)
+    return score(rows, engine_completions(engine, tokenizer, rows, cfg.max_new_tokens), grader(cfg, tokenizer, rows))
 
 
 @torch.inference_mode()
@@ -145,21 +152,31 @@ def perplexity(model, rows: list[dict]) -> float:
 
 def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig, model=None, cluster: Cluster = Cluster(),
                    journal_path: str | Path | None = None) -> tuple[dict, list[dict]]:
-    """Scores of the model in model_dir (or of `model`, e.g. a quantized one, with model_dir's tokenizer), on the
-    GPU when the cluster has one (workflow.generation), with the job's device and peak GPU memory in the metrics."""
+    """Scores of the model in model_dir (or of `model`, e.g. a quantized one, with model_dir's tokenizer) on
+    evaluate.metric and its perplexity on the test split's reference answers, on the GPU when the cluster has one
+    (workflow.generation), with the job's device and peak GPU memory in the metrics."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     quantized = model is not None and any("quantizer" in name for name, _ in model.named_modules())
     if model is None:
         model = load_model(model_dir, model_device(cluster))
     rows = read_split(test_path, cfg.max_samples)
-    completions, planned = generate(model, tokenizer, rows, cfg, cluster, journal_path, static_cache=not quantized)
-    metrics, results = score(rows, completions)
+    if cfg.metric == "lm_eval":
+        metrics, results = harness.run_task(harness.hf_model(model, tokenizer, cfg.batch_size), cfg)
+        planned = None
+    else:
+        completions, planned = generate(model, tokenizer, rows, cfg, cluster, journal_path, static_cache=not quantized)
+        metrics, results = score(rows, completions, grader(cfg, tokenizer, rows))
     metrics["perplexity"] = perplexity(model, rows)
     if planned:
         metrics |= {"gpu_planned_gib": planned["device_gib"], "gpu_peak_gib": peak_gib(model.device), "gpu_batch": planned["batch"]}
     if journal_path:
         Path(journal_path).unlink(missing_ok=True)
     return metrics, results
+
+
+def share(metrics: dict, key: str) -> str:
+    """A share of the generations, or n/a where the metric does not measure it (lm_eval tasks)."""
+    return f"{metrics[key]:.3f}" if key in metrics else "n/a"
 
 
 def journal_for(out_path: str | Path) -> Path:
@@ -169,9 +186,10 @@ def journal_for(out_path: str | Path) -> Path:
 
 
 def samples_markdown(results: list[dict], limit: int) -> str:
-    lines = ["| prompt | reference | answer | correct | generation |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| prompt | reference | answer | score | generation |", "| --- | --- | --- | --- | --- |"]
     for r in results[:limit]:
-        cells = [r["prompt"], r["reference"], r["answer"] or "(no </think>)", "yes" if r["correct"] else "no", r["generation"]]
+        cells = [r["prompt"], r["reference"], r["answer"] if r["answer"] is not None else "(no </think>)",
+                 f"{r['score']:g}", r["generation"]]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -189,74 +207,80 @@ def evaluate_base(model_dir: str | Path, test_path: str | Path, out_path: str | 
         metrics, results = evaluate_model(model_dir, test_path, cfg, cluster=cluster, journal_path=journal_for(out_path))
         log_results("base", metrics, results, cfg.sample_generations)
         Path(out_path).write_text(json.dumps({"metrics": metrics, "results": results}, indent=1))
-        describe(f"Base model: accuracy **{metrics['accuracy']:.3f}**, format adherence {metrics['format_adherence']:.3f}, "
-                 f"perplexity {metrics['perplexity']:.2f} on {cfg.max_samples} test rows at most.")
+        describe(f"Base model: {label(cfg)} **{metrics['accuracy']:.3f}**, format adherence {share(metrics, 'format_adherence')}, "
+                 f"perplexity {metrics['perplexity']:.2f} on {metrics['samples']} evaluation rows.")
         log.info("base model: %s", json.dumps(metrics))
         return metrics
 
 
-def gate_failures(metrics: dict, base: dict, min_accuracy: float, min_gain: float) -> list[str]:
+def gate_failures(metrics: dict, base: dict, gate, metric: str) -> list[str]:
+    """What the fine-tuned model misses of evaluate.gate, each naming the metric, its value and the threshold."""
     failures = []
-    if metrics["accuracy"] < min_accuracy:
-        failures.append(f"accuracy {metrics['accuracy']:.3f} < evaluate.gate.min_accuracy {min_accuracy:.3f}")
+    if metrics["accuracy"] < gate.min_accuracy:
+        failures.append(f"{metric} {metrics['accuracy']:.3f} < evaluate.gate.min_accuracy {gate.min_accuracy:.3f}")
     gain = metrics["accuracy"] - base["accuracy"]
-    if gain < min_gain:
-        failures.append(
-            f"gain over base {gain:+.3f} (base {base['accuracy']:.3f} -> {metrics['accuracy']:.3f}) < evaluate.gate.min_gain {min_gain:.3f}"
-        )
+    if gain < gate.min_gain:
+        failures.append(f"gain over base on {metric} {gain:+.3f} (base {base['accuracy']:.3f} -> {metrics['accuracy']:.3f}) "
+                        f"< evaluate.gate.min_gain {gate.min_gain:.3f}")
     return failures
+
+
+def report_markdown(metrics: dict, base: dict, results: list[dict], cfg: EvalConfig, verdict: str) -> str:
+    rows = [f"| {name} | {m['accuracy']:.3f} | {share(m, 'format_adherence')} | {share(m, 'truncated_thinking')} | "
+            f"{m['perplexity']:.2f} |" for name, m in (("base", base), ("fine-tuned", metrics))]
+    return "\n".join([
+        "# Evaluation on the held-out test split",
+        "",
+        f"Metric: **{label(cfg)}** on {metrics['samples']} rows.",
+        "",
+        "| model | score | format adherence | truncated thinking | perplexity |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"Truncated thinking: generations that reached evaluate.max_new_tokens ({cfg.max_new_tokens}) before `</think>`; "
+        "raise it if this is not zero.",
+        "",
+        f"Gate on {label(cfg)} (min {cfg.gate.min_accuracy}, min gain {cfg.gate.min_gain}): **{verdict}**",
+        "",
+        "## Sample generations",
+        "",
+        samples_markdown(results, cfg.sample_generations),
+    ]) + "\n"
 
 
 def evaluate(model_dir: str | Path, test_path: str | Path, base_path: str | Path, out_path: str | Path,
                        report_path: str | Path, cfg: EvalConfig, tracking: Tracking, cluster: Cluster = Cluster()) -> dict:
     """Score the fine-tuned model, compare with the base, write the report, and stop the DAG if cfg.gate fails."""
-    gate = cfg.gate
+    gate, metric = cfg.gate, label(cfg)
     base = json.loads(Path(base_path).read_text())["metrics"]
     with job_run(tracking, "evaluate", {"evaluate": cfg.model_dump(), "model": str(model_dir)}):
         metrics, results = evaluate_model(model_dir, test_path, cfg, cluster=cluster, journal_path=journal_for(out_path))
-        metrics["gain_over_base"] = metrics["accuracy"] - base["accuracy"]
+        gain = metrics["gain_over_base"] = metrics["accuracy"] - base["accuracy"]
         log_results("finetuned", metrics, results, cfg.sample_generations)
         mlflow.log_metrics({f"base_{k}": float(v) for k, v in base.items()})
-        failures = gate_failures(metrics, base, gate.min_accuracy, gate.min_gain)
+        mlflow.set_tag("ft2prod.metric", metric)
+        failures = gate_failures(metrics, base, gate, metric)
         verdict = "failed: " + "; ".join(failures) if failures else "passed"
-        report = "\n".join([
-            "# Evaluation on the held-out test split",
-            "",
-            "| model | accuracy | format adherence | truncated thinking | perplexity |",
-            "| --- | --- | --- | --- | --- |",
-            f"| base | {base['accuracy']:.3f} | {base['format_adherence']:.3f} | {base.get('truncated_thinking', 0):.3f} | {base['perplexity']:.2f} |",
-            f"| fine-tuned | {metrics['accuracy']:.3f} | {metrics['format_adherence']:.3f} | {metrics['truncated_thinking']:.3f} | {metrics['perplexity']:.2f} |",
-            "",
-            f"Truncated thinking: generations that reached evaluate.max_new_tokens ({cfg.max_new_tokens}) before `</think>`; "
-            "raise it if this is not zero.",
-            "",
-            f"Gate (min accuracy {gate.min_accuracy}, min gain {gate.min_gain}): **{verdict}**",
-            "",
-            "## Sample generations",
-            "",
-            samples_markdown(results, cfg.sample_generations),
-        ])
-        Path(report_path).write_text(report + "\n")
+        Path(report_path).write_text(report_markdown(metrics, base, results, cfg, verdict))
         mlflow.log_artifact(str(report_path))
-        gain = metrics["gain_over_base"]
         record_gate([
             {"name": "accuracy >= evaluate.gate.min_accuracy", "passed": metrics["accuracy"] >= gate.min_accuracy,
-             "value": metrics["accuracy"], "threshold": gate.min_accuracy, "detail": "exact-match accuracy on the test split"},
+             "value": metrics["accuracy"], "threshold": gate.min_accuracy, "detail": f"{metric} on the test split"},
             {"name": "gain over base >= evaluate.gate.min_gain", "passed": gain >= gate.min_gain, "value": gain,
-             "threshold": gate.min_gain, "detail": f"base {base['accuracy']:.3f} -> fine-tuned {metrics['accuracy']:.3f}"},
+             "threshold": gate.min_gain, "detail": f"{metric}: base {base['accuracy']:.3f} -> fine-tuned {metrics['accuracy']:.3f}"},
         ])
-        describe(f"Fine-tuned accuracy **{metrics['accuracy']:.3f}** (base {base['accuracy']:.3f}, gain {gain:+.3f}), format adherence "
-                 f"{metrics['format_adherence']:.3f}, truncated thinking {metrics['truncated_thinking']:.3f}, perplexity {metrics['perplexity']:.2f}.\n\nGate (min accuracy {gate.min_accuracy}, "
-                 f"min gain {gate.min_gain}): **{verdict}**.")
+        describe(f"Fine-tuned {metric} **{metrics['accuracy']:.3f}** (base {base['accuracy']:.3f}, gain {gain:+.3f}), format "
+                 f"adherence {share(metrics, 'format_adherence')}, truncated thinking {share(metrics, 'truncated_thinking')}, "
+                 f"perplexity {metrics['perplexity']:.2f}.\n\nGate (min {gate.min_accuracy}, min gain {gate.min_gain}): **{verdict}**.")
         log.info("fine-tuned model: %s; gate %s", json.dumps(metrics), verdict)
         if failures:
             raise GateFailed(f"evaluate gate {verdict}")
-        Path(out_path).write_text(json.dumps({"metrics": metrics, "base": base, "gate": "passed"}, indent=1))
+        Path(out_path).write_text(json.dumps({"metrics": metrics, "base": base, "metric": metric, "gate": "passed"}, indent=1))
         return metrics
 
 
 def accuracy_gate(scheme: str, accuracy: float, baseline: float, max_loss: float) -> dict:
-    """A scheme passes when it loses at most max_loss accuracy (absolute) against the fine-tuned model."""
+    """A scheme passes when it loses at most max_loss of the evaluate.metric score (absolute) against the fine-tuned model."""
     loss = baseline - accuracy
     passed = loss <= max_loss + 1e-9
     reason = (

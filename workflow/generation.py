@@ -16,13 +16,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from workflow.capacity import GIB, Architecture, generation_memory
 from workflow.config import Cluster
+from workflow.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ def until_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int, eos: set[int],
-             journal: Journal | None = None, static_cache: bool = False, progress: Callable[[int, int], None] | None = None,
-             ) -> list[tuple[list[int], bool]]:
+             journal: Journal | None = None, static_cache: bool = False) -> list[tuple[list[int], bool]]:
     """Greedy completions (tokens before EOS, stopped at EOS) of every prompt, in the prompts' order.
 
     Left-padded batches of `batch_size`, longest prompts first. With `static_cache` every batch is filled to
@@ -144,20 +143,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, batch_size: i
     cache_len = max((len(p) for p in prompts), default=0) + max_new_tokens
     device = next(model.parameters()).device
     extra = {"cache_implementation": "static", "max_cache_len": cache_len} if static_cache else {}
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        rows = [prompts[i] for i in chunk]
-        if static_cache:
-            rows += [rows[-1]] * (batch_size - len(rows))
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=sorted(eos) or None, **extra)
-        new = out[:, width:].tolist()
-        journal.add({index: until_eos(new[row], eos) for row, index in enumerate(chunk)})
-        if progress:
-            progress(len(journal.done), len(prompts))
+    with Progress(len(prompts), "generation", unit="prompt", initial=len(journal.done)) as shown:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            rows = [prompts[i] for i in chunk]
+            if static_cache:
+                rows += [rows[-1]] * (batch_size - len(rows))
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad_id, eos_token_id=sorted(eos) or None, **extra)
+            new = out[:, width:].tolist()
+            journal.add({index: until_eos(new[row], eos) for row, index in enumerate(chunk)})
+            shown.update(len(chunk))
     return [journal.done[i] for i in range(len(prompts))]
 
 

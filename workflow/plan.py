@@ -31,13 +31,16 @@ from workflow.capacity import (
     training_memory,
     training_suggestion,
 )
+from workflow.checks import feature_problems, length_problems, scheme_blocks
 from workflow.config import Config
-from workflow.schemes import BASELINE
+from workflow.schemes import BASELINE, SCHEMES
+
+ANY_SHAPE = [name for name, scheme in SCHEMES.items() if scheme.block == 1]
+"""Schemes every model's shapes take."""
 
 
 def plan_for(arch: Architecture, config: Config) -> dict:
-    """The plan for the whole typed config: the settings that will run (finetune, data, cluster, engine, benchmark,
-    schemes), as the user wrote them."""
+    """The plan for the whole typed config: memory per device, cross-stage lengths, schemes, installed features."""
     cluster, ft = config.cluster, config.finetune
     liger = ft.liger_kernel and cluster.gpus_per_node > 0
     training = Training.of(ft, config.data.max_seq_len, ft.nproc_per_node, cluster.nodes, liger_kernel=liger)
@@ -55,23 +58,23 @@ def plan_for(arch: Architecture, config: Config) -> dict:
         train["suggestion"] = training_suggestion(arch, training, cluster)
         problems.append(training_problem(train))
 
-    engine = config.engine
-    if engine.backend == "tensorrt_llm":
-        trt = engine.tensorrt_llm
-        base = Serving(BASELINE, trt.tp_size, trt.pp_size, trt.max_batch_size, trt.max_seq_len, on_gpu=True)
-        if not cluster.gpus_per_node:
-            problems.append("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0")
-    else:
-        bench = config.benchmark
-        on_gpu = engine.onnxruntime.execution_provider == "cuda" and cluster.gpus_per_node > 0
-        base = Serving(BASELINE, 1, 1, max(bench.concurrency), bench.input_len + bench.output_len, on_gpu=on_gpu, fp32_baseline=not on_gpu)
+    schemes = scheme_blocks(config, arch)
+    kept = [name for name, s in schemes.items() if "dropped" not in s]
+    if not kept:
+        problems.append(f"quantize.schemes {list(config.quantize.schemes)}: the model's shapes take none of them "
+                        f"({'; '.join(s['dropped'] for s in schemes.values())}); add {' or '.join(ANY_SHAPE)}, which take any shape")
     serving = {}
-    for scheme in config.quantize.schemes:
+    base = serving_setup(config)
+    if config.engine.backend == "tensorrt_llm" and not cluster.gpus_per_node:
+        problems.append("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0: set cluster.gpus_per_node, "
+                        "or engine.backend: onnxruntime")
+    for scheme in kept:
         s = replace(base, scheme=scheme)
         serving[scheme] = serving_memory(arch, s, cluster)
         if not serving[scheme]["fits"]:
             serving[scheme]["suggestion"] = serving_suggestion(arch, s, cluster)
             problems.append(serving_problem(scheme, serving[scheme]))
+    problems += length_problems(config, arch) + feature_problems(config)
     p = arch.params()
     return {
         "model": asdict(arch) | {"params": p["total"], "params_billion": round(p["total"] / 1e9, 3),
@@ -80,15 +83,26 @@ def plan_for(arch: Architecture, config: Config) -> dict:
         "resolved": {"finetune": ft.model_dump(mode="json"), "max_seq_len": config.data.max_seq_len,
                      "liger_kernel_counted": liger},
         "training": train,
+        "schemes": schemes,
         "serving": serving,
         "fits": not problems,
         "problems": problems,
     }
 
 
-def _changes(suggestion: dict | None) -> str:
+def serving_setup(config: Config) -> Serving:
+    """What the configured engine holds per device: TensorRT-LLM's build limits, or the benchmark's load on ONNX Runtime."""
+    if config.engine.backend == "tensorrt_llm":
+        trt = config.engine.tensorrt_llm
+        return Serving(BASELINE, trt.tp_size, trt.pp_size, trt.max_batch_size, trt.max_seq_len, on_gpu=True)
+    bench = config.benchmark
+    on_gpu = config.engine.onnxruntime.execution_provider == "cuda" and config.cluster.gpus_per_node > 0
+    return Serving(BASELINE, 1, 1, max(bench.concurrency), bench.input_len + bench.output_len, on_gpu=on_gpu, fp32_baseline=not on_gpu)
+
+
+def _changes(suggestion: dict | None, otherwise: str) -> str:
     if not suggestion:
-        return "nothing tried fits (up to 64x the nodes): use a smaller model, or LoRA"
+        return otherwise
     return ", ".join(f"{k}: {json.dumps(v)}" for k, v in suggestion["changes"].items())
 
 
@@ -102,7 +116,8 @@ def training_problem(train: dict) -> str:
             f"{t['seq_len']} tokens, {layers}; {', '.join(f'{k} {_g(v)}' for k, v in train['per_process_gib'].items() if v)} GiB per process)")
     s = train.get("suggestion")
     fit = s and (s["memory"]["device_gib"] or s["memory"]["host_per_node_gib"])
-    return text + f"; smallest change that fits: {_changes(s)}" + (f" ({_g(fit)} GiB)" if s else "")
+    otherwise = "nothing tried fits (up to 64x the nodes): use a smaller model, or finetune.method: lora"
+    return text + f"; smallest change that fits: {_changes(s, otherwise)}" + (f" ({_g(fit)} GiB)" if s else "")
 
 
 def serving_problem(scheme: str, serve: dict) -> str:
@@ -111,7 +126,9 @@ def serving_problem(scheme: str, serve: dict) -> str:
             f"batch {s['max_batch']} x {s['max_seq_len']} tokens (weights {_g(serve['per_device_gib']['weights'])} GiB, KV cache "
             f"{_g(serve['per_device_gib']['kv_cache'])} GiB)")
     sug = serve.get("suggestion")
-    return text + f"; smallest change that fits: {_changes(sug)}" + (f" ({_g(sug['memory']['device_gib'])} GiB per device)" if sug else "")
+    otherwise = ("no tp x pp up to 16 x 16 fits: more memory per GPU (cluster.gpu_memory_gib), a scheme with smaller weights "
+                 "(quantize.schemes), or a smaller engine.tensorrt_llm.max_batch_size x max_seq_len")
+    return text + f"; smallest change that fits: {_changes(sug, otherwise)}" + (f" ({_g(sug['memory']['device_gib'])} GiB per device)" if sug else "")
 
 
 def _g(gib: float | None) -> str:
@@ -139,13 +156,37 @@ def markdown(result: dict, source: str) -> str:
           f"{_g(s['per_device_gib']['weights'])} | {_g(s['per_device_gib']['kv_cache'])} | {_g(s['device_gib'])} | {s['device_limit_gib']:g} | {s['fits']} |"
           for k, s in result["serving"].items()], "",
     ]
+    lines += ["## Schemes on this model's shapes", "", "| scheme | weight block | |", "| --- | --- | --- |",
+              *[f"| {k} | {s.get('block', '-')} | {'dropped: ' + s['dropped'] if 'dropped' in s else 'kept'} |" for k, s in result["schemes"].items()], ""]
     if result["problems"]:
         lines += ["## Problems", "", *[f"- {p}" for p in result["problems"]], ""]
     return "\n".join(lines)
 
 
+def base_model_dir(config: Config) -> str | None:
+    """The base checkpoint folder the plan reads config.json from; None for the bootstrap model (its settings)."""
+    return None if config.base_model == "bootstrap" else config.base_model
+
+
+def checked_plan(config: Config) -> dict:
+    """The plan, made when the workflow is parsed: PlanError, before any job, when the config cannot run."""
+    arch, source = model_architecture(base_model_dir(config), config.bootstrap)
+    result = plan_for(arch, config) | {"source": source}
+    if not result["fits"]:
+        raise PlanError(refusal(result))
+    return result
+
+
+def refusal(result: dict) -> str:
+    return "plan: the config cannot run:\n" + "\n".join(f"  {p}" for p in result["problems"])
+
+
+PLANNED = ("cluster", "finetune", "data", "evaluate", "benchmark", "engine", "quantize")
+"""The sections the plan reads, recorded as the plan job's MLflow params."""
+
+
 def plan(model_dir: str | None, config: Config, json_path: str | Path, md_path: str | Path, tracking) -> dict:
-    """Write the plan (JSON and Markdown), log it to MLflow, and raise PlanError when it does not fit."""
+    """Write the plan (JSON and Markdown), log it to MLflow, and raise PlanError when the config cannot run."""
     import mlflow
 
     from workflow.tracking import job_run
@@ -155,9 +196,7 @@ def plan(model_dir: str | None, config: Config, json_path: str | Path, md_path: 
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=2))
     Path(md_path).write_text(markdown(result, source))
-    read = {"finetune": config.finetune.model_dump(), "max_seq_len": config.data.max_seq_len, "cluster": config.cluster.model_dump(),
-            "engine": config.engine.model_dump(), "benchmark": config.benchmark.model_dump(), "schemes": config.quantize.schemes}
-    with job_run(tracking, "plan", read):
+    with job_run(tracking, "plan", config.model_dump(mode="json", include=set(PLANNED))):
         mlflow.log_artifact(str(json_path))
         mlflow.log_artifact(str(md_path))
         metrics = {"params": result["model"]["params"], "training_host_per_node_gib": result["training"]["host_per_node_gib"]}
@@ -167,5 +206,5 @@ def plan(model_dir: str | None, config: Config, json_path: str | Path, md_path: 
         mlflow.log_metrics(metrics)
         mlflow.set_tag("ft2prod.plan", "fits" if result["fits"] else "does not fit")
         if not result["fits"]:
-            raise PlanError("plan: the config does not fit cluster:\n" + "\n".join(f"  {p}" for p in result["problems"]))
+            raise PlanError(refusal(result))
     return result

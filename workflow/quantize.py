@@ -23,6 +23,7 @@ from workflow.config import Cluster, EvalConfig, QuantizeConfig
 from workflow.data import read_split
 from workflow.evaluate import accuracy_gate, evaluate_model, gate_check, journal_for, log_results
 from workflow.generation import load_model, model_device, peak_gib
+from workflow.progress import Progress
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate
 
@@ -44,17 +45,33 @@ def linear_in_features(config) -> dict[str, int]:
     }
 
 
-def check_quantizable(model_dir: str | Path, scheme: str) -> None:
-    """Refuse, before any calibration, a scheme the model's shapes cannot take."""
+def check_quantizable(model_dir: str | Path, scheme: str) -> int:
+    """The block size the scheme takes on this model's shapes; refuses, before any calibration, a scheme they cannot
+    take (the plan drops such a scheme before the DAG starts; this guards direct calls)."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"quantize: unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
-    block = SCHEMES[scheme].block
-    bad = {name: n for name, n in linear_in_features(AutoConfig.from_pretrained(model_dir)).items() if n % block}
-    if bad:
-        found = ", ".join(f"{name} = {n}" for name, n in bad.items())
-        raise QuantizeError(
-            f"quantize: {scheme} needs in-features divisible by {block} (got {found}); pick another scheme or model"
-        )
+    features = linear_in_features(AutoConfig.from_pretrained(model_dir))
+    block = SCHEMES[scheme].block_for(list(features.values()))
+    if block is None:
+        sizes = (SCHEMES[scheme].block, *SCHEMES[scheme].fallback_blocks)
+        found = ", ".join(f"{name} = {n}" for name, n in features.items() if any(n % b for b in sizes))
+        raise QuantizeError(f"quantize: {scheme} needs in-features divisible by {' or '.join(map(str, sizes))} (got {found}); "
+                            "pick another scheme or model")
+    return block
+
+
+def recipe(scheme: str, block: int) -> dict:
+    """The scheme's ModelOpt config with its weight blocks of `block` input features (AWQ's group size)."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(getattr(mtq, SCHEMES[scheme].modelopt))
+    for entry in cfg["quant_cfg"]:
+        sizes = (entry.get("cfg") or {}).get("block_sizes") if isinstance(entry.get("cfg"), dict) else None
+        if sizes and -1 in sizes:
+            sizes[-1] = block
+    return cfg
 
 
 def calibration_rows(train_path: str | Path, n: int) -> tuple[list[list[int]], str]:
@@ -64,9 +81,10 @@ def calibration_rows(train_path: str | Path, n: int) -> tuple[list[list[int]], s
 
 
 def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[int]] | None = None, state: str | Path | None = None,
-                    device: torch.device = torch.device("cpu")):
-    """The model with the scheme applied: calibrated anew from `calibration`, or restored from a saved `state`; in
-    fp32 on the CPU, in the model's half precision on a GPU (workflow.generation.model_dtype)."""
+                    block: int | None = None, device: torch.device = torch.device("cpu")):
+    """The model with the scheme applied: calibrated anew from `calibration` (in weight blocks of `block`, the
+    scheme's own by default), or restored from a saved `state`; in fp32 on the CPU, in the model's half precision on
+    a GPU (workflow.generation.model_dtype)."""
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
 
@@ -77,11 +95,11 @@ def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[i
         return mto.restore(model, str(state))
 
     def forward_loop(m) -> None:
-        with torch.inference_mode():
-            for ids in calibration:
+        with torch.inference_mode(), Progress(len(calibration), f"calibration {scheme}", unit="sample") as shown:
+            for ids in shown.counted(calibration):
                 m(input_ids=torch.tensor([ids], device=device))
 
-    return mtq.quantize(model, getattr(mtq, SCHEMES[scheme].modelopt), forward_loop=forward_loop)
+    return mtq.quantize(model, recipe(scheme, block or SCHEMES[scheme].block), forward_loop=forward_loop)
 
 
 def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, scheme: str, cfg: QuantizeConfig, tracking: Tracking,
@@ -90,10 +108,10 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with job_run(tracking, f"quantize/{scheme}", {"scheme": scheme, "calib_samples": cfg.calib_samples}):
-        check_quantizable(model_dir, scheme)
+        block = check_quantizable(model_dir, scheme)
         calibration, calib_digest = calibration_rows(train_path, cfg.calib_samples)
         device = model_device(cluster)
-        model = quantized_model(model_dir, scheme, calibration, device=device)
+        model = quantized_model(model_dir, scheme, calibration, block=block, device=device)
         checkpoint = out_dir / "checkpoint"
         if SCHEMES[scheme].modelopt is None:
             model.save_pretrained(checkpoint)
@@ -108,6 +126,7 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
         record = {
             "scheme": scheme,
             "description": SCHEMES[scheme].description,
+            "block": block,
             "recipe": json.loads(recipe_file.read_text())["quantization"] if recipe_file.exists() else {"quant_algo": None},
             "calib_samples": len(calibration) if SCHEMES[scheme].modelopt else 0,
             "calib_sha256": calib_digest if SCHEMES[scheme].modelopt else None,
@@ -142,7 +161,7 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
         metrics, results = evaluate_model(model_dir, test_path, cfg, model=model, cluster=cluster, journal_path=journal_for(out_path))
         record = json.loads((quantized_dir / "quantize.json").read_text())
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
-        result = gate | {"format_adherence": metrics["format_adherence"], "perplexity": metrics["perplexity"],
+        result = gate | {"format_adherence": metrics.get("format_adherence"), "perplexity": metrics["perplexity"],
                          "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"],
                          **{k: metrics[k] for k in ("gpu_planned_gib", "gpu_peak_gib", "gpu_batch") if k in metrics}}
         log_results(scheme, metrics, results, cfg.sample_generations)

@@ -33,10 +33,18 @@ class Scheme:
     """The ONNX Runtime GenAI model builder's precision (`-p`) for it, per execution provider; a provider missing
     here has no kernels for the scheme, and the scheme gets no engine there."""
 
+    fallback_blocks: tuple[int, ...] = ()
+    """Smaller block sizes its recipe also takes, tried in order when the model's in-features do not divide by
+    block (ModelOpt AWQ quantizes in groups of 64 too, which TensorRT-LLM's int4 kernels take: 64 divides 576)."""
+
     @property
     def baseline(self) -> bool:
         """The unquantized baseline: no ModelOpt recipe, 16-bit weights."""
         return self.modelopt is None
+
+    def block_for(self, in_features: list[int]) -> int | None:
+        """The block size this model's in-features take (the first that divides them all), or None."""
+        return next((b for b in (self.block, *self.fallback_blocks) if all(n % b == 0 for n in in_features)), None)
 
 
 SCHEMES = {
@@ -48,8 +56,9 @@ SCHEMES = {
                quant_algo="FP8"),
         Scheme("int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", 1, 1.0, 0.012, (8, 0),
                "SmoothQuant", quant_algo="W8A8_SQ_PER_CHANNEL", onnxruntime={"cpu": "int8", "cuda": "int8"}),
-        Scheme("int4_awq", "INT4 weights in blocks of 128, AWQ-scaled; 16-bit activations", "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, (8, 0),
-               "AWQ", quant_algo="W4A16_AWQ", onnxruntime={"cpu": "int4", "cuda": "int4"}),
+        Scheme("int4_awq", "INT4 weights in blocks of 128 (64 where 128 does not divide), AWQ-scaled; 16-bit activations",
+               "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, (8, 0), "AWQ", quant_algo="W4A16_AWQ",
+               onnxruntime={"cpu": "int4", "cuda": "int4"}, fallback_blocks=(64,)),
     )
 }
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 
+from workflow import plots
 from workflow.config import SelectConfig
 from workflow.evaluate import GateFailed
 from workflow.tracking import Tracking, describe, job_run, record_gate
@@ -152,15 +153,19 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         rows = compare(schemes, quantized, engines, benchmarks, slo_p95_s, backend)
         mlflow.log_table({key: [r[key] for r in rows] for key in rows[0]}, "comparison.json")
         record_gate(gate_checks(rows, slo_p95_s))
+        schemes_png = report_path.with_name("schemes.png")
         try:
             chosen, reason = choose(rows, policy)
         except GateFailed:
-            report_path.write_text("# Scheme selection: nothing eligible\n\n" + table(rows) + "\n")
+            plots.save(plots.scheme_figure(quantized, engines, benchmarks, slo_p95_s, None), schemes_png)
+            report_path.write_text("# Scheme selection: nothing eligible\n\n" + table(rows) + "\n\n![schemes](schemes.png)\n")
             mlflow.log_artifact(str(report_path))
+            mlflow.log_artifact(str(schemes_png))
             describe("Nothing eligible:\n\n" + table(rows))
             raise
         figure = report_path.with_name("accuracy_vs_throughput.png")
         plot(rows, chosen["scheme"], figure)
+        plots.save(plots.scheme_figure(quantized, engines, benchmarks, slo_p95_s, chosen["scheme"]), schemes_png)
         decision = {"selected": chosen["scheme"], "engine_dir": str(engine_dirs[chosen["scheme"]]), "policy": policy,
                     "reason": reason, "latency_slo_p95_s": slo_p95_s, "backend": backend, "evidence": rows}
         report_path.write_text("\n".join([
@@ -174,10 +179,12 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
             "",
             table(rows),
             "",
+            "![throughput, p95 latency and accuracy per scheme](schemes.png)",
+            "",
             "![accuracy vs throughput](accuracy_vs_throughput.png)",
         ]) + "\n")
         out_path.write_text(json.dumps(decision, indent=1))
-        for artifact in (report_path, figure, out_path):
+        for artifact in (report_path, figure, schemes_png, out_path):
             mlflow.log_artifact(str(artifact))
         mlflow.set_tags({"ft2prod.selected_scheme": chosen["scheme"]})
         describe(f"Selected **{chosen['scheme']}** by `{policy}`: {chosen['output_tokens_per_s']:.1f} output tokens/s at concurrency "

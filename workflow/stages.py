@@ -32,7 +32,8 @@ class Stage:
 
 
 STAGES = (
-    Stage("plan", "plan", "plan", "Checks that every stage fits the cluster's memory before any job runs, and names the cheapest fix."),
+    Stage("plan", "plan", "plan", "Checks, before any job runs, that every stage fits the cluster's memory and that the stages' "
+          "lengths, schemes and features agree; names the keys and a fix."),
     Stage("bootstrap", "bootstrap", "bootstrap.model",
           "Builds the small base model locally (BPE tokenizer, DeepSeek-R1 chat template) and pretrains it briefly."),
     Stage("generate_data", "bootstrap", "bootstrap.problems",

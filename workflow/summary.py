@@ -198,6 +198,7 @@ def collect(tracking: Tracking, results_dir: str | Path) -> dict:
         "models_url": f"{base}#/models/{registered['model_name']}" if registered else None,
         "loss_png": data_uri(results / "finetune" / "loss.png"),
         "plot_png": data_uri(results / "select" / "accuracy_vs_throughput.png"),
+        "schemes_png": data_uri(results / "select" / "schemes.png"),
         "dag_svg": inline_svg(results / "summary" / "dag.svg"),
         "report": (results / "summary" / "snakemake-report.html").is_file(),
     }

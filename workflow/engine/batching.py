@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow.engine.sampling import GREEDY, SamplingParams, TokenHistory, next_token
+from workflow.engine.interface import GenerationRequest
+from workflow.engine.sampling import TokenHistory, next_token
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ def _close_at_exit(batcher_ref: weakref.ref) -> None:
 
 @dataclass(eq=False)
 class _Request:
+    asked: GenerationRequest
     prompt: list[int]
     max_new: int
     min_new: int
-    sampling: SamplingParams = GREEDY
     out: queue.Queue = field(default_factory=queue.Queue)
     length: int = 0
     """Tokens held in the request's key/value row."""
@@ -62,8 +63,8 @@ class _Request:
     """Done, or abandoned by its caller: its slot is freed at the next step."""
 
     def __post_init__(self) -> None:
-        self.rng = self.sampling.generator()
-        self.history = TokenHistory(self.prompt if self.sampling.repetition_penalty != 1.0 else ())
+        self.rng = self.asked.sampling.generator()
+        self.history = TokenHistory(self.prompt if self.asked.sampling.repetition_penalty != 1.0 else ())
 
 
 class ContinuousBatcher:
@@ -113,19 +114,16 @@ class ContinuousBatcher:
         if threading.current_thread() is not self.loop:
             self.loop.join(timeout=60)
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
-               sampling: SamplingParams = GREEDY) -> Iterator[int]:
-        """One request's tokens as they are generated (greedy unless `sampling` says otherwise); the end-of-sequence
-        token, if reached, is the last."""
-        if not prompt_ids:
-            raise ValueError("generate: the prompt is empty")
-        if len(prompt_ids) + max_new_tokens > self.context_length:
-            raise ValueError(f"generate: {len(prompt_ids)} prompt tokens plus max_new_tokens {max_new_tokens} exceed the "
+    def stream(self, asked: GenerationRequest) -> Iterator[int]:
+        """Greedy tokens for one request as they are generated; the end-of-sequence token, if reached, is the last."""
+        prompt, max_new = list(asked.prompt_ids), asked.max_new_tokens
+        if len(prompt) + max_new > self.context_length:
+            raise ValueError(f"generate: {len(prompt)} prompt tokens plus max_new_tokens {max_new} exceed the "
                              f"engine's context length {self.context_length}; shorten the prompt or ask for fewer tokens")
-        outside = [token for token in sampling.logit_bias if not 0 <= token < self.vocab_size]
+        outside = [token for token in asked.sampling.logit_bias if not 0 <= token < self.vocab_size]
         if outside:
             raise ValueError(f"generate: logit_bias names token ids outside the vocabulary (0..{self.vocab_size - 1}): {outside[:5]}")
-        request = _Request(list(prompt_ids), max_new_tokens, min(min_new_tokens, max_new_tokens), sampling)
+        request = _Request(asked, prompt, max_new, min(asked.min_new_tokens, max_new))
         with self.wake:
             if self.closed:
                 raise RuntimeError("generate: the engine was unloaded")
@@ -225,7 +223,8 @@ class ContinuousBatcher:
         if request.generated < request.min_new:
             logits = logits.copy()
             logits[self.eos_ids] = -np.inf
-        request.last, request.generated = next_token(logits, request.sampling, request.rng, request.history), request.generated + 1
+        request.last = next_token(logits, request.asked.sampling, request.rng, request.history)
+        request.generated += 1
         request.history.add(request.last)
         request.out.put(request.last)
         if request.last in self.eos_ids or request.generated >= request.max_new:

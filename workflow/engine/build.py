@@ -18,34 +18,29 @@ from workflow.config import EngineConfig, EvalConfig
 from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
-from workflow.evaluate import accuracy_gate, engine_completions, gate_check, log_results, score
+from workflow.engine.runtime import load_engine
+from workflow.evaluate import accuracy_gate, engine_scores, gate_check, log_results
+from workflow.progress import Progress
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
 
 log = logging.getLogger(__name__)
 
 
-def load_engine(engine_dir: str | Path, backend: str, settings: EngineConfig):
-    """The engine in engine_dir, refused unless its manifest matches this machine."""
-    if backend == "onnxruntime":
-        ort = settings.onnxruntime
-        return onnxruntime.OrtEngine(engine_dir, ort.execution_provider, ort.max_batch_size)
-    return tensorrt_llm.TrtllmEngine(engine_dir)
-
-
 def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, scheme: str, settings: EngineConfig, rows: list[dict],
-                      tokenizer, max_new_tokens: int, log_path) -> dict | None:
+                      tokenizer, eval_cfg: EvalConfig, log_path) -> dict | None:
     """Build the ONNX Runtime engine of scheme into engine_dir: from the fine-tuned weights with the quantize stage's
     calibration folded in, from the fine-tuned weights alone (round-to-nearest), or both, keeping the one with the
-    higher accuracy on rows (engine.onnxruntime.calibration: calibrated | rtn | auto; ties keep calibrated).
+    higher score on evaluate.metric (engine.onnxruntime.calibration: calibrated | rtn | auto; ties keep calibrated).
     Returns, when both were built (or calibration could not be carried), which was kept and why, each candidate's
     accuracy, and the kept one's scores ("scored": (metrics, results))."""
     ort, mode = settings.onnxruntime, settings.onnxruntime.calibration
     source_sha256 = sha256_tree(model_dir)[0]
 
     def build(candidate_dir: Path, source: Path, report: FoldReport | None) -> None:
-        onnxruntime.build(source, candidate_dir, scheme, ort.execution_provider, ort.block_size, ort.accuracy_level,
-                          source_sha256, log_path, calibration=report)
+        with Progress(None, f"engine build {scheme} ({candidate_dir.name})"):
+            onnxruntime.build(source, candidate_dir, scheme, ort.execution_provider, ort.block_size, ort.accuracy_level,
+                              source_sha256, log_path, calibration=report)
 
     if SCHEMES[scheme].calibration is None or mode == "rtn":
         build(engine_dir, model_dir, None)
@@ -70,7 +65,7 @@ def build_onnxruntime(model_dir: Path, quantized_dir: Path, engine_dir: Path, sc
         candidates, scored = {}, {}
         for name in ("calibrated", "rtn"):
             engine = onnxruntime.OrtEngine(work / name, ort.execution_provider, ort.max_batch_size)
-            metrics, results = score(rows, engine_completions(engine, tokenizer, rows, max_new_tokens))
+            metrics, results = engine_scores(engine, tokenizer, rows, eval_cfg)
             candidates[name] = {"accuracy": metrics["accuracy"], "algorithm": engine.manifest.algorithm}
             scored[name] = (metrics, results)
         kept = "calibrated" if candidates["calibrated"]["accuracy"] >= candidates["rtn"]["accuracy"] else "rtn"
@@ -110,21 +105,22 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
         comparison = None
         if backend == "onnxruntime":
             comparison = build_onnxruntime(Path(model_dir), Path(quantized_dir), engine_dir, scheme, settings, rows, tokenizer,
-                                           eval_cfg.max_new_tokens, tracking.log_path)
+                                           eval_cfg, tracking.log_path)
         else:
             source = Path(quantized_dir) / "checkpoint"
             build_plan = tensorrt_llm.plan(source, engine_dir, scheme, settings.tensorrt_llm)
             log.info("TensorRT-LLM plan: %s", build_plan)
-            tensorrt_llm.build(build_plan, sha256_tree(source)[0])
+            with Progress(None, f"engine build {scheme} (TensorRT-LLM)"):
+                tensorrt_llm.build(build_plan, sha256_tree(source)[0])
         if comparison and "scored" in comparison:
             metrics, results = comparison.pop("scored")
         else:
-            engine = load_engine(engine_dir, backend, settings)
-            metrics, results = score(rows, engine_completions(engine, tokenizer, rows, eval_cfg.max_new_tokens))
+            engine = load_engine(engine_dir, settings)
+            metrics, results = engine_scores(engine, tokenizer, rows, eval_cfg)
         baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
         gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
         size = dir_bytes(engine_dir)
-        record = gate | {"format_adherence": metrics["format_adherence"], "engine_bytes": size,
+        record = gate | {"format_adherence": metrics.get("format_adherence"), "engine_bytes": size,
                          "manifest": json.loads((engine_dir / "engine_manifest.json").read_text()),
                          "calibration_choice": comparison and with_losses(comparison, baseline)}
         (engine_dir / "accuracy.json").write_text(json.dumps(record, indent=1))

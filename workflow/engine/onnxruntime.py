@@ -11,12 +11,16 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workflow.engine.batching import ContinuousBatcher
-from workflow.engine.calibration import FoldReport
 from workflow.engine.manifest import EngineManifest, Target, check_target
-from workflow.engine.sampling import GREEDY, SamplingParams, keep_generation_config
+from workflow.engine.interface import GenerationRequest
+from workflow.engine.sampling import keep_generation_config
 from workflow.schemes import SCHEMES
+
+if TYPE_CHECKING:  # the build's calibration (torch, transformers) stays out of what serves
+    from workflow.engine.calibration import FoldReport
 
 # The builder precision of each scheme is its row's `onnxruntime` (workflow/schemes.py); FP8 has no ONNX Runtime GenAI
 # kernels: it needs TensorRT-LLM on an FP8-capable GPU. The builder quantizes the weights it is given (MatMulNBits,
@@ -77,7 +81,8 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
 
 
 class OrtEngine:
-    """A built engine, loaded only where its manifest matches; streams token ids, greedy unless asked to sample.
+    """A built engine, loaded only where its manifest matches; generates greedily, streaming token ids
+    (workflow.engine.runtime.Engine).
 
     On CPU, concurrent `stream` calls are batched continuously (workflow/engine/batching.py); elsewhere each request
     runs its own og.Generator."""
@@ -88,9 +93,12 @@ class OrtEngine:
         self.engine_dir, self.max_batch_size = Path(engine_dir), max_batch_size if provider == "cpu" else 1
         self.batcher = ContinuousBatcher(engine_dir, max_batch_size) if provider == "cpu" else None
         self.model = None if provider == "cpu" else self._load_model()
-        self.vocab_size = json.loads((self.engine_dir / "genai_config.json").read_text())["model"]["vocab_size"]
+        self.vocab_size = json.loads((Path(engine_dir) / "genai_config.json").read_text())["model"]["vocab_size"]
 
     def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
         if getattr(self, "batcher", None) is not None:
             self.batcher.close()
 
@@ -99,37 +107,36 @@ class OrtEngine:
 
         return og.Model(str(self.engine_dir))
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
-               sampling: SamplingParams = GREEDY) -> Iterator[int]:
+    def stream(self, request: GenerationRequest) -> Iterator[int]:
         if self.batcher is not None:
-            return self.batcher.stream(prompt_ids, max_new_tokens, min_new_tokens, sampling)
-        return self.stream_alone(prompt_ids, max_new_tokens, min_new_tokens, sampling)
+            return self.batcher.stream(request)
+        return self.stream_alone(request)
 
-    def stream_alone(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
-                     sampling: SamplingParams = GREEDY) -> Iterator[int]:
+    def stream_alone(self, request: GenerationRequest) -> Iterator[int]:
         """One request in its own og.Generator: onnxruntime-genai's own loop, the reference for batched outputs. Its
         search options have temperature, top-k, top-p, a seed and the repetition penalty, but no logit bias and no
         presence or frequency penalty: those are refused (ValueError) rather than dropped."""
         import onnxruntime_genai as og
 
+        sampling = request.sampling
         if sampling.logit_bias or sampling.presence_penalty or sampling.frequency_penalty:
             raise ValueError("generate: logit_bias, presence_penalty and frequency_penalty need the CPU engine's batching "
                              "loop; onnxruntime-genai's own generator (used on GPUs) has no such option")
         self.model = self.model or self._load_model()
         params = og.GeneratorParams(self.model)
-        total = len(prompt_ids) + max_new_tokens
-        options = {"max_length": total, "min_length": len(prompt_ids) + min_new_tokens, "do_sample": not sampling.greedy,
-                   "repetition_penalty": sampling.repetition_penalty}
+        prompt = len(request.prompt_ids)
+        options = {"max_length": prompt + request.max_new_tokens, "min_length": prompt + request.min_new_tokens,
+                   "do_sample": not sampling.greedy, "repetition_penalty": sampling.repetition_penalty}
         if not sampling.greedy:
             options |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or self.vocab_size}
             if sampling.seed is not None:
                 options["random_seed"] = sampling.seed % 2**31
         params.set_search_options(**options)
-        return self._generated(og.Generator(self.model, params), prompt_ids)
+        return self._generated(og.Generator(self.model, params), request)
 
     @staticmethod
-    def _generated(generator, prompt_ids: list[int]) -> Iterator[int]:
-        generator.append_tokens(prompt_ids)
+    def _generated(generator, request: GenerationRequest) -> Iterator[int]:
+        generator.append_tokens(list(request.prompt_ids))
         while not generator.is_done():
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from workflow.config import TrtllmSettings
 from workflow.engine.manifest import EngineManifest, Target, check_target
+from workflow.engine.interface import GenerationRequest
 from workflow.engine.release import TENSORRT_LLM, TENSORRT_LLM_IMAGE
-from workflow.engine.sampling import GREEDY, SamplingParams, keep_generation_config
+from workflow.engine.sampling import keep_generation_config
 from workflow.schemes import BASELINE, SCHEMES
 
 
@@ -126,29 +127,31 @@ def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
 
 
 class TrtllmEngine:
-    """A saved engine, loaded only on the GPU architecture, version and tp x pp it was built for."""
+    """A saved engine, loaded only on the GPU architecture, version and tp x pp it was built for
+    (workflow.engine.runtime.Engine). Its executor batches in flight requests itself, up to the build's max_batch_size."""
 
     def __init__(self, engine_dir: str | Path) -> None:
         self.manifest = EngineManifest.read(engine_dir)
         check_target(self.manifest, target(self.manifest.target.tp_size, self.manifest.target.pp_size))
+        self.max_batch_size = int(self.manifest.build.get("max_batch_size", 1))
         from tensorrt_llm._tensorrt_engine import LLM
 
         self.llm = LLM(model=str(engine_dir))
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
-               sampling: SamplingParams = GREEDY) -> Iterator[int]:
+    def stream(self, request: GenerationRequest) -> Iterator[int]:
         """Tokens as TensorRT-LLM generates them, sampled by its own sampler with the request's fields (its
         SamplingParams: temperature 0 is greedy, top_k 0 keeps all); a logit bias is refused (ValueError), not dropped."""
         from tensorrt_llm import SamplingParams as TrtllmSampling
 
+        sampling = request.sampling
         if sampling.logit_bias:
             raise ValueError("generate: logit_bias is not passed to TensorRT-LLM engines by this gateway; leave it out")
-        fields = {"max_tokens": max_new_tokens, "min_tokens": min_new_tokens, "temperature": sampling.temperature,
+        fields = {"max_tokens": request.max_new_tokens, "min_tokens": request.min_new_tokens, "temperature": sampling.temperature,
                   "repetition_penalty": sampling.repetition_penalty, "presence_penalty": sampling.presence_penalty,
                   "frequency_penalty": sampling.frequency_penalty}
         if not sampling.greedy:
             fields |= {"top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed}
-        return self._generated(prompt_ids, TrtllmSampling(**fields))
+        return self._generated(list(request.prompt_ids), TrtllmSampling(**fields))
 
     def _generated(self, prompt_ids: list[int], sampling) -> Iterator[int]:
         seen = 0
@@ -156,3 +159,6 @@ class TrtllmEngine:
             tokens = output.outputs[0].token_ids
             yield from tokens[seen:]
             seen = len(tokens)
+
+    def close(self) -> None:
+        self.llm.shutdown()

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from workflow.finetune.config import COMPLETE
 from workflow.finetune.memory import checkpointed_indices
 from workflow.finetune.speed import decoder_layers
+from workflow.progress import Progress
 
 log = logging.getLogger("workflow.finetune")
 
@@ -40,6 +41,38 @@ class MlflowMetrics(TrainerCallback):
         for key, value in metrics.items():
             client.log_metric(self.run_id, key, value, timestamp=timestamp, step=state.global_step)
 
+
+class StepProgress(TrainerCallback):
+    """Steps done of max_steps with rate and ETA (workflow/progress.py), and the last logged loss and tokens/s
+    (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.last = (time.perf_counter(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.progress = Progress(state.max_steps, "finetune", unit="step", initial=state.global_step).__enter__()
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.update(state.global_step - self.progress.done)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.progress or not logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        status = {"loss": float(logs["loss"])} if "loss" in logs else {}
+        if tokens > self.last[1]:
+            status["tokens/s"] = round((tokens - self.last[1]) / (now - self.last[0]))
+            self.last = (now, tokens)
+        self.progress.update(0, **status)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.__exit__(None, None, None)
+            self.progress = None
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

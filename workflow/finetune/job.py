@@ -41,7 +41,10 @@ class Job(Section):
     summary: str
     """Where rank 0 writes the run's summary."""
     fingerprint: str
-    """Settings, seed, model and data digest: checkpoints of another fingerprint are not resumed."""
+    """Digest of trained_from: names the folder old checkpoints are moved aside to."""
+    trained_from: dict
+    """What the checkpoints were trained from (finetune settings less those that only change how the run goes or
+    reports, seed, base model and data digests): checkpoints resume when only those or the run's length changed."""
     resume_from: str | None
     """The newest complete checkpoint of this fingerprint, if any."""
     measure: Measurement = Measurement()

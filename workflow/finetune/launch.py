@@ -7,17 +7,19 @@ SLURM executor runs this once, on the first node), srun starts one launcher per 
 (`scontrol show hostnames $SLURM_JOB_NODELIST`); on one node the command is the same as without SLURM.
 
 Resumable state lives in results/finetune/checkpoints (not a Snakemake output, so a killed job keeps it);
-a rerun resumes from the newest checkpoint whose settings and data match, and starts afresh otherwise.
+a rerun resumes from the newest checkpoint when its settings and data match (settings that only change how the run
+goes or reports, and a longer run, resume too); otherwise the old checkpoints are moved aside, named, with a WARNING
+listing the changed keys, and training starts afresh. Checkpoints are never deleted here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -101,16 +103,70 @@ def launch_env(cfg: FinetuneConfig, run_id: str, tracking_uri: str) -> dict[str,
     return env
 
 
-def fingerprint(cfg: FinetuneConfig, seed: int, model_dir: Path, data_dir: Path) -> str:
-    """What a checkpoint was trained from; a checkpoint with another fingerprint is never resumed."""
-    parts = {
-        "finetune": cfg.model_dump(mode="json"),
+RESUMABLE = ("logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "launcher", "attention", "liger_kernel",
+             "torch_compile", "zero_tuning")
+"""Finetune settings that change how training runs or reports, not what it computes or how checkpoints are laid out."""
+LENGTH = ("epochs", "max_steps")
+"""How long it trains: a longer run resumes from the checkpoints of a shorter one."""
+
+
+def trained_from(cfg: FinetuneConfig, seed: int, model_dir: Path, data_dir: Path) -> dict:
+    """What a checkpoint was trained from: settings (less RESUMABLE ones), seed, base model and training data."""
+    return {
+        "finetune": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUMABLE},
         "seed": seed,
         "model_config": sha256_file(model_dir / "config.json"),
-        "weights": sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors")),
+        "weights": sorted([p.name, p.stat().st_size] for p in model_dir.glob("*.safetensors")),  # as the job file holds it
         "train": sha256_file(data_dir / "train.jsonl"),
     }
+
+
+def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ, finetune settings named finetune.<key>."""
+    keys = [f"finetune.{k}" for k in sorted(set(old.get("finetune", {})) | set(new["finetune"]))
+            if old.get("finetune", {}).get(k) != new["finetune"].get(k)]
+    return keys + [k for k in new if k != "finetune" and old.get(k) != new[k]]
+
+
+def is_longer(old: dict, new: dict) -> bool:
+    """Whether the new run trains at least as far as the old one (max_steps when both set it, else epochs)."""
+    if old["max_steps"] != -1 and new["max_steps"] != -1:
+        return new["max_steps"] >= old["max_steps"]
+    return old["max_steps"] == new["max_steps"] == -1 and new["epochs"] >= old["epochs"]
+
+
+def resumable(old: dict | None, new: dict) -> tuple[bool, list[str]]:
+    """Whether checkpoints trained from `old` resume under `new`, and the keys that changed."""
+    if old is None:
+        return False, ["(checkpoints written without their settings)"]
+    changed = changed_keys(old, new)
+    others = [k for k in changed if k.removeprefix("finetune.") not in LENGTH]
+    return not others and (not changed or is_longer(old["finetune"], new["finetune"])), changed
+
+
+def keep_or_move_aside(checkpoint_dir: Path, parts: dict) -> None:
+    """Keep the checkpoints when they resume under these settings; else move them aside, named, with a WARNING."""
+    job_file = checkpoint_dir / "job.json"
+    if not job_file.exists():
+        return
+    old = json.loads(job_file.read_text())
+    ok, changed = resumable(old.get("trained_from"), parts)
+    if ok:
+        if changed:
+            log.info("checkpoints in %s resume: only the run's length changed (%s)", checkpoint_dir, ", ".join(changed))
+        return
+    aside = checkpoint_dir.with_name(f"{checkpoint_dir.name}.{old.get('fingerprint', 'unknown')[:12]}")
+    for n in itertools.count(1):
+        if not aside.exists():
+            break
+        aside = aside.with_name(f"{checkpoint_dir.name}.{old.get('fingerprint', 'unknown')[:12]}-{n}")
+    checkpoint_dir.rename(aside)
+    log.warning("checkpoints in %s were trained with other settings (changed: %s): moved aside to %s, not resumed and not "
+                "deleted (delete it when it is no longer wanted); training starts afresh", checkpoint_dir, ", ".join(changed), aside)
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -139,14 +195,12 @@ def write_job(model_dir: Path, data_dir: Path, summary_path: Path, cfg: Finetune
     """The job file the ranks read: settings, paths and the checkpoint to resume from (if it matches)."""
     checkpoint_dir = summary_path.parent / "checkpoints"
     job_file = checkpoint_dir / "job.json"
-    mark = fingerprint(cfg, seed, model_dir, data_dir)
-    if job_file.exists() and json.loads(job_file.read_text()).get("fingerprint") != mark:
-        log.info("settings or data changed since the checkpoints in %s were written: starting afresh", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
+    parts = trained_from(cfg, seed, model_dir, data_dir)
+    keep_or_move_aside(checkpoint_dir, parts)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     job = Job(finetune=cfg, seed=seed, model_dir=str(model_dir.resolve()), data_dir=str(data_dir.resolve()),
-              checkpoint_dir=str(checkpoint_dir.resolve()), summary=str(summary_path.resolve()), fingerprint=mark,
-              resume_from=latest_complete_checkpoint(checkpoint_dir.resolve()), measure=measure)
+              checkpoint_dir=str(checkpoint_dir.resolve()), summary=str(summary_path.resolve()), fingerprint=fingerprint(parts),
+              trained_from=parts, resume_from=latest_complete_checkpoint(checkpoint_dir.resolve()), measure=measure)
     job_file.write_text(job.model_dump_json(indent=2))
     return job_file
 

@@ -30,6 +30,7 @@ from workflow.finetune.callbacks import (
     Checkpoints,
     MlflowMetrics,
     Profile,
+    StepProgress,
     StopOnNonFiniteLoss,
     Throughput,
 )
@@ -87,50 +88,35 @@ def training_arguments(cfg: FinetuneConfig, out_dir: str, seed: int, on_cpu: boo
     )
 
 
-def train(job: Job) -> dict:
-    cfg = job.finetune
-    on_cpu = not torch.cuda.is_available()
-    speed = resolve(cfg, cuda=not on_cpu)
-    val = Path(job.data_dir) / "val.jsonl"
-    has_val = val.exists() and val.stat().st_size > 0
-    save = job.measure.save_checkpoints
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
-    train_rows = TokenDataset(Path(job.data_dir) / "train.jsonl")
-    configured = cfg
-    cfg, memory = fill_micro_batch(cfg, job.model_dir, world_size, gpu_bytes, max(len(r["input_ids"]) for r in train_rows.rows),
-                                   speed.liger_kernel)
-    memory |= {"micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
-    ds_config = deepspeed_config(cfg, count_parameters(job.model_dir), world_size, gpu_bytes)
+def log_resolved(job: Job, cfg: FinetuneConfig, configured: FinetuneConfig, speed: SpeedSettings, ds_config: dict,
+                 memory: dict, on_cpu: bool) -> None:
+    """Rank 0: the resolved settings, what this device changed or skipped, and the planner's memory verdict (also
+    recorded in the job's MLflow run)."""
     checkpointed = memory["checkpointed_layers"]
-    args = training_arguments(cfg, job.checkpoint_dir, job.seed, on_cpu, speed, ds_config, evaluate=has_val, save=save,
-                              checkpointing=cfg.gradient_checkpointing is True or checkpointed > 0)
-    if on_cpu:
-        import deepspeed
+    log.info("resolved settings: %s", job.model_dump_json(indent=1))
+    log.info("speed settings on this device: %s", json.dumps(speed.as_dict()))
+    log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
+    for reason in speed.skipped:
+        log.info("skipped %s", reason)
+    log.info("gradient_checkpointing %s: %d of %d decoder layers recompute; predicted peak %s GiB per GPU (limit %s GiB)",
+             cfg.gradient_checkpointing, checkpointed, memory["num_layers"], memory["predicted_peak_gib"], memory["limit_gib"])
+    if cfg != configured:
+        log.info("micro_batch_fill auto: micro-batch %d x accumulation %d (configured %d x %d; same rows per optimizer step)",
+                 cfg.micro_batch_size, cfg.gradient_accumulation_steps, configured.micro_batch_size, configured.gradient_accumulation_steps)
+    if on_cpu and cfg.gradient_checkpointing == "auto":
+        log.info("skipped gradient_checkpointing auto: CPU ranks checkpoint nothing (the plan checks host memory)")
+    elif memory["predicted_peak_gib"] is not None and not memory["fits"]:
+        log.warning("the planner predicts %s GiB per GPU even with %d layers checkpointed, over %s GiB: this run may run out of memory",
+                    memory["predicted_peak_gib"], checkpointed, memory["limit_gib"])
+    record_speed(os.environ.get("MLFLOW_RUN_ID"), speed, ds_config["zero_optimization"], memory)
 
-        # On CPU the Trainer would set up distributed state after zero.Init needs it (see shared NOTES).
-        deepspeed.init_distributed(dist_backend="gloo")
-    if args.process_index == 0:
-        log.info("resolved settings: %s", job.model_dump_json(indent=1))
-        log.info("speed settings on this device: %s", json.dumps(speed.as_dict()))
-        log.info("zero_optimization: %s", json.dumps(ds_config["zero_optimization"]))
-        for reason in speed.skipped:
-            log.info("skipped %s", reason)
-        log.info("gradient_checkpointing %s: %d of %d decoder layers recompute; predicted peak %s GiB per GPU (limit %s GiB)",
-                 cfg.gradient_checkpointing, checkpointed, memory["num_layers"], memory["predicted_peak_gib"], memory["limit_gib"])
-        if cfg != configured:
-            log.info("micro_batch_fill auto: micro-batch %d x accumulation %d (configured %d x %d; same rows per optimizer step)",
-                     cfg.micro_batch_size, cfg.gradient_accumulation_steps, configured.micro_batch_size, configured.gradient_accumulation_steps)
-        if on_cpu and cfg.gradient_checkpointing == "auto":
-            log.info("skipped gradient_checkpointing auto: CPU ranks checkpoint nothing (the plan checks host memory)")
-        elif memory["predicted_peak_gib"] is not None and not memory["fits"]:
-            log.warning("the planner predicts %s GiB per GPU even with %d layers checkpointed, over %s GiB: this run may run out of memory",
-                        memory["predicted_peak_gib"], checkpointed, memory["limit_gib"])
-        record_speed(os.environ.get("MLFLOW_RUN_ID"), speed, ds_config["zero_optimization"], memory)
+
+def load_model(model_dir: str, cfg: FinetuneConfig, speed: SpeedSettings, rank0: bool):
+    """The base model with this device's attention, LoRA adapters if asked, ZeRO-3 leaf layers and compiled layers."""
     if speed.attention == VARLEN:
         register_varlen_attention()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=dtype, attn_implementation=speed.attention)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=speed.attention)
     # Training needs no KV cache, and packing needs it off: with a cache, transformers ignores the
     # restarting position ids and lets packed sequences attend to each other.
     model.config.use_cache = False
@@ -151,30 +137,67 @@ def train(job: Job) -> dict:
             set_z3_leaf_module(layer, True)
     if speed.torch_compile:
         count = compile_decoder_layers(model)
-        if args.process_index == 0:
+        if rank0:
             log.info("compiled the forward of %d decoder layers with torch.compile", count)
+    return model
+
+
+def make_trainer(job: Job, cfg: FinetuneConfig, args: TrainingArguments, model, train_rows: TokenDataset, val: Path | None,
+                 speed: SpeedSettings, memory: dict) -> tuple[Trainer, Throughput]:
+    """The Trainer with the workflow's callbacks: MLflow metrics, checkpoints, the non-finite-loss stop, throughput,
+    and (as the job asks) partial layer checkpointing and the profiler."""
     measure = job.measure
     throughput = Throughput(skip=measure.timing_skip_steps, end=measure.timing_end_step)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_rows,
-        eval_dataset=TokenDataset(val) if has_val else None,
+        eval_dataset=TokenDataset(val) if val else None,
         data_collator=collator(cfg, speed),
-        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID")), Checkpoints(save_final=save), StopOnNonFiniteLoss(), throughput],
+        callbacks=[MlflowMetrics(os.environ.get("MLFLOW_RUN_ID")), Checkpoints(save_final=measure.save_checkpoints),
+                   StopOnNonFiniteLoss(), throughput, StepProgress()],
     )
-    if 0 < checkpointed < memory["num_layers"]:
-        trainer.add_callback(CheckpointLayers(checkpointed))
+    if 0 < memory["checkpointed_layers"] < memory["num_layers"]:
+        trainer.add_callback(CheckpointLayers(memory["checkpointed_layers"]))
     if measure.profile_dir:
         start = measure.timing_skip_steps if measure.profile_start is None else measure.profile_start
         trainer.add_callback(Profile(measure.profile_dir, start=start))
+    return trainer, throughput
+
+
+def train(job: Job) -> dict:
+    """Fine-tune one rank: resolve the settings for this device, build the model and Trainer, train (resuming when
+    the launcher found a checkpoint), and return the run's summary."""
+    configured = job.finetune
+    on_cpu = not torch.cuda.is_available()
+    speed = resolve(configured, cuda=not on_cpu)
+    val = Path(job.data_dir) / "val.jsonl"
+    val = val if val.exists() and val.stat().st_size > 0 else None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu_bytes = None if on_cpu else torch.cuda.get_device_properties(0).total_memory
+    train_rows = TokenDataset(Path(job.data_dir) / "train.jsonl")
+    cfg, memory = fill_micro_batch(configured, job.model_dir, world_size, gpu_bytes,
+                                   max(len(r["input_ids"]) for r in train_rows.rows), speed.liger_kernel)
+    memory |= {"micro_batch_size": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+    ds_config = deepspeed_config(cfg, count_parameters(job.model_dir), world_size, gpu_bytes)
+    args = training_arguments(cfg, job.checkpoint_dir, job.seed, on_cpu, speed, ds_config, evaluate=val is not None,
+                              save=job.measure.save_checkpoints,
+                              checkpointing=cfg.gradient_checkpointing is True or memory["checkpointed_layers"] > 0)
+    if on_cpu:
+        import deepspeed
+
+        # On CPU the Trainer would set up distributed state after zero.Init needs it (see shared NOTES).
+        deepspeed.init_distributed(dist_backend="gloo")
+    if args.process_index == 0:
+        log_resolved(job, cfg, configured, speed, ds_config, memory, on_cpu)
+    model = load_model(job.model_dir, cfg, speed, rank0=args.process_index == 0)
+    trainer, throughput = make_trainer(job, cfg, args, model, train_rows, val, speed, memory)
     resume = job.resume_from
     if args.process_index == 0:
         log.info("resuming from %s" % resume if resume else "starting from step 0 (no checkpoint)")
     result = trainer.train(resume_from_checkpoint=resume)
-    last = latest_complete_checkpoint(job.checkpoint_dir)
     return {
-        "checkpoint": last,
+        "checkpoint": latest_complete_checkpoint(job.checkpoint_dir),
         "global_step": trainer.state.global_step,
         "resumed_from": resume,
         "train_loss": result.training_loss,

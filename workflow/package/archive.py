@@ -41,6 +41,7 @@ from workflow.package.layout import check_path, ciphertext_name
 from workflow.package.memfs import PrivateFolder
 from workflow.package.signing import (FORMAT, Signed, attestation, digest, key_id, load_public_key,  # noqa: F401
                                       load_signing_key, public_key_path, public_pem, signed_manifest, signed_package, write_signed)
+from workflow.progress import Progress
 
 
 def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519PrivateKey, provenance: dict,
@@ -66,12 +67,13 @@ def pack(source: str | Path, out: str | Path, kms: Kms, signing_key: Ed25519Priv
         "files": [{"path": str(p.relative_to(source)), "size": p.stat().st_size, "chunks": chunk_count(p, chunk_size)} for p in files],
     }
     entries = []
-    with ThreadPoolExecutor(max_workers=1) as hasher:
+    chunks = sum(f["chunks"] for f in header["files"])
+    with ThreadPoolExecutor(max_workers=1) as hasher, Progress(chunks, "package: encrypt", unit="chunk") as shown:
         for index, (path, described) in enumerate(zip(files, header["files"])):
             plain_hash, cipher_hash = hashlib.sha256(), hashlib.sha256()
             target = out / ciphertext_name(index)
             with open(path, "rb") as reader, open(target, "wb") as writer:
-                for chunk_index in range(described["chunks"]):
+                for chunk_index in shown.counted(range(described["chunks"])):
                     block = reader.read(chunk_size)
                     hashed = hasher.submit(plain_hash.update, block)
                     final = chunk_index == described["chunks"] - 1

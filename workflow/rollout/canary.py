@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx2
 import openai
 
-from workflow.evaluate import final_answer
+from workflow.metrics import final_answer
 from workflow.roles import ROLES
 from workflow.serve.audit import AuditLog, AuditTampered
 from workflow.serve.tls import client_context
@@ -113,7 +113,7 @@ def answer_of(fields: dict) -> str | None:
     """The final answer: the content after the reasoning (split), or after the inline think block (raw)."""
     if "reasoning_content" in fields:
         return (fields["content"] or "").strip()
-    return final_answer(fields["content"] or "")
+    return final_answer(fields["content"] or "", opens_think=False)
 
 
 def check_latency(client: openai.OpenAI, model: str, rows: list[dict], concurrency: int, requests: int, output_len: int,

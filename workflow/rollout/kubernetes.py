@@ -142,14 +142,10 @@ def _probe(path: str, period: int, failures: int) -> dict:
             "timeoutSeconds": 5, "failureThreshold": failures}
 
 
-def render(config: Config, package_sha256: str, out_dir: str | Path, signer_pub: bytes) -> Path:
-    """Write the kustomize folder: Deployment, Service, NetworkPolicy, PodDisruptionBudget, config and signer."""
-    k8s, gateway, engine = config.rollout.kubernetes, config.rollout.gateway, config.engine
-    name, labels = k8s.name, {"app.kubernetes.io/name": k8s.name, "app.kubernetes.io/part-of": "ft2prod"}
-    local_kms = config.package.kms.provider == "local"
-    image, egress = pinned_image(config, "image"), egress_rules(config)
-    open_args, open_env = _open_args(config, f"{MOUNTS['packages']}/{package_sha256}")
-    gateway_container = {
+def gateway_container(config: Config, image: str) -> dict:
+    """The gateway, serving the folder the init container opened (as its own process, TLS 1.3, audited per pod)."""
+    k8s = config.rollout.kubernetes
+    return {
         "name": "gateway", "image": image,
         "args": ["python", "-m", "workflow.serve", "--config", f"{MOUNTS['config']}/config.yaml", "start", "--model-dir",
                  MODEL_DIR, "--audit-log", f"{MOUNTS['audit']}/$(POD_NAME).jsonl"],
@@ -164,78 +160,115 @@ def render(config: Config, package_sha256: str, out_dir: str | Path, signer_pub:
         "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False),
                          mount("audit-key")],
     }
-    containers = [gateway_container]
-    if engine.backend == "tensorrt_llm":
-        trt = engine.tensorrt_llm
-        gpus = trt.tp_size * trt.pp_size
-        containers.append({
-            "name": "engine", "image": pinned_image(config, "engine_image"),
-            "args": ["trtllm-serve", MODEL_DIR, "--host", "127.0.0.1", "--port", str(ENGINE_PORT),
-                     "--tp_size", str(trt.tp_size), "--pp_size", str(trt.pp_size)],
-            "env": [{"name": "HOME", "value": MOUNTS["tmp"]}],  # caches go to the memory-backed /tmp, not the read-only root
-            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}},
-            "securityContext": container_security(),
-            "volumeMounts": [mount("model"), mount("tmp", False)],
-        })
+
+
+def engine_container(config: Config) -> dict | None:
+    """trtllm-serve beside the gateway on tp x pp GPUs (engine.backend tensorrt_llm); None for in-process engines."""
+    if config.engine.backend != "tensorrt_llm":
+        return None
+    trt = config.engine.tensorrt_llm
+    gpus = trt.tp_size * trt.pp_size
+    return {
+        "name": "engine", "image": pinned_image(config, "engine_image"),
+        "args": ["trtllm-serve", MODEL_DIR, "--host", "127.0.0.1", "--port", str(ENGINE_PORT),
+                 "--tp_size", str(trt.tp_size), "--pp_size", str(trt.pp_size)],
+        "env": [{"name": "HOME", "value": MOUNTS["tmp"]}],  # caches go to the memory-backed /tmp, not the read-only root
+        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}},
+        "securityContext": container_security(),
+        "volumeMounts": [mount("model"), mount("tmp", False)],
+    }
+
+
+def pod_volumes(config: Config, with_tmp: bool) -> list[dict]:
+    k8s = config.rollout.kubernetes
     # a key file (local KMS) as a Secret volume: 0400 becomes 0440 under fsGroup, which open accepts for that group only;
     # the HSM PIN or Vault token reach the init container as environment variables instead
-    kms_volume = [{"name": "kms", "secret": {"secretName": k8s.secrets.kms, "defaultMode": 0o400}}] if local_kms else []
-    deployment = {
+    kms_volume = ([{"name": "kms", "secret": {"secretName": k8s.secrets.kms, "defaultMode": 0o400}}]
+                  if config.package.kms.provider == "local" else [])
+    return [
+        {"name": "packages", "persistentVolumeClaim": {"claimName": k8s.package_claim, "readOnly": True}},
+        {"name": "model", "emptyDir": {"medium": "Memory"}},
+        {"name": "config", "configMap": {"name": f"{k8s.name}-config"}},
+        {"name": "tls", "secret": {"secretName": k8s.secrets.tls,
+                                   "items": [{"key": "tls.crt", "path": "server.pem"}, {"key": "tls.key", "path": "server.key"},
+                                             {"key": "ca.crt", "path": "ca.pem"}]}},
+        {"name": "api-keys", "secret": {"secretName": k8s.secrets.api_keys, "defaultMode": 0o400}},
+        {"name": "audit", "persistentVolumeClaim": {"claimName": f"{k8s.name}-audit"}},
+        {"name": "audit-key", "secret": {"secretName": k8s.secrets.audit_key, "defaultMode": 0o400,
+                                         "items": [{"key": "audit.key", "path": "audit.key"}]}},
+    ] + kms_volume + ([{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}] if with_tmp else [])
+
+
+def deployment(config: Config, package_sha256: str, labels: dict) -> dict:
+    """The Deployment: an init container opens the package into memory, then the gateway (and engine) serve it."""
+    k8s = config.rollout.kubernetes
+    image = pinned_image(config, "image")
+    open_args, open_env = _open_args(config, f"{MOUNTS['packages']}/{package_sha256}")
+    containers = [c for c in (gateway_container(config, image), engine_container(config)) if c]
+    opener = {  # the only container that holds the KMS credential
+        "name": "open-package", "image": image, "args": open_args, "env": open_env,
+        "securityContext": container_security(),
+        "volumeMounts": [mount("packages"), mount("model", False), mount("config")]
+                        + ([mount("kms")] if config.package.kms.provider == "local" else []),
+    }
+
+    def annotations() -> dict:  # one dict each: a shared one would be written as a YAML alias
+        return {"ft2prod/package-sha256": package_sha256}
+
+    return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
+        "metadata": {"name": k8s.name, "labels": labels, "annotations": annotations()},
         "spec": {
             "replicas": k8s.replicas, "selector": {"matchLabels": labels},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": labels, "annotations": {"ft2prod/package-sha256": package_sha256}},
+                "metadata": {"labels": labels, "annotations": annotations()},
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": POD_USER, "runAsGroup": POD_USER, "fsGroup": POD_USER,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "initContainers": [{  # the only container that holds the KMS credential
-                        "name": "open-package", "image": image, "args": open_args, "env": open_env,
-                        "securityContext": container_security(),
-                        "volumeMounts": [mount("packages"), mount("model", False), mount("config")]
-                                        + ([mount("kms")] if local_kms else []),
-                    }],
+                    "initContainers": [opener],
                     "containers": containers,
-                    "volumes": [
-                        {"name": "packages", "persistentVolumeClaim": {"claimName": k8s.package_claim, "readOnly": True}},
-                        {"name": "model", "emptyDir": {"medium": "Memory"}},
-                        {"name": "config", "configMap": {"name": f"{name}-config"}},
-                        {"name": "tls", "secret": {"secretName": k8s.secrets.tls,
-                                                   "items": [{"key": "tls.crt", "path": "server.pem"}, {"key": "tls.key", "path": "server.key"},
-                                                             {"key": "ca.crt", "path": "ca.pem"}]}},
-                        {"name": "api-keys", "secret": {"secretName": k8s.secrets.api_keys, "defaultMode": 0o400}},
-                        {"name": "audit", "persistentVolumeClaim": {"claimName": f"{name}-audit"}},
-                        {"name": "audit-key", "secret": {"secretName": k8s.secrets.audit_key, "defaultMode": 0o400,
-                                                         "items": [{"key": "audit.key", "path": "audit.key"}]}},
-                    ] + kms_volume + ([{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}] if len(containers) > 1 else []),
+                    "volumes": pod_volumes(config, with_tmp=len(containers) > 1),
                 },
             },
         },
     }
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
-               "spec": {"selector": labels, "ports": [{"name": "https", "port": 443, "targetPort": "https"}]}}
-    cidrs = sorted({cidr for role_cidrs in gateway.allow.model_dump().values() for cidr in role_cidrs})
-    network_policy = {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "labels": labels},
-        "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress", "Egress"],
-                 "ingress": [{"from": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs],
-                              "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}],
-                 "egress": egress},
+
+
+def companions(config: Config, labels: dict) -> dict[str, dict]:
+    """Service, NetworkPolicy (ingress from the roles' allow-lists only), PodDisruptionBudget and the audit claim."""
+    k8s = config.rollout.kubernetes
+    cidrs = sorted({cidr for role_cidrs in config.rollout.gateway.allow.model_dump().values() for cidr in role_cidrs})
+    metadata = {"name": k8s.name, "labels": labels}
+    return {
+        "service.yaml": {"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+                         "spec": {"selector": labels, "ports": [{"name": "https", "port": 443, "targetPort": "https"}]}},
+        "networkpolicy.yaml": {
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata,
+            "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress", "Egress"],
+                     "ingress": [{"from": [{"ipBlock": {"cidr": cidr}} for cidr in cidrs],
+                                  "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}],
+                     "egress": egress_rules(config)},
+        },
+        "poddisruptionbudget.yaml": {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": metadata,
+                                     "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}},
+        "audit-claim.yaml": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                             "metadata": {"name": f"{k8s.name}-audit", "labels": labels},
+                             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": k8s.audit_storage}}}},
     }
-    budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name, "labels": labels},
-              "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}
-    audit_claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": f"{name}-audit", "labels": labels},
-                   "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": k8s.audit_storage}}}}
+
+
+def render(config: Config, package_sha256: str, out_dir: str | Path, signer_pub: bytes) -> Path:
+    """Write the kustomize folder: Deployment, Service, NetworkPolicy, PodDisruptionBudget, config and signer."""
+    k8s = config.rollout.kubernetes
+    labels = {"app.kubernetes.io/name": k8s.name, "app.kubernetes.io/part-of": "ft2prod"}
+    resources = {"deployment.yaml": deployment(config, package_sha256, labels)} | companions(config, labels)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    resources = {"deployment.yaml": deployment, "service.yaml": service, "networkpolicy.yaml": network_policy,
-                 "poddisruptionbudget.yaml": budget, "audit-claim.yaml": audit_claim}
     for file_name, resource in resources.items():
         (out_dir / file_name).write_text(yaml.safe_dump(resource, sort_keys=False))
     (out_dir / "config.yaml").write_text(yaml.safe_dump(pod_config(config), sort_keys=False))
@@ -243,7 +276,7 @@ def render(config: Config, package_sha256: str, out_dir: str | Path, signer_pub:
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": k8s.namespace,
         "resources": list(resources),
-        "configMapGenerator": [{"name": f"{name}-config", "files": ["config.yaml", "signer.pub"]}],
+        "configMapGenerator": [{"name": f"{k8s.name}-config", "files": ["config.yaml", "signer.pub"]}],
     }
     (out_dir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return out_dir

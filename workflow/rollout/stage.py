@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from workflow.chat import prompt_text
 from workflow.config import Allow, Config
 from workflow.data import read_split
-from workflow.engine.build import load_engine
+from workflow.engine.runtime import load_engine
 from workflow.evaluate import engine_completions
 from workflow.finetune.launch import free_port
 from workflow.package import archive
@@ -128,7 +128,7 @@ def local_checks(config: Config, package_dir: Path, selection: dict, test_path: 
     rows = read_split(test_path, settings.samples)
     max_tokens = config.evaluate.max_new_tokens
     engine_dir = selection["engine_dir"]
-    engine = load_engine(engine_dir, selection["backend"], config.engine)
+    engine = load_engine(engine_dir, config.engine)
     tokenizer = AutoTokenizer.from_pretrained(engine_dir)
     reference = [served_fields(c.text, tokenizer, row, config.rollout.gateway.reasoning)
                  for c, row in zip(engine_completions(engine, tokenizer, rows, max_tokens), rows, strict=True)]

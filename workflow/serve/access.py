@@ -183,9 +183,11 @@ class Policy:
     def check_address(self, identity: Identity, ip: str) -> None:
         address = ipaddress.ip_address(ip)
         if not any(address in net for net in self.allow[identity.role]):
-            raise Denied(403, "ip_not_allowed", f"{ip} is not on the allow-list of role {identity.role}")
+            # The message names neither the role nor the allow-list (the audit record has both): a stolen key's
+            # holder learns nothing about which keys work from where.
+            raise Denied(403, "ip_not_allowed", f"{ip} is not on this key's address allow-list")
 
     def authorize(self, identity: Identity, ip: str, permission: str) -> None:
         self.check_address(identity, ip)
         if permission not in ROLES[identity.role].permissions:
-            raise Denied(403, "role_forbidden", f"role {identity.role} may not {permission}")
+            raise Denied(403, "role_forbidden", "this key may not call this endpoint")

@@ -23,19 +23,25 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from workflow.chat import TemplateError, prompt_text
 from workflow.config import EngineConfig
-from workflow.engine.build import load_engine
+from workflow.engine.interface import Engine, GenerationRequest
 from workflow.engine.manifest import EngineManifest
-from workflow.engine.sampling import SamplingParams, generation_defaults
+from workflow.engine.runtime import load_engine
+from workflow.engine.sampling import generation_defaults
 from workflow.package import archive
 from workflow.serve.deployments import Deployments, package_path
 from workflow.serve.output import ReasoningSplit
-from workflow.serve.protocol import BadRequest, respond, sampling_params, upstream_body
+from workflow.serve.protocol import BadRequest, ModelCard, ModelList, respond, sampling_params, upstream_body
 
 log = logging.getLogger(__name__)
 
 
 class NotReady(RuntimeError):
     """No model is loaded (still loading, undeployed, or the load failed)."""
+
+
+class UpstreamError(RuntimeError):
+    """The upstream engine server did not answer, failed (5xx) or answered with something other than a JSON object:
+    the gateway answers 502 in its own error shape, never the engine's bytes as its own 500."""
 
 
 def context_length(model_dir: Path) -> int:
@@ -55,7 +61,8 @@ class InProcess:
 
     def __init__(self, engine_settings: EngineConfig, memory_dir: str = "/dev/shm") -> None:
         self.engine_settings, self.memory_dir = engine_settings, memory_dir
-        self.engine = self.tokenizer = None
+        self.engine: Engine | None = None
+        self.tokenizer = None
         self.package: dict = {}
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -83,10 +90,10 @@ class InProcess:
         """What /readyz tells anyone: the failure's kind, never its text (paths, key ids); the log has the rest."""
         return f"load failed ({self.error.split(':')[0]}); see the gateway log" if self.error else "loading"
 
-    async def models(self, settings) -> dict:
+    async def models(self, settings) -> ModelList:
         self.current()
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ft2prod",
-                                            "package_sha256": self.package.get("sha256")}]}
+        return ModelList(object="list", data=[ModelCard(id=settings.model_name, object="model", created=0, owned_by="ft2prod",
+                                                        package_sha256=self.package.get("sha256"))])
 
     async def complete(self, kind: str, req, state: dict, settings):
         """A chat ("chat") or text ("text") completion from the loaded engine: sampled with the request's settings,
@@ -105,12 +112,13 @@ class InProcess:
 
     def deploy(self, package_sha256: str, rollback: bool, settings) -> None:
         """Load the package `package_sha256` from the package root, if this gateway may serve it now (see
-        deployments.py); 409 while another package is loading. Checked here for a quick answer, and again by the load
-        on the very bytes it opens: a package swapped in between is refused, not served."""
+        deployments.py); 409 while another package is loading. The signed manifest is read and checked once, here, and
+        the load opens by what was checked (not by the folder read again): a package swapped in between fails to
+        decrypt under the checked header's key and digests, and is refused, not served."""
         path = package_path(settings.package_root, package_sha256)
         trusted = settings.trusted_signer()
         signed = self.checked(path, trusted, package_sha256, rollback)
-        self.load_in_background(self.load, path, trusted, settings.kms(), signed.sha256, rollback)
+        self.load_in_background(self.load, path, trusted, settings.kms(), signed)
 
     def checked(self, path: Path, trusted, expect: str | None, rollback: bool) -> archive.Signed:
         """The package's signed parts, read once, if it is the package `expect` (when given) and not older than the
@@ -130,10 +138,10 @@ class InProcess:
                              f"({str(self.package.get('sha256'))[:16]}…); GET /v1/deployment shows it", 409)
         self.unload()
 
-    def load(self, package: str | Path, trusted, kms, expect: str | None = None, rollback: bool = False) -> None:
-        """Check (signature, digest, floor), open exactly what was checked, load, then swap in atomically: requests
-        keep using the old model until the new one is ready."""
-        signed = self.checked(Path(package), trusted, expect, rollback)
+    def load(self, package: str | Path, trusted, kms, signed: archive.Signed | None = None) -> None:
+        """Check (signature, floor) unless deploy did (`signed`), open exactly what was checked, load, then swap in
+        atomically: requests keep using the old model until the new one is ready."""
+        signed = signed or self.checked(Path(package), trusted, None, rollback=False)
         created = signed.header.get("created", "")
         opened = Path(tempfile.mkdtemp(prefix="ft2prod-", dir=self.memory_dir))
         try:
@@ -147,14 +155,14 @@ class InProcess:
         """Load an engine folder already opened from a package (by the Kubernetes init container)."""
         from transformers import AutoTokenizer
 
-        manifest = EngineManifest.read(model_dir)
-        engine = load_engine(model_dir, manifest.target.backend, self.engine_settings)
+        engine = load_engine(model_dir, self.engine_settings)
+        manifest: EngineManifest = engine.manifest
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         info = (info or {"path": str(model_dir)}) | {"scheme": manifest.scheme, "precision": manifest.precision,
                                                      "backend": manifest.target.backend,
                                                      "context_length": context_length(Path(model_dir)),
                                                      "sampling_defaults": generation_defaults(model_dir)}
-        with self._lock:
+        with self._lock:  # the old engine is freed when its last request in flight ends (they hold it)
             self.engine, self.tokenizer, self.package, self.error = engine, tokenizer, info, None
         log.info("serving %s (%s)", info["path"], info["scheme"])
 
@@ -203,13 +211,13 @@ class InProcess:
         _, tokenizer = self.current()
         return tokenizer(prompt, add_special_tokens=False).input_ids
 
-    def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams) -> Iterator[tuple[str, str | None, int]]:
+    def generate(self, request: GenerationRequest) -> Iterator[tuple[str, str | None, int]]:
         """(text delta, finish reason or None, tokens so far) per step; the last step's reason is 'stop' (end of
         sequence) or 'length'. The engine is asked at once, so what it refuses (e.g. a logit bias TensorRT-LLM is not
         given) is a 400 before any answer starts."""
         engine, tokenizer = self.current()
         try:
-            tokens = engine.stream(prompt_ids, max_tokens, sampling=sampling)
+            tokens = engine.stream(request)
         except ValueError as err:
             raise BadRequest(str(err).removeprefix("generate: ")) from None
         return self.decoded(tokens, tokenizer)
@@ -286,7 +294,10 @@ class Upstream:
     async def forward(self, path: str, body: dict):
         """(status, JSON) for plain requests, or (status, async byte iterator) for streams."""
         request = self.client.build_request("POST", path, json=body)
-        response = await self.client.send(request, stream=bool(body.get("stream")))
+        try:
+            response = await self.client.send(request, stream=bool(body.get("stream")))
+        except httpx2.HTTPError as err:
+            raise UpstreamError(f"the engine server did not answer ({type(err).__name__})") from None
         if body.get("stream") and response.status_code == 200:
             async def relay():
                 try:
@@ -297,9 +308,27 @@ class Upstream:
 
             return response.status_code, relay()
         await response.aread()
-        return response.status_code, response.json()
+        return response.status_code, relayable(response)
 
     async def models(self, settings) -> dict:
-        response = await self.client.get("/v1/models")
-        response.raise_for_status()
-        return response.json()
+        try:
+            response = await self.client.get("/v1/models")
+        except httpx2.HTTPError as err:
+            raise UpstreamError(f"the engine server did not answer ({type(err).__name__})") from None
+        answer = relayable(response)
+        if response.status_code != 200:
+            raise UpstreamError(f"the engine server answered {response.status_code} to GET /v1/models")
+        return answer
+
+
+def relayable(response: httpx2.Response) -> dict:
+    """An upstream answer the gateway may pass on: a JSON object with a status below 500 (an engine's own 4xx, such
+    as a prompt over its context, reaches the client as the engine wrote it); else UpstreamError."""
+    try:
+        answer = response.json()
+    except ValueError:  # not JSON, or not UTF-8
+        answer = None
+    if response.status_code >= 500 or not isinstance(answer, dict):
+        kind = "a JSON object" if isinstance(answer, dict) else f"a body that is not a JSON object ({response.headers.get('content-type', 'no content type')})"
+        raise UpstreamError(f"the engine server answered {response.status_code} with {kind}")
+    return answer

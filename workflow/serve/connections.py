@@ -35,6 +35,8 @@ class HeaderDeadline(H11Protocol):
     header_s: float = 10.0
     on_close: Callable[[str], None] = staticmethod(lambda reason: None)
     """Called with "header_timeout" or "evicted" for every connection this closes (the gateway's metrics count them)."""
+    on_refused: Callable[[str], None] = staticmethod(lambda peer: None)
+    """Called with the client's address for every request uvicorn itself answers 400 (the gateway audits it)."""
     waiting: dict[HeaderDeadline, None]
     """This server's connections waiting for request headers, longest-waiting first; one per class
     (with_header_deadline makes a class per server)."""
@@ -60,6 +62,12 @@ class HeaderDeadline(H11Protocol):
             if oldest is not self and not oldest.transport.is_closing():
                 oldest._close("evicted")
                 excess -= 1
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes h11 refuses (a malformed request line or header, two different Content-Lengths,
+        two Transfer-Encodings): sent, then reported to on_refused so that it is audited like any refusal."""
+        super().send_400_response(msg)
+        self.on_refused(self.client[0] if self.client else "0.0.0.0")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -105,6 +113,8 @@ class HeaderDeadline(H11Protocol):
         self.connections.discard(self)  # its slot is free now, not when asyncio reports the loss (connection_lost)
 
 
-def with_header_deadline(seconds: float, on_close: Callable[[str], None]) -> type[HeaderDeadline]:
+def with_header_deadline(seconds: float, on_close: Callable[[str], None],
+                         on_refused: Callable[[str], None]) -> type[HeaderDeadline]:
     """The protocol class for one server's uvicorn.Config(http=...): headers must arrive within `seconds`."""
-    return type("GatewayHTTP", (HeaderDeadline,), {"header_s": seconds, "on_close": staticmethod(on_close), "waiting": {}})
+    return type("GatewayHTTP", (HeaderDeadline,), {"header_s": seconds, "on_close": staticmethod(on_close),
+                                                    "on_refused": staticmethod(on_refused), "waiting": {}})

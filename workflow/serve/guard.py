@@ -16,7 +16,7 @@ from workflow.serve.audit import AuditWriteFailed
 from workflow.serve.backends import InProcess, Upstream
 from workflow.serve.deployments import Deployments
 from workflow.serve.protocol import error_body
-from workflow.serve.ratelimit import RateLimiter, retry_after
+from workflow.serve.ratelimit import RateLimiter, RefusalLimiter, retry_after
 from workflow.serve.settings import GatewaySettings
 
 
@@ -35,6 +35,31 @@ class Metrics:
                               "came, by reason", ["reason"], registry=self.registry)
 
 
+SINGLE = ("authorization", "host", "content-length", "transfer-encoding")
+"""Headers a request may carry once: two Authorization or Host lines are read differently by different servers, and
+Content-Length with Transfer-Encoding frames the body two ways (request smuggling behind a proxy that trusts the
+other one). h11 already refuses two different Content-Lengths or two Transfer-Encodings itself."""
+CLOSE = {"connection": "close"}
+
+
+def request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's headers by lower-case name, decoded as latin-1 (which never fails); Denied (400) for a byte
+    outside ASCII (h11 passes obs-text through), a header in SINGLE given twice, or Content-Length beside
+    Transfer-Encoding, the last two with the connection closed. Repeated X-Forwarded-For lines are read as one list,
+    in order (RFC 9110 5.3), as a proxy that adds its own line means them."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        name, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        if not text.isascii():
+            raise Denied(400, "bad_header", f"header {name} holds a byte outside ASCII; send ASCII header values")
+        if name in headers and name in SINGLE:
+            raise Denied(400, "repeated_header", f"header {name} given more than once; send it once", CLOSE)
+        headers[name] = f"{headers[name]}, {text}" if name in headers else text
+    if "content-length" in headers and "transfer-encoding" in headers:
+        raise Denied(400, "ambiguous_length", "both Content-Length and Transfer-Encoding given; send one", CLOSE)
+    return headers
+
+
 class Guard:
     """ASGI middleware around every HTTP request: client address; for every path but the probes, the API key, its
     role's address allow-list and its rate, from the headers alone (a refused client's body is never read); the
@@ -49,8 +74,8 @@ class Guard:
             return await self.app(scope, receive, send)
         g, began = self.gateway, time.perf_counter()
         state = scope.setdefault("state", {})
+        state["client_ip"] = scope["client"][0]
         outcome = {"status": 500, "recorded": False}
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         endpoint = scope["path"] if scope["path"] in g.paths else "other"
 
         def audited(status: int) -> bool:
@@ -64,6 +89,7 @@ class Guard:
         send = audit_before_last_byte(send, outcome, audited)
         g.metrics.in_flight.inc()
         try:
+            headers = request_headers(scope["headers"])
             state["client_ip"] = client_ip(scope["client"][0], headers.get("x-forwarded-for"), g.settings.policy.trusted_proxies)
             if scope["path"] not in g.public:
                 g.admit(state, headers.get("authorization"))
@@ -79,7 +105,7 @@ class Guard:
 
             await self.app(scope, replay, send)
         except Denied as denied:
-            state["reason"] = denied.reason
+            denied = g.refusal(state, denied, endpoint)
             await JSONResponse(error_body(str(denied), "invalid_request_error", denied.reason), denied.status,
                                denied.headers)(scope, receive, send)
         except Unaudited:
@@ -153,6 +179,8 @@ class Gateway:
         self.settings, self.backend = settings, backend
         self.keys = KeyStore(settings.api_keys)
         self.rates = RateLimiter(settings.rate_limits)
+        refusals = settings.refusal_limits
+        self.refusals = RefusalLimiter(refusals.per_minute, refusals.burst, refusals.max_addresses)
         self.audit = settings.audit_log()
         self.deployments = Deployments(self.audit)  # before the first prune, which carries its state forward
         self.audit.prune()  # retention applies from the start; then daily, as records are appended
@@ -161,9 +189,44 @@ class Gateway:
         self.public: set[str] = set()
         """Paths served without a key (the probes); create_app fills both from its routes."""
 
+    def refusal(self, state: dict, denied: Denied, endpoint: str) -> Denied:
+        """The answer to a request the guard refuses: `denied` itself while the client's address is within its
+        refusal bucket; past it, 429 with Retry-After, and the refusal is only counted (record writes no record of
+        its own; flush_refusals writes the counts)."""
+        state["reason"] = denied.reason
+        wait = self.refusals.admit(state["client_ip"])
+        if not wait:
+            return denied
+        self.refusals.count(state["client_ip"], denied.reason, denied.status, endpoint)
+        state["aggregated"] = True
+        limit = self.settings.refusal_limits
+        return Denied(429, "too_many_refusals", f"too many refused requests from this address (over {limit.per_minute:g} "
+                      f"per minute, burst {limit.burst}); retry in {wait:.1f} s",
+                      {"retry-after": retry_after(wait)} | (denied.headers or {}))
+
+    def refused_by_server(self, peer: str) -> None:
+        """uvicorn answered 400 to bytes that are not HTTP/1.1 (h11 refused them): audit it like any refusal."""
+        state = {"client_ip": peer}
+        self.refusal(state, Denied(400, "malformed_http", "not a valid HTTP/1.1 request"), "other")
+        try:
+            self.record(state, "?", "other", 400, 0.0)
+        except AuditWriteFailed:  # uvicorn's answer is sent already; the audit log raised its own alert
+            pass
+
+    def flush_refusals(self) -> int:
+        """Write the refusals counted past the per-address buckets as aggregated audit records; how many."""
+        summaries = self.refusals.summaries()
+        for summary in summaries:
+            self.audit.record_refusals(**summary)
+        return len(summaries)
+
     def record(self, state: dict, method: str, endpoint: str, status: int, seconds: float) -> None:
         identity = state.get("identity")
         role = identity.role if identity else "none"
+        if state.get("aggregated"):  # counted by the refusal limiter: one aggregated record, not one each
+            self.metrics.requests.labels(endpoint, str(status), role).inc()
+            self.metrics.denied.labels("too_many_refusals").inc()
+            return
         event = {"event": "request", "method": method, "endpoint": endpoint, "status": status,
                  "key_id": identity.key_id if identity else None, "role": role, "client_ip": state.get("client_ip"),
                  "latency_ms": round(seconds * 1000, 1), "prompt_tokens": state.get("prompt_tokens", 0),

@@ -20,12 +20,13 @@ REFUSALS = {
     400: "A malformed or unsupported request (the message names the field), or a malformed X-Forwarded-For "
          "from a trusted proxy",
     401: "No API key, or an unknown, revoked or expired one",
-    403: "The key's role may not do this, or the client address is not on the role's allow-list",
+    403: "The key may not call this endpoint, or the client address is not on its role's allow-list",
     404: "The model named is not served here",
     408: "The request was not read within the gateway's deadline",
     409: "The request does not fit the gateway's state (e.g. undeploying a package that is not served)",
     413: "The body is over limits.max_body_bytes",
-    429: "Too many requests for this key; retry later",
+    429: "Too many requests for this key, or too many refused requests from this address; retry after Retry-After",
+    502: "The upstream engine server answered with something that is not the OpenAI API's JSON, or not at all",
     503: "No model is loaded (loading, undeployed, or the load failed), or the audit log cannot be written",
 }
 # Any request may be refused before it reaches its route: by the guard (body limit, read deadline, rate limit,
@@ -76,15 +77,15 @@ LimitsChange = create_model(
 )
 
 
-# The gateway's own answers, declared for the OpenAPI document (the routes return plain dicts).
+# The gateway's own answers: declared for the OpenAPI document, and what the routes build their answers from.
 class Alive(BaseModel):
     status: Literal["alive"]
 
 
 class Ready(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     status: Literal["ready"]
-    package: dict
-    """What is served: path or upstream URL, digest, scheme, precision, backend, context length."""
 
 
 class NotReadyAnswer(BaseModel):
@@ -120,6 +121,8 @@ class AuditRecord(BaseModel):
     """One audit record; request records also carry method, endpoint, status, key_id, role, client_ip, latency and
     token counts."""
 
+    model_config = ConfigDict(extra="allow")  # every field the record holds is answered, declared or not
+
     seq: int
     time: str
     prev: str
@@ -133,9 +136,20 @@ class AuditEvents(BaseModel):
 
 
 class Alert(BaseModel):
+    model_config = ConfigDict(extra="allow")  # every field an alert holds is answered, declared or not
+
     kind: Literal["outside_allow_list", "denied_burst", "audit_write_failed"]
     time: str
     client_ip: str | None = None
+    key_id: str | None = None
+    """outside_allow_list: the key that called."""
+    endpoint: str | None = None
+    """outside_allow_list: what it called."""
+    count: int | None = None
+    """denied_burst: denied requests within window_s."""
+    window_s: float | None = None
+    error: str | None = None
+    """audit_write_failed: why the audit record could not be written."""
 
 
 class AuditAlerts(BaseModel):

@@ -4,17 +4,17 @@ generated from a local engine's token steps."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-import logging
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, field_validator
-
 from starlette.concurrency import run_in_threadpool
 
+from workflow.engine.interface import GenerationRequest
 from workflow.engine.sampling import SamplingParams
 from workflow.serve.output import ReasoningSplit, StopStrings
 
@@ -241,14 +241,15 @@ def sampling_params(req: Sampling, defaults: dict, vocab_size: int) -> SamplingP
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "code": code}}
+    """A refusal's body, as ErrorBody declares it."""
+    return ErrorBody(error=ErrorDetail(message=message, type=kind, code=code)).model_dump()
 
 
 class ErrorDetail(BaseModel):
     message: str
     """What was wrong and what to do."""
     type: str
-    """invalid_request_error (the client's to fix) or service_unavailable."""
+    """invalid_request_error (the client's to fix), service_unavailable or upstream_error (the engine server failed)."""
     code: str | None = None
     """Why a request was refused, for refusals by the gateway's guard or access checks (no_key, role_forbidden, ...)."""
 
@@ -393,7 +394,7 @@ def sse(payload: dict | str) -> str:
 
 
 def token_budget(req: Sampling, prompt_ids: list[int], context_length: int, limits) -> int:
-    """The tokens this request may generate: its max_tokens (or the gateway's default, shrunk to what fits), checked
+    """New tokens the request may have: its max_tokens (or the gateway's default, shrunk to what fits), checked
     against the gateway's limits and the model's context length."""
     limit = max_new_tokens(req, limits)
     if not prompt_ids:  # engines refuse an empty input (ONNX Runtime GenAI: "input_ids is empty")
@@ -431,13 +432,13 @@ def cut_at_stops(steps: Iterator[tuple[str, str | None, int]], stop: tuple[str, 
 
 
 class Answer:
-    """One request's answer in OpenAI's shapes: a chat message (with reasoning_content split off when `split` is
-    given) or a text choice, whole or as stream chunks."""
+    """One request's answer, built from the response models declared for the OpenAPI document: a chat message (with
+    reasoning_content split off when `split` is given) or a text choice, whole or as stream chunks."""
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, state: dict, split: ReasoningSplit | None) -> None:
-        self.kind, self.model, self.prompt_tokens, self.state, self.split = kind, model, prompt_tokens, state, split
-        self.id = state["request_id"] = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        self.kind, self.prompt_tokens, self.state, self.split = kind, prompt_tokens, state, split
+        request_id = state["request_id"] = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.head = {"id": request_id, "created": int(time.time()), "model": model}
 
     def fields(self, delta: str, finish: str | None) -> dict:
         """What a text delta adds: {"content"} or {"reasoning_content", "content"} (chat), {"text"} (text); empty
@@ -452,11 +453,11 @@ class Answer:
             reasoning, answer = reasoning + more[0], answer + more[1]
         return {key: value for key, value in (("reasoning_content", reasoning), ("content", answer)) if value}
 
-    def usage(self) -> dict:
+    def usage(self) -> Usage:
         done = self.state.get("completion_tokens", 0)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
 
-    def whole(self, pieces: Iterator[tuple[str, str | None]]) -> dict:
+    def whole(self, pieces: Iterator[tuple[str, str | None]]) -> ChatCompletion | TextCompletion:
         reasoning, answer, finish = [], [], None
         for delta, finish in pieces:
             added = self.fields(delta, finish)
@@ -464,23 +465,23 @@ class Answer:
             answer.append(added.get("content", added.get("text", "")))
         text = "".join(answer)
         if self.kind == "text":
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        else:
-            message = self.split.message("".join(reasoning), text) if self.split else {"content": text}
-            choice = {"index": 0, "message": {"role": "assistant"} | message, "finish_reason": finish}
-        return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage()}
+            return TextCompletion(object="text_completion", usage=self.usage(), **self.head,
+                                  choices=[TextChoice(index=0, text=text, finish_reason=finish, logprobs=None)])
+        message = self.split.message("".join(reasoning), text) if self.split else {"content": text}
+        choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", **message), finish_reason=finish)
+        return ChatCompletion(object="chat.completion", choices=[choice], usage=self.usage(), **self.head)
 
     def chunk(self, delta: dict | None, finish: str | None = None) -> str:
-        """One SSE event: a choice with this delta, or (delta None) the usage and no choices."""
+        """One server-sent event: a choice with this delta, or (delta None) the usage and no choices. Fields left
+        unset are not sent: the role in the first chat chunk only, the usage in the last."""
+        head = self.head | ({"usage": self.usage()} if delta is None else {})
         if self.kind == "chat":
-            choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
-            obj = "chat.completion.chunk"
+            choices = [] if delta is None else [ChatChunkChoice(index=0, delta=ChatDelta(**delta), finish_reason=finish)]
+            event = ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **head)
         else:
-            choices = [{"index": 0, "text": delta.get("text", ""), "finish_reason": finish, "logprobs": None}] if delta is not None else []
-            obj = "text_completion"
-        event = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-        return sse(event if delta is not None else event | {"usage": self.usage()})
+            choices = [] if delta is None else [TextChunkChoice(index=0, text=delta.get("text", ""), finish_reason=finish, logprobs=None)]
+            event = TextCompletionChunk(object="text_completion", choices=choices, **head)
+        return sse(event.model_dump(mode="json", exclude_unset=True))
 
     def events(self, pieces: Iterator[tuple[str, str | None]], include_usage: bool) -> Iterator[str]:
         if self.kind == "chat":
@@ -496,24 +497,22 @@ class Answer:
 
 async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_length: int, generate: Callable,
                   state: dict, settings, sampling: SamplingParams, opens_think: bool | None = None):
-    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(prompt_ids, limit,
-    sampling)` yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked
-    first; the text ends before a stop string; with `opens_think` (True: the prompt opened a think block, False: the
-    model may open one) a chat answer's reasoning goes to reasoning_content. state gets the token counts for the audit
-    log."""
+    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(GenerationRequest)`
+    yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked first; the
+    text ends before a stop string; with `opens_think` (True: the prompt opened a think block, False: the model may
+    open one) a chat answer's reasoning goes to reasoning_content. state gets the token counts for the audit log."""
     limit = token_budget(req, prompt_ids, context_length, settings.limits)
     state["prompt_tokens"] = len(prompt_ids)
     split = ReasoningSplit(opens_think) if kind == "chat" and opens_think is not None else None
     answer = Answer(kind, settings.model_name, len(prompt_ids), state, split)
-    pieces = cut_at_stops(generate(prompt_ids, limit, sampling), stops(req), state)
+    pieces = cut_at_stops(generate(GenerationRequest(prompt_ids, limit, sampling=sampling)), stops(req), state)
     if not req.stream:
         whole = await run_in_threadpool(answer.whole, pieces)
         if settings.audit.log_text:
-            choice = whole["choices"][0]
-            said = choice["text"] if kind == "text" else choice["message"]
-            state["text"] = {"prompt_tokens": prompt_ids, "output": said if kind == "text" else said["content"]}
-            if kind == "chat" and said.get("reasoning_content") is not None:
-                state["text"]["reasoning"] = said["reasoning_content"]
+            said = whole.choices[0]
+            state["text"] = {"prompt_tokens": prompt_ids, "output": said.text if kind == "text" else said.message.content}
+            if kind == "chat" and said.message.reasoning_content is not None:
+                state["text"]["reasoning"] = said.message.reasoning_content
         return whole
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return StreamingResponse(answer.events(pieces, include_usage), media_type="text/event-stream")

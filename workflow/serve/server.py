@@ -49,7 +49,8 @@ def serve(config: Config, package: str | None = None, model_dir: str | None = No
         ssl_certfile=str(files.cert), ssl_keyfile=str(files.key), timeout_graceful_shutdown=gateway_section.graceful_shutdown_s,
         log_level="info", access_log=False, limit_concurrency=gateway_section.max_connections,
         # headers within deadlines.header_s (the body's deadline is the guard's); idle keep-alive closed after keep_alive_s
-        http=with_header_deadline(deadlines.header_s, lambda reason: gateway.metrics.closed.labels(reason).inc()),
+        http=with_header_deadline(deadlines.header_s, lambda reason: gateway.metrics.closed.labels(reason).inc(),
+                                  gateway.refused_by_server),
         timeout_keep_alive=deadlines.keep_alive_s,
         proxy_headers=False,  # X-Forwarded-For is believed only from rollout.gateway.trusted_proxies (access.client_ip)
     )

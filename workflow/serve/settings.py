@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ConfigDict, ValidationError
 
-from workflow.config import Audit, Config, Deadlines, EngineConfig, PackageConfig, RateLimits, errors
+from workflow.config import Audit, Config, Deadlines, EngineConfig, PackageConfig, RateLimits, RefusalLimit, errors
 from workflow.config import Limits as LimitSettings
 from workflow.package import archive
 from workflow.package import kms as kms_providers
@@ -45,6 +45,8 @@ class GatewaySettings:
     alert_window_s: float
     deadlines: Deadlines
     rate_limits: RateLimits
+    refusal_limits: RefusalLimit
+    """rollout.gateway.refusal_limits: refused requests per client address, and their aggregation."""
     engine: EngineConfig
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None
@@ -68,6 +70,7 @@ class GatewaySettings:
             alert_window_s=gateway.alerts.window_s,
             deadlines=gateway.deadlines,
             rate_limits=gateway.rate_limits,
+            refusal_limits=gateway.refusal_limits,
             engine=config.engine,
             upstream=gateway.upstream,
             reasoning=gateway.reasoning,

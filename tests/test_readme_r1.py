@@ -1,0 +1,103 @@
+"""The README's DeepSeek-R1 example, taken from README.md itself (so that a change there is tested): it passes the plan
+on the published DeepSeek-R1-Distill-Qwen-7B config.json, and it runs to promotion on a tiny model carrying the
+published R1-distill chat template. The example as it stood on 375b44e stops at plan time, naming the keys and fixes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TINY, merge
+
+import families
+from workflow.bootstrap.problems import make_problems
+from workflow.capacity import PlanError
+from workflow.checks import installed
+from workflow.config import settings
+from workflow.plan import checked_plan
+
+PUBLISHED_7B = Path(__file__).parent / "data" / "models" / "DeepSeek-R1-Distill-Qwen-7B"
+
+
+def readme_r1() -> dict:
+    """The YAML block of README.md that starts with `# r1.yaml`."""
+    blocks = re.findall(r"```yaml\n(# r1\.yaml.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, "README.md has one r1.yaml example"
+    return yaml.safe_load(blocks[0])
+
+
+def on_published_7b(config: dict, tmp_path: Path) -> dict:
+    model = tmp_path / "DeepSeek-R1-Distill-Qwen-7B"
+    shutil.copytree(PUBLISHED_7B, model)
+    return config | {"base_model": str(model)}
+
+
+def gpu_packages_missing(problems: list[str]) -> list[str]:
+    """What the plan says only because this CPU machine lacks the GPU set-up (README: requirements-gpu.txt)."""
+    return [p for p in problems if p.startswith("finetune.liger_kernel true") and not installed("liger_kernel")]
+
+
+def test_readme_r1_config_passes_the_plan_on_the_published_7b_config(tmp_path):
+    cfg = settings(on_published_7b(readme_r1(), tmp_path))
+    try:
+        result = checked_plan(cfg)
+    except PlanError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:]]
+        assert problems == gpu_packages_missing(problems), problems  # nothing else than the GPU packages missing here
+        return
+    assert result["fits"] and set(result["schemes"]) == set(cfg.quantize.schemes)
+    assert all("dropped" not in s for s in result["schemes"].values())
+
+
+def test_the_r1_example_as_it_stood_stops_at_plan_time_naming_both_keys_and_fixes(tmp_path):
+    example = readme_r1()
+    example["finetune"].pop("micro_batch_size")
+    example["cluster"].pop("host_memory_gib")
+    example.pop("rollout")
+    with pytest.raises(PlanError) as err:
+        checked_plan(settings(on_published_7b(example, tmp_path)))
+    message = str(err.value)
+    # the CPU engine's weights do not fit 16 GiB of host memory: the fix is the host memory or a GPU engine
+    serving = next(line for line in message.splitlines() if "serving bf16 does not fit" in line)
+    assert "cluster.host_memory_gib: 30" in serving and "tensorrt_llm" in serving and "smaller model" not in serving
+    assert ("evaluate.max_new_tokens 4096 > rollout.gateway.limits.max_tokens 256: the canary asks the gateway for the "
+            "evaluated length and gets a 400; set rollout.gateway.limits.max_tokens: 4096") in message
+    assert "data.max_seq_len 8192 > rollout.gateway.limits.max_prompt_tokens 1024" in message
+    # Without Liger's fused loss the default micro-batch of 16 x 8192 tokens needs 305 GiB per GPU; the example's 2 fits
+    example["finetune"] |= {"liger_kernel": False}
+    with pytest.raises(PlanError) as err:
+        checked_plan(settings(on_published_7b(example, tmp_path / "no-liger")))
+    assert ("training does not fit: 305 GiB per GPU > cluster.gpu_memory_gib 80 (ZeRO-2, 8 ranks, micro-batch 16 x 8192 tokens, "
+            "28 of 28 layers checkpointed") in str(err.value)
+    assert "smallest change that fits: finetune.micro_batch_size: 2" in str(err.value)
+
+
+# What this 2-core CPU machine is, instead of the example's 8 GPUs, and the sizes that keep the run short; everything
+# else (lengths, the gateway's limits, the data settings, precision) is the README's.
+THIS_MACHINE = {
+    "cluster": {"gpus_per_node": 0, "host_memory_gib": 16},
+    "finetune": {"nproc_per_node": 2, "micro_batch_size": 4, "max_steps": 8, "save_steps": 4, "logging_steps": 2},
+    "evaluate": {"max_samples": 4, "batch_size": 4, "gate": {"min_accuracy": 0.0, "min_gain": -1.0}},
+    "quantize": {"calib_samples": 4, "max_accuracy_loss": TINY["quantize"]["max_accuracy_loss"]},
+    "benchmark": TINY["benchmark"],
+    "rollout": {"canary": {"samples": 2, "requests": 2}},
+}
+
+
+@pytest.mark.e2e
+def test_readme_r1_config_promotes_on_a_tiny_r1_distill_model(tmp_path, snakemake):
+    example = readme_r1()
+    positions = example["data"]["max_seq_len"] + example["evaluate"]["max_new_tokens"]
+    base = families.make("r1-distill-qwen", tmp_path / "base", shape={"max_position_embeddings": positions})
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps(p.as_row("think")) + "\n" for p in make_problems(120, seed=5)))
+    config = merge(merge(example, {"base_model": str(base), "data": {"path": str(data)}}), THIS_MACHINE)
+    work = tmp_path / "run"
+    snakemake(work, config)
+    results = work / "results"
+    assert json.loads((results / "rollout" / "promoted.json").read_text())["production"] == "1"
+    assert json.loads((results / "plan" / "plan.json").read_text())["fits"]
