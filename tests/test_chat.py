@@ -196,7 +196,7 @@ def test_the_gateway_answers_a_conversation_the_template_refuses_with_a_400(r1_b
     backend.engine, backend.tokenizer = "loaded", AutoTokenizer.from_pretrained(r1_base)
     backend.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                                        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    assert backend.chat_prompt([{"role": "user", "content": "hi"}])
+    assert backend.chat_text([{"role": "user", "content": "hi"}])
     with pytest.raises(BadRequest, match="System role not supported") as refused:
-        backend.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+        backend.chat_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     assert refused.value.status == 400

@@ -21,6 +21,7 @@ import openai
 import pytest
 import uvicorn
 import yaml
+from transformers import AutoTokenizer
 
 from workflow.config import load
 from workflow.engine import onnxruntime
@@ -120,17 +121,30 @@ def chat(text: str = "What is 2 + 3?", **extra) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 8} | extra
 
 
+def said(message) -> tuple[str | None, str | None]:
+    """(reasoning_content, content) of an answer's message: the tiny model's template opens a think block, so what it
+    says is reasoning (and content null) until it writes </think>."""
+    return getattr(message, "reasoning_content", None) or None, message.content or None
+
+
+def streamed_said(chunks) -> tuple[str | None, str | None]:
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    content = "".join(d.content or "" for d in deltas)
+    return reasoning or None, content or None
+
+
 def test_openai_client_plain_and_streaming(gateway):
     client = gateway.openai()
     assert [m.id for m in client.models.list().data] == [MODEL]
-    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=12)
+    seeded = {"temperature": 1.0, "seed": 3}  # the tiny model's greedy text is blank; sampled, it says something
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=12, **seeded)
     assert plain.choices[0].finish_reason in ("stop", "length") and plain.usage.completion_tokens <= 12
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}],
-                                            max_tokens=12, stream=True, stream_options={"include_usage": True})
+                                            max_tokens=12, stream=True, stream_options={"include_usage": True}, **seeded)
     chunks = list(stream)
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == plain.choices[0].message.content  # greedy: the same text either way
-    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert streamed_said(chunks) == said(plain.choices[0].message) != (None, None)  # the same seed: the same text either way
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
 def test_concurrent_streams_are_batched_and_each_gets_its_own_tokens(gateway):
@@ -138,13 +152,14 @@ def test_concurrent_streams_are_batched_and_each_gets_its_own_tokens(gateway):
     its own tokens, as they come, equal to what the same prompt gets alone."""
     client = gateway.openai()
     questions = [f"What is {a} + {b}?" for a, b in ((2, 3), (11, 4), (7, 8), (20, 9), (1, 1), (6, 30))]
-    alone = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=16).choices[0].message.content
-             for q in questions]
+    seeded = {"temperature": 1.0, "seed": 1}  # the tiny model's greedy text is blank; sampled, it says something
+    alone = [said(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=16,
+                                                 **seeded).choices[0].message) for q in questions]
 
-    def streamed(question: str) -> tuple[str, int]:
+    def streamed(question: str) -> tuple[tuple, int]:
         chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                                     max_tokens=16, stream=True))
-        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), len(chunks)
+                                                     max_tokens=16, stream=True, **seeded))
+        return streamed_said(chunks), len(chunks)
 
     with ThreadPoolExecutor(len(questions)) as pool:
         together = list(pool.map(streamed, questions))
@@ -255,8 +270,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(gateway):
         assert "'gpt-4' is not served here" in cases[404].json()["error"]["message"]
         long_prompt = client.post("/v1/chat/completions", json=chat("1 + 1 = 2. " * 40))
         assert long_prompt.status_code == 400 and "over the gateway's limit of 64" in long_prompt.json()["error"]["message"]
-        sampled = client.post("/v1/chat/completions", json=chat(temperature=0.7))
-        assert sampled.status_code == 400 and "decodes greedily" in sampled.json()["error"]["message"]
+        refused = client.post("/v1/chat/completions", json=chat(logprobs=True))
+        assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("logprobs = true is not supported")
         broken = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert broken.status_code == 400
         missing = client.post("/v1/chat/completions", json={"model": MODEL})
@@ -420,9 +435,9 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
         served.wait_ready()
         client = served.openai()
         plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=6)
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        streamed = streamed_said(client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=6, stream=True))
-        assert streamed == plain.choices[0].message.content
+        assert streamed == said(plain.choices[0].message)
         assert served.http("analyst").post("/v1/chat/completions", json=chat(max_tokens=99)).status_code == 400
         received.clear()
         sneaky = chat(ignore_eos=True, min_tokens=30, best_of=4)
@@ -431,6 +446,15 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
         forwarded = json.loads(received[-1])
         assert forwarded["max_tokens"] == 32, "the gateway's limit applies upstream too"
         assert not {"ignore_eos", "min_tokens", "best_of"} & set(forwarded)
+        sampling = {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "seed": 5, "stop": ["\n\n"], "presence_penalty": 0.5,
+                    "frequency_penalty": 0.1, "logit_bias": {"5": -100.0}}
+        assert served.http("analyst").post("/v1/chat/completions", json=chat(**sampling, user="u1")).status_code == 200
+        forwarded = json.loads(received[-1])
+        assert {name: forwarded.get(name) for name in sampling} == sampling, "the validated sampling fields go upstream"
+        assert "user" not in forwarded
+        received.clear()
+        refused = served.http("analyst").post("/v1/chat/completions", json=chat(logprobs=True, temperature=3))
+        assert refused.status_code == 400 and not received, "refused before anything is forwarded"
         assert served.http("admin").post("/admin/deploy", json={"package_sha256": archive.digest(package)}).status_code == 409
         front_log = (served.root / "audit.jsonl").read_text()
         assert '"completion_tokens":' in front_log and engine.audit.verify()["records"] >= 2
@@ -438,3 +462,51 @@ def test_forwarding_to_an_upstream_openai_compatible_server(package, tmp_path):
         served.stop()
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_sampling_with_the_official_client(gateway, tiny_base):
+    """temperature, top_p, seed, stop and include_usage as OpenAI clients send them (LangChain's 0.7, DeepSeek's
+    0.6 / 0.95 for R1 models); what the gateway does not serve is a 400 naming the field."""
+    client = gateway.openai()
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 16}
+    for sampling in ({"temperature": 0.7}, {"temperature": 0.6, "top_p": 0.95}, {"temperature": 1.0, "extra_body": {"top_k": 5}}):  # vLLM's extension, as clients send it
+        answer = client.chat.completions.create(**ask, **sampling)
+        assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens > 0
+    seeded = [said(client.chat.completions.create(**ask, temperature=1.5, seed=seed).choices[0].message) for seed in (7, 7, 8, 9)]
+    assert seeded[0] == seeded[1], "the same seed, the same answer"
+    assert len({seeded[0], seeded[2], seeded[3]}) == 3, "other seeds, other answers at temperature 1.5"
+    assert client.chat.completions.create(**ask, max_completion_tokens=3).usage.completion_tokens <= 3
+
+    text = {"model": MODEL, "prompt": "2 + 3 =", "max_tokens": 16, "temperature": 1.0, "seed": 5}
+    full = client.completions.create(**text).choices[0]
+    stop = full.text.strip()[len(full.text.strip()) // 2:][:3]
+    assert stop.strip(), f"a visible stop string from {full.text!r}"
+    cut = client.completions.create(**text, stop=[stop, "never generated"]).choices[0]
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+    streamed = list(client.completions.create(**text, stop=stop, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.text
+    assert streamed[-1].choices == [] and streamed[-1].usage.prompt_tokens > 0, "include_usage: a last chunk with the usage"
+
+    five = AutoTokenizer.from_pretrained(tiny_base).convert_tokens_to_ids("5")
+    forced = client.completions.create(model=MODEL, prompt="2 + 3 =", max_tokens=4, logit_bias={str(five): 100})
+    assert forced.choices[0].text == "5555", "logit_bias is applied"
+    for refused, named in (({"logprobs": True}, "logprobs"), ({"n": 2}, "n"), ({"response_format": {"type": "json_object"}}, "response_format")):
+        with pytest.raises(openai.BadRequestError, match=rf"{named} = .* is not supported"):
+            client.chat.completions.create(**ask, **refused)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(**ask, temperature=2.5)
+
+
+def test_seeded_requests_in_one_batch_do_not_perturb_each_other(gateway):
+    """Each request draws from its own generator: a seeded request gets the same answer alone and batched with
+    others that sample."""
+    client = gateway.openai()
+
+    def ask(question: str, seed: int | None) -> tuple:
+        return said(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                                   max_tokens=24, temperature=1.2, seed=seed).choices[0].message)
+
+    alone = ask("What is 6 + 7?", 11)
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda i: ask("What is 6 + 7?" if i % 2 == 0 else f"What is {i} + 1?", 11 if i % 2 == 0 else None), range(6)))
+    assert together[0] == together[2] == together[4] == alone

@@ -589,6 +589,11 @@ class Gateway(Section):
     """URL of an OpenAI-compatible engine server to forward to; null serves the package in-process."""
     upstream_key_env: str | None = None
     """Environment variable holding the upstream server's own API key; null sends none."""
+    reasoning: Literal["split", "raw"] = "split"
+    """A thinking model's answers (a think block first): split gives the reasoning in message.reasoning_content
+    (streamed as delta.reasoning_content) and the answer in content, as DeepSeek's API and vLLM's reasoning parsers
+    do; raw keeps the generated text, think block included, in content. Upstream engine servers split it themselves
+    (vLLM --reasoning-parser deepseek_r1)."""
     api_keys: str = "keys/api_keys.json"
     """API-key hashes and roles (owner-only)."""
     package_root: str | None = None

@@ -12,6 +12,8 @@ ONNX model is driven here with ONNX Runtime, batching at every decode step as Or
 - a new request is prefilled alone into a free slot, then joins the next decode step of everyone running;
 - each row keeps its own length in the attention mask, so rotary positions and attention are those of the request
   run alone: greedy tokens equal og.Generator's (tests/test_engine.py);
+- each request picks its next token from its own row of logits with its own sampling parameters and random
+  generator (workflow/engine/sampling.py), so a seeded request gets the same tokens whoever shares its batch;
 - a finished (or abandoned) request frees its slot at once; the last slot moves into it, so a step always runs
   rows 0..n-1 of the buffer.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from workflow.engine.interface import GenerationRequest
+from workflow.engine.sampling import TokenHistory, next_token
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ class _Request:
     finished: bool = False
     """Done, or abandoned by its caller: its slot is freed at the next step."""
 
+    def __post_init__(self) -> None:
+        self.rng = self.asked.sampling.generator()
+        self.history = TokenHistory(self.prompt if self.asked.sampling.repetition_penalty != 1.0 else ())
+
 
 class ContinuousBatcher:
     """One engine folder's model, serving any number of concurrent `stream` calls from one background loop."""
@@ -72,6 +79,7 @@ class ContinuousBatcher:
         genai = json.loads((engine_dir / "genai_config.json").read_text())["model"]
         decoder = genai["decoder"]
         self.max_batch_size, self.context_length = max_batch_size, genai["context_length"]
+        self.vocab_size = genai["vocab_size"]
         eos = genai["eos_token_id"]
         self.eos_ids = list(eos) if isinstance(eos, list) else [eos]
         self.session = ort.InferenceSession(str(engine_dir / decoder["filename"]), providers=["CPUExecutionProvider"])
@@ -112,6 +120,9 @@ class ContinuousBatcher:
         if len(prompt) + max_new > self.context_length:
             raise ValueError(f"generate: {len(prompt)} prompt tokens plus max_new_tokens {max_new} exceed the "
                              f"engine's context length {self.context_length}; shorten the prompt or ask for fewer tokens")
+        outside = [token for token in asked.sampling.logit_bias if not 0 <= token < self.vocab_size]
+        if outside:
+            raise ValueError(f"generate: logit_bias names token ids outside the vocabulary (0..{self.vocab_size - 1}): {outside[:5]}")
         request = _Request(asked, prompt, max_new, min(asked.min_new_tokens, max_new))
         with self.wake:
             if self.closed:
@@ -212,7 +223,9 @@ class ContinuousBatcher:
         if request.generated < request.min_new:
             logits = logits.copy()
             logits[self.eos_ids] = -np.inf
-        request.last, request.generated = int(logits.argmax()), request.generated + 1
+        request.last = next_token(logits, request.asked.sampling, request.rng, request.history)
+        request.generated += 1
+        request.history.add(request.last)
         request.out.put(request.last)
         if request.last in self.eos_ids or request.generated >= request.max_new:
             request.out.put(_DONE)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from workflow.engine.manifest import EngineManifest
+from workflow.engine.sampling import GREEDY, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class GenerationRequest:
     """At most this many tokens are generated (the end-of-sequence token, if reached, is the last one streamed)."""
     min_new_tokens: int = 0
     """The end-of-sequence token is suppressed until this many tokens were generated (benchmarks fix output lengths)."""
+    sampling: SamplingParams = GREEDY
+    """How the next token is chosen (workflow/engine/sampling.py): greedy by default, as evaluation and the canary use."""
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from workflow.engine.batching import ContinuousBatcher
 from workflow.engine.manifest import EngineManifest, Target, check_target
 from workflow.engine.interface import GenerationRequest
+from workflow.engine.sampling import keep_generation_config
 from workflow.schemes import SCHEMES
 
 if TYPE_CHECKING:  # the build's calibration (torch, transformers) stays out of what serves
@@ -73,6 +75,7 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
     manifest = EngineManifest(scheme=scheme, precision=described, target=target(provider), source_sha256=source_sha256,
                               build=build_options, algorithm=algorithm(precision, block_size, calibration),
                               calibration=calibration.as_dict() if calibration else None)
+    keep_generation_config(model_dir, engine_dir)
     manifest.write(engine_dir)
     return manifest
 
@@ -90,6 +93,7 @@ class OrtEngine:
         self.engine_dir, self.max_batch_size = Path(engine_dir), max_batch_size if provider == "cpu" else 1
         self.batcher = ContinuousBatcher(engine_dir, max_batch_size) if provider == "cpu" else None
         self.model = None if provider == "cpu" else self._load_model()
+        self.vocab_size = json.loads((Path(engine_dir) / "genai_config.json").read_text())["model"]["vocab_size"]
 
     def __del__(self) -> None:
         self.close()
@@ -109,15 +113,29 @@ class OrtEngine:
         return self.stream_alone(request)
 
     def stream_alone(self, request: GenerationRequest) -> Iterator[int]:
-        """One request in its own og.Generator: onnxruntime-genai's own loop, the reference for batched outputs."""
+        """One request in its own og.Generator: onnxruntime-genai's own loop, the reference for batched outputs. Its
+        search options have temperature, top-k, top-p, a seed and the repetition penalty, but no logit bias and no
+        presence or frequency penalty: those are refused (ValueError) rather than dropped."""
         import onnxruntime_genai as og
 
+        sampling = request.sampling
+        if sampling.logit_bias or sampling.presence_penalty or sampling.frequency_penalty:
+            raise ValueError("generate: logit_bias, presence_penalty and frequency_penalty need the CPU engine's batching "
+                             "loop; onnxruntime-genai's own generator (used on GPUs) has no such option")
         self.model = self.model or self._load_model()
         params = og.GeneratorParams(self.model)
         prompt = len(request.prompt_ids)
-        params.set_search_options(max_length=prompt + request.max_new_tokens, min_length=prompt + request.min_new_tokens,
-                                  do_sample=False)
-        generator = og.Generator(self.model, params)
+        options = {"max_length": prompt + request.max_new_tokens, "min_length": prompt + request.min_new_tokens,
+                   "do_sample": not sampling.greedy, "repetition_penalty": sampling.repetition_penalty}
+        if not sampling.greedy:
+            options |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or self.vocab_size}
+            if sampling.seed is not None:
+                options["random_seed"] = sampling.seed % 2**31
+        params.set_search_options(**options)
+        return self._generated(og.Generator(self.model, params), request)
+
+    @staticmethod
+    def _generated(generator, request: GenerationRequest) -> Iterator[int]:
         generator.append_tokens(list(request.prompt_ids))
         while not generator.is_done():
             generator.generate_next_token()

@@ -21,6 +21,7 @@ from workflow.config import TrtllmSettings
 from workflow.engine.manifest import EngineManifest, Target, check_target
 from workflow.engine.interface import GenerationRequest
 from workflow.engine.release import TENSORRT_LLM, TENSORRT_LLM_IMAGE
+from workflow.engine.sampling import keep_generation_config
 from workflow.schemes import BASELINE, SCHEMES
 
 
@@ -115,6 +116,7 @@ def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
     arguments["build_config"] = BuildConfig(**arguments["build_config"])
     llm = LLM(**arguments)
     llm.save(build_plan.engine_dir)
+    keep_generation_config(build_plan.checkpoint_dir, build_plan.engine_dir)
     here = target(build_plan.settings.tp_size, build_plan.settings.pp_size)
     manifest = EngineManifest(build_plan.scheme, build_plan.quant_algo or BASELINE, here, source_sha256,
                               {"release": TENSORRT_LLM, **build_plan.settings.model_dump()},
@@ -137,11 +139,23 @@ class TrtllmEngine:
         self.llm = LLM(model=str(engine_dir))
 
     def stream(self, request: GenerationRequest) -> Iterator[int]:
-        from tensorrt_llm import SamplingParams
+        """Tokens as TensorRT-LLM generates them, sampled by its own sampler with the request's fields (its
+        SamplingParams: temperature 0 is greedy, top_k 0 keeps all); a logit bias is refused (ValueError), not dropped."""
+        from tensorrt_llm import SamplingParams as TrtllmSampling
 
-        sampling = SamplingParams(max_tokens=request.max_new_tokens, min_tokens=request.min_new_tokens, temperature=0.0)
+        sampling = request.sampling
+        if sampling.logit_bias:
+            raise ValueError("generate: logit_bias is not passed to TensorRT-LLM engines by this gateway; leave it out")
+        fields = {"max_tokens": request.max_new_tokens, "min_tokens": request.min_new_tokens, "temperature": sampling.temperature,
+                  "repetition_penalty": sampling.repetition_penalty, "presence_penalty": sampling.presence_penalty,
+                  "frequency_penalty": sampling.frequency_penalty}
+        if not sampling.greedy:
+            fields |= {"top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed}
+        return self._generated(list(request.prompt_ids), TrtllmSampling(**fields))
+
+    def _generated(self, prompt_ids: list[int], sampling) -> Iterator[int]:
         seen = 0
-        for output in self.llm.generate_async(list(request.prompt_ids), sampling, streaming=True):
+        for output in self.llm.generate_async(prompt_ids, sampling, streaming=True):
             tokens = output.outputs[0].token_ids
             yield from tokens[seen:]
             seen = len(tokens)

@@ -89,19 +89,31 @@ def openai_client(base_url: str, ca: Path, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, http_client=httpx2.Client(verify=client_context(ca), timeout=120))
 
 
-def check_generation(client: openai.OpenAI, model: str, rows: list[dict], reference: list[str], max_tokens: int) -> Check:
-    """Served answers equal the engine's own greedy completions on held-out prompts (checked before packaging)."""
+def check_generation(client: openai.OpenAI, model: str, rows: list[dict], reference: list[dict], max_tokens: int) -> Check:
+    """Served answers equal the engine's own greedy completions on held-out prompts (checked before packaging): the
+    message fields, content and (for a thinking model) reasoning_content, as the gateway splits them."""
     served, correct = [], 0
     for row in rows:
         reply = client.chat.completions.create(model=model, messages=row["messages"][:-1], max_tokens=max_tokens, temperature=0)
-        text = reply.choices[0].message.content
-        served.append(text)
-        correct += final_answer(text, opens_think=True) == row["answer"].strip()
+        message = reply.choices[0].message
+        fields = {"content": message.content}
+        if getattr(message, "reasoning_content", None) is not None:
+            fields["reasoning_content"] = message.reasoning_content
+        served.append(fields)
+        correct += answer_of(fields) == row["answer"].strip()
     differ = [i for i, (a, b) in enumerate(zip(served, reference, strict=True)) if a != b]
     detail = (f"{len(rows) - len(differ)}/{len(rows)} served completions equal the engine's; accuracy {correct / len(rows):.3f}"
-              + (f"; first difference at prompt {differ[0]}: served {served[differ[0]][:80]!r}, engine {reference[differ[0]][:80]!r}" if differ else ""))
+              + (f"; first difference at prompt {differ[0]}: served {str(served[differ[0]])[:120]!r}, "
+                 f"engine {str(reference[differ[0]])[:120]!r}" if differ else ""))
     return Check("generation", not differ, {"equal": len(rows) - len(differ), "accuracy": correct / len(rows)},
                  {"equal": len(rows)}, detail)
+
+
+def answer_of(fields: dict) -> str | None:
+    """The final answer: the content after the reasoning (split), or after the inline think block (raw)."""
+    if "reasoning_content" in fields:
+        return (fields["content"] or "").strip()
+    return final_answer(fields["content"] or "", opens_think=False)
 
 
 def check_latency(client: openai.OpenAI, model: str, rows: list[dict], concurrency: int, requests: int, output_len: int,

@@ -25,6 +25,7 @@ import mlflow
 import yaml
 from transformers import AutoTokenizer
 
+from workflow.chat import prompt_text
 from workflow.config import Allow, Config
 from workflow.data import read_split
 from workflow.engine.runtime import load_engine
@@ -34,6 +35,7 @@ from workflow.package import archive
 from workflow.rollout import canary, kubernetes, registry
 from workflow.roles import ROLES
 from workflow.serve.access import KeyStore
+from workflow.serve.output import ReasoningSplit, split_text
 from workflow.serve.settings import GatewaySettings
 from workflow.serve.tls import client_context, ensure_certificates
 from workflow.tracking import Tracking, describe, job_run, record_gate
@@ -113,6 +115,13 @@ class LocalGateway:
             self.process.kill()
 
 
+def served_fields(text: str, tokenizer, row: dict, reasoning: str) -> dict:
+    """The message fields the gateway answers for this generation (its think block split off unless reasoning: raw)."""
+    if reasoning == "raw":
+        return {"content": text}
+    return split_text(text, ReasoningSplit.opens_think(prompt_text(tokenizer, row["messages"][:-1])))
+
+
 def local_checks(config: Config, package_dir: Path, selection: dict, test_path: str | Path, workdir: Path,
                  log_path: str | None) -> tuple[list[canary.Check], dict]:
     settings, model = config.rollout.canary, config.package.model_name
@@ -120,7 +129,9 @@ def local_checks(config: Config, package_dir: Path, selection: dict, test_path: 
     max_tokens = config.evaluate.max_new_tokens
     engine_dir = selection["engine_dir"]
     engine = load_engine(engine_dir, config.engine)
-    reference = [c.text for c in engine_completions(engine, AutoTokenizer.from_pretrained(engine_dir), rows, max_tokens)]
+    tokenizer = AutoTokenizer.from_pretrained(engine_dir)
+    reference = [served_fields(c.text, tokenizer, row, config.rollout.gateway.reasoning)
+                 for c, row in zip(engine_completions(engine, tokenizer, rows, max_tokens), rows, strict=True)]
     with LocalGateway(config, package_dir, workdir, log_path) as gateway:
         ready_s = gateway.wait_ready(settings.ready_timeout_s)
         analyst = canary.openai_client(gateway.url, gateway.ca, gateway.keys["analyst"])

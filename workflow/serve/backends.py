@@ -21,14 +21,16 @@ from pathlib import Path
 import httpx2
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from workflow.chat import TemplateError, prompt_ids
+from workflow.chat import TemplateError, prompt_text
 from workflow.config import EngineConfig
 from workflow.engine.interface import Engine, GenerationRequest
 from workflow.engine.manifest import EngineManifest
 from workflow.engine.runtime import load_engine
+from workflow.engine.sampling import generation_defaults
 from workflow.package import archive
 from workflow.serve.deployments import Deployments, package_path
-from workflow.serve.protocol import BadRequest, ModelCard, ModelList, respond, upstream_body
+from workflow.serve.output import ReasoningSplit
+from workflow.serve.protocol import BadRequest, ModelCard, ModelList, respond, sampling_params, upstream_body
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ def context_length(model_dir: Path) -> int:
 
 
 class InProcess:
-    """An engine opened from a package, generating greedily; loads in a background thread."""
+    """An engine opened from a package, sampling as each request asks (greedy by default unless the model's
+    generation_config.json samples); loads in a background thread."""
 
     kind = "in_process"
 
@@ -93,10 +96,19 @@ class InProcess:
                                                         package_sha256=self.package.get("sha256"))])
 
     async def complete(self, kind: str, req, state: dict, settings):
-        """A chat ("chat") or text ("text") completion from the loaded engine."""
-        prompt = (self.chat_prompt([m.model_dump(exclude_none=True) for m in req.messages]) if kind == "chat"
-                  else self.text_prompt(req.prompt))
-        return await respond(req, kind, prompt, self.package["context_length"], self.generate, state, settings)
+        """A chat ("chat") or text ("text") completion from the loaded engine: sampled with the request's settings,
+        else the model's defaults; a chat answer's think block split off unless rollout.gateway.reasoning is raw."""
+        _, tokenizer = self.current()
+        opens_think = None
+        if kind == "chat":
+            text = self.chat_text([m.model_dump(exclude_none=True) for m in req.messages])
+            prompt = tokenizer(text, add_special_tokens=False).input_ids
+            opens_think = ReasoningSplit.opens_think(text) if settings.reasoning == "split" else None
+        else:
+            prompt = self.text_prompt(req.prompt)
+        sampling = sampling_params(req, self.package.get("sampling_defaults", {}), len(tokenizer))
+        return await respond(req, kind, prompt, self.package["context_length"], self.generate, state, settings,
+                             sampling, opens_think)
 
     def deploy(self, package_sha256: str, rollback: bool, settings) -> None:
         """Load the package `package_sha256` from the package root, if this gateway may serve it now (see
@@ -148,7 +160,8 @@ class InProcess:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         info = (info or {"path": str(model_dir)}) | {"scheme": manifest.scheme, "precision": manifest.precision,
                                                      "backend": manifest.target.backend,
-                                                     "context_length": context_length(Path(model_dir))}
+                                                     "context_length": context_length(Path(model_dir)),
+                                                     "sampling_defaults": generation_defaults(model_dir)}
         with self._lock:  # the old engine is freed when its last request in flight ends (they hold it)
             self.engine, self.tokenizer, self.package, self.error = engine, tokenizer, info, None
         log.info("serving %s (%s)", info["path"], info["scheme"])
@@ -186,10 +199,11 @@ class InProcess:
                 raise NotReady(self.not_ready_reason() if self.error else "no model loaded")
             return self.engine, self.tokenizer
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_text(self, messages: list[dict]) -> str:
+        """The prompt as the model's chat template renders it (tokenized without special tokens added)."""
         _, tokenizer = self.current()
         try:
-            return prompt_ids(tokenizer, messages)
+            return prompt_text(tokenizer, messages)
         except TemplateError as err:  # e.g. a system message to a model whose template has no system role
             raise BadRequest(str(err)) from None
 
@@ -199,25 +213,40 @@ class InProcess:
 
     def generate(self, request: GenerationRequest) -> Iterator[tuple[str, str | None, int]]:
         """(text delta, finish reason or None, tokens so far) per step; the last step's reason is 'stop' (end of
-        sequence) or 'length'. Text is decoded incrementally over a short window of tokens (as vLLM and TGI do),
-        holding back a delta while it ends in an incomplete multi-byte character."""
+        sequence) or 'length'. The engine is asked at once, so what it refuses (e.g. a logit bias TensorRT-LLM is not
+        given) is a 400 before any answer starts."""
         engine, tokenizer = self.current()
-        tokens, prefix_offset, read_offset = [], 0, 0
+        try:
+            tokens = engine.stream(request)
+        except ValueError as err:
+            raise BadRequest(str(err).removeprefix("generate: ")) from None
+        return self.decoded(tokens, tokenizer)
+
+    @staticmethod
+    def decoded(tokens: Iterator[int], tokenizer) -> Iterator[tuple[str, str | None, int]]:
+        """Text decoded incrementally over a short window of tokens (as vLLM and TGI do), holding back a delta while it
+        ends in an incomplete multi-byte character."""
+        done, prefix_offset, read_offset = [], 0, 0
 
         def pending() -> str:
-            before = tokenizer.decode(tokens[prefix_offset:read_offset], skip_special_tokens=True)
-            return tokenizer.decode(tokens[prefix_offset:], skip_special_tokens=True)[len(before):]
+            before = tokenizer.decode(done[prefix_offset:read_offset], skip_special_tokens=True)
+            return tokenizer.decode(done[prefix_offset:], skip_special_tokens=True)[len(before):]
 
-        for token in engine.stream(request):
-            if token == tokenizer.eos_token_id:
-                yield pending(), "stop", len(tokens)
-                return
-            tokens.append(token)
-            delta = pending()
-            if delta and not delta.endswith("\ufffd"):
-                prefix_offset, read_offset = read_offset, len(tokens)
-                yield delta, None, len(tokens)
-        yield pending(), "length", len(tokens)
+        try:
+            for token in tokens:
+                if token == tokenizer.eos_token_id:
+                    yield pending(), "stop", len(done)
+                    return
+                done.append(token)
+                delta = pending()
+                if delta and not delta.endswith("\ufffd"):
+                    prefix_offset, read_offset = read_offset, len(done)
+                    yield delta, None, len(done)
+            yield pending(), "length", len(done)
+        finally:
+            close = getattr(tokens, "close", None)
+            if close:
+                close()  # a request cut at a stop string frees its batch slot now
 
 
 class Upstream:

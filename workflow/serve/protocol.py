@@ -4,16 +4,21 @@ generated from a local engine's token steps."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Annotated, Literal
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi.responses import StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from workflow.engine.interface import GenerationRequest
+from workflow.engine.sampling import SamplingParams
+from workflow.serve.output import ReasoningSplit, StopStrings
+
+log = logging.getLogger(__name__)
 
 
 class BadRequest(ValueError):
@@ -43,21 +48,61 @@ class Message(BaseModel):
     """An earlier assistant turn's reasoning, for templates that render it (most drop it from history)."""
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    include_usage: StrictBool | None = None
+    """A last chunk with the usage and no choices, as OpenAI sends it."""
+    include_obfuscation: StrictBool | None = None
+    """OpenAI pads chunks against length side channels; this gateway does not: false or absent only."""
+
+
+Stop = Annotated[Text, Field(min_length=1)]
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+Bias = Annotated[StrictFloat, Field(ge=-100, le=100)]
+JSON_NUMBERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "n", "presence_penalty",
+                "frequency_penalty", "top_logprobs", "best_of")
+
+
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+    """What chat and text completions share. Fields OpenAI defines that the gateway does not serve are declared too
+    and refused with a 400 naming them unless they hold their no-effect value (REFUSED); fields OpenAI does not
+    define are ignored, as vLLM does, and logged (`unknown_fields`), never forwarded upstream."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
     # The schema's JSON types are the API's: false is not a temperature of 0, nor "5" a token count.
     model: str
     """The served model's id (GET /v1/models); another is a 404."""
     max_tokens: int | None = Field(None, ge=1)
+    """Most tokens to generate (the gateway's limits.max_tokens caps it and is the default)."""
     stream: StrictBool = False
-    stream_options: dict | None = None
-    # The two below are checked by check_sampling, whose messages say why; the schema says what passes.
-    temperature: float | None = Field(None, json_schema_extra={"minimum": 0, "maximum": 0})
-    """Greedy decoding only: 0 or absent."""
+    stream_options: StreamOptions | None = None
+    """Only with stream: true."""
+    temperature: float | None = Field(None, ge=0, le=2)
+    """0 decodes greedily; absent takes the model's generation_config.json (greedy when it does not sample)."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus sampling; absent takes the model's generation_config.json, else 1."""
+    top_k: int | None = Field(None, ge=-1)
+    """Sample from the k most likely tokens (0 or -1: all), as vLLM takes it; absent takes generation_config.json."""
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    """The same seed, prompt and settings give the same answer (on the same engine)."""
+    stop: Stop | Annotated[list[Stop], Field(min_length=1, max_length=4)] | None = None
+    """Up to 4 strings; the answer ends before the first one generated (finish_reason "stop")."""
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: Annotated[dict[TokenId, Bias], Field(max_length=300, json_schema_extra={"additionalProperties": False})] | None = None
+    """Token id (as a string) -> bias added to its logit, -100 to 100."""
     n: int = Field(1, json_schema_extra={"enum": [1]})
-    """One choice per request."""
+    """One choice per request (n > 1 is a 400)."""
+    user: str | None = None
+    """Accepted; it does not change the answer (the audit log names the API key instead)."""
 
-    @field_validator("max_tokens", "temperature", "n", "max_completion_tokens", mode="before", check_fields=False)
+    REFUSED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        "n": (lambda v: v == 1, "one choice per request: send n = 1 or leave it out, and repeat the request for more"),
+        "stream_options": (lambda v: not (v.include_obfuscation), "stream obfuscation is not served: leave include_obfuscation out"),
+    }
+
+    @field_validator(*JSON_NUMBERS, mode="before", check_fields=False)
     @classmethod
     def json_number(cls, value):
         """JSON numbers only: pydantic would read false, true and "5" as 0, 1 and 5 (an integral 2.0 is an integer,
@@ -66,23 +111,133 @@ class Sampling(BaseModel):
             raise ValueError(f"expected a JSON number, got {json.dumps(value)}")  # noqa: TRY004 (pydantic reports ValueError)
         return value
 
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+def _absent(value) -> bool:
+    return value in (None, False, "", [], {})
+
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    """OpenAI's newer name for max_tokens (it wins when both are given)."""
+    logprobs: StrictBool | None = None
+    """Not served: false or absent."""
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    """Not served: 0 or absent."""
+    response_format: dict | None = None
+    """{"type": "text"} only: no JSON mode or schema-constrained decoding."""
+    tools: list[dict] | None = None
+    """Not served: no tool calling (absent or empty)."""
+    tool_choice: str | dict | None = None
+    """"none" or "auto" (no tools, so no calls) only."""
+    parallel_tool_calls: StrictBool | None = None
+    """Accepted; without tools it has no effect."""
+    functions: list[dict] | None = None
+    """Not served (the deprecated form of tools)."""
+    function_call: str | dict | None = None
+    """"none" or "auto" only (the deprecated form of tool_choice)."""
+    reasoning_effort: str | None = None
+    """Not served: the model thinks as its chat template makes it."""
+    verbosity: str | None = None
+    """Not served."""
+    modalities: list[str] | None = None
+    """["text"] only."""
+    audio: dict | None = None
+    """Not served: text only."""
+    prediction: dict | None = None
+    """Not served (predicted outputs)."""
+    web_search_options: dict | None = None
+    """Not served: nothing leaves the gateway."""
+    store: StrictBool | None = None
+    """Not served: answers are not stored (false or absent)."""
+    metadata: dict[str, str] | None = None
+    """Accepted; used with store only, so it has no effect."""
+    service_tier: str | None = None
+    """"auto" or "default" only: one tier."""
+    safety_identifier: str | None = None
+    """Accepted; it does not change the answer."""
+    prompt_cache_key: str | None = None
+    """Accepted; it does not change the answer."""
+
+    REFUSED: ClassVar[dict] = Sampling.REFUSED | {
+        "logprobs": (_absent, "log probabilities are not served: send false or leave it out"),
+        "top_logprobs": (_absent, "log probabilities are not served: send 0 or leave it out"),
+        "response_format": (lambda v: v in (None, {"type": "text"}), "only {\"type\": \"text\"}: no JSON mode or structured outputs"),
+        "tools": (_absent, "tool calling is not served"),
+        "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not served: send none or auto"),
+        "functions": (_absent, "function calling is not served"),
+        "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not served: send none or auto"),
+        "reasoning_effort": (_absent, "the model thinks as its chat template makes it; leave reasoning_effort out"),
+        "verbosity": (_absent, "not served; leave it out"),
+        "modalities": (lambda v: v in (None, ["text"]), "text only: send [\"text\"] or leave it out"),
+        "audio": (_absent, "text only"),
+        "prediction": (_absent, "predicted outputs are not served"),
+        "web_search_options": (_absent, "web search is not served"),
+        "store": (_absent, "answers are not stored: send false or leave it out"),
+        "service_tier": (lambda v: v in (None, "auto", "default"), "one service tier: send auto or default"),
+    }
 
 
 class CompletionRequest(Sampling):
     prompt: Text
+    logprobs: int | None = Field(None, ge=0, le=5)
+    """Not served: absent or null."""
+    echo: StrictBool | None = None
+    """Not served: false or absent."""
+    suffix: str | None = None
+    """Not served (insertion): absent or empty."""
+    best_of: int | None = Field(None, ge=1)
+    """1 or absent."""
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def json_count(cls, value):
+        return Sampling.json_number(value)
+
+    REFUSED: ClassVar[dict] = Sampling.REFUSED | {
+        "logprobs": (lambda v: v is None, "log probabilities are not served: leave logprobs out"),
+        "echo": (_absent, "echo is not served: send false or leave it out"),
+        "suffix": (_absent, "suffix (insertion) is not served"),
+        "best_of": (lambda v: v in (None, 1), "one candidate per request: send best_of 1 or leave it out"),
+    }
+
+
+SERVED = ("max_tokens", "stream", "stream_options", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
+          "frequency_penalty", "logit_bias")
+"""The fields that change what is generated: sent on to an upstream engine server (with model, messages or prompt)."""
 
 
 def upstream_body(req: Sampling, limits) -> dict:
-    """What the gateway sends an upstream engine server: the request as the gateway parsed it (unknown fields such
-    as ignore_eos, min_tokens or best_of are gone), with the gateway's token limit written in (its default when the
-    client gave none)."""
-    body = req.model_dump(exclude_none=True, exclude={"max_completion_tokens"})
+    """What the gateway sends an upstream engine server: the validated request's served fields (fields OpenAI does
+    not define, such as ignore_eos, min_tokens or best_of on chat, are gone, and refused ones never get here), with the
+    gateway's token limit written in (its default when the client gave none)."""
+    keep = {"model", "messages", "prompt", *SERVED}
+    body = req.model_dump(exclude_none=True, include=keep & set(type(req).model_fields))
     body["max_tokens"] = max_new_tokens(req, limits)
     return body
+
+
+def stops(req: Sampling) -> tuple[str, ...]:
+    return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+
+
+def sampling_params(req: Sampling, defaults: dict, vocab_size: int) -> SamplingParams:
+    """The engine's sampling parameters: the request's, else the model's defaults (generation_config.json), else greedy."""
+    def pick(name: str, fallback):
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    bias = {int(token): value for token, value in (req.logit_bias or {}).items()}
+    outside = sorted(token for token in bias if token >= vocab_size)
+    if outside:
+        raise BadRequest(f"logit_bias names token ids outside the vocabulary (0..{vocab_size - 1}): {outside[:5]}")
+    return SamplingParams(temperature=pick("temperature", 0.0), top_p=pick("top_p", 1.0), top_k=max(pick("top_k", 0), 0),
+                          seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
+                          frequency_penalty=req.frequency_penalty or 0.0,
+                          repetition_penalty=defaults.get("repetition_penalty", 1.0), logit_bias=bias)
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict:
@@ -113,12 +268,18 @@ def max_new_tokens(req: Sampling, limits) -> int:
 
 
 def check_sampling(req: Sampling, model_name: str) -> None:
+    """Refuse what the gateway does not serve, naming the field; log the fields OpenAI does not define (ignored)."""
     if req.model != model_name:
         raise BadRequest(f"model {req.model!r} is not served here; GET /v1/models lists {model_name!r}", 404)
-    if req.temperature not in (None, 0, 0.0):
-        raise BadRequest(f"temperature {req.temperature} is not supported: this gateway decodes greedily (send 0 or omit it)")
-    if req.n != 1:
-        raise BadRequest(f"n = {req.n} is not supported: one choice per request")
+    for name, (allowed, why) in type(req).REFUSED.items():
+        value = getattr(req, name)
+        if value is not None and not allowed(value):
+            shown = json.dumps(value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value)
+            raise BadRequest(f"{name} = {shown if len(shown) <= 60 else shown[:57] + '...'} is not supported: {why}")
+    if req.stream_options is not None and not req.stream:
+        raise BadRequest("stream_options is only allowed with stream: true")
+    if req.unknown_fields():
+        log.warning("ignored request fields the OpenAI API does not define: %s", ", ".join(req.unknown_fields()))
 
 
 class Usage(BaseModel):
@@ -129,7 +290,11 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    """The answer; null when a think block took the whole generation (finish_reason says why)."""
+    reasoning_content: str | None = None
+    """A thinking model's reasoning (its think block), as DeepSeek's API and vLLM give it; absent for other models
+    and with rollout.gateway.reasoning: raw (the think block stays in content)."""
 
 
 class ChatChoice(BaseModel):
@@ -184,7 +349,9 @@ class ModelList(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     """In the first chunk only."""
-    content: str
+    content: str | None = None
+    reasoning_content: str | None = None
+    """A thinking model's reasoning, streamed before its content."""
 
 
 class ChatChunkChoice(BaseModel):
@@ -222,12 +389,6 @@ class TextCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-def generation_request(req: Sampling, prompt_ids: list[int], max_new_tokens: int) -> GenerationRequest:
-    """What the engine is asked for: the prompt, the token budget respond settled on, and the request's decoding
-    settings (greedy only so far: check_sampling refuses the rest)."""
-    return GenerationRequest(prompt_ids, max_new_tokens)
-
-
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -251,66 +412,107 @@ def token_budget(req: Sampling, prompt_ids: list[int], context_length: int, limi
     return limit
 
 
-def whole_answer(kind: str, head: dict, text: str, finish: str, usage: Usage) -> ChatCompletion | TextCompletion:
-    """A non-streamed answer; head holds id, created and model."""
-    if kind == "chat":
-        choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=text), finish_reason=finish)
-        return ChatCompletion(object="chat.completion", choices=[choice], usage=usage, **head)
-    return TextCompletion(object="text_completion", choices=[TextChoice(index=0, text=text, finish_reason=finish, logprobs=None)],
-                          usage=usage, **head)
-
-
-def chunk(kind: str, head: dict, delta: str | None, finish: str | None, first: bool, usage: Usage | None = None) -> str:
-    """One server-sent event of a streamed answer: a delta, or (delta None) the closing usage. Fields left unset are
-    not sent: the role in the first chat chunk only, the usage in the last."""
-    head = head | ({"usage": usage} if usage is not None else {})
-    if kind == "chat":
-        choices = [] if delta is None else [ChatChunkChoice(index=0, finish_reason=finish, delta=ChatDelta(
-            content=delta, **({"role": "assistant"} if first else {})))]
-        event = ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **head)
-    else:
-        choices = [] if delta is None else [TextChunkChoice(index=0, text=delta, finish_reason=finish, logprobs=None)]
-        event = TextCompletionChunk(object="text_completion", choices=choices, **head)
-    return sse(event.model_dump(mode="json", exclude_unset=True))
-
-
-async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_length: int,
-                  generate: callable, state: dict, settings):
-    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(GenerationRequest)`
-    yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked against
-    the gateway's limits and the model's context length first; state gets the token counts for the audit log."""
-    limit = token_budget(req, prompt_ids, context_length, settings.limits)
-    state["prompt_tokens"] = len(prompt_ids)
-    request_id = state["request_id"] = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    head = {"id": request_id, "created": int(time.time()), "model": settings.model_name}
-
-    def usage() -> Usage:
-        done = state.get("completion_tokens", 0)
-        return Usage(prompt_tokens=len(prompt_ids), completion_tokens=done, total_tokens=len(prompt_ids) + done)
-
-    def steps() -> Iterator[tuple[str, str | None]]:
-        for delta, finish, count in generate(generation_request(req, prompt_ids, limit)):
+def cut_at_stops(steps: Iterator[tuple[str, str | None, int]], stop: tuple[str, ...], state: dict) -> Iterator[tuple[str, str | None]]:
+    """(text delta, finish reason or None) of an engine's steps, ending before the first stop string ("stop"); the
+    engine's generation is closed there, which frees its batch slot."""
+    cut = StopStrings(stop)
+    try:
+        for delta, finish, count in steps:
             state["completion_tokens"] = count
-            yield delta, finish
+            text = cut.feed(delta)
+            if cut.hit:
+                yield text, "stop"
+                return
+            if finish:
+                yield text + cut.flush(), finish
+                return
+            yield text, None
+    finally:
+        steps.close()
 
-    if not req.stream:
-        def whole() -> ChatCompletion | TextCompletion:
-            parts, finish = [], None
-            for delta, finish in steps():
-                parts.append(delta)
-            text = "".join(parts)
-            if settings.audit.log_text:
-                state["text"] = {"prompt_tokens": prompt_ids, "output": text}
-            return whole_answer(kind, head, text, finish, usage())
-        return await run_in_threadpool(whole)
 
-    include_usage = bool((req.stream_options or {}).get("include_usage"))
+class Answer:
+    """One request's answer, built from the response models declared for the OpenAPI document: a chat message (with
+    reasoning_content split off when `split` is given) or a text choice, whole or as stream chunks."""
 
-    def events():
-        for step, (delta, finish) in enumerate(steps()):
-            yield chunk(kind, head, delta, finish, first=step == 0)
+    def __init__(self, kind: str, model: str, prompt_tokens: int, state: dict, split: ReasoningSplit | None) -> None:
+        self.kind, self.prompt_tokens, self.state, self.split = kind, prompt_tokens, state, split
+        request_id = state["request_id"] = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.head = {"id": request_id, "created": int(time.time()), "model": model}
+
+    def fields(self, delta: str, finish: str | None) -> dict:
+        """What a text delta adds: {"content"} or {"reasoning_content", "content"} (chat), {"text"} (text); empty
+        parts left out."""
+        if self.kind == "text":
+            return {"text": delta}
+        if self.split is None:
+            return {"content": delta}
+        reasoning, answer = self.split.feed(delta)
+        if finish:
+            more = self.split.finish()
+            reasoning, answer = reasoning + more[0], answer + more[1]
+        return {key: value for key, value in (("reasoning_content", reasoning), ("content", answer)) if value}
+
+    def usage(self) -> Usage:
+        done = self.state.get("completion_tokens", 0)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+    def whole(self, pieces: Iterator[tuple[str, str | None]]) -> ChatCompletion | TextCompletion:
+        reasoning, answer, finish = [], [], None
+        for delta, finish in pieces:
+            added = self.fields(delta, finish)
+            reasoning.append(added.get("reasoning_content", ""))
+            answer.append(added.get("content", added.get("text", "")))
+        text = "".join(answer)
+        if self.kind == "text":
+            return TextCompletion(object="text_completion", usage=self.usage(), **self.head,
+                                  choices=[TextChoice(index=0, text=text, finish_reason=finish, logprobs=None)])
+        message = self.split.message("".join(reasoning), text) if self.split else {"content": text}
+        choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", **message), finish_reason=finish)
+        return ChatCompletion(object="chat.completion", choices=[choice], usage=self.usage(), **self.head)
+
+    def chunk(self, delta: dict | None, finish: str | None = None) -> str:
+        """One server-sent event: a choice with this delta, or (delta None) the usage and no choices. Fields left
+        unset are not sent: the role in the first chat chunk only, the usage in the last."""
+        head = self.head | ({"usage": self.usage()} if delta is None else {})
+        if self.kind == "chat":
+            choices = [] if delta is None else [ChatChunkChoice(index=0, delta=ChatDelta(**delta), finish_reason=finish)]
+            event = ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **head)
+        else:
+            choices = [] if delta is None else [TextChunkChoice(index=0, text=delta.get("text", ""), finish_reason=finish, logprobs=None)]
+            event = TextCompletionChunk(object="text_completion", choices=choices, **head)
+        return sse(event.model_dump(mode="json", exclude_unset=True))
+
+    def events(self, pieces: Iterator[tuple[str, str | None]], include_usage: bool) -> Iterator[str]:
+        if self.kind == "chat":
+            yield self.chunk({"role": "assistant", "content": ""})  # OpenAI sends the role in the first chunk only
+        for delta, finish in pieces:
+            added = self.fields(delta, finish)
+            if added or finish:
+                yield self.chunk(added, finish)
         if include_usage:
-            yield chunk(kind, head, None, None, first=False, usage=usage())
+            yield self.chunk(None)
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+
+async def respond(req: Sampling, kind: str, prompt_ids: list[int], context_length: int, generate: Callable,
+                  state: dict, settings, sampling: SamplingParams, opens_think: bool | None = None):
+    """The answer to a chat ("chat") or text ("text") request from a local engine: `generate(GenerationRequest)`
+    yields (text delta, finish reason or None, tokens so far). The prompt and the token budget are checked first; the
+    text ends before a stop string; with `opens_think` (True: the prompt opened a think block, False: the model may
+    open one) a chat answer's reasoning goes to reasoning_content. state gets the token counts for the audit log."""
+    limit = token_budget(req, prompt_ids, context_length, settings.limits)
+    state["prompt_tokens"] = len(prompt_ids)
+    split = ReasoningSplit(opens_think) if kind == "chat" and opens_think is not None else None
+    answer = Answer(kind, settings.model_name, len(prompt_ids), state, split)
+    pieces = cut_at_stops(generate(GenerationRequest(prompt_ids, limit, sampling=sampling)), stops(req), state)
+    if not req.stream:
+        whole = await run_in_threadpool(answer.whole, pieces)
+        if settings.audit.log_text:
+            said = whole.choices[0]
+            state["text"] = {"prompt_tokens": prompt_ids, "output": said.text if kind == "text" else said.message.content}
+            if kind == "chat" and said.message.reasoning_content is not None:
+                state["text"]["reasoning"] = said.message.reasoning_content
+        return whole
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(answer.events(pieces, include_usage), media_type="text/event-stream")

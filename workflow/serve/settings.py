@@ -50,6 +50,8 @@ class GatewaySettings:
     engine: EngineConfig
     """The workflow's `engine` section: how to load the package's engine in-process."""
     upstream: str | None
+    reasoning: str
+    """rollout.gateway.reasoning: split (reasoning_content apart from content) or raw."""
     package_settings: PackageConfig
     package_root: Path
     """Where /admin/deploy finds packages by digest."""
@@ -71,6 +73,7 @@ class GatewaySettings:
             refusal_limits=gateway.refusal_limits,
             engine=config.engine,
             upstream=gateway.upstream,
+            reasoning=gateway.reasoning,
             package_settings=config.package,
             package_root=Path(gateway.package_root or config.package.backup_dir),
         )
