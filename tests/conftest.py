@@ -41,6 +41,18 @@ def pytest_collection_modifyitems(config, items):
                                 f"`pytestmark = pytest.mark.e2e` to the module or `@pytest.mark.e2e` to the test: {', '.join(unmarked)}")
 
 
+def signed_package(folder: Path, keys: Path, size: int = 2048) -> Path:
+    """A real package of `size` random bytes, encrypted under keys/kek.bin and signed with keys/signing.pem."""
+    from workflow.package import archive
+    from workflow.package.kms import LocalKeyFile
+
+    source = folder.with_suffix(".src")
+    source.mkdir()
+    (source / "weights.bin").write_bytes(os.urandom(size))
+    archive.pack(source, folder, LocalKeyFile(keys / "kek.bin", create=True), archive.load_signing_key(keys / "signing.pem"), {})
+    return folder
+
+
 def merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import signed_package
 import yaml
 
 from workflow.package import archive
@@ -197,12 +198,6 @@ def test_aggregated_refusals_are_one_chained_record_that_alerts_count(tmp_path):
     audit.close()
 
 
-def signed_package(folder: Path, keys: Path) -> Path:
-    source = folder.with_suffix(".src")
-    source.mkdir()
-    (source / "weights.bin").write_bytes(os.urandom(2048))
-    archive.pack(source, folder, LocalKeyFile(keys / "kek.bin", create=True), archive.load_signing_key(keys / "signing.pem"), {})
-    return folder
 
 
 def created(package: Path, keys: Path) -> str:

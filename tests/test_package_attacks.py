@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import signed_package
 
 from workflow.config import EngineConfig, Kms, load
 from workflow.package import archive, errors
@@ -25,12 +26,6 @@ from workflow.serve.settings import GatewaySettings
 PACKAGE_ERRORS = {name for name in dir(errors) if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), errors.PackageError)}
 
 
-def packed(folder: Path, keys: Path) -> Path:
-    source = folder.with_suffix(".src")
-    source.mkdir()
-    (source / "weights.bin").write_bytes(os.urandom(4096))
-    archive.pack(source, folder, LocalKeyFile(keys / "kek.bin", create=True), archive.load_signing_key(keys / "signing.pem"), {})
-    return folder
 
 
 def signer(keys: Path):
@@ -41,7 +36,7 @@ def test_a_rotate_key_cut_short_by_a_full_disk_leaves_the_package_verifying(tmp_
     """Before: rotate-key rewrote header.json, manifest.json and manifest.sig in place; a write refused part-way (here
     the file-size limit, as a full disk) left a package that verifies with neither key."""
     keys = tmp_path / "keys"
-    package = packed(tmp_path / "model.ftpkg", keys)
+    package = signed_package(tmp_path / "model.ftpkg", keys, 4096)
     limit = (package / "header.json").stat().st_size - 10
 
     def full_disk() -> None:
@@ -62,7 +57,7 @@ def test_a_gateway_trusting_the_default_signer_never_reads_the_private_key(tmp_p
     """Before: with package.trusted_signer null the gateway loaded package.signing_key, the private key, to take its
     public half. Now it reads keys/signing.pub: the private key can be absent from the gateway's host."""
     keys = tmp_path / "keys"
-    package = packed(tmp_path / "model.ftpkg", keys)
+    package = signed_package(tmp_path / "model.ftpkg", keys, 4096)
     (keys / "signing.pem").unlink()
     (tmp_path / "config.yaml").write_text(f"package:\n  signing_key: {keys / 'signing.pem'}\n")
     trusted = GatewaySettings.from_config(load(tmp_path / "config.yaml")).trusted_signer()
@@ -79,7 +74,7 @@ def test_an_empty_or_missing_hsm_pin_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("FT2PROD_TEST_PIN", "")
     with pytest.raises(KmsError, match="empty PIN is refused"):
         from_config(settings)
-    package = packed(tmp_path / "model.ftpkg", tmp_path / "keys")
+    package = signed_package(tmp_path / "model.ftpkg", tmp_path / "keys", 4096)
     env = {k: v for k, v in os.environ.items() if k != "PKCS11_PIN"}
     cli = subprocess.run([sys.executable, "-m", "workflow.package", "verify", str(package), "--signer-pub",
                           str(tmp_path / "keys" / "signing.pub"),
@@ -108,8 +103,8 @@ def test_a_package_swapped_between_the_deploy_check_and_the_load_is_refused(tmp_
     """Before: deploy checked the folder (digest, floor) and the load read it again, so an older signed package put
     in its place between the two was opened and served. Now the load opens by exactly what deploy checked."""
     keys = tmp_path / "keys"
-    older = packed(tmp_path / "older.ftpkg", keys)
-    newer = packed(tmp_path / "newer.ftpkg", keys)
+    older = signed_package(tmp_path / "older.ftpkg", keys, 4096)
+    newer = signed_package(tmp_path / "newer.ftpkg", keys, 4096)
     trusted = signer(keys)
     digest = archive.digest(newer)
     root = tmp_path / "packages"
