@@ -105,6 +105,7 @@ def test_two_node_command_trains_when_each_node_runs_its_part(tmp_path, tiny_bas
 
     from workflow.bootstrap.problems import generate_data
     from workflow.data import DataConfig, prepare_data
+    from workflow.finetune.job import Job
     from workflow.finetune.launch import launch_env
 
     generate_data(str(tmp_path / "rows.jsonl"), 120, seed=0, tracking=tracking)
@@ -113,10 +114,9 @@ def test_two_node_command_trains_when_each_node_runs_its_part(tmp_path, tiny_bas
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     job = checkpoints / "job.json"
-    job.write_text(json.dumps({
-        "finetune": cfg.model_dump(mode="json"), "seed": 0, "model_dir": str(tiny_base), "data_dir": str(tmp_path / "data"),
-        "checkpoint_dir": str(checkpoints), "summary": str(tmp_path / "summary.json"), "fingerprint": "test", "resume_from": None,
-    }))
+    job.write_text(Job(finetune=cfg, seed=0, model_dir=str(tiny_base), data_dir=str(tmp_path / "data"),
+                       checkpoint_dir=str(checkpoints), summary=str(tmp_path / "summary.json"), fingerprint="test",
+                       trained_from={}, resume_from=None).model_dump_json())
     command = launch_command(cfg, job, batch_env(tmp_path, "localhost,127.0.0.1", 2))
     env = {k: v for k, v in launch_env(cfg, "", "").items() if not k.startswith(("MLFLOW_", "SLURM_"))} | {"OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(["sh", "-c", command[-1]], env=env | {"SLURM_NODEID": str(node)}, stdout=subprocess.PIPE,

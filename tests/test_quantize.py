@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from workflow.bootstrap.problems import make_problems
 from workflow.engine import onnxruntime
 from workflow.engine.calibration import fold_calibration
+from workflow.engine.interface import GenerationRequest
 from workflow.evaluate import EvalConfig
 from workflow.quantize import evaluate_quantized
 from workflow.quantize import QuantizeConfig, QuantizeError, check_quantizable, quantize, quantized_model
@@ -127,4 +128,4 @@ def test_each_family_quantizes_and_its_calibration_folds_into_an_engine(family_d
     manifest = onnxruntime.build(tmp_path / "folded", tmp_path / "engine", scheme, "cpu", 32, 4, "sha", calibration=report)
     assert manifest.calibration["calib_sha256"] == record["calib_sha256"]
     engine = onnxruntime.OrtEngine(tmp_path / "engine")
-    assert len(list(engine.stream(rows[0][:16], 4, min_new_tokens=4))) == 4
+    assert len(list(engine.stream(GenerationRequest(rows[0][:16], 4, min_new_tokens=4)))) == 4

@@ -138,10 +138,11 @@ def test_per_key_rate_limit_answers_429_with_retry_after_and_spares_other_keys(p
 
 
 def test_token_bucket_allows_the_burst_then_the_rate_per_key():
+    from workflow.config import RateLimits
     from workflow.serve.ratelimit import RateLimiter, retry_after
 
     now = [0.0]
-    limiter = RateLimiter({"analyst": {"requests_per_minute": 60, "burst": 3}}, clock=lambda: now[0])
+    limiter = RateLimiter(RateLimits(analyst={"requests_per_minute": 60, "burst": 3}), clock=lambda: now[0])
     assert [limiter.wait("a", "analyst") for _ in range(3)] == [0, 0, 0]
     assert limiter.wait("a", "analyst") == pytest.approx(1.0) and retry_after(1.0) == "1"
     assert limiter.wait("b", "analyst") == 0  # another key has its own bucket

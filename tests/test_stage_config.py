@@ -19,7 +19,7 @@ def test_plan_and_prepare_data_see_the_users_values(tmp_path, tiny_base, trackin
     generate_data(str(rows), 120, seed=3, tracking=tracking)
     user = {"base_model": str(tiny_base), "data": {"path": str(rows)},
             "finetune": {"zero_tuning": "stock", "liger_kernel": False}}  # both differ from the declared defaults
-    snakemake(tmp_path / "work", user, "results/data/stats.json")
+    snakemake(tmp_path / "work", user, "results/plan/plan.json", "results/data/stats.json")  # no job waits for the plan
     results = tmp_path / "work" / "results"
 
     plan = json.loads((results / "plan" / "plan.json").read_text())

@@ -32,7 +32,7 @@ def server(tmp_path_factory):
 
 
 def test_jobs_attach_to_one_parent_run_on_a_postgresql_backed_server(server, tmp_path, snakemake):
-    snakemake(tmp_path, {"tracking": {"uri": server.uri}}, "results/finetune/summary.json")
+    snakemake(tmp_path, {"tracking": {"uri": server.uri}}, "results/plan/plan.json", "results/finetune/summary.json")
     assert not (tmp_path / "results" / "mlflow.db").exists() and not (tmp_path / "results" / "mlartifacts").exists()
 
     client = MlflowClient(server.uri)

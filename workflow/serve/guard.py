@@ -254,7 +254,7 @@ class Gateway:
         if wait:
             rate = getattr(self.settings.rate_limits, identity.role)
             raise Denied(429, "rate_limited", f"key {identity.key_id} is over the {identity.role} rate limit "
-                         f"({rate['requests_per_minute']:g} requests per minute, burst {rate['burst']}); retry in {wait:.1f} s",
+                         f"({rate.requests_per_minute:g} requests per minute, burst {rate.burst}); retry in {wait:.1f} s",
                          {"retry-after": retry_after(wait)})
 
     def require(self, permission: str):
