@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,14 @@ def zero2(tmp_path_factory, snakemake) -> Path:
     workdir = tmp_path_factory.mktemp("zero2")
     snakemake(workdir, ZERO2)
     return workdir
+
+
+@pytest.fixture
+def shm():
+    """A private scratch folder on /dev/shm (a tmpfs, as packages open only onto memory), removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="ft2prod-open-test-", dir="/dev/shm"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -220,6 +220,13 @@ def test_a_restart_on_an_older_package_is_refused_even_with_the_deployments_reco
     audit_path = tmp_path / "audit" / "gateway.jsonl"
     floor_at(audit_path, newer, keys)
     (tmp_path / "audit" / "gateway.deployments.json").unlink(missing_ok=True)  # what used to hold the floor
+    started = start_gateway(tmp_path, keys, audit_path, "--package", str(older))
+    assert started.returncode == 2, started.stderr[-2000:]
+    assert "refusing to start" in started.stderr and "older package" in started.stderr
+
+
+def start_gateway(tmp_path: Path, keys: Path, audit_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m workflow.serve start *args` with the audit log at audit_path, for a start that is refused."""
     (keys / "audit.key").write_bytes(KEY)
     (keys / "audit.key").chmod(0o400)
     config = {"package": {"model_name": "m", "signing_key": str(keys / "signing.pem"),
@@ -227,10 +234,28 @@ def test_a_restart_on_an_older_package_is_refused_even_with_the_deployments_reco
               "rollout": {"gateway": {"port": 0, "api_keys": str(keys / "api_keys.json"), "tls": {"dir": str(tmp_path / "tls")},
                                       "audit": {"path": str(audit_path), "key_file": str(keys / "audit.key")}}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    started = subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(tmp_path / "config.yaml"), "start",
-                              "--package", str(older)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "workflow.serve", "--config", str(tmp_path / "config.yaml"), "start", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_pod_started_on_an_older_opened_package_is_refused(tmp_path, shm):
+    """Finding 6 in Kubernetes: a pod's gateway starts on the folder its init container opened (`--model-dir`), and
+    that start checked no floor, so pointing the Deployment at an older signed package served it. The opened folder
+    now carries the package's digest and signed time (archive.OPENED_FROM), checked against the floor of every replica
+    sharing the audit folder; a folder without that record is refused too."""
+    keys = tmp_path / "keys"
+    older = signed_package(tmp_path / "older.ftpkg", keys)
+    newer = signed_package(tmp_path / "newer.ftpkg", keys)
+    floor_at(tmp_path / "audit" / "pod-a.jsonl", newer, keys)
+    opened = archive.open_package(older, archive.load_signing_key(keys / "signing.pem").public_key(),
+                                  LocalKeyFile(keys / "kek.bin"), into=shm / "model")
+    started = start_gateway(tmp_path, keys, tmp_path / "audit" / "pod-b.jsonl", "--model-dir", str(opened))
     assert started.returncode == 2, started.stderr[-2000:]
     assert "refusing to start" in started.stderr and "older package" in started.stderr
+
+    (opened / archive.OPENED_FROM).unlink()  # copied in by hand, or opened by an older release
+    started = start_gateway(tmp_path, keys, tmp_path / "audit" / "pod-b.jsonl", "--model-dir", str(opened))
+    assert started.returncode == 2 and "holds no record of the package it was opened from" in started.stderr
 
 
 def test_replicas_sharing_the_audit_folder_share_one_floor(tmp_path):

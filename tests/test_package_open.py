@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,14 +36,6 @@ def packed(tmp_path, keys):
     (source / "sub" / "tokenizer.json").write_text("{}")
     archive.pack(source, tmp_path / "pkg", keys[0], keys[1], {}, chunk_size=CHUNK)
     return tmp_path / "pkg"
-
-
-@pytest.fixture
-def shm():
-    """A private scratch folder on /dev/shm (a tmpfs), removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="ft2prod-open-test-", dir="/dev/shm"))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def forge(out: Path, kms, signer, files: list[tuple[str, bytes]], ciphertext: dict[int, str] | None = None) -> Path:
@@ -76,8 +67,9 @@ def test_open_makes_the_folder_0700_and_every_file_0600(packed, keys, shm):
     opened = archive.open_package(packed, keys[1].public_key(), keys[0], into=shm / "model")
     assert mode(opened) == 0o700 and mode(opened / "sub") == 0o700
     assert {p.name: mode(p) for p in opened.rglob("*") if p.is_file()} == {
-        "model.onnx.data": 0o600, "genai_config.json": 0o600, "tokenizer.json": 0o600}
+        "model.onnx.data": 0o600, "genai_config.json": 0o600, "tokenizer.json": 0o600, archive.OPENED_FROM: 0o600}
     assert (opened / "genai_config.json").read_text() == '{"model": {}}'
+    assert archive.opened_from(opened)["sha256"] == archive.digest(packed)
 
 
 def test_open_refuses_a_folder_that_already_holds_something(packed, keys, shm, tmp_path, capsys):
@@ -165,7 +157,7 @@ def test_replace_empties_our_own_earlier_copy_but_nothing_else(packed, keys, shm
     with pytest.raises(archive.UnsafeDestination, match="already holds"):
         archive.open_package(packed, keys[1].public_key(), keys[0], into=into)
     archive.open_package(packed, keys[1].public_key(), keys[0], into=into, replace=True)
-    assert sorted(os.listdir(into)) == ["genai_config.json", "model.onnx.data", "sub"]
+    assert sorted(os.listdir(into)) == ["genai_config.json", "model.onnx.data", archive.OPENED_FROM, "sub"]
     os.chmod(into, 0o755)
     with pytest.raises(archive.UnsafeDestination, match="lets other users in"):
         archive.open_package(packed, keys[1].public_key(), keys[0], into=into, replace=True)

@@ -43,7 +43,8 @@ class Served:
     """A gateway process on a loopback port, with one key per role."""
 
     def __init__(self, root: Path, package: Path | None, overrides: dict | None = None, env: dict | None = None,
-                 keys_dir: Path | None = None) -> None:
+                 keys_dir: Path | None = None, model_dir: Path | None = None) -> None:
+        """A gateway started on `package`, or on `model_dir` (the folder a package was opened into), or on nothing."""
         self.root, self.port = root, free_port()
         keys_dir = keys_dir or package.parent
         gateway = {
@@ -65,7 +66,8 @@ class Served:
         store = KeyStore(root / "api_keys.json")
         self.keys = {role: store.add(role, role) for role in ("admin", "analyst", "auditor")}
         command = [sys.executable, "-m", "workflow.serve", "--config", str(root / "config.yaml"), "start"]
-        self.process = subprocess.Popen(command + (["--package", str(package)] if package else []),
+        given = ["--package", str(package)] if package else ["--model-dir", str(model_dir)] if model_dir else []
+        self.process = subprocess.Popen(command + given,
                                         stdout=open(root / "gateway.log", "w"), stderr=subprocess.STDOUT, env=env)
         self.url, self.ca = f"https://127.0.0.1:{self.port}", root.parent / "tls" / "ca.pem"
 
@@ -115,6 +117,25 @@ def gateway(package):
     served.wait_ready()
     yield served
     assert served.stop() in STOPPED
+
+
+def test_a_pod_serves_the_folder_its_init_container_opened_and_records_the_package(package, tmp_path, shm):
+    """What a Kubernetes pod does: the init container opens the package onto memory (`workflow.package open`), the
+    gateway starts on that folder (`--model-dir`), serves it, names the package it came from and records it in the
+    audit chain as served, which raises the anti-rollback floor of every replica (test_audit_attacks.py)."""
+    keys = package.parent
+    opened = archive.open_package(package, archive.load_signing_key(keys / "signing.pem").public_key(),
+                                  LocalKeyFile(keys / "kek.bin"), into=shm / "model")
+    served = Served(tmp_path / "pod", None, keys_dir=keys, model_dir=opened)
+    try:
+        served.wait_ready()
+        with served.http("analyst") as client:
+            assert client.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
+            assert client.get("/v1/deployment").json()["package"]["sha256"] == archive.digest(package)
+    finally:
+        assert served.stop() in STOPPED
+    audit = AuditLog(tmp_path / "pod" / "audit.jsonl", (tmp_path / "pod" / "audit.key").read_bytes())
+    assert Deployments(audit).state["floor"] == archive.opened_from(opened)["created"] != ""
 
 
 def chat(text: str = "What is 2 + 3?", **extra) -> dict:

@@ -102,12 +102,16 @@ def verify(package: str | Path, trusted: Ed25519PublicKey, kms: Kms | None = Non
     return manifest
 
 
+OPENED_FROM = "opened_from.json"
+"""Written last into a folder a package is opened into: the package's digest and signed creation time."""
+
+
 def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into: str | Path | None = None,
                  replace: bool = False, signed: Signed | None = None) -> dict[str, bytes] | Path:
     """Verify and decrypt: into memory (a dict), or into the folder `into` on a memory-backed filesystem — never onto
     disk. `into` is made 0700 here, or must already be ours, 0700 and empty (`replace`: emptied first when it is ours
     and 0700); files are made 0600, each new, through the folder's descriptor, so no link is followed. A bad chunk
-    anywhere leaves nothing behind. `signed`: the package's signed parts as the caller checked them (signed_package
+    anywhere leaves nothing behind. The folder also gets OPENED_FROM (read by opened_from). `signed`: the package's signed parts as the caller checked them (signed_package
     with `trusted`), opened as they are rather than read again."""
     package = Path(package)
     signed = signed or signed_package(package, trusted)
@@ -131,6 +135,10 @@ def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into:
 
     try:
         decrypt(package, header, manifest, unwrap_data_key(header, kms), write)
+        if handle:
+            handle.close()
+        handle = folder.create(OPENED_FROM)  # a package file of that name is refused here, as any name twice
+        handle.write(json.dumps({"sha256": signed.sha256, "created": header.get("created", "")}).encode())
     except BaseException:
         folder.close(remove=True)
         raise
@@ -139,6 +147,17 @@ def open_package(package: str | Path, trusted: Ed25519PublicKey, kms: Kms, into:
             handle.close()
     folder.close()
     return Path(into)
+
+
+def opened_from(folder: str | Path) -> dict:
+    """{"sha256", "created"} of the package `folder` was opened from (open_package wrote them from the verified
+    signed header): what a gateway started on the folder checks against its anti-rollback floor and records."""
+    try:
+        record = json.loads((Path(folder) / OPENED_FROM).read_text())
+        return {"sha256": str(record["sha256"]), "created": str(record["created"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PackageError(f"{folder} holds no record of the package it was opened from ({OPENED_FROM}, written by "
+                           f"`python -m workflow.package open`; {type(err).__name__}): its age cannot be checked") from None
 
 
 def rotate_key(package: str | Path, trusted_and_signing: Ed25519PrivateKey, old: Kms, new: Kms) -> dict:

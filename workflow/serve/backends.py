@@ -78,7 +78,7 @@ class InProcess:
         if package:
             self.load_in_background(self.load, package, settings.trusted_signer(), settings.kms())
         elif model_dir:
-            self.load_in_background(self.load_opened, model_dir)
+            self.load_in_background(self.load_folder, model_dir)
 
     async def is_ready(self) -> bool:
         return self.ready()
@@ -151,23 +151,28 @@ class InProcess:
         finally:
             shutil.rmtree(opened, ignore_errors=True)  # loaded engines keep their own copy (or mapping)
 
-    def load_opened(self, model_dir: str | Path, info: dict | None = None) -> None:
-        """Load an engine folder already opened from a package (by the Kubernetes init container)."""
+    def load_folder(self, model_dir: str | Path) -> None:
+        """Load the folder given at start, opened from a package by the Kubernetes init container, and record that
+        package as served (server.check_floor checked its age before the gateway started)."""
+        opened = archive.opened_from(model_dir)
+        self.load_opened(model_dir, {"path": str(model_dir)} | opened)
+        self.deployments.record(opened["sha256"], opened["created"])
+
+    def load_opened(self, model_dir: str | Path, info: dict) -> None:
+        """Load an engine folder opened from a package; `info` says which (path, sha256, created)."""
         from transformers import AutoTokenizer
 
         engine = load_engine(model_dir, self.engine_settings)
         manifest: EngineManifest = engine.manifest
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        info = (info or {"path": str(model_dir)}) | {"scheme": manifest.scheme, "precision": manifest.precision,
-                                                     "backend": manifest.target.backend,
-                                                     "context_length": context_length(Path(model_dir)),
-                                                     "sampling_defaults": generation_defaults(model_dir)}
+        info = info | {"scheme": manifest.scheme, "precision": manifest.precision, "backend": manifest.target.backend,
+                       "context_length": context_length(Path(model_dir)), "sampling_defaults": generation_defaults(model_dir)}
         with self._lock:  # the old engine is freed when its last request in flight ends (they hold it)
             self.engine, self.tokenizer, self.package, self.error = engine, tokenizer, info, None
         log.info("serving %s (%s)", info["path"], info["scheme"])
 
     def load_in_background(self, load, *args) -> threading.Thread:
-        """Run `load(*args)` (self.load or self.load_opened) in a thread, one load at a time (409 while one runs);
+        """Run `load(*args)` (self.load or self.load_folder) in a thread, one load at a time (409 while one runs);
         /readyz reports its failure."""
         if not self._loading.acquire(blocking=False):
             raise BadRequest("a package is loading; wait until GET /v1/deployment shows it, then deploy again", 409)
@@ -261,7 +266,11 @@ class Upstream:
         self.package = {"upstream": self.url}
 
     def start(self, settings, package: str | None = None, model_dir: str | None = None, deployments=None) -> None:
-        """Nothing to load: the engine server opens the package itself."""
+        """Nothing to load: the engine server serves the folder the init container opened, recorded here as served
+        (server.check_floor checked its age before the gateway started)."""
+        if model_dir:
+            opened = archive.opened_from(model_dir)
+            deployments.record(opened["sha256"], opened["created"])
 
     async def is_ready(self) -> bool:
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import uvicorn
 
 from workflow.config import Config
+from workflow.package import archive
 
 from workflow.serve.app import create_app
 from workflow.serve.backends import InProcess, Upstream
@@ -31,18 +32,28 @@ def build(config: Config, package: str | None = None, model_dir: str | None = No
     return create_app(gateway, package, model_dir), gateway
 
 
+def check_floor(gateway: Gateway, package: str | None, model_dir: str | None) -> None:
+    """The anti-rollback floor holds across restarts and pods: a package older than the newest one served (by this
+    gateway or a replica sharing its audit folder) is refused at start, given encrypted (`package`) or as the folder a
+    Kubernetes init container opened it into (`model_dir`, judged by the record open_package left there)."""
+    if package:
+        trusted, _ = gateway.settings.trusted_signer(), gateway.settings.kms()
+        gateway.backend.deployments = gateway.deployments
+        gateway.backend.checked(Path(package), trusted, None, rollback=False)
+    elif model_dir:
+        opened = archive.opened_from(model_dir)
+        gateway.deployments.check(opened["sha256"], opened["created"], rollback=False)
+
+
 def serve(config: Config, package: str | None = None, model_dir: str | None = None, host: str | None = None,
           port: int | None = None, audit_path: str | None = None) -> None:
     gateway_section = config.rollout.gateway
     files = ensure_certificates(gateway_section.tls.dir, gateway_section.tls.hosts)
     app, gateway = build(config, package, model_dir, audit_path)
-    if package:  # fail now, with a clear message, rather than inside the server's start-up
-        trusted, _ = gateway.settings.trusted_signer(), gateway.settings.kms()
-        gateway.backend.deployments = gateway.deployments
-        try:  # the anti-rollback floor holds across restarts: an older package is refused at start too
-            gateway.backend.checked(Path(package), trusted, None, rollback=False)
-        except BadRequest as err:
-            raise ValueError(f"refusing to start: {err}") from None
+    try:  # fail now, with a clear message, rather than inside the server's start-up
+        check_floor(gateway, package, model_dir)
+    except (BadRequest, archive.PackageError) as err:
+        raise ValueError(f"refusing to start: {err}") from None
     deadlines = gateway_section.deadlines
     settings = uvicorn.Config(
         app, host=host or gateway_section.host, port=port if port is not None else gateway_section.port,
