@@ -1,6 +1,7 @@
 """The model matrix end to end: each family's tiny model, with its published chat template and one of the data
-formats users have, through the real DAG (data -> fine-tune -> export -> evaluate -> the baseline engine); then,
-through the gateway serving that engine packed, the served prompt tokens equal the prompt tokens seen in training.
+formats users have, through the real DAG's data stage; two of them (SERVED) on through fine-tuning, export,
+evaluation and the baseline engine, then, through the gateway serving that engine packed, the served prompt tokens
+equal the prompt tokens seen in training.
 
 Each family runs only as far as what it checks: the quantization schemes, benchmarks, selection, packaging stage and
 rollout are the same code for every family and run on the whole DAG to promotion in test_workflow.py; what differs by
@@ -45,22 +46,28 @@ def base_model(name: str, root: Path, tiny_base: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_family_runs_the_dag_and_serves_the_prompt_it_trained(name, tmp_path, tiny_base, snakemake):
+# The families that run on past the data to a served engine: both architectures (Qwen2, Llama), both methods, a think
+# template and one without. Qwen3's q/k norms meet the quantize and engine stages in test_quantize.py's family test,
+# and the bootstrap model with the R1 template runs the whole DAG in test_workflow.py.
+SERVED = ["r1-distill-qwen", "llama3-instruct"]
+
+
+def run_family(name: str, tmp_path: Path, tiny_base: Path, snakemake, target: str) -> tuple[Path, Path]:
+    """The family's base model and its data in its format, through the DAG up to `target`; (base, results)."""
     form, method = CASES[name]
     base = base_model(name, tmp_path, tiny_base)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(p.as_row(form)) + "\n" for p in make_problems(200, seed=11)))
     work = tmp_path / "run"
-    engine = f"results/engine/onnxruntime/{BASELINE}"
     snakemake(work, {"base_model": str(base), "data": {"path": str(data)}, "finetune": {"method": method},
-                     "quantize": {"schemes": [BASELINE]}}, engine)
-    results = work / "results"
-    assert json.loads((work / engine / "engine_manifest.json").read_text())["scheme"] == BASELINE
+                     "quantize": {"schemes": [BASELINE]}}, target)
+    return base, work / "results"
+
+
+def check_trained_rows(name: str, results: Path, tokenizer) -> tuple[dict, list[int]]:
+    """The family's rows as prepare_data made them: its template's style, the reasoning and the answer in the trained
+    target, the prompt as the template renders it. Returns a test row and its trained prompt tokens."""
     stats = json.loads((results / "data" / "stats.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(results / "model")
-    # The exported model keeps the model's own template: what vLLM, TensorRT-LLM and ONNX Runtime GenAI serve with.
-    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(base).chat_template
     style = families.FAMILIES[name].style if name in families.FAMILIES else "think"
     assert stats["chat_format"]["style"] == style and stats["reasoning_rows"] == sum(stats["rows"].values())
 
@@ -74,6 +81,25 @@ def test_family_runs_the_dag_and_serves_the_prompt_it_trained(name, tmp_path, ti
     trained_prompt = test_row["input_ids"][: next(i for i, t in enumerate(test_row["labels"]) if t != -100)]
     if style == "think":
         assert prompt.endswith("<｜Assistant｜><think>\n") and trained_prompt.count(tokenizer.bos_token_id) == 1
+    return test_row, trained_prompt
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name not in SERVED])
+def test_family_prepares_its_format_with_its_template(name, tmp_path, tiny_base, snakemake):
+    base, results = run_family(name, tmp_path, tiny_base, snakemake, "results/data/stats.json")
+    check_trained_rows(name, results, AutoTokenizer.from_pretrained(base))
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_family_runs_the_dag_and_serves_the_prompt_it_trained(name, tmp_path, tiny_base, snakemake):
+    engine = f"results/engine/onnxruntime/{BASELINE}"
+    base, results = run_family(name, tmp_path, tiny_base, snakemake, engine)
+    work = results.parent
+    assert json.loads((work / engine / "engine_manifest.json").read_text())["scheme"] == BASELINE
+    tokenizer = AutoTokenizer.from_pretrained(results / "model")
+    # The exported model keeps the model's own template: what vLLM, TensorRT-LLM and ONNX Runtime GenAI serve with.
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(base).chat_template
+    test_row, trained_prompt = check_trained_rows(name, results, tokenizer)
     evaluation = json.loads((results / "evaluate" / "finetuned.json").read_text())["metrics"]
     assert 0 <= evaluation["truncated_thinking"] <= 1
 
