@@ -147,8 +147,8 @@ def test_int4_engine_carries_awq_and_reports_it_beside_round_to_nearest(tiny_bas
     finetuned.write_text(json.dumps({"metrics": {"accuracy": 1.0}}))
     settings = EngineConfig(onnxruntime={"execution_provider": "cpu", "block_size": 32, "accuracy_level": 4, "calibration": "auto",
                                          "max_batch_size": 4})
-    record = build_engine(tiny_base, q, tmp_path / "engines" / "int4_awq", "int4_awq", settings, test, finetuned, 1.0,
-                          EvalConfig(max_samples=1, max_new_tokens=8), tracking)
+    record = build_engine(tiny_base, q, tmp_path / "engines" / "int4_awq", "int4_awq", settings, test, finetuned,
+                          QuantizeConfig(max_accuracy_loss={"int4_awq": 1.0}), EvalConfig(max_samples=1, max_new_tokens=8), tracking)
     manifest = record["manifest"]
     assert manifest["algorithm"].startswith("int4 weight-only, AWQ scales folded (12 of 14 layers")
     assert manifest["algorithm"].endswith("block 32") and manifest["build"]["block_size"] == 32
@@ -197,7 +197,7 @@ def test_tensorrt_llm_plan_for_tp4_pp2(tmp_path):
     assert plan.world_size == 8 and plan.quant_algo == "FP8"
     assert plan.llm_arguments() == {
         "model": str(tmp_path / "ckpt"), "tensor_parallel_size": 4, "pipeline_parallel_size": 2,
-        "build_config": {"max_batch_size": 128, "max_input_len": 512, "max_seq_len": 640},
+        "build_config": {"max_batch_size": 128, "max_input_len": 512, "max_seq_len": 640, "gather_context_logits": True},
     }
     serve = plan.serve_command()
     assert serve[:2] == ["trtllm-serve", str(tmp_path / "ckpt")]
