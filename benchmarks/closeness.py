@@ -17,6 +17,7 @@ tokens of the first --rows test rows (workflow/closeness.py).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import sys
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=QuantizeConfig().calib_samples)
     parser.add_argument("--work", type=Path, help="a work folder (reused: model, data, quantization, engines)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work or Path(tempfile.mkdtemp(prefix="ft2prod-closeness-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

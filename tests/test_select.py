@@ -85,9 +85,12 @@ def test_a_throughput_tie_goes_to_the_engine_closest_to_the_fine_tuned_model():
     e = {s: engine(s, 0.80, mb=mb) | {"mean_kl": close[s], "next_token_agreement": 0.95} for s, mb in ((BASE, 4.0), (middle, 2.0), (SMALL, 1.0))}
     noisy = {BASE: bench(99.0, 0.5, spread=6.0), middle: bench(101.0, 0.5, spread=3.0), SMALL: bench(104.0, 0.4, spread=2.0)}
     rows = compare(SCHEMES, q, e, noisy, 1.0, "onnxruntime")
-    chosen, reason = choose(rows, "max_throughput")
+    assert choose(rows, "max_throughput")[0]["scheme"] == SMALL  # select.tie_break's default: the smallest engine
+    chosen, reason = choose(rows, "max_throughput", "closest")
     assert chosen["scheme"] == BASE
     assert reason.endswith("; the engine closest to the fine-tuned model (mean KL 0.0004) wins the tie")
     assert f"| {SMALL} | 0.800 | +0.000 | int4 RTN | 0.800 | +0.000 | 0.0100 / 0.0200 | 0.9900 / 0.9500 |" in table(rows)
     apart = {BASE: bench(99.0, 0.5, spread=1.0), middle: bench(101.0, 0.5, spread=1.0), SMALL: bench(104.0, 0.4, spread=1.0)}
-    assert choose(compare(SCHEMES, q, e, apart, 1.0, "onnxruntime"), "max_throughput")[0]["scheme"] == SMALL
+    assert choose(compare(SCHEMES, q, e, apart, 1.0, "onnxruntime"), "max_throughput", "closest")[0]["scheme"] == SMALL
+    with pytest.raises(ConfigError, match="config: select.tie_break: 'fastest' is not allowed; allowed values: 'smallest', 'closest'"):
+        settings({"select": {"tie_break": "fastest"}})

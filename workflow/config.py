@@ -428,6 +428,10 @@ class SelectConfig(Section):
     """Which eligible scheme wins."""
     latency_slo_p95_s: Annotated[float, Field(gt=0)] = 30
     """Largest accepted p95 request latency (s) at the highest concurrency."""
+    tie_break: Literal["smallest", "closest"] = "smallest"
+    """Which of the schemes whose throughputs tie within the benchmark's measured spread wins under max_throughput:
+    the smallest engine, or the engine closest to the fine-tuned model (lowest mean KL; the unquantized engine
+    wins every tie it is in)."""
 
 
 class LocalKms(Section):

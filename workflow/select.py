@@ -8,9 +8,9 @@ SLO. Policies: max_throughput (output tokens/s at the highest concurrency) or ma
 
 Throughputs are noisy (on the embedded default the engines are within run-to-run noise of one another), so under
 max_throughput every eligible scheme whose throughput is within the benchmark's measured spread of the fastest
-(max - min over its repeated runs, the larger of the two schemes') ties with it, and the tie goes to the engine
-closest to the fine-tuned model (lowest mean KL, workflow/closeness.py; the smallest engine where a record has no
-closeness figures); the report says so.
+(max - min over its repeated runs, the larger of the two schemes') ties with it, and the tie goes to the smallest
+engine, or with select.tie_break: closest to the engine closest to the fine-tuned model (lowest mean KL,
+workflow/closeness.py); the report says so.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict
     return rows
 
 
-def choose(rows: list[dict], policy: str) -> tuple[dict, str]:
-    """The selected row and why, in words (policy: select.policy, which the config checked)."""
+def choose(rows: list[dict], policy: str, tie_break: str = "smallest") -> tuple[dict, str]:
+    """The selected row and why, in words (policy and tie_break: select.policy and select.tie_break, which the config
+    checked; the closest engine needs every tied row's closeness figures, else the smallest wins)."""
     eligible = [r for r in rows if r["verdict"] == "eligible"]
     if not eligible:
         raise GateFailed("select: no scheme is eligible:\n" + "\n".join(f"  {r['scheme']}: {r['verdict']}" for r in rows))
@@ -84,7 +85,7 @@ def choose(rows: list[dict], policy: str) -> tuple[dict, str]:
     fastest = max(eligible, key=lambda r: r["output_tokens_per_s"])
     tied = [r for r in eligible if fastest["output_tokens_per_s"] - r["output_tokens_per_s"]
             <= max(fastest["output_tokens_per_s_spread"], r["output_tokens_per_s_spread"])]
-    closest = all(r["engine_mean_kl"] is not None for r in tied)
+    closest = tie_break == "closest" and all(r["engine_mean_kl"] is not None for r in tied)
     chosen = min(tied, key=lambda r: ((r["engine_mean_kl"] if closest else 0.0), r["engine_mb"], -r["output_tokens_per_s"]))
     if len(tied) == 1:
         return chosen, (f"highest throughput ({chosen['output_tokens_per_s']:.1f} output tokens/s, more than the measured "
@@ -161,7 +162,7 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
            backend: str, out_path: str | Path, report_path: str | Path, tracking: Tracking) -> dict:
     out_path, report_path = Path(out_path), Path(report_path)
     policy, slo_p95_s = cfg.policy, cfg.latency_slo_p95_s
-    with job_run(tracking, "select", {"policy": policy, "latency_slo_p95_s": slo_p95_s, "schemes": schemes}):
+    with job_run(tracking, "select", {"policy": policy, "latency_slo_p95_s": slo_p95_s, "tie_break": cfg.tie_break, "schemes": schemes}):
         quantized = {s: read_json(quantized_paths[s]) for s in schemes}
         engines = {s: read_json(Path(d) / "accuracy.json") for s, d in engine_dirs.items()}
         benchmarks = {s: read_json(p) for s, p in benchmark_paths.items()}
@@ -170,7 +171,7 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         record_gate(gate_checks(rows, slo_p95_s))
         schemes_png = report_path.with_name("schemes.png")
         try:
-            chosen, reason = choose(rows, policy)
+            chosen, reason = choose(rows, policy, cfg.tie_break)
         except GateFailed:
             plots.save(plots.scheme_figure(quantized, engines, benchmarks, slo_p95_s, None), schemes_png)
             report_path.write_text("# Scheme selection: nothing eligible\n\n" + table(rows) + "\n\n![schemes](schemes.png)\n")
