@@ -140,7 +140,8 @@ def quantized_weights(engine_dir):
 
 def test_int4_engine_carries_awq_and_reports_it_beside_round_to_nearest(tiny_base, tmp_path, tracking):
     q = quantized(tiny_base, tmp_path / "q", "int4_awq", tracking)
-    row = {"messages": [{"role": "user", "content": "Ana has 2 pens and buys 3."}, {"role": "assistant", "content": "5"}], "answer": "5"}
+    row = {"messages": [{"role": "user", "content": "Ana has 2 pens and buys 3."}, {"role": "assistant", "content": "5"}], "answer": "5",
+           "input_ids": list(range(5, 20)), "labels": [-100] * 10 + list(range(15, 20))}
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps(row) + "\n")
     finetuned = tmp_path / "finetuned.json"
@@ -159,7 +160,11 @@ def test_int4_engine_carries_awq_and_reports_it_beside_round_to_nearest(tiny_bas
     assert choice["candidates"]["rtn"]["accuracy_loss"] == 1.0 - choice["candidates"]["rtn"]["accuracy"]
     assert choice["candidates"]["rtn"]["algorithm"] == "int4 weight-only, round-to-nearest, block 32"
     run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'build_engine/int4_awq'", output_format="list")[0]
-    assert {"accuracy_loss", "accuracy_loss_calibrated", "accuracy_loss_rtn"} <= set(run.data.metrics)
+    assert {"accuracy_loss", "accuracy_loss_calibrated", "accuracy_loss_rtn", "mean_kl", "next_token_agreement",
+            "perplexity_ratio"} <= set(run.data.metrics)
+    written = json.loads((tmp_path / "engines" / "int4_awq" / "accuracy.json").read_text())
+    assert written["closeness_tokens"] == 5 and written["mean_kl"] == run.data.metrics["mean_kl"] > 0  # int4 drifts
+    assert written["passed"] is (written["mean_kl"] <= written["max_kl"] and written["next_token_agreement"] >= written["min_agreement"])
     assert run.data.tags["ft2prod.engine_weights"] == "calibrated"
     onnxruntime.build(tiny_base, tmp_path / "rtn", "int4_awq", "cpu", 32, 4, "sha")
     calibrated, rtn = quantized_weights(tmp_path / "engines" / "int4_awq"), quantized_weights(tmp_path / "rtn")
