@@ -122,3 +122,13 @@ def test_closeness_defaults_come_from_the_scheme_table():
     filled = check({})
     assert filled["quantize"]["max_kl"] == {name: s.max_kl for name, s in SCHEMES.items()}
     assert filled["quantize"]["min_agreement"] == {name: s.min_agreement for name, s in SCHEMES.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent H200)")
+def test_on_the_gpu_the_figures_match_the_cpu(tiny_base):
+    """The DAG's CUDA path (model_device, the model's half precision): a bf16 model on the GPU against the fp32 one."""
+    cpu, gpu = fp32(tiny_base), AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).to("cuda").eval()
+    itself = closeness.compare(closeness.model_logits(gpu), closeness.model_logits(gpu), ROWS)
+    assert itself["next_token_agreement"] == 1.0 and itself["mean_kl"] == pytest.approx(0.0, abs=1e-9)
+    rounded = closeness.compare(closeness.model_logits(cpu), closeness.model_logits(gpu), ROWS)
+    assert 0 < rounded["mean_kl"] < 0.01 and rounded["perplexity_ratio"] == pytest.approx(1.0, abs=0.05)

@@ -19,11 +19,13 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from workflow.config import EngineConfig
+if TYPE_CHECKING:
+    from workflow.config import EngineConfig
 
 Logits = Callable[[list[int]], torch.Tensor]
 """Token ids -> next-token logits at every position, (len(ids), vocab)."""
@@ -35,10 +37,11 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def model_logits(model) -> Logits:
-    """A transformers causal LM's logits, on its own device, in float32."""
+    """A transformers causal LM's logits, on its own device, in its own dtype (compare takes the answer positions
+    to the CPU in float64)."""
     @torch.inference_mode()
     def logits(ids: list[int]) -> torch.Tensor:
-        return model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float().cpu()
+        return model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
 
     return logits
 
@@ -93,7 +96,7 @@ def compare(reference: Logits, candidate: Logits, rows: list[dict]) -> dict:
         ids, positions = row["input_ids"], answer_positions(row["labels"])
         if not positions:
             continue
-        p, q = reference(ids)[positions].double(), candidate(ids)[positions].double()
+        p, q = (logits(ids)[positions].to("cpu", torch.float64) for logits in (reference, candidate))
         if p.shape != q.shape:
             raise ValueError(f"closeness: the candidate's logits are {tuple(q.shape)}, the fine-tuned model's {tuple(p.shape)} "
                              "(a different vocabulary?)")
