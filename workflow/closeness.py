@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from workflow.evaluate import gate_check
+
 if TYPE_CHECKING:
-    from workflow.config import EngineConfig
+    from workflow.config import EngineConfig, QuantizeConfig
 
 Logits = Callable[[list[int]], torch.Tensor]
 """Token ids -> next-token logits at every position, (len(ids), vocab)."""
@@ -136,6 +138,13 @@ def gated(accuracy: dict, checks: list[dict], measured: dict) -> dict:
     return accuracy | measured | {"accuracy_passed": accuracy["passed"], "closeness_passed": all(c["passed"] for c in checks),
                                   "max_kl": checks[0]["threshold"], "min_agreement": checks[1]["threshold"],
                                   "passed": not failed, "reason": reason}
+
+
+def scheme_gate(scheme: str, accuracy: dict, measured: dict, gates: QuantizeConfig) -> tuple[dict, list[dict]]:
+    """A quantized model's or an engine's record (accuracy_gate's with the closeness figures, gated) and its
+    record_gate checks: accuracy loss, mean KL, next-token agreement, against the scheme's quantize.* thresholds."""
+    checks = closeness_checks(scheme, measured, getattr(gates.max_kl, scheme), getattr(gates.min_agreement, scheme))
+    return gated(accuracy, checks, measured), [gate_check(accuracy, f"quantize.max_accuracy_loss.{scheme}"), *checks]
 
 
 def metrics(measured: dict) -> dict[str, float]:

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from workflow import closeness
 from workflow.config import Cluster, EvalConfig, QuantizeConfig
 from workflow.data import read_split
-from workflow.evaluate import accuracy_gate, evaluate_model, gate_check, journal_for, log_results
+from workflow.evaluate import accuracy_gate, evaluate_model, journal_for, log_results
 from workflow.generation import load_model, model_device, peak_gib
 from workflow.progress import Progress
 from workflow.schemes import SCHEMES
@@ -169,8 +169,7 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
                                      read_split(test_path, gates.closeness_rows))
         record = json.loads((quantized_dir / "quantize.json").read_text())
         accuracy = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
-        checks = closeness.closeness_checks(scheme, measured, params["max_kl"], params["min_agreement"])
-        gate = closeness.gated(accuracy, checks, measured)
+        gate, checks = closeness.scheme_gate(scheme, accuracy, measured, gates)
         result = gate | {"format_adherence": metrics.get("format_adherence"), "perplexity": metrics["perplexity"],
                          "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"],
                          **{k: metrics[k] for k in ("gpu_planned_gib", "gpu_peak_gib", "gpu_batch") if k in metrics}}
@@ -178,7 +177,7 @@ def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_pa
         mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20}
                            | closeness.metrics(measured))
         mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
-        record_gate([gate_check(accuracy, f"quantize.max_accuracy_loss.{scheme}"), *checks])
+        record_gate(checks)
         describe(f"Quantized {scheme}: accuracy **{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}), {closeness.text(measured)}, "
                  f"checkpoint {record['checkpoint_bytes'] / 2**20:.2f} MB.\n\n"
                  f"Gate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")

@@ -20,7 +20,7 @@ from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
 from workflow.engine.runtime import load_engine
-from workflow.evaluate import accuracy_gate, engine_scores, gate_check, log_results
+from workflow.evaluate import accuracy_gate, engine_scores, log_results
 from workflow.generation import load_model, model_device
 from workflow.progress import Progress
 from workflow.schemes import SCHEMES
@@ -95,14 +95,6 @@ def choice_text(choice: dict | None) -> str:
     return f" Accuracy loss of both builds: {losses}; kept **{choice['kept']}**."
 
 
-def engine_gate(scheme: str, metrics: dict, measured: dict, finetuned_path: str | Path, gates: QuantizeConfig) -> tuple[dict, list[dict]]:
-    """The engine's accuracy gate and closeness checks, and the record of both (workflow/closeness.py gated)."""
-    baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
-    accuracy = accuracy_gate(scheme, metrics["accuracy"], baseline, getattr(gates.max_accuracy_loss, scheme))
-    checks = closeness.closeness_checks(scheme, measured, getattr(gates.max_kl, scheme), getattr(gates.min_agreement, scheme))
-    return closeness.gated(accuracy, checks, measured), [gate_check(accuracy, f"quantize.max_accuracy_loss.{scheme}"), *checks]
-
-
 def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: str | Path, scheme: str, settings: EngineConfig,
                  test_path: str | Path, finetuned_path: str | Path, gates: QuantizeConfig, eval_cfg: EvalConfig,
                  tracking: Tracking, cluster: Cluster = Cluster()) -> dict:
@@ -130,7 +122,9 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
             metrics, results = engine_scores(engine, tokenizer, rows, eval_cfg)
         measured = closeness.compare(closeness.model_logits(load_model(model_dir, model_device(cluster))),
                                      closeness.engine_logits(engine_dir, settings), read_split(test_path, gates.closeness_rows))
-        gate, checks = engine_gate(scheme, metrics, measured, finetuned_path, gates)
+        baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
+        accuracy = accuracy_gate(scheme, metrics["accuracy"], baseline, getattr(gates.max_accuracy_loss, scheme))
+        gate, checks = closeness.scheme_gate(scheme, accuracy, measured, gates)
         size = dir_bytes(engine_dir)
         record = gate | {"format_adherence": metrics.get("format_adherence"), "engine_bytes": size,
                          "manifest": json.loads((engine_dir / "engine_manifest.json").read_text()),
