@@ -28,11 +28,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
+from workflow import closeness
 from workflow.benchmark import LoadConfig, measure
 from workflow.bootstrap.model import BootstrapConfig, make_base_model
 from workflow.config import QuantizeConfig
@@ -106,26 +106,11 @@ def agreement(engine, reference: list[list[int]], prompts: list[list[int]], n: i
     return same / total
 
 
-def closeness(engine_dir: Path, model, rows: list[list[int]]) -> dict:
+def closeness_to(engine_dir: Path, model, rows: list[list[int]]) -> dict:
     """Teacher-forced next-token agreement with the fp32 model, and mean KL(fp32 || engine), over every position of
-    rows: one forward of the engine's ONNX model per row, with an empty key/value cache."""
-    import onnxruntime as ort
-
-    decoder = json.loads((engine_dir / "genai_config.json").read_text())["model"]["decoder"]
-    session = ort.InferenceSession(str(engine_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
-    same = total = 0
-    kl = []
-    for ids in rows:
-        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        feeds |= {item.name: empty for item in session.get_inputs() if item.name.startswith("past_key_values")}
-        got = torch.from_numpy(session.run(["logits"], feeds)[0][0]).float()
-        with torch.inference_mode():
-            expected = model(input_ids=torch.tensor([ids])).logits[0].float()
-        same += int((got.argmax(-1) == expected.argmax(-1)).sum())
-        total += len(ids)
-        kl.append(torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="batchmean"))
-    return {"next_token_agreement": same / total, "mean_kl": float(torch.stack(kl).mean())}
+    rows (workflow/closeness.py, what the DAG's engine check measures over reference answers)."""
+    every = [{"input_ids": ids, "labels": ids} for ids in rows]
+    return closeness.compare(closeness.model_logits(model), closeness.onnx_logits(engine_dir), every)
 
 
 def quantize_schemes(model_dir: Path, work: Path, vocab: int, rows: int) -> dict[str, Path]:
@@ -191,7 +176,7 @@ def main() -> None:
     for scheme, label in (("int8_sq", "int8"), ("int4_awq", "int4")):
         builds = {"rtn": build(scheme, f"{label} rtn", False), "calibrated": build(scheme, f"{label} calibrated", True)}
         for how, engine_dir in builds.items():
-            accuracy[f"{label} {how}"] = closeness(engine_dir, model, held_out) | {
+            accuracy[f"{label} {how}"] = closeness_to(engine_dir, model, held_out) | {
                 "greedy_agreement": agreement(onnxruntime.OrtEngine(engine_dir), reference, probe, 32)}
         best = max(builds, key=lambda how: (accuracy[f"{label} {how}"]["next_token_agreement"], how == "calibrated"))
         kept[f"{label} ({best})"] = builds[best]

@@ -50,8 +50,15 @@ def metric_files(wildcards=None):
     return files(CONFIG.evaluate)
 
 
-def max_accuracy_loss(wildcards):
-    return getattr(CONFIG.quantize.max_accuracy_loss, wildcards.scheme)
+def scheme_gates(wildcards):
+    """The scheme's gate thresholds (accuracy loss, closeness) and the closeness rows: what reruns its checks."""
+    q = CONFIG.quantize
+    return {
+        "max_accuracy_loss": getattr(q.max_accuracy_loss, wildcards.scheme),
+        "max_kl": getattr(q.max_kl, wildcards.scheme),
+        "min_agreement": getattr(q.min_agreement, wildcards.scheme),
+        "closeness_rows": q.closeness_rows,
+    }
 
 
 def package_settings():

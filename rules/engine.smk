@@ -9,7 +9,7 @@ rule build_engine_onnxruntime:
         directory(f"{RESULTS}/engine/onnxruntime/{{scheme}}"),
     params:
         settings=dump(CONFIG.engine),
-        max_loss=max_accuracy_loss,
+        gates=scheme_gates,
         eval_settings=eval_settings(),
     log:
         f"{RESULTS}/logs/build_engine/onnxruntime/{{scheme}}.log",
@@ -38,7 +38,7 @@ rule build_engine_tensorrt_llm:
         directory(f"{RESULTS}/engine/tensorrt_llm/{{scheme}}"),
     params:
         settings=dump(CONFIG.engine),
-        max_loss=max_accuracy_loss,
+        gates=scheme_gates,
         eval_settings=eval_settings(),
     log:
         f"{RESULTS}/logs/build_engine/tensorrt_llm/{{scheme}}.log",

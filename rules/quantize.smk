@@ -33,7 +33,7 @@ checkpoint evaluate_quantized:
     output:
         f"{RESULTS}/evaluate_quantized/{{scheme}}.json",
     params:
-        max_loss=max_accuracy_loss,
+        gates=scheme_gates,
         settings=eval_settings(),
     log:
         f"{RESULTS}/logs/evaluate_quantized/{{scheme}}.log",

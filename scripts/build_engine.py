@@ -1,4 +1,4 @@
-"""Snakemake adapter for rules build_engine_*: build one scheme's engine and measure its accuracy."""
+"""Snakemake adapter for rules build_engine_*: build one scheme's engine and measure its accuracy and closeness to the fine-tuned model."""
 from workflow.logs import to_file
 
 to_file(snakemake.log[0])
@@ -17,7 +17,8 @@ build_engine(
     settings=config.engine,
     test_path=snakemake.input.test,
     finetuned_path=snakemake.input.finetuned,
-    max_loss=getattr(config.quantize.max_accuracy_loss, snakemake.wildcards.scheme),
+    gates=config.quantize,
     eval_cfg=config.evaluate,
     tracking=Tracking.from_config(config, snakemake.log[0]),
+    cluster=config.cluster,
 )

@@ -1,4 +1,4 @@
-"""Snakemake adapter for checkpoint evaluate_quantized: score one quantized scheme and gate its accuracy loss."""
+"""Snakemake adapter for checkpoint evaluate_quantized: score one quantized scheme and gate its accuracy loss and closeness."""
 from workflow.logs import to_file
 
 to_file(snakemake.log[0])
@@ -16,7 +16,7 @@ evaluate_quantized(
     finetuned_path=snakemake.input.finetuned,
     out_path=snakemake.output[0],
     scheme=snakemake.wildcards.scheme,
-    max_loss=getattr(config.quantize.max_accuracy_loss, snakemake.wildcards.scheme),
+    gates=config.quantize,
     cfg=config.evaluate,
     tracking=Tracking.from_config(config, snakemake.log[0]),
     cluster=config.cluster,

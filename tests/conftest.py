@@ -23,7 +23,8 @@ TINY = {
     "data": {"generated_rows": 240, "test_fraction": 0.1},
     "finetune": {"max_steps": 8, "save_steps": 4, "micro_batch_size": 8, "logging_steps": 2},
     "evaluate": {"max_samples": 8, "max_new_tokens": 48, "gate": {"min_accuracy": 0.0, "min_gain": -1.0}},
-    "quantize": {"calib_samples": 4, "max_accuracy_loss": dict.fromkeys(SCHEMES, 1.0)},
+    "quantize": {"calib_samples": 4, "max_accuracy_loss": dict.fromkeys(SCHEMES, 1.0),
+                 "max_kl": dict.fromkeys(SCHEMES, 100.0), "min_agreement": dict.fromkeys(SCHEMES, 0.0)},
     "benchmark": {"input_len": 24, "output_len": 8, "concurrency": [1, 2], "requests": 4},
     "rollout": {"canary": {"samples": 4, "requests": 4}},
 }

@@ -140,15 +140,16 @@ def quantized_weights(engine_dir):
 
 def test_int4_engine_carries_awq_and_reports_it_beside_round_to_nearest(tiny_base, tmp_path, tracking):
     q = quantized(tiny_base, tmp_path / "q", "int4_awq", tracking)
-    row = {"messages": [{"role": "user", "content": "Ana has 2 pens and buys 3."}, {"role": "assistant", "content": "5"}], "answer": "5"}
+    row = {"messages": [{"role": "user", "content": "Ana has 2 pens and buys 3."}, {"role": "assistant", "content": "5"}], "answer": "5",
+           "input_ids": list(range(5, 20)), "labels": [-100] * 10 + list(range(15, 20))}
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps(row) + "\n")
     finetuned = tmp_path / "finetuned.json"
     finetuned.write_text(json.dumps({"metrics": {"accuracy": 1.0}}))
     settings = EngineConfig(onnxruntime={"execution_provider": "cpu", "block_size": 32, "accuracy_level": 4, "calibration": "auto",
                                          "max_batch_size": 4})
-    record = build_engine(tiny_base, q, tmp_path / "engines" / "int4_awq", "int4_awq", settings, test, finetuned, 1.0,
-                          EvalConfig(max_samples=1, max_new_tokens=8), tracking)
+    record = build_engine(tiny_base, q, tmp_path / "engines" / "int4_awq", "int4_awq", settings, test, finetuned,
+                          QuantizeConfig(max_accuracy_loss={"int4_awq": 1.0}), EvalConfig(max_samples=1, max_new_tokens=8), tracking)
     manifest = record["manifest"]
     assert manifest["algorithm"].startswith("int4 weight-only, AWQ scales folded (12 of 14 layers")
     assert manifest["algorithm"].endswith("block 32") and manifest["build"]["block_size"] == 32
@@ -159,7 +160,11 @@ def test_int4_engine_carries_awq_and_reports_it_beside_round_to_nearest(tiny_bas
     assert choice["candidates"]["rtn"]["accuracy_loss"] == 1.0 - choice["candidates"]["rtn"]["accuracy"]
     assert choice["candidates"]["rtn"]["algorithm"] == "int4 weight-only, round-to-nearest, block 32"
     run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'build_engine/int4_awq'", output_format="list")[0]
-    assert {"accuracy_loss", "accuracy_loss_calibrated", "accuracy_loss_rtn"} <= set(run.data.metrics)
+    assert {"accuracy_loss", "accuracy_loss_calibrated", "accuracy_loss_rtn", "mean_kl", "next_token_agreement",
+            "perplexity_ratio"} <= set(run.data.metrics)
+    written = json.loads((tmp_path / "engines" / "int4_awq" / "accuracy.json").read_text())
+    assert written["closeness_tokens"] == 5 and written["mean_kl"] == run.data.metrics["mean_kl"] > 0  # int4 drifts
+    assert written["passed"] is (written["mean_kl"] <= written["max_kl"] and written["next_token_agreement"] >= written["min_agreement"])
     assert run.data.tags["ft2prod.engine_weights"] == "calibrated"
     onnxruntime.build(tiny_base, tmp_path / "rtn", "int4_awq", "cpu", 32, 4, "sha")
     calibrated, rtn = quantized_weights(tmp_path / "engines" / "int4_awq"), quantized_weights(tmp_path / "rtn")
@@ -197,7 +202,7 @@ def test_tensorrt_llm_plan_for_tp4_pp2(tmp_path):
     assert plan.world_size == 8 and plan.quant_algo == "FP8"
     assert plan.llm_arguments() == {
         "model": str(tmp_path / "ckpt"), "tensor_parallel_size": 4, "pipeline_parallel_size": 2,
-        "build_config": {"max_batch_size": 128, "max_input_len": 512, "max_seq_len": 640},
+        "build_config": {"max_batch_size": 128, "max_input_len": 512, "max_seq_len": 640, "gather_context_logits": True},
     }
     serve = plan.serve_command()
     assert serve[:2] == ["trtllm-serve", str(tmp_path / "ckpt")]

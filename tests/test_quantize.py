@@ -72,7 +72,8 @@ def test_a_scheme_over_its_accuracy_loss_is_dropped_with_its_reason(tiny_base, t
     test.write_text(json.dumps(row) + "\n")
     finetuned = tmp_path / "finetuned.json"
     finetuned.write_text(json.dumps({"metrics": {"accuracy": 1.0}}))  # the reference the quantized model must keep
-    result = evaluate_quantized(tiny_base, tmp_path / "q", test, finetuned, tmp_path / "fp8.json", "fp8", 0.008,
+    result = evaluate_quantized(tiny_base, tmp_path / "q", test, finetuned, tmp_path / "fp8.json", "fp8",
+                                QuantizeConfig(max_accuracy_loss={"fp8": 0.008}, max_kl={"fp8": 1e3}, min_agreement={"fp8": 0.0}),
                                 EvalConfig(max_samples=1, max_new_tokens=8), tracking)
     assert result["passed"] is False
     assert result["reason"] == "fp8: accuracy loss +1.000 (1.000 -> 0.000) > quantize.max_accuracy_loss.fp8 0.008"

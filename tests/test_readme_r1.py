@@ -82,7 +82,8 @@ THIS_MACHINE = {
     "cluster": {"gpus_per_node": 0, "host_memory_gib": 16},
     "finetune": {"nproc_per_node": 2, "micro_batch_size": 4, "max_steps": 8, "save_steps": 4, "logging_steps": 2},
     "evaluate": {"max_samples": 4, "batch_size": 4, "gate": {"min_accuracy": 0.0, "min_gain": -1.0}},
-    "quantize": {"calib_samples": 4, "max_accuracy_loss": TINY["quantize"]["max_accuracy_loss"]},
+    "quantize": {"calib_samples": 4, "max_accuracy_loss": TINY["quantize"]["max_accuracy_loss"],
+                 "max_kl": TINY["quantize"]["max_kl"], "min_agreement": TINY["quantize"]["min_agreement"]},
     "benchmark": TINY["benchmark"],
     "rollout": {"canary": {"samples": 2, "requests": 2}},
 }

@@ -42,7 +42,7 @@ def test_every_scheme_gets_a_verdict_with_its_numbers():
     assert all(rows[s]["verdict"] == f"no onnxruntime engine for {s}" for s in NO_ENGINE)
     assert all(rows[s]["verdict"] == f"dropped: {s}: accuracy loss +0.100 (0.800 -> 0.700) > quantize.max_accuracy_loss.{s} 0.050"
                for s in MIDDLE)
-    assert f"| {SMALL} | 0.780 | +0.020 | int4 RTN | 0.790 | +0.010 |" in table(list(rows.values()))
+    assert f"| {SMALL} | 0.780 | +0.020 | int4 RTN | 0.790 | +0.010 | – / – | – / – |" in table(list(rows.values()))
 
 
 def test_policies_choose_among_eligible_schemes():
@@ -76,3 +76,21 @@ def test_throughputs_within_the_measured_spread_tie_and_the_smaller_engine_wins(
     assert chosen["scheme"] == BASE and reason.startswith("highest throughput (104.0 output tokens/s, more than the measured spread")
     rows = compare(SCHEMES, q, e, noisy, 1.0, "onnxruntime")
     assert "| 99.0 (spread 2.0) | 0.400 | eligible |" in table(rows)
+
+
+def test_a_throughput_tie_goes_to_the_engine_closest_to_the_fine_tuned_model():
+    middle = MIDDLE[0]
+    q = {s: quantized(s, 0.80) | {"mean_kl": 0.01, "next_token_agreement": 0.99} for s in SCHEMES}
+    close = {BASE: 0.0004, middle: 0.003, SMALL: 0.02}
+    e = {s: engine(s, 0.80, mb=mb) | {"mean_kl": close[s], "next_token_agreement": 0.95} for s, mb in ((BASE, 4.0), (middle, 2.0), (SMALL, 1.0))}
+    noisy = {BASE: bench(99.0, 0.5, spread=6.0), middle: bench(101.0, 0.5, spread=3.0), SMALL: bench(104.0, 0.4, spread=2.0)}
+    rows = compare(SCHEMES, q, e, noisy, 1.0, "onnxruntime")
+    assert choose(rows, "max_throughput")[0]["scheme"] == SMALL  # select.tie_break's default: the smallest engine
+    chosen, reason = choose(rows, "max_throughput", "closest")
+    assert chosen["scheme"] == BASE
+    assert reason.endswith("; the engine closest to the fine-tuned model (mean KL 0.0004) wins the tie")
+    assert f"| {SMALL} | 0.800 | +0.000 | int4 RTN | 0.800 | +0.000 | 0.0100 / 0.0200 | 0.9900 / 0.9500 |" in table(rows)
+    apart = {BASE: bench(99.0, 0.5, spread=1.0), middle: bench(101.0, 0.5, spread=1.0), SMALL: bench(104.0, 0.4, spread=1.0)}
+    assert choose(compare(SCHEMES, q, e, apart, 1.0, "onnxruntime"), "max_throughput", "closest")[0]["scheme"] == SMALL
+    with pytest.raises(ConfigError, match="config: select.tie_break: 'fastest' is not allowed; allowed values: 'smallest', 'closest'"):
+        settings({"select": {"tie_break": "fastest"}})

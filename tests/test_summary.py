@@ -157,7 +157,8 @@ def test_the_parent_run_carries_the_headline_for_the_runs_table(named):
     data = {"evaluation": {"metrics": {"accuracy": 0.8, "perplexity": 1.5, "gain_over_base": 0.7, "format_adherence": 1.0},
                            "base": {"accuracy": 0.1, "perplexity": 9.0}},
             "selection": {"selected": "int4_awq", "evidence": [{"scheme": "bf16", "output_tokens_per_s": 10.0, "latency_p95_s": 2.0},
-                                                               {"scheme": "int4_awq", "output_tokens_per_s": 30.0, "latency_p95_s": 0.5}]},
+                                                               {"scheme": "int4_awq", "output_tokens_per_s": 30.0, "latency_p95_s": 0.5,
+                                                                "engine_mean_kl": 0.02, "engine_agreement": 0.97}]},
             "summary": {"selected": "int4_awq", "package_sha256": "ab" * 32}, "base_model": named.base_model}
     parent_id = pipeline_run_id(named)
     summary.log_headline(MlflowClient(), parent_id, data)
@@ -165,7 +166,7 @@ def test_the_parent_run_carries_the_headline_for_the_runs_table(named):
     parent = MlflowClient().get_run(parent_id)
     assert parent.data.metrics == {"finetuned_accuracy": 0.8, "finetuned_perplexity": 1.5, "base_accuracy": 0.1,
                                    "base_perplexity": 9.0, "gain_over_base": 0.7, "selected_output_tokens_per_s": 30.0,
-                                   "selected_latency_p95_s": 0.5}
+                                   "selected_latency_p95_s": 0.5, "selected_engine_mean_kl": 0.02, "selected_engine_agreement": 0.97}
     assert parent.data.params == {"selected_scheme": "int4_awq", "package_sha256": "ab" * 32, "base_model": named.base_model}
     experiment = MlflowClient().get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view

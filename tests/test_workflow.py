@@ -137,7 +137,11 @@ def test_schemes_are_quantized_built_benchmarked_and_one_selected(zero2):
             assert manifest["algorithm"] == choice["candidates"][choice["kept"]]["algorithm"]
             if choice["kept"] == "calibrated":
                 assert manifest["calibration"]["calib_sha256"] == records[scheme]["calib_sha256"]
+    for scheme in SCHEMES:  # closeness to the fine-tuned model, measured on the test split's answers for every scheme
+        q = json.loads((results / "evaluate_quantized" / f"{scheme}.json").read_text())
+        assert q["closeness_tokens"] > 0 and 0 <= q["next_token_agreement"] <= 1 and q["mean_kl"] >= 0 and q["perplexity_ratio"] > 0
     selection = json.loads((results / "select" / "selection.json").read_text())
+    assert all(r["engine_mean_kl"] is not None for r in selection["evidence"] if r["scheme"] in ENGINES)
     assert selection["selected"] in ENGINES and selection["policy"] == "max_throughput"
     assert selection["reason"].startswith(("highest throughput", "throughput tie within the benchmark's measured spread"))
     verdicts = {r["scheme"]: r["verdict"] for r in selection["evidence"]}

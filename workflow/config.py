@@ -319,6 +319,26 @@ AccuracyLoss = create_model(
 )
 
 
+MaxKl = create_model(
+    "MaxKl",
+    __base__=Section,
+    __doc__="Largest accepted mean KL divergence (fine-tuned || candidate, nats per reference answer token) per scheme, "
+            "for the quantized model and its engine; a scheme over it is dropped with its reason (workflow/closeness.py).",
+    **{name: (Annotated[float, Field(ge=0, description=f"Allowed mean KL for {name}: {s.description}.")], s.max_kl)
+       for name, s in SCHEMES.items()},
+)
+
+
+MinAgreement = create_model(
+    "MinAgreement",
+    __base__=Section,
+    __doc__="Least accepted teacher-forced next-token agreement with the fine-tuned model (share of reference answer "
+            "tokens where both predict the same next token) per scheme, for the quantized model and its engine.",
+    **{name: (Annotated[float, Field(ge=0, le=1, description=f"Least agreement for {name}: {s.description}.")], s.min_agreement)
+       for name, s in SCHEMES.items()},
+)
+
+
 class QuantizeConfig(Section):
     """Post-training quantization with NVIDIA ModelOpt and its accuracy gate."""
 
@@ -329,6 +349,14 @@ class QuantizeConfig(Section):
     max_accuracy_loss: AccuracyLoss = AccuracyLoss()
     """Largest accepted drop in exact-match accuracy (absolute, vs the fine-tuned model) per scheme; a scheme over
     it is dropped with its reason. Defaults follow the source document (INT8 1.2 %, FP8 0.8 %)."""
+    max_kl: MaxKl = MaxKl()
+    """Largest accepted mean KL(fine-tuned || candidate) per reference answer token, per scheme, for the quantized model
+    and its engine (teacher-forced on the test split). Defaults: docs/quantization-and-engines.md, "Closeness"."""
+    min_agreement: MinAgreement = MinAgreement()
+    """Least accepted teacher-forced next-token agreement with the fine-tuned model, per scheme, for the quantized model
+    and its engine."""
+    closeness_rows: Annotated[int, Field(ge=1)] = 64
+    """Test rows (the first ones) whose reference answers the closeness figures are measured on."""
 
     @model_validator(mode="after")
     def _unique(self):
@@ -400,6 +428,10 @@ class SelectConfig(Section):
     """Which eligible scheme wins."""
     latency_slo_p95_s: Annotated[float, Field(gt=0)] = 30
     """Largest accepted p95 request latency (s) at the highest concurrency."""
+    tie_break: Literal["smallest", "closest"] = "smallest"
+    """Which of the schemes whose throughputs tie within the benchmark's measured spread wins under max_throughput:
+    the smallest engine, or the engine closest to the fine-tuned model (lowest mean KL; the unquantized engine
+    wins every tie it is in)."""
 
 
 class LocalKms(Section):

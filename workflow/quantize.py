@@ -19,9 +19,10 @@ import mlflow
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from workflow import closeness
 from workflow.config import Cluster, EvalConfig, QuantizeConfig
 from workflow.data import read_split
-from workflow.evaluate import accuracy_gate, evaluate_model, gate_check, journal_for, log_results
+from workflow.evaluate import accuracy_gate, evaluate_model, journal_for, log_results
 from workflow.generation import load_model, model_device, peak_gib
 from workflow.progress import Progress
 from workflow.schemes import SCHEMES
@@ -146,30 +147,40 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
 
 
 def evaluate_quantized(model_dir: str | Path, quantized_dir: str | Path, test_path: str | Path, finetuned_path: str | Path,
-                       out_path: str | Path, scheme: str, max_loss: float, cfg: EvalConfig, tracking: Tracking,
+                       out_path: str | Path, scheme: str, gates: QuantizeConfig, cfg: EvalConfig, tracking: Tracking,
                        cluster: Cluster = Cluster()) -> dict:
-    """Score the quantized model itself (ModelOpt state restored in memory) and gate its accuracy loss.
+    """Score the quantized model itself (ModelOpt state restored in memory), measure its closeness to the fine-tuned
+    model (workflow/closeness.py), and gate both: quantize.max_accuracy_loss, quantize.max_kl and
+    quantize.min_agreement of the scheme.
 
     A failing scheme does not stop the DAG: it is dropped from engine building and selection, and the
     reason is in the log, the result file and MLflow.
     """
     quantized_dir = Path(quantized_dir)
     baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
-    with job_run(tracking, f"evaluate_quantized/{scheme}", {"scheme": scheme, "max_accuracy_loss": max_loss, "evaluate": cfg.model_dump()}):
-        state = quantized_dir / "modelopt_state.pth"
-        model = quantized_model(model_dir, scheme, state=state if state.exists() else None, device=model_device(cluster))
+    max_loss = getattr(gates.max_accuracy_loss, scheme)
+    params = {"scheme": scheme, "max_accuracy_loss": max_loss, "max_kl": getattr(gates.max_kl, scheme),
+              "min_agreement": getattr(gates.min_agreement, scheme), "closeness_rows": gates.closeness_rows, "evaluate": cfg.model_dump()}
+    with job_run(tracking, f"evaluate_quantized/{scheme}", params):
+        state, device = quantized_dir / "modelopt_state.pth", model_device(cluster)
+        model = quantized_model(model_dir, scheme, state=state if state.exists() else None, device=device)
         metrics, results = evaluate_model(model_dir, test_path, cfg, model=model, cluster=cluster, journal_path=journal_for(out_path))
+        measured = closeness.compare(closeness.model_logits(load_model(model_dir, device)), closeness.model_logits(model),
+                                     read_split(test_path, gates.closeness_rows))
         record = json.loads((quantized_dir / "quantize.json").read_text())
-        gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
+        accuracy = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
+        gate, checks = closeness.scheme_gate(scheme, accuracy, measured, gates)
         result = gate | {"format_adherence": metrics.get("format_adherence"), "perplexity": metrics["perplexity"],
                          "checkpoint_bytes": record["checkpoint_bytes"], "recipe": record["recipe"],
                          **{k: metrics[k] for k in ("gpu_planned_gib", "gpu_peak_gib", "gpu_batch") if k in metrics}}
         log_results(scheme, metrics, results, cfg.sample_generations)
-        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20})
+        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "checkpoint_mb": record["checkpoint_bytes"] / 2**20}
+                           | closeness.metrics(measured))
         mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
-        record_gate([gate_check(gate, f"quantize.max_accuracy_loss.{scheme}")])
-        describe(f"Quantized {scheme}: accuracy **{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}), checkpoint "
-                 f"{record['checkpoint_bytes'] / 2**20:.2f} MB.\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
+        record_gate(checks)
+        describe(f"Quantized {scheme}: accuracy **{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}), {closeness.text(measured)}, "
+                 f"checkpoint {record['checkpoint_bytes'] / 2**20:.2f} MB.\n\n"
+                 f"Gate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
         (log.info if gate["passed"] else log.warning)("quantization gate %s: %s", "passed" if gate["passed"] else "FAILED, scheme dropped", gate["reason"])
         Path(out_path).write_text(json.dumps(result, indent=1))
         return result

@@ -22,6 +22,10 @@ class Scheme:
     """Bytes per linear-layer weight once quantized (the planner's memory model), scales included."""
     max_accuracy_loss: float
     """Default accuracy drop allowed vs the fine-tuned model (absolute; the source document's figures)."""
+    max_kl: float
+    """Default largest mean KL(fine-tuned || candidate) per answer token (docs/quantization-and-engines.md, "Closeness")."""
+    min_agreement: float
+    """Default least teacher-forced next-token agreement with the fine-tuned model."""
     tensorrt_llm_min_compute: tuple[int, int]
     """The oldest CUDA compute capability TensorRT-LLM has kernels for it on."""
     calibration: str | None = None
@@ -50,14 +54,14 @@ class Scheme:
 SCHEMES = {
     scheme.name: scheme
     for scheme in (
-        Scheme("bf16", "bf16 weights and activations: the unquantized baseline", None, 1, 2.0, 0.005, (8, 0),
+        Scheme("bf16", "bf16 weights and activations: the unquantized baseline", None, 1, 2.0, 0.005, 0.005, 0.98, (8, 0),
                onnxruntime={"cpu": "fp32", "cuda": "bf16"}),  # no fast bf16 kernels on CPU: fp32
-        Scheme("fp8", "FP8 E4M3 weights and activations, per-tensor scales", "FP8_DEFAULT_CFG", 16, 1.0, 0.008, (8, 9),
+        Scheme("fp8", "FP8 E4M3 weights and activations, per-tensor scales", "FP8_DEFAULT_CFG", 16, 1.0, 0.008, 0.05, 0.93, (8, 9),
                quant_algo="FP8"),
-        Scheme("int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", 1, 1.0, 0.012, (8, 0),
+        Scheme("int8_sq", "INT8 weights (per channel) and activations, SmoothQuant", "INT8_SMOOTHQUANT_CFG", 1, 1.0, 0.012, 0.05, 0.95, (8, 0),
                "SmoothQuant", quant_algo="W8A8_SQ_PER_CHANNEL", onnxruntime={"cpu": "int8", "cuda": "int8"}),
         Scheme("int4_awq", "INT4 weights in blocks of 128 (64 where 128 does not divide), AWQ-scaled; 16-bit activations",
-               "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, (8, 0), "AWQ", quant_algo="W4A16_AWQ",
+               "INT4_AWQ_CFG", 128, 0.5 + 2 / 128, 0.03, 0.25, 0.9, (8, 0), "AWQ", quant_algo="W4A16_AWQ",
                onnxruntime={"cpu": "int4", "cuda": "int4"}, fallback_blocks=(64,)),
     )
 }

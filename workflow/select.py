@@ -2,14 +2,15 @@
 
     snakemake results/select/selection.json
 
-A scheme is eligible when its quantized model passed the accuracy gate, its engine passed the same gate
-on its own generations, and its p95 request latency at the highest benchmarked concurrency is within the
+A scheme is eligible when its quantized model passed the accuracy and closeness gates, its engine passed the same
+gates (accuracy on its own generations, closeness to the fine-tuned model), and its p95 request latency at the highest benchmarked concurrency is within the
 SLO. Policies: max_throughput (output tokens/s at the highest concurrency) or max_accuracy (engine accuracy).
 
 Throughputs are noisy (on the embedded default the engines are within run-to-run noise of one another), so under
 max_throughput every eligible scheme whose throughput is within the benchmark's measured spread of the fastest
 (max - min over its repeated runs, the larger of the two schemes') ties with it, and the tie goes to the smallest
-engine; the report says so.
+engine, or with select.tie_break: closest to the engine closest to the fine-tuned model (lowest mean KL,
+workflow/closeness.py); the report says so.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict
             "checkpoint_mb": q["checkpoint_bytes"] / 2**20,
             "engine_accuracy": e["accuracy"] if e else None,
             "engine_loss": e["accuracy_loss"] if e else None,
+            "quantized_mean_kl": q.get("mean_kl"),
+            "quantized_agreement": q.get("next_token_agreement"),
+            "quantized_perplexity_ratio": q.get("perplexity_ratio"),
+            "engine_mean_kl": e.get("mean_kl") if e else None,
+            "engine_agreement": e.get("next_token_agreement") if e else None,
+            "engine_perplexity_ratio": e.get("perplexity_ratio") if e else None,
             "engine_mb": e["engine_bytes"] / 2**20 if e else None,
             "engine_precision": e["manifest"]["precision"] if e else None,
             "engine_algorithm": e["manifest"].get("algorithm") if e else None,
@@ -66,8 +73,9 @@ def compare(schemes: list[str], quantized: dict, engines: dict, benchmarks: dict
     return rows
 
 
-def choose(rows: list[dict], policy: str) -> tuple[dict, str]:
-    """The selected row and why, in words (policy: select.policy, which the config checked)."""
+def choose(rows: list[dict], policy: str, tie_break: str = "smallest") -> tuple[dict, str]:
+    """The selected row and why, in words (policy and tie_break: select.policy and select.tie_break, which the config
+    checked; the closest engine needs every tied row's closeness figures, else the smallest wins)."""
     eligible = [r for r in rows if r["verdict"] == "eligible"]
     if not eligible:
         raise GateFailed("select: no scheme is eligible:\n" + "\n".join(f"  {r['scheme']}: {r['verdict']}" for r in rows))
@@ -77,7 +85,8 @@ def choose(rows: list[dict], policy: str) -> tuple[dict, str]:
     fastest = max(eligible, key=lambda r: r["output_tokens_per_s"])
     tied = [r for r in eligible if fastest["output_tokens_per_s"] - r["output_tokens_per_s"]
             <= max(fastest["output_tokens_per_s_spread"], r["output_tokens_per_s_spread"])]
-    chosen = min(tied, key=lambda r: (r["engine_mb"], -r["output_tokens_per_s"]))
+    closest = tie_break == "closest" and all(r["engine_mean_kl"] is not None for r in tied)
+    chosen = min(tied, key=lambda r: ((r["engine_mean_kl"] if closest else 0.0), r["engine_mb"], -r["output_tokens_per_s"]))
     if len(tied) == 1:
         return chosen, (f"highest throughput ({chosen['output_tokens_per_s']:.1f} output tokens/s, more than the measured "
                         f"spread ahead of every other eligible scheme)")
@@ -85,11 +94,17 @@ def choose(rows: list[dict], policy: str) -> tuple[dict, str]:
                        for r in tied if r is not chosen)
     return chosen, (f"throughput tie within the benchmark's measured spread: {chosen['scheme']} "
                     f"{chosen['output_tokens_per_s']:.1f} output tokens/s (spread {chosen['output_tokens_per_s_spread']:.1f}), "
-                    f"{others}; the smallest engine ({chosen['engine_mb']:.2f} MB) wins the tie")
+                    f"{others}; " + (f"the engine closest to the fine-tuned model (mean KL {chosen['engine_mean_kl']:.4f}) wins the tie"
+                                     if closest else f"the smallest engine ({chosen['engine_mb']:.2f} MB) wins the tie"))
 
 
 def fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def pair(row: dict, key: str, spec: str) -> str:
+    """The quantized model's and the engine's figure, "quantized / engine"."""
+    return f"{fmt(row[f'quantized_{key}'], spec)} / {fmt(row[f'engine_{key}'], spec)}"
 
 
 def spread(row: dict) -> str:
@@ -98,15 +113,16 @@ def spread(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| scheme | accuracy (quantized) | loss vs fine-tuned | engine quantization | engine accuracy | engine loss | checkpoint MB "
+        "| scheme | accuracy (quantized) | loss vs fine-tuned | engine quantization | engine accuracy | engine loss "
+        "| mean KL (quantized / engine) | next-token agreement (quantized / engine) | checkpoint MB "
         "| engine MB | output tok/s (spread) | p95 latency s | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['scheme']} | {r['quantized_accuracy']:.3f} | {r['quantized_loss']:+.3f} | {r.get('engine_algorithm') or '–'} | "
             f"{fmt(r['engine_accuracy'], '.3f')} | "
-            f"{fmt(r['engine_loss'], '+.3f')} | {r['checkpoint_mb']:.2f} | {fmt(r['engine_mb'], '.2f')} | "
+            f"{fmt(r['engine_loss'], '+.3f')} | {pair(r, 'mean_kl', '.4f')} | {pair(r, 'agreement', '.4f')} | {r['checkpoint_mb']:.2f} | {fmt(r['engine_mb'], '.2f')} | "
             f"{fmt(r['output_tokens_per_s'], '.1f')}{spread(r)} | {fmt(r['latency_p95_s'], '.3f')} | {r['verdict']} |"
         )
     return "\n".join(lines)
@@ -146,7 +162,7 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
            backend: str, out_path: str | Path, report_path: str | Path, tracking: Tracking) -> dict:
     out_path, report_path = Path(out_path), Path(report_path)
     policy, slo_p95_s = cfg.policy, cfg.latency_slo_p95_s
-    with job_run(tracking, "select", {"policy": policy, "latency_slo_p95_s": slo_p95_s, "schemes": schemes}):
+    with job_run(tracking, "select", {"policy": policy, "latency_slo_p95_s": slo_p95_s, "tie_break": cfg.tie_break, "schemes": schemes}):
         quantized = {s: read_json(quantized_paths[s]) for s in schemes}
         engines = {s: read_json(Path(d) / "accuracy.json") for s, d in engine_dirs.items()}
         benchmarks = {s: read_json(p) for s, p in benchmark_paths.items()}
@@ -155,7 +171,7 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         record_gate(gate_checks(rows, slo_p95_s))
         schemes_png = report_path.with_name("schemes.png")
         try:
-            chosen, reason = choose(rows, policy)
+            chosen, reason = choose(rows, policy, cfg.tie_break)
         except GateFailed:
             plots.save(plots.scheme_figure(quantized, engines, benchmarks, slo_p95_s, None), schemes_png)
             report_path.write_text("# Scheme selection: nothing eligible\n\n" + table(rows) + "\n\n![schemes](schemes.png)\n")
@@ -171,7 +187,7 @@ def select(schemes: list[str], quantized_paths: dict, engine_dirs: dict, benchma
         report_path.write_text("\n".join([
             f"# Scheme selection: **{chosen['scheme']}**",
             "",
-            f"Policy `{policy}` among schemes that passed the accuracy gates and the p95 latency SLO ({slo_p95_s} s); "
+            f"Policy `{policy}` among schemes that passed the accuracy and closeness gates and the p95 latency SLO ({slo_p95_s} s); "
             f"backend `{backend}`. Selected {chosen['scheme']}: {chosen['output_tokens_per_s']:.1f} output tokens/s at concurrency "
             f"{chosen['concurrency']}, engine accuracy {chosen['engine_accuracy']:.3f} ({chosen['engine_loss']:+.3f} vs fine-tuned).",
             "",

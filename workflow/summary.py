@@ -265,6 +265,8 @@ def headline(data: dict) -> tuple[dict[str, float], dict[str, str]]:
     chosen = next((row for row in selection.get("evidence", []) if row["scheme"] == selection.get("selected")), None)
     if chosen and chosen.get("output_tokens_per_s") is not None:
         metrics |= {"selected_output_tokens_per_s": chosen["output_tokens_per_s"], "selected_latency_p95_s": chosen["latency_p95_s"]}
+    if chosen:
+        metrics |= {"selected_engine_mean_kl": chosen.get("engine_mean_kl"), "selected_engine_agreement": chosen.get("engine_agreement")}
     params = {"selected_scheme": data["summary"]["selected"], "package_sha256": data["summary"]["package_sha256"],
               "base_model": data["base_model"]}
     return {k: float(v) for k, v in metrics.items() if v is not None}, {k: v for k, v in params.items() if v}

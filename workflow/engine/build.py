@@ -14,12 +14,14 @@ import mlflow
 from transformers import AutoTokenizer
 
 from workflow.chat import prompt_ids
-from workflow.config import EngineConfig, EvalConfig
+from workflow import closeness
+from workflow.config import Cluster, EngineConfig, EvalConfig, QuantizeConfig
 from workflow.data import read_split
 from workflow.engine import onnxruntime, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
 from workflow.engine.runtime import load_engine
-from workflow.evaluate import accuracy_gate, engine_scores, gate_check, log_results
+from workflow.evaluate import accuracy_gate, engine_scores, log_results
+from workflow.generation import load_model, model_device
 from workflow.progress import Progress
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate, sha256_tree
@@ -94,10 +96,11 @@ def choice_text(choice: dict | None) -> str:
 
 
 def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: str | Path, scheme: str, settings: EngineConfig,
-                 test_path: str | Path, finetuned_path: str | Path, max_loss: float, eval_cfg: EvalConfig,
-                 tracking: Tracking) -> dict:
+                 test_path: str | Path, finetuned_path: str | Path, gates: QuantizeConfig, eval_cfg: EvalConfig,
+                 tracking: Tracking, cluster: Cluster = Cluster()) -> dict:
     """ONNX Runtime GenAI builds from the fine-tuned model, with the quantize stage's calibration folded in (its
-    builder quantizes weights itself); TensorRT-LLM builds from the ModelOpt checkpoint of the scheme."""
+    builder quantizes weights itself); TensorRT-LLM builds from the ModelOpt checkpoint of the scheme. The engine is
+    gated on its own generations' accuracy and on its closeness to the fine-tuned model (workflow/closeness.py)."""
     backend, engine_dir = settings.backend, Path(engine_dir)
     with job_run(tracking, f"build_engine/{scheme}", {"engine": settings.model_dump(), "scheme": scheme}):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -117,21 +120,25 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
         else:
             engine = load_engine(engine_dir, settings)
             metrics, results = engine_scores(engine, tokenizer, rows, eval_cfg)
+        measured = closeness.compare(closeness.model_logits(load_model(model_dir, model_device(cluster))),
+                                     closeness.engine_logits(engine_dir, settings), read_split(test_path, gates.closeness_rows))
         baseline = json.loads(Path(finetuned_path).read_text())["metrics"]["accuracy"]
-        gate = accuracy_gate(scheme, metrics["accuracy"], baseline, max_loss)
+        accuracy = accuracy_gate(scheme, metrics["accuracy"], baseline, getattr(gates.max_accuracy_loss, scheme))
+        gate, checks = closeness.scheme_gate(scheme, accuracy, measured, gates)
         size = dir_bytes(engine_dir)
         record = gate | {"format_adherence": metrics.get("format_adherence"), "engine_bytes": size,
                          "manifest": json.loads((engine_dir / "engine_manifest.json").read_text()),
-                         "calibration_choice": comparison and with_losses(comparison, baseline)}
+                         "calibration_choice": comparison and with_losses(comparison, gate["baseline_accuracy"])}
         (engine_dir / "accuracy.json").write_text(json.dumps(record, indent=1))
         log_results(f"engine_{scheme}", metrics, results, eval_cfg.sample_generations)
-        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "engine_mb": size / 2**20}
+        mlflow.log_metrics({"accuracy_loss": gate["accuracy_loss"], "engine_mb": size / 2**20} | closeness.metrics(measured)
                            | {f"accuracy_loss_{name}": c["accuracy_loss"] for name, c in (record["calibration_choice"] or {}).get("candidates", {}).items()})
         mlflow.set_tag("ft2prod.engine_weights", "calibrated" if record["manifest"]["calibration"] else "rtn")
         mlflow.log_dict(record["manifest"], "engine_manifest.json")
         mlflow.set_tag("ft2prod.gate_reason", gate["reason"])
-        record_gate([gate_check(gate, f"quantize.max_accuracy_loss.{scheme}")])
+        record_gate(checks)
         describe(f"{backend} engine ({record['manifest']['algorithm']}), {size / 2**20:.2f} MB: accuracy on its own generations "
-                 f"**{gate['accuracy']:.3f}** (fine-tuned {baseline:.3f}).{choice_text(record['calibration_choice'])}\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
-        (log.info if gate["passed"] else log.warning)("engine accuracy gate: %s", gate["reason"])
+                 f"**{gate['accuracy']:.3f}** (fine-tuned {gate['baseline_accuracy']:.3f}), {closeness.text(measured)}."
+                 f"{choice_text(record['calibration_choice'])}\n\nGate: **{'passed' if gate['passed'] else 'failed, scheme dropped'}** — {gate['reason']}.")
+        (log.info if gate["passed"] else log.warning)("engine gate: %s", gate["reason"])
         return record

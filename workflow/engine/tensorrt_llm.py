@@ -49,7 +49,9 @@ class BuildPlan:
             "model": self.checkpoint_dir,
             "tensor_parallel_size": s.tp_size,
             "pipeline_parallel_size": s.pp_size,
-            "build_config": {"max_batch_size": s.max_batch_size, "max_input_len": s.max_input_len, "max_seq_len": s.max_seq_len},
+            # context logits gathered: the engine check measures closeness to the fine-tuned model (workflow/closeness.py)
+            "build_config": {"max_batch_size": s.max_batch_size, "max_input_len": s.max_input_len, "max_seq_len": s.max_seq_len,
+                             "gather_context_logits": True},
         }
 
     def serve_command(self, port: int = 8000) -> list[str]:
@@ -152,6 +154,14 @@ class TrtllmEngine:
         if not sampling.greedy:
             fields |= {"top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed}
         return self._generated(list(request.prompt_ids), TrtllmSampling(**fields))
+
+    def context_logits(self, ids: list[int]):
+        """The logits at every position of ids, (len(ids), vocab): teacher-forced, for workflow/closeness.py (the
+        build gathers context logits). Written against TensorRT-LLM's LLM API; not run on our machines."""
+        from tensorrt_llm import SamplingParams as TrtllmSampling
+
+        output = self.llm.generate(ids, TrtllmSampling(max_tokens=1, return_context_logits=True))
+        return output.context_logits.float().cpu()
 
     def _generated(self, prompt_ids: list[int], sampling) -> Iterator[int]:
         seen = 0
