@@ -309,34 +309,27 @@ class EvalConfig(Section):
         return self
 
 
-AccuracyLoss = create_model(
-    "AccuracyLoss",
-    __base__=Section,
-    __doc__="Largest accepted drop in exact-match accuracy (absolute, vs the fine-tuned model) per scheme; a scheme "
-            "over it is dropped with its reason. Defaults follow the source document (INT8 1.2 %, FP8 0.8 %).",
-    **{name: (Annotated[float, Field(ge=0, description=f"Allowed loss for {name}: {s.description}.")], s.max_accuracy_loss)
-       for name, s in SCHEMES.items()},
-)
+def per_scheme(model: str, doc: str, what: str, default: str, **bounds) -> type[Section]:
+    """A section with one float threshold per scheme, its default read from the scheme table's field `default`."""
+    return create_model(
+        model, __base__=Section, __doc__=doc,
+        **{name: (Annotated[float, Field(**bounds, description=f"{what} for {name}: {s.description}.")], getattr(s, default))
+           for name, s in SCHEMES.items()},
+    )
 
 
-MaxKl = create_model(
-    "MaxKl",
-    __base__=Section,
-    __doc__="Largest accepted mean KL divergence (fine-tuned || candidate, nats per reference answer token) per scheme, "
-            "for the quantized model and its engine; a scheme over it is dropped with its reason (workflow/closeness.py).",
-    **{name: (Annotated[float, Field(ge=0, description=f"Allowed mean KL for {name}: {s.description}.")], s.max_kl)
-       for name, s in SCHEMES.items()},
-)
-
-
-MinAgreement = create_model(
-    "MinAgreement",
-    __base__=Section,
-    __doc__="Least accepted teacher-forced next-token agreement with the fine-tuned model (share of reference answer "
-            "tokens where both predict the same next token) per scheme, for the quantized model and its engine.",
-    **{name: (Annotated[float, Field(ge=0, le=1, description=f"Least agreement for {name}: {s.description}.")], s.min_agreement)
-       for name, s in SCHEMES.items()},
-)
+AccuracyLoss = per_scheme(
+    "AccuracyLoss", "Largest accepted drop in exact-match accuracy (absolute, vs the fine-tuned model) per scheme; a scheme "
+    "over it is dropped with its reason. Defaults follow the source document (INT8 1.2 %, FP8 0.8 %).",
+    "Allowed loss", "max_accuracy_loss", ge=0)
+MaxKl = per_scheme(
+    "MaxKl", "Largest accepted mean KL divergence (fine-tuned || candidate, nats per reference answer token) per scheme, "
+    "for the quantized model and its engine; a scheme over it is dropped with its reason (workflow/closeness.py).",
+    "Allowed mean KL", "max_kl", ge=0)
+MinAgreement = per_scheme(
+    "MinAgreement", "Least accepted teacher-forced next-token agreement with the fine-tuned model (share of reference "
+    "answer tokens where both predict the same next token) per scheme, for the quantized model and its engine.",
+    "Least agreement", "min_agreement", ge=0, le=1)
 
 
 class QuantizeConfig(Section):
