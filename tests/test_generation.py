@@ -123,3 +123,41 @@ def test_static_cache_on_the_gpu_matches_the_cpu(tiny):
     finally:
         tiny.to("cpu")
     assert gpu == cpu  # fp32 on both: the static cache and the filled last batch change nothing
+
+
+def test_packed_decoding_attention_equals_repeated_heads():
+    """One query token against a masked cache: the grouped fold gives what repeating the key/value heads gives."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups = 4
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    mask[2, ..., 7:] = False  # a row whose static cache is not filled yet
+    packed, _ = generation.packed_decode_attention(Layer(), query, key, value, mask, scaling=0.25)
+    plain, _ = sdpa_attention_forward(Layer(), query, key, value, mask, scaling=0.25)
+    assert packed.shape == plain.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(packed, plain)
+
+
+def test_a_model_with_packed_attention_generates_the_same_tokens(tiny, tmp_path):
+    generation.register_packed_attention()
+    tiny.save_pretrained(tmp_path / "m")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation=generation.PACKED).eval()
+    assert tiny.config.num_key_value_heads < tiny.config.num_attention_heads  # grouped-query: the fold applies
+    prompts = prompts_of([5, 17, 9, 30, 2])
+    assert (generation.generate(packed, prompts, 10, 3, pad_id=0, eos={-1}, static_cache=True)
+            == generation.generate(tiny, prompts, 10, 3, pad_id=0, eos={-1}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent H200)")
+def test_packed_attention_compiled_on_the_gpu_matches_the_cpu(tiny, tmp_path):
+    generation.register_packed_attention()
+    tiny.save_pretrained(tmp_path / "m")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, attn_implementation=generation.PACKED)
+    prompts = prompts_of([5, 17, 9, 30, 2])
+    cpu = generation.generate(tiny, prompts, 10, 2, pad_id=0, eos={-1})
+    assert generation.generate(packed.to("cuda").eval(), prompts, 10, 4, pad_id=0, eos={-1}, static_cache=True) == cpu
