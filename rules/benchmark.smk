@@ -40,3 +40,25 @@ rule benchmark_tensorrt_llm:
         TENSORRT_LLM_CONTAINER
     script:
         "../scripts/benchmark.py"
+
+
+rule benchmark_pytorch:
+    input:
+        engine=f"{RESULTS}/engine/pytorch/{{scheme}}",
+        tokenizer=f"{RESULTS}/model",
+    output:
+        f"{RESULTS}/benchmark/pytorch/{{scheme}}.json",
+    params:
+        settings=dump(CONFIG.engine),
+        load=dump(CONFIG.benchmark),
+    log:
+        f"{RESULTS}/logs/benchmark/pytorch/{{scheme}}.log",
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=60,
+        gpu=model_gpus(),
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/benchmark.py"

@@ -181,6 +181,11 @@ def model_gpus():
     return 1 if CONFIG.cluster.gpus_per_node > 0 else 0
 
 
+def serving_gpus():
+    """GPUs the rollout's local gateway and canary reference run the engine on: the PyTorch engine's one GPU."""
+    return model_gpus() if backend() == "pytorch" else 0
+
+
 def generation_runtime(wildcards=None, attempt=1):
     """Minutes a job that generates for the test split asks for, from its token count (workflow.generation)."""
     from workflow.generation import runtime_minutes

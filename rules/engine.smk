@@ -53,3 +53,32 @@ rule build_engine_tensorrt_llm:
         TENSORRT_LLM_CONTAINER
     script:
         "../scripts/build_engine.py"
+
+
+# The unquantized baseline served by Transformers, on one GPU when the cluster has them (workflow/engine/pytorch.py).
+rule build_engine_pytorch:
+    input:
+        model=f"{RESULTS}/model",
+        quantized=f"{RESULTS}/quantize/{{scheme}}",
+        test=f"{RESULTS}/data/test.jsonl",
+        metric=metric_files,
+        finetuned=f"{RESULTS}/evaluate/finetuned.json",
+    output:
+        directory(f"{RESULTS}/engine/pytorch/{{scheme}}"),
+    params:
+        settings=dump(CONFIG.engine),
+        gates=scheme_gates,
+        eval_settings=eval_settings(),
+    log:
+        f"{RESULTS}/logs/build_engine/pytorch/{{scheme}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/build_engine/pytorch/{{scheme}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=generation_runtime,
+        gpu=model_gpus(),
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/build_engine.py"

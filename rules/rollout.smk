@@ -17,7 +17,7 @@ rule rollout:
     resources:
         mem_mb=4000,
         runtime=30,
-        gpu=0,
+        gpu=serving_gpus(),
     conda:
         "../envs/train.yaml"
     script:

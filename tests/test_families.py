@@ -46,13 +46,14 @@ def base_model(name: str, root: Path, tiny_base: Path) -> Path:
     return out
 
 
-# The families that run on past the data to a served engine: both architectures (Qwen2, Llama), both methods, a think
-# template and one without. Qwen3's q/k norms meet the quantize and engine stages in test_quantize.py's family test,
-# and the bootstrap model with the R1 template runs the whole DAG in test_workflow.py.
-SERVED = ["r1-distill-qwen", "llama3-instruct"]
+# The families that run on past the data to a served engine, with the engine backend each is served on: both
+# architectures (Qwen2, Llama), both methods, a think template and one without, both in-process backends (the PyTorch
+# one as the GPU DAG serves it, on the CPU here). Qwen3's q/k norms meet the quantize and engine stages in
+# test_quantize.py's family test, and the bootstrap model with the R1 template runs the whole DAG in test_workflow.py.
+SERVED = {"r1-distill-qwen": "pytorch", "llama3-instruct": "onnxruntime"}
 
 
-def run_family(name: str, tmp_path: Path, tiny_base: Path, snakemake, target: str) -> tuple[Path, Path]:
+def run_family(name: str, tmp_path: Path, tiny_base: Path, snakemake, target: str, backend: str = "onnxruntime") -> tuple[Path, Path]:
     """The family's base model and its data in its format, through the DAG up to `target`; (base, results)."""
     form, method = CASES[name]
     base = base_model(name, tmp_path, tiny_base)
@@ -60,7 +61,7 @@ def run_family(name: str, tmp_path: Path, tiny_base: Path, snakemake, target: st
     data.write_text("".join(json.dumps(p.as_row(form)) + "\n" for p in make_problems(200, seed=11)))
     work = tmp_path / "run"
     snakemake(work, {"base_model": str(base), "data": {"path": str(data)}, "finetune": {"method": method},
-                     "quantize": {"schemes": [BASELINE]}}, target)
+                     "quantize": {"schemes": [BASELINE]}, "engine": {"backend": backend}}, target)
     return base, work / "results"
 
 
@@ -92,10 +93,11 @@ def test_family_prepares_its_format_with_its_template(name, tmp_path, tiny_base,
 
 @pytest.mark.parametrize("name", SERVED)
 def test_family_runs_the_dag_and_serves_the_prompt_it_trained(name, tmp_path, tiny_base, snakemake):
-    engine = f"results/engine/onnxruntime/{BASELINE}"
-    base, results = run_family(name, tmp_path, tiny_base, snakemake, engine)
+    engine = f"results/engine/{SERVED[name]}/{BASELINE}"
+    base, results = run_family(name, tmp_path, tiny_base, snakemake, engine, SERVED[name])
     work = results.parent
-    assert json.loads((work / engine / "engine_manifest.json").read_text())["scheme"] == BASELINE
+    manifest = json.loads((work / engine / "engine_manifest.json").read_text())
+    assert manifest["scheme"] == BASELINE and manifest["target"]["backend"] == SERVED[name]
     tokenizer = AutoTokenizer.from_pretrained(results / "model")
     # The exported model keeps the model's own template: what vLLM, TensorRT-LLM and ONNX Runtime GenAI serve with.
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(base).chat_template

@@ -109,4 +109,8 @@ def feature_problems(cfg: Config) -> list[str]:
     if not gpus and cfg.engine.backend == "onnxruntime" and cfg.engine.onnxruntime.execution_provider == "cuda":
         problems.append("engine.onnxruntime.execution_provider cuda needs GPUs, but cluster.gpus_per_node is 0: "
                         "set engine.onnxruntime.execution_provider: cpu")
+    if cfg.engine.backend == "pytorch" and not any(SCHEMES[s].baseline for s in cfg.quantize.schemes):
+        baseline = next(name for name, s in SCHEMES.items() if s.baseline)
+        problems.append(f"engine.backend pytorch serves the unquantized baseline only, but quantize.schemes "
+                        f"{list(cfg.quantize.schemes)} leaves it out: add {baseline} to quantize.schemes, or engine.backend: tensorrt_llm")
     return problems

@@ -77,9 +77,15 @@ def onnx_logits(engine_dir: str | Path, provider: str = "cpu") -> Logits:
 
 
 def engine_logits(engine_dir: str | Path, settings: EngineConfig) -> Logits:
-    """A built engine's logits: ONNX Runtime's decoder run directly, TensorRT-LLM's context logits."""
+    """A built engine's logits: ONNX Runtime's decoder run directly, the PyTorch engine's model, TensorRT-LLM's context
+    logits."""
     if settings.backend == "onnxruntime":
         return onnx_logits(engine_dir, settings.onnxruntime.execution_provider)
+    if settings.backend == "pytorch":
+        from workflow.engine.pytorch import here
+        from workflow.generation import load_model
+
+        return model_logits(load_model(engine_dir, here()))
     from workflow.engine.tensorrt_llm import TrtllmEngine
 
     return TrtllmEngine(engine_dir).context_logits

@@ -373,6 +373,13 @@ class OnnxRuntimeSettings(Section):
     """Requests an engine on CPU decodes together; a new request joins the running batch at the next step (continuous batching)."""
 
 
+class PytorchSettings(Section):
+    """PyTorch engine settings (the baseline checkpoint served by Transformers on a GPU, workflow/engine/pytorch.py)."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Requests generated together; a request that arrives while a batch runs waits for the next batch."""
+
+
 class TrtllmSettings(Section):
     """TensorRT-LLM engine settings (built inside its release container on tp_size x pp_size GPUs)."""
 
@@ -391,10 +398,12 @@ class TrtllmSettings(Section):
 class EngineConfig(Section):
     """Inference engine building."""
 
-    backend: Literal["onnxruntime", "tensorrt_llm"] = "onnxruntime"
-    """onnxruntime (ONNX Runtime GenAI, the embedded CPU default) or tensorrt_llm (GPU clusters, release container)."""
+    backend: Literal["onnxruntime", "tensorrt_llm", "pytorch"] = "onnxruntime"
+    """onnxruntime (ONNX Runtime GenAI, the embedded CPU default), tensorrt_llm (GPU clusters, release container) or pytorch (the unquantized baseline served by Transformers on a GPU, where neither of the others runs)."""
     onnxruntime: OnnxRuntimeSettings = OnnxRuntimeSettings()
     """ONNX Runtime GenAI model builder settings."""
+    pytorch: PytorchSettings = PytorchSettings()
+    """PyTorch engine settings."""
     tensorrt_llm: TrtllmSettings = TrtllmSettings()
     """TensorRT-LLM engine settings (built inside its release container on tp_size x pp_size GPUs)."""
 

@@ -94,6 +94,13 @@ def gpu_batch(model, prompts: list[list[int]], cfg: EvalConfig, cluster: Cluster
     return batch, generation_memory(arch, batch, cache_len, longest, model.dtype.itemsize, cluster)
 
 
+def planned_figures(planned: dict) -> dict:
+    """The planner's figure for what the job's tensors hold (what torch.cuda.max_memory_allocated measures: the CUDA
+    context and the allocator's slack, cluster.overhead_gib, are outside it), and that overhead."""
+    overhead = planned["per_device_gib"]["overhead"]
+    return {"gpu_planned_gib": round(planned["device_gib"] - overhead, 4), "gpu_overhead_gib": overhead}
+
+
 def generate(model, tokenizer, rows: list[dict], cfg: EvalConfig, cluster: Cluster = Cluster(),
              journal_path: str | Path | None = None, static_cache: bool = True) -> tuple[list[Completion], dict | None]:
     """Greedy completions of each row's prompt (the conversation up to its last answer), batched as gpu_batch says,
@@ -168,7 +175,7 @@ def evaluate_model(model_dir: str | Path, test_path: str | Path, cfg: EvalConfig
         metrics, results = score(rows, completions, grader(cfg, tokenizer, rows))
     metrics["perplexity"] = perplexity(model, rows)
     if planned:
-        metrics |= {"gpu_planned_gib": planned["device_gib"], "gpu_peak_gib": peak_gib(model.device), "gpu_batch": planned["batch"]}
+        metrics |= planned_figures(planned) | {"gpu_peak_gib": peak_gib(model.device), "gpu_batch": planned["batch"]}
     if journal_path:
         Path(journal_path).unlink(missing_ok=True)
     return metrics, results

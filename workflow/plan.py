@@ -33,7 +33,7 @@ from workflow.capacity import (
 )
 from workflow.checks import feature_problems, length_problems, scheme_blocks
 from workflow.config import Config
-from workflow.schemes import BASELINE, SCHEMES
+from workflow.schemes import BASELINE, SCHEMES, buildable
 
 ANY_SHAPE = [name for name, scheme in SCHEMES.items() if scheme.block == 1]
 """Schemes every model's shapes take."""
@@ -69,7 +69,8 @@ def plan_for(arch: Architecture, config: Config) -> dict:
     if no_gpus:  # then per-GPU memory means nothing: this is the one problem to name
         problems.append("engine.backend tensorrt_llm needs GPUs, but cluster.gpus_per_node is 0: set cluster.gpus_per_node, "
                         "or engine.backend: onnxruntime")
-    for scheme in [] if no_gpus else kept:
+    served = [s for s in kept if buildable(s, config.engine.backend, config.engine.onnxruntime.execution_provider)]
+    for scheme in [] if no_gpus else served:
         s = replace(base, scheme=scheme)
         serving[scheme] = serving_memory(arch, s, cluster)
         if not serving[scheme]["fits"]:
@@ -97,7 +98,8 @@ def serving_setup(config: Config) -> Serving:
         trt = config.engine.tensorrt_llm
         return Serving(BASELINE, trt.tp_size, trt.pp_size, trt.max_batch_size, trt.max_seq_len, on_gpu=True)
     bench = config.benchmark
-    on_gpu = config.engine.onnxruntime.execution_provider == "cuda" and config.cluster.gpus_per_node > 0
+    gpu_engine = config.engine.backend == "pytorch" or config.engine.onnxruntime.execution_provider == "cuda"
+    on_gpu = gpu_engine and config.cluster.gpus_per_node > 0
     return Serving(BASELINE, 1, 1, max(bench.concurrency), bench.input_len + bench.output_len, on_gpu=on_gpu, fp32_baseline=not on_gpu)
 
 

@@ -20,10 +20,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from workflow import closeness
+from workflow.capacity import Architecture, generation_memory
 from workflow.config import Cluster, EvalConfig, QuantizeConfig
 from workflow.data import read_split
-from workflow.evaluate import accuracy_gate, evaluate_model, journal_for, log_results
-from workflow.generation import load_model, model_device, peak_gib
+from workflow.evaluate import accuracy_gate, evaluate_model, journal_for, log_results, planned_figures
+from workflow.generation import load_model, model_device, model_dtype, peak_gib
 from workflow.progress import Progress
 from workflow.schemes import SCHEMES
 from workflow.tracking import Tracking, describe, dir_bytes, job_run, record_gate
@@ -103,6 +104,16 @@ def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[i
     return mtq.quantize(model, recipe(scheme, block or SCHEMES[scheme].block), forward_loop=forward_loop)
 
 
+def calibration_memory(model_dir: str | Path, calibration: list[list[int]], device: torch.device, cluster: Cluster) -> dict:
+    """On a GPU, the planner's figure for calibration: the weights in their half precision and one calibration row's
+    forward (a batch of one through generation_memory's prefill, its cache and logits)."""
+    if device.type != "cuda" or not calibration:
+        return {}
+    arch = Architecture.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    longest = max(map(len, calibration))
+    return planned_figures(generation_memory(arch, 1, longest, longest, model_dtype(model_dir, device).itemsize, cluster))
+
+
 def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, scheme: str, cfg: QuantizeConfig, tracking: Tracking,
              cluster: Cluster = Cluster()) -> dict:
     """Quantize model_dir with scheme into out_dir/checkpoint (+ out_dir/modelopt_state.pth); returns the record."""
@@ -135,7 +146,7 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
             "source_model": str(Path(model_dir).resolve()),
             "device": str(device),
             "gpu_peak_gib": peak_gib(device),
-        }
+        } | calibration_memory(model_dir, calibration, device, cluster)
         (out_dir / "quantize.json").write_text(json.dumps(record, indent=2))
         mlflow.log_dict(record, "quantize.json")
         mlflow.log_metric("checkpoint_mb", record["checkpoint_bytes"] / 2**20)

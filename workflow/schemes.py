@@ -74,5 +74,8 @@ WILDCARD = "|".join(SCHEMES)
 
 
 def buildable(scheme: str, backend: str, execution_provider: str) -> bool:
-    """Whether the engine backend can build the scheme (ONNX Runtime GenAI only where its row names a precision)."""
+    """Whether the engine backend can build the scheme (ONNX Runtime GenAI only where its row names a precision; PyTorch
+    the unquantized baseline only)."""
+    if backend == "pytorch":
+        return SCHEMES[scheme].baseline
     return backend != "onnxruntime" or execution_provider in SCHEMES[scheme].onnxruntime

@@ -17,7 +17,7 @@ from workflow.chat import prompt_ids
 from workflow import closeness
 from workflow.config import Cluster, EngineConfig, EvalConfig, QuantizeConfig
 from workflow.data import read_split
-from workflow.engine import onnxruntime, tensorrt_llm
+from workflow.engine import onnxruntime, pytorch, tensorrt_llm
 from workflow.engine.calibration import CalibrationError, FoldReport, fold_calibration
 from workflow.engine.runtime import load_engine
 from workflow.evaluate import accuracy_gate, engine_scores, log_results
@@ -99,7 +99,8 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
                  test_path: str | Path, finetuned_path: str | Path, gates: QuantizeConfig, eval_cfg: EvalConfig,
                  tracking: Tracking, cluster: Cluster = Cluster()) -> dict:
     """ONNX Runtime GenAI builds from the fine-tuned model, with the quantize stage's calibration folded in (its
-    builder quantizes weights itself); TensorRT-LLM builds from the ModelOpt checkpoint of the scheme. The engine is
+    builder quantizes weights itself); TensorRT-LLM builds from the ModelOpt checkpoint of the scheme; PyTorch serves the
+    fine-tuned checkpoint (the baseline only). The engine is
     gated on its own generations' accuracy and on its closeness to the fine-tuned model (workflow/closeness.py)."""
     backend, engine_dir = settings.backend, Path(engine_dir)
     with job_run(tracking, f"build_engine/{scheme}", {"engine": settings.model_dump(), "scheme": scheme}):
@@ -109,6 +110,8 @@ def build_engine(model_dir: str | Path, quantized_dir: str | Path, engine_dir: s
         if backend == "onnxruntime":
             comparison = build_onnxruntime(Path(model_dir), Path(quantized_dir), engine_dir, scheme, settings, rows, tokenizer,
                                            eval_cfg, tracking.log_path)
+        elif backend == "pytorch":
+            pytorch.build(model_dir, engine_dir, scheme, model_device(cluster), sha256_tree(model_dir)[0])
         else:
             source = Path(quantized_dir) / "checkpoint"
             build_plan = tensorrt_llm.plan(source, engine_dir, scheme, settings.tensorrt_llm)

@@ -31,9 +31,16 @@ def _tensorrt_llm(engine_dir: Path, settings: EngineConfig) -> Engine:
     return TrtllmEngine(engine_dir)
 
 
+def _pytorch(engine_dir: Path, settings: EngineConfig) -> Engine:
+    from workflow.engine.pytorch import PytorchEngine
+
+    return PytorchEngine(engine_dir, settings.pytorch.max_batch_size)
+
+
 BACKENDS: dict[str, Callable[[Path, EngineConfig], Engine]] = {
     "onnxruntime": _onnxruntime,
     "tensorrt_llm": _tensorrt_llm,
+    "pytorch": _pytorch,
 }
 """Backend (the manifest's target.backend) -> its loader; each imports its backend's library only when called."""
 

@@ -143,8 +143,10 @@ def _probe(path: str, period: int, failures: int) -> dict:
 
 
 def gateway_container(config: Config, image: str) -> dict:
-    """The gateway, serving the folder the init container opened (as its own process, TLS 1.3, audited per pod)."""
+    """The gateway, serving the folder the init container opened (as its own process, TLS 1.3, audited per pod); with
+    the PyTorch engine in-process on one GPU."""
     k8s = config.rollout.kubernetes
+    gpu = {"nvidia.com/gpu": "1"} if config.engine.backend == "pytorch" and config.cluster.gpus_per_node else {}
     return {
         "name": "gateway", "image": image,
         "args": ["python", "-m", "workflow.serve", "--config", f"{MOUNTS['config']}/config.yaml", "start", "--model-dir",
@@ -154,8 +156,8 @@ def gateway_container(config: Config, image: str) -> dict:
         "startupProbe": _probe("/readyz", 10, math.ceil(k8s.startup_timeout_s / 10)),
         "livenessProbe": _probe("/healthz", 10, 3),
         "readinessProbe": _probe("/readyz", 5, 3),
-        "resources": {"requests": {"cpu": k8s.resources.cpu, "memory": k8s.resources.memory},
-                      "limits": {"memory": k8s.resources.memory_limit}},
+        "resources": {"requests": {"cpu": k8s.resources.cpu, "memory": k8s.resources.memory} | gpu,
+                      "limits": {"memory": k8s.resources.memory_limit} | gpu},
         "securityContext": container_security(),
         "volumeMounts": [mount("model"), mount("config"), mount("tls"), mount("api-keys"), mount("audit", False),
                          mount("audit-key")],
