@@ -119,8 +119,6 @@ class PytorchEngine:
     (workflow/engine/interface.py `Engine`)."""
 
     def __init__(self, engine_dir: str | Path, max_batch_size: int = 8, device: torch.device | None = None) -> None:
-        from transformers import GenerationConfig
-
         self.manifest = EngineManifest.read(engine_dir)
         device = device or here()
         check_target(self.manifest, target(device))
@@ -134,10 +132,6 @@ class PytorchEngine:
         self.context_length = config.max_position_embeddings
         self.vocab_size = config.vocab_size
         self.max_batch_size = max_batch_size
-        # greedy over the chooser's forced scores, with no processor of the model's own (its sampling defaults are
-        # the gateway's to apply, per request)
-        self.settings = GenerationConfig(do_sample=False, repetition_penalty=1.0, pad_token_id=self.pad_id,
-                                         eos_token_id=self.eos_ids or None)
         self.waiting: queue.Queue[_Request | None] = queue.Queue()
         self.closed = False
         self.loop = threading.Thread(target=self._serve, name="pytorch-engine", daemon=True)
@@ -209,7 +203,7 @@ class PytorchEngine:
     def _generate(self, batch: list[_Request]) -> None:
         if not batch:
             return
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         prompts = [list(r.asked.prompt_ids) for r in batch]
         width = max(len(p) for p in prompts)
@@ -217,8 +211,11 @@ class PytorchEngine:
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         chooser = _Chooser(batch, self.eos_ids)
-        self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.settings,
-                            max_new_tokens=max(r.asked.max_new_tokens for r in batch),
+        # greedy over the chooser's forced scores, with no processor of the model's own (its sampling defaults are the
+        # gateway's to apply, per request)
+        settings = GenerationConfig(do_sample=False, repetition_penalty=1.0, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
+                                    max_new_tokens=max(r.asked.max_new_tokens for r in batch))
+        self.model.generate(input_ids=ids, attention_mask=mask, generation_config=settings,
                             logits_processor=LogitsProcessorList([chooser]),
                             stopping_criteria=StoppingCriteriaList([chooser.stopping]))
         for request in batch:  # a row generate ended without the chooser ending it (it never does; kept safe)
