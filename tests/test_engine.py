@@ -200,12 +200,10 @@ def test_tensorrt_llm_plan_for_tp4_pp2(tmp_path):
     settings = tensorrt_llm.TrtllmSettings(tp_size=4, pp_size=2, max_batch_size=128, max_input_len=512, max_seq_len=640)
     plan = tensorrt_llm.plan(write_config(tmp_path / "ckpt"), tmp_path / "engine", "fp8", settings)
     assert plan.world_size == 8 and plan.quant_algo == "FP8"
-    assert plan.llm_arguments() == {
-        "model": str(tmp_path / "ckpt"), "tensor_parallel_size": 4, "pipeline_parallel_size": 2,
-        "build_config": {"max_batch_size": 128, "max_input_len": 512, "max_seq_len": 640, "gather_context_logits": True},
-    }
+    assert plan.llm_arguments() == {"tensor_parallel_size": 4, "pipeline_parallel_size": 2, "max_batch_size": 128,
+                                    "max_input_len": 512, "max_seq_len": 640}
     serve = plan.serve_command()
-    assert serve[:2] == ["trtllm-serve", str(tmp_path / "ckpt")]
+    assert serve[:2] == ["trtllm-serve", str(tmp_path / "engine")]
     assert serve[serve.index("--tp_size") + 1] == "4" and serve[serve.index("--pp_size") + 1] == "2"
 
 

@@ -1,18 +1,21 @@
-"""TensorRT-LLM engines for GPU clusters: a build plan checked here, the build run in NVIDIA's release container.
+"""TensorRT-LLM for GPU clusters: its LLM API on its default PyTorch backend, serving the quantize stage's ModelOpt
+checkpoint itself (no engine to compile), split tp x pp.
 
-    snakemake --sdm apptainer results/engine/fp8/engine_manifest.json   (with engine.backend: tensorrt_llm)
+    snakemake --sdm apptainer results/engine/tensorrt_llm/fp8    (with engine.backend: tensorrt_llm)
 
-Pinned to one TensorRT-LLM release (workflow/engine/release.py), of the last line with the TensorRT engine backend:
-`tensorrt_llm._tensorrt_engine.LLM` builds a tp x pp engine from the ModelOpt unified checkpoint and `llm.save` writes it. The forward-looking
-alternative needs no engine: `trtllm-serve <checkpoint> --tp_size N --pp_size M` on the PyTorch backend
-(`serve_command`). TensorRT-LLM cannot be installed on our machines: the plan and its checks run in the
-tests; the build and the streaming engine below are written against the release's documented API and
-were not run here.
+Pinned to one TensorRT-LLM release (workflow/engine/release.py). The build stage checks the split against the
+checkpoint (`plan`), copies the checkpoint into the engine folder with the LLM arguments it is served with
+(`llm_args.json`) and the manifest, and the engine check loads it with `tensorrt_llm.LLM(**arguments)` on tp x pp
+GPUs. `trtllm-serve <engine folder>` serves the same folder with the same parallelism (`serve_command`; the gateway's
+upstream mode forwards to it). TensorRT-LLM cannot be installed on our machines: the plan, its refusals and the folder
+it writes run in the tests; loading and streaming are written against the release's documented LLM API and were not
+run here.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,20 +47,15 @@ class BuildPlan:
         return self.settings.tp_size * self.settings.pp_size
 
     def llm_arguments(self) -> dict:
+        """`tensorrt_llm.LLM`'s arguments (PyTorch backend, its default) for the engine folder, without the model path."""
         s = self.settings
-        return {
-            "model": self.checkpoint_dir,
-            "tensor_parallel_size": s.tp_size,
-            "pipeline_parallel_size": s.pp_size,
-            # context logits gathered: the engine check measures closeness to the fine-tuned model (workflow/closeness.py)
-            "build_config": {"max_batch_size": s.max_batch_size, "max_input_len": s.max_input_len, "max_seq_len": s.max_seq_len,
-                             "gather_context_logits": True},
-        }
+        return {"tensor_parallel_size": s.tp_size, "pipeline_parallel_size": s.pp_size, "max_batch_size": s.max_batch_size,
+                "max_input_len": s.max_input_len, "max_seq_len": s.max_seq_len}
 
     def serve_command(self, port: int = 8000) -> list[str]:
-        """PyTorch-backend serving of the same checkpoint with the same parallelism (no engine build)."""
+        """trtllm-serve (PyTorch backend) on the engine folder, with the same parallelism and limits."""
         s = self.settings
-        return ["trtllm-serve", self.checkpoint_dir, "--host", "0.0.0.0", "--port", str(port), "--tp_size", str(s.tp_size),
+        return ["trtllm-serve", self.engine_dir, "--host", "0.0.0.0", "--port", str(port), "--tp_size", str(s.tp_size),
                 "--pp_size", str(s.pp_size), "--max_batch_size", str(s.max_batch_size), "--max_seq_len", str(s.max_seq_len)]
 
 
@@ -105,26 +103,28 @@ def target(tp_size: int, pp_size: int) -> Target:
                   gpu_arch=f"sm_{major}{minor}", tp_size=tp_size, pp_size=pp_size)
 
 
+LLM_ARGS = "llm_args.json"
+"""The engine folder's `tensorrt_llm.LLM` arguments (BuildPlan.llm_arguments)."""
+
+
 def build(build_plan: BuildPlan, source_sha256: str) -> EngineManifest:
-    """Build and save the engine (inside the release container, on tp x pp GPUs). Not run on our machines."""
+    """The engine folder (inside the release container, on tp x pp GPUs): the checkpoint's files, the LLM arguments
+    and the manifest. The PyTorch backend compiles nothing ahead: the engine check's first load is the proof."""
     _tensorrt_llm()
     import torch
-    from tensorrt_llm import BuildConfig
-    from tensorrt_llm._tensorrt_engine import LLM
 
     if torch.cuda.get_device_capability() < (needed := SCHEMES[build_plan.scheme].tensorrt_llm_min_compute):
         raise ValueError(f"build_engine: {build_plan.scheme} needs compute capability {needed} or newer")
-    arguments = build_plan.llm_arguments()
-    arguments["build_config"] = BuildConfig(**arguments["build_config"])
-    llm = LLM(**arguments)
-    llm.save(build_plan.engine_dir)
-    keep_generation_config(build_plan.checkpoint_dir, build_plan.engine_dir)
+    engine_dir = Path(build_plan.engine_dir)
+    shutil.copytree(build_plan.checkpoint_dir, engine_dir, dirs_exist_ok=True)
+    (engine_dir / LLM_ARGS).write_text(json.dumps(build_plan.llm_arguments(), indent=1))
+    keep_generation_config(build_plan.checkpoint_dir, engine_dir)
     here = target(build_plan.settings.tp_size, build_plan.settings.pp_size)
     manifest = EngineManifest(build_plan.scheme, build_plan.quant_algo or BASELINE, here, source_sha256,
-                              {"release": TENSORRT_LLM, **build_plan.settings.model_dump()},
+                              {"release": TENSORRT_LLM, "backend": "pytorch", **build_plan.settings.model_dump()},
                               algorithm=f"ModelOpt {build_plan.quant_algo}, calibrated by the quantize stage"
                               if build_plan.quant_algo else "none: unquantized weights")
-    manifest.write(build_plan.engine_dir)
+    manifest.write(engine_dir)
     return manifest
 
 
@@ -136,9 +136,9 @@ class TrtllmEngine:
         self.manifest = EngineManifest.read(engine_dir)
         check_target(self.manifest, target(self.manifest.target.tp_size, self.manifest.target.pp_size))
         self.max_batch_size = int(self.manifest.build.get("max_batch_size", 1))
-        from tensorrt_llm._tensorrt_engine import LLM
+        from tensorrt_llm import LLM
 
-        self.llm = LLM(model=str(engine_dir))
+        self.llm = LLM(model=str(engine_dir), **json.loads((Path(engine_dir) / LLM_ARGS).read_text()))
 
     def stream(self, request: GenerationRequest) -> Iterator[int]:
         """Tokens as TensorRT-LLM generates them, sampled by its own sampler with the request's fields (its
@@ -157,7 +157,7 @@ class TrtllmEngine:
 
     def context_logits(self, ids: list[int]):
         """The logits at every position of ids, (len(ids), vocab): teacher-forced, for workflow/closeness.py (the
-        build gathers context logits). Written against TensorRT-LLM's LLM API; not run on our machines."""
+        PyTorch backend returns them when the request asks). Written against TensorRT-LLM's LLM API; not run here."""
         from tensorrt_llm import SamplingParams as TrtllmSampling
 
         output = self.llm.generate(ids, TrtllmSampling(max_tokens=1, return_context_logits=True))
