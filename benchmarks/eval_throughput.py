@@ -116,6 +116,9 @@ def main() -> None:
     print(json.dumps({"gpu": gpu}), flush=True)
     sdpa = sdpa_run(model, prompts, gpu["batch"], args.sdpa_tokens) if args.sdpa_tokens else None
     print(json.dumps({"sdpa": sdpa}), flush=True)
+    if args.json:  # written now too: the CPU part is slow to start (the model moved to fp32) and may be cut short
+        with open(args.json, "w") as handle:
+            json.dump({"shape": args.shape, "gpu": gpu, "sdpa": sdpa}, handle, indent=1)
     cpu = cpu_run(model, prompts[: args.cpu_prompts], args.cpu_tokens, args.prompts * args.new_tokens) if args.cpu_prompts else None
     result = {"shape": args.shape, "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "gpu": gpu, "sdpa": sdpa, "cpu": cpu}

@@ -4,6 +4,7 @@
 #   PHASE=all bash benchmarks/gpu_dag.sh     first call: GPU tests, the evaluation benchmark, then the DAG started
 #   PHASE=wait bash benchmarks/gpu_dag.sh    next calls on the still-warm machine: wait for the DAG, report
 #   PHASE=dag bash benchmarks/gpu_dag.sh     the DAG alone (started, or resumed, and waited for)
+#   PHASE=export bash benchmarks/gpu_dag.sh  each scheme quantized on the GPU, its export read as the engines' loaders do
 # The DAG (config/gpu.yaml, results in /tmp/dag-results) runs detached, so it goes on between calls; each call stops
 # waiting at DEADLINE seconds (the device's 10-minute limit a call) and prints the job table so far.
 set -u -o pipefail
@@ -69,4 +70,6 @@ case ${PHASE:-all} in
     all) prepare & smoke; wait; start_dag; wait_dag ;;
     dag) prepare; start_dag; wait_dag ;;
     wait) start_dag; wait_dag ;;
+    export) python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext, get_cuda_ext_fp8; get_cuda_ext(); get_cuda_ext_fp8()" 2>&1 | grep Loaded
+            timeout 400 python3 benchmarks/gpu_export.py --work /tmp/gpu-export 2>&1 | grep '^{' | tee "$OUT/gpu_export.jsonl" ;;
 esac

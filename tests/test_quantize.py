@@ -4,8 +4,9 @@ import families
 import mlflow
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from workflow import exported
 from workflow.bootstrap.problems import make_problems
 from workflow.engine import onnxruntime
 from workflow.engine.calibration import fold_calibration
@@ -52,6 +53,12 @@ def test_quantize_exports_recipe_and_restores_the_same_model(tiny_base, tmp_path
     assert record["recipe"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
     assert record["calib_samples"] == 3 and len(record["calib_sha256"]) == 64
     assert (tmp_path / "q" / "checkpoint" / "hf_quant_config.json").exists()
+    # the checkpoint as TensorRT-LLM's and vLLM's ModelOpt loaders read it: int8 weights, per-channel weight scales,
+    # a per-tensor input scale and the SmoothQuant smoothing factors on every decoder-layer projection
+    layers = 7 * AutoConfig.from_pretrained(tiny_base).num_hidden_layers
+    assert record["export"] == {"format": "ModelOpt unified Hugging Face (quant_method modelopt)", "quant_algo": "W8A8_SQ_PER_CHANNEL",
+                                "quantized_layers": layers, "weight_dtype": "I8", "group_size": None,
+                                "scales": ["input_scale", "pre_quant_scale", "weight_scale"], "excluded": ["lm_head", "model.embed_tokens"]}
     ids = torch.tensor([list(range(5, 30))])
     calibrated = quantized_model(tiny_base, "int8_sq", [r["input_ids"] for r in rows[:3]])
     restored = quantized_model(tiny_base, "int8_sq", state=tmp_path / "q" / "modelopt_state.pth")
@@ -119,6 +126,7 @@ def test_each_family_quantizes_and_its_calibration_folds_into_an_engine(family_d
     train.write_text("".join(json.dumps({"input_ids": ids, "labels": ids}) + "\n" for ids in rows))
     record = quantize(model, train, tmp_path / "q", scheme, QuantizeConfig(calib_samples=4), tracking)
     assert record["recipe"]["quant_algo"] and record["calib_samples"] == 4
+    assert record["export"]["quant_algo"] == SCHEMES[scheme].quant_algo and record["export"]["quantized_layers"] > 0
     quantized = quantized_model(model, scheme, state=tmp_path / "q" / "modelopt_state.pth")
     with torch.no_grad():
         logits = quantized(input_ids=torch.tensor([rows[0]])).logits
@@ -130,3 +138,28 @@ def test_each_family_quantizes_and_its_calibration_folds_into_an_engine(family_d
     assert manifest.calibration["calib_sha256"] == record["calib_sha256"]
     engine = onnxruntime.OrtEngine(tmp_path / "engine")
     assert len(list(engine.stream(GenerationRequest(rows[0][:16], 4, min_new_tokens=4)))) == 4
+
+
+def test_an_export_the_gpu_loaders_would_misread_is_refused(tiny_base, tmp_path, tracking):
+    """A checkpoint whose declaration or tensors differ from its scheme's format (a scale missing, the weights left in
+    floating point, another quant_algo declared) fails the quantize stage, naming the tensor or the key."""
+    from safetensors.torch import load_file, save_file
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"input_ids": list(range(5, 30)), "labels": list(range(5, 30))}) + "\n")
+    record = quantize(tiny_base, train, tmp_path / "q", "fp8", QuantizeConfig(calib_samples=1), tracking)
+    assert (record["export"]["weight_dtype"], record["export"]["scales"]) == ("F8_E4M3", ["input_scale", "weight_scale"])
+    checkpoint = tmp_path / "q" / "checkpoint"
+    assert exported.check(checkpoint, "fp8") == record["export"]
+    with pytest.raises(exported.ExportError, match="quant_algo W8A8_SQ_PER_CHANNEL"):
+        exported.check(checkpoint, "int8_sq")  # the fp8 checkpoint named as another scheme
+    [weights] = checkpoint.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("q_proj.weight_scale"))
+    del tensors[name]
+    layer = name.removesuffix(".weight_scale").replace("q_proj", "k_proj")
+    tensors[f"{layer}.weight"] = tensors[f"{layer}.weight"].float()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(exported.ExportError) as refused:
+        exported.check(checkpoint, "fp8")
+    assert f"{name} is missing" in str(refused.value) and f"{layer}.weight is F32, not F8_E4M3" in str(refused.value)

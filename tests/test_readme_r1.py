@@ -59,6 +59,7 @@ def test_the_r1_example_as_it_stood_stops_at_plan_time_naming_both_keys_and_fixe
     example["finetune"].pop("micro_batch_size")
     example["cluster"].pop("host_memory_gib")
     example.pop("rollout")
+    example.pop("engine")  # the default CPU engine, as it stood
     with pytest.raises(PlanError) as err:
         checked_plan(settings(on_published_7b(example, tmp_path)))
     message = str(err.value)

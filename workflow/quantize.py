@@ -19,7 +19,7 @@ import mlflow
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from workflow import closeness
+from workflow import closeness, exported
 from workflow.capacity import Architecture, generation_memory
 from workflow.config import Cluster, EvalConfig, QuantizeConfig
 from workflow.data import read_split
@@ -134,6 +134,7 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
             mto.save(model, str(out_dir / "modelopt_state.pth"))
             export_hf_checkpoint(model, export_dir=checkpoint)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(checkpoint)
+        export = exported.check(checkpoint, scheme)  # read as TensorRT-LLM's and vLLM's ModelOpt loaders read it
         recipe_file = checkpoint / "hf_quant_config.json"
         record = {
             "scheme": scheme,
@@ -143,6 +144,7 @@ def quantize(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
             "calib_samples": len(calibration) if SCHEMES[scheme].modelopt else 0,
             "calib_sha256": calib_digest if SCHEMES[scheme].modelopt else None,
             "checkpoint_bytes": dir_bytes(checkpoint),
+            "export": export,
             "source_model": str(Path(model_dir).resolve()),
             "device": str(device),
             "gpu_peak_gib": peak_gib(device),
