@@ -78,9 +78,9 @@ def test_the_r1_example_as_it_stood_stops_at_plan_time_naming_both_keys_and_fixe
     assert "smallest change that fits: finetune.micro_batch_size: 2" in str(err.value)
 
 
-# What this 2-core CPU machine is, instead of the example's 8 GPUs, and the sizes that keep the run short; everything
-# else (data.max_seq_len, the gateway's limits, the data settings, the training precision, the R1 template) is the
-# README's.
+# What this 2-core CPU machine is, instead of the example's 8 GPUs (the cluster, the CPU engine), and the sizes that keep
+# the run short; everything else (data.max_seq_len, the gateway's limits, the data settings, the training precision,
+# the R1 template) is the README's.
 SMALLEST = min(SCHEMES, key=lambda s: SCHEMES[s].weight_bytes)
 THIS_MACHINE = {
     "cluster": {"gpus_per_node": 0, "host_memory_gib": 16},
@@ -95,6 +95,8 @@ THIS_MACHINE = {
     # runs to promotion in test_workflow.py's whole DAG.
     "quantize": {"schemes": [BASELINE, SMALLEST], "calib_samples": 4, "max_accuracy_loss": TINY["quantize"]["max_accuracy_loss"],
                  "max_kl": TINY["quantize"]["max_kl"], "min_agreement": TINY["quantize"]["min_agreement"]},
+    # The README's engine (pytorch) serves on a GPU; this machine has the CPU engine, which builds both schemes.
+    "engine": {"backend": "onnxruntime"},
     "benchmark": TINY["benchmark"],
     "rollout": {"canary": {"samples": 2, "requests": 2}},
 }
