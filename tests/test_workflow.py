@@ -360,6 +360,9 @@ DELIVERY = {"select", "package", "register", "backup", "rollout", "promote", "su
 ENGINE_JOBS = {"build_engine_onnxruntime", "benchmark_onnxruntime"}
 
 
+# Three real reruns, each through every scheme's engines and the delivery: 1,199 s under load 3 on the 2-core machine
+# (2026-12-04), at the suite's 1,200 s limit; not yet sized down.
+@pytest.mark.timeout(2400)
 def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(zero2, tmp_path, snakemake):
     """A benchmark, an evaluation and a fine-tune setting changed in turn: the dry run lists what the change affects,
     one real run runs exactly that (on 375b44e the benchmark change listed the plan job alone), and a second run has
