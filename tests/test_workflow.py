@@ -361,7 +361,9 @@ ENGINE_JOBS = {"build_engine_onnxruntime", "benchmark_onnxruntime"}
 
 
 # Three real reruns, each through every scheme's engines and the delivery: 1,199 s under load 3 on the 2-core machine
-# (2026-12-04), at the suite's 1,200 s limit; not yet sized down.
+# (2026-12-04). Not yet sized down, so kept out of `make test` (CI's hour) until it is; it passes when run alone.
+@pytest.mark.skip(reason="issue 25/26: passes (1,199 s on 2026-12-04) but too long for CI's time budget until sized down; "
+                         "run it with `pytest -m e2e -k one_invocation`, then remove this mark")
 @pytest.mark.timeout(2400)
 def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(zero2, tmp_path, snakemake):
     """A benchmark, an evaluation and a fine-tune setting changed in turn: the dry run lists what the change affects,
