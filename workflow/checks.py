@@ -14,7 +14,7 @@ import importlib.util
 
 from workflow.capacity import Architecture
 from workflow.config import Config
-from workflow.schemes import SCHEMES
+from workflow.schemes import BASELINE, SCHEMES
 
 
 def engine_context(cfg: Config, arch: Architecture) -> tuple[int | None, int | None, str, str | None]:
@@ -110,7 +110,6 @@ def feature_problems(cfg: Config) -> list[str]:
         problems.append("engine.onnxruntime.execution_provider cuda needs GPUs, but cluster.gpus_per_node is 0: "
                         "set engine.onnxruntime.execution_provider: cpu")
     if cfg.engine.backend == "pytorch" and not any(SCHEMES[s].baseline for s in cfg.quantize.schemes):
-        baseline = next(name for name, s in SCHEMES.items() if s.baseline)
         problems.append(f"engine.backend pytorch serves the unquantized baseline only, but quantize.schemes "
-                        f"{list(cfg.quantize.schemes)} leaves it out: add {baseline} to quantize.schemes, or engine.backend: tensorrt_llm")
+                        f"{list(cfg.quantize.schemes)} leaves it out: add {BASELINE} to quantize.schemes, or engine.backend: tensorrt_llm")
     return problems

@@ -39,13 +39,25 @@ from workflow.engine.sampling import TokenHistory, next_token
 log = logging.getLogger(__name__)
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-_DONE = object()
+DONE = object()
 
 
 def _close_at_exit(batcher_ref: weakref.ref) -> None:
     batcher = batcher_ref()
     if batcher is not None:
         batcher.close()
+
+
+def receive(request) -> Iterator[int]:
+    """The tokens a batching loop puts on `request.out` until DONE (an exception put there is raised); a caller that
+    stops reading marks the request finished, and the loop frees its row at the next step."""
+    try:
+        while (item := request.out.get()) is not DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        request.finished = True
 
 
 @dataclass(eq=False)
@@ -129,17 +141,8 @@ class ContinuousBatcher:
                 raise RuntimeError("generate: the engine was unloaded")
             self.waiting.append(request)
             self.wake.notify()
-        return self._receive(request)
+        return receive(request)
 
-    @staticmethod
-    def _receive(request: _Request) -> Iterator[int]:
-        try:
-            while (item := request.out.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            request.finished = True  # a caller that stops reading frees the slot at the next step
 
     def _serve(self) -> None:
         while True:
@@ -228,7 +231,7 @@ class ContinuousBatcher:
         request.history.add(request.last)
         request.out.put(request.last)
         if request.last in self.eos_ids or request.generated >= request.max_new:
-            request.out.put(_DONE)
+            request.out.put(DONE)
             request.finished = True
 
     def _release_finished(self) -> None:

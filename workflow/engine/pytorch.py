@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workflow.engine.batching import DONE, receive
 from workflow.engine.interface import GenerationRequest
 from workflow.engine.manifest import EngineManifest, Target, check_target
 from workflow.engine.sampling import TokenHistory, next_token
 from workflow.generation import load_model
-from workflow.schemes import SCHEMES
+from workflow.schemes import BASELINE, SCHEMES
 
 log = logging.getLogger(__name__)
-_DONE = object()
 
 
 def here() -> torch.device:
@@ -50,8 +50,7 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, device: to
     """The engine folder: the fine-tuned checkpoint's files (weights, config, tokenizer, generation config) and the
     manifest. Only the unquantized baseline: see the module's docstring."""
     if not SCHEMES[scheme].baseline:
-        baseline = next(name for name, s in SCHEMES.items() if s.baseline)
-        raise ValueError(f"build_engine: engine.backend pytorch serves the unquantized baseline ({baseline}) only, not {scheme}; "
+        raise ValueError(f"build_engine: engine.backend pytorch serves the unquantized baseline ({BASELINE}) only, not {scheme}; "
                          "use engine.backend: tensorrt_llm for quantized engines")
     engine_dir = Path(engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +104,7 @@ class _Chooser:
         request.history.add(token)
         request.out.put(token)
         if token in self.eos_ids or request.generated >= asked.max_new_tokens:
-            request.out.put(_DONE)
+            request.out.put(DONE)
             request.finished = True
         return token
 
@@ -149,17 +148,7 @@ class PytorchEngine:
             raise RuntimeError("generate: the engine was unloaded")
         entry = _Request(request)
         self.waiting.put(entry)
-        return self._receive(entry)
-
-    @staticmethod
-    def _receive(request: _Request) -> Iterator[int]:
-        try:
-            while (item := request.out.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            request.finished = True  # a caller that stops reading ends its row at the next step
+        return receive(entry)
 
     def close(self) -> None:
         """Finish the batch in flight, refuse what waits, stop the loop and free the GPU memory."""
@@ -221,4 +210,4 @@ class PytorchEngine:
         for request in batch:  # a row generate ended without the chooser ending it (it never does; kept safe)
             if not request.finished:
                 request.finished = True
-                request.out.put(_DONE)
+                request.out.put(DONE)
