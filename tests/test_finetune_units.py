@@ -218,11 +218,12 @@ def test_varlen_attention_keeps_packed_sequences_apart():
         torch.testing.assert_close(model(input_ids=stacked).logits, reference(input_ids=stacked).logits)
 
 
-@pytest.mark.slow  # a real op build, once per machine (the launcher's cache, shared with every fine-tune)
+@pytest.mark.slow  # a real op build (DeepSpeed's CPU Adam, for an offloaded optimizer), once per machine
 def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
-    """DeepSpeed JIT-builds its CPU all-reduce in the ranks; a build killed half way (SIGKILL, on a cluster scancel)
-    leaves torch's lock file beside the build (torch.utils.file_baton), on which every later load waited forever.
-    Here: a copy of the launcher's finished build with that lock planted; the launcher's build clears it and loads."""
+    """The launcher builds the ops the ranks would JIT-build (CPU Adam with an offloaded optimizer); a build killed
+    half way (SIGKILL, on a cluster scancel) leaves torch's lock file beside the build (torch.utils.file_baton), on
+    which every later load waited forever. Here: a copy of the launcher's finished build with that lock planted; the
+    launcher's build clears it and loads."""
     import os
     import shutil
     import subprocess
@@ -232,21 +233,23 @@ def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
     from workflow.finetune import ops
     from workflow.finetune.launch import launch_env
 
-    shared = Path(launch_env(FinetuneConfig(), "", "")["TORCH_EXTENSIONS_DIR"])
-    assert ops.build(FinetuneConfig(), shared) == ["deepspeed_shm_comm"]  # a no-op when a fine-tune built it already
+    offload = FinetuneConfig(zero_stage=2, offload_optimizer=True)
+    shared = Path(launch_env(offload, "", "")["TORCH_EXTENSIONS_DIR"])
+    assert ops.build(offload, shared) == ["cpu_adam"]  # a no-op when a fine-tune built it already
+    assert ops.build(FinetuneConfig(), shared) == []  # nothing to build without offload: the CPU all-reduce is skipped
     extensions = tmp_path / "torch_extensions"
-    shutil.copytree(shared / "deepspeed_shm_comm", extensions / "deepspeed_shm_comm")
-    lock = extensions / "deepspeed_shm_comm" / "lock"
+    shutil.copytree(shared / "cpu_adam", extensions / "cpu_adam")
+    lock = extensions / "cpu_adam" / "lock"
     lock.touch()  # what FileBaton leaves when its holder is killed before release()
 
     script = ("from pathlib import Path\nfrom workflow.finetune import ops\nfrom workflow.config import FinetuneConfig\n"
-              f"print(ops.build(FinetuneConfig(), Path({str(extensions)!r})))")
+              f"print(ops.build(FinetuneConfig(zero_stage=2, offload_optimizer=True), Path({str(extensions)!r})))")
     done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['deepspeed_shm_comm']"
+    assert done.stdout.strip().splitlines()[-1] == "['cpu_adam']"
     assert f"removing {lock}, left by an op build that was killed" in done.stderr
-    assert not lock.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
+    assert not lock.exists() and (extensions / "cpu_adam" / "cpu_adam.so").exists()
 
 
 @pytest.mark.slow  # torch.compile of the layers, then training twice

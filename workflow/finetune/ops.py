@@ -1,7 +1,9 @@
 """DeepSpeed's JIT-compiled ops, built once by the launcher before the ranks start.
 
-DeepSpeed compiles some ops on first use with torch.utils.cpp_extension: on a CPU host the shared-memory
-all-reduce, with an offloaded optimizer its CPU Adam. cpp_extension's lock is a bare file, so a build killed
+DeepSpeed compiles some ops on first use with torch.utils.cpp_extension: with an offloaded optimizer its CPU Adam.
+On a CPU host deepspeed.comm would also build its shared-memory all-reduce (90 s on 2 cores, once per machine) when
+it starts; that op serves only DeepSpeed's inference all-reduce, never training's (gloo), so the ranks mark it
+unavailable (`skip_inference_all_reduce`) and nothing builds it. cpp_extension's lock is a bare file, so a build killed
 half way (scancel, the OOM killer, Ctrl-C) leaves it behind and every later load of that op waits on it forever.
 The launcher therefore builds the ops itself while holding an flock on the extensions folder (the kernel
 releases it whatever kills the holder); while it holds the flock no other launcher is building, so any lock
@@ -20,12 +22,9 @@ from workflow.config import FinetuneConfig
 log = logging.getLogger(__name__)
 
 
-def needed(cfg: FinetuneConfig, accelerator: str) -> list[str]:
+def needed(cfg: FinetuneConfig) -> list[str]:
     """The op builders DeepSpeed will JIT-load in the ranks of this run."""
-    ops = ["ShareMemCommBuilder"] if accelerator == "cpu" else []  # deepspeed.comm's CPU all-reduce
-    if cfg.offload_optimizer:
-        ops.append("CPUAdamBuilder")
-    return ops
+    return ["CPUAdamBuilder"] if cfg.offload_optimizer else []
 
 
 def build(cfg: FinetuneConfig, extensions_dir: Path) -> list[str]:
@@ -44,7 +43,7 @@ def build(cfg: FinetuneConfig, extensions_dir: Path) -> list[str]:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
         try:
             built = []
-            for name in needed(cfg, accelerator.device_name()):
+            for name in needed(cfg):
                 builder = accelerator.create_op_builder(name)
                 if builder is not None and __compatible_ops__.get(builder.NAME, False):
                     builder.load(verbose=False)
@@ -55,3 +54,15 @@ def build(cfg: FinetuneConfig, extensions_dir: Path) -> list[str]:
                 os.environ.pop("TORCH_EXTENSIONS_DIR")
             else:
                 os.environ["TORCH_EXTENSIONS_DIR"] = saved
+
+
+def skip_inference_all_reduce() -> None:
+    """Keep deepspeed.comm from building its shared-memory all-reduce in this process: the op table DeepSpeed
+    consults (`__compatible_ops__`, False where an op cannot build) marks it unavailable, as on a host without a
+    compiler. Training's all-reduces go through the process group either way."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops import __compatible_ops__
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        __compatible_ops__[builder.NAME] = False

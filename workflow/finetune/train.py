@@ -186,6 +186,9 @@ def train(job: Job) -> dict:
     if on_cpu:
         import deepspeed
 
+        from workflow.finetune import ops
+
+        ops.skip_inference_all_reduce()
         # On CPU the Trainer would set up distributed state after zero.Init needs it (see shared NOTES).
         deepspeed.init_distributed(dist_backend="gloo")
     if args.process_index == 0:
