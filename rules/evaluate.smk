@@ -11,7 +11,7 @@ rule evaluate_base:
         f"{RESULTS}/logs/evaluate_base.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_base.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=generation_runtime,
@@ -37,7 +37,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=generation_runtime,

@@ -12,7 +12,7 @@ rule quantize:
         f"{RESULTS}/benchmarks/quantize/{{scheme}}.tsv"
     wildcard_constraints:
         scheme=SCHEME_WILDCARD,
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=generation_runtime,
@@ -41,7 +41,7 @@ checkpoint evaluate_quantized:
         f"{RESULTS}/benchmarks/evaluate_quantized/{{scheme}}.tsv"
     wildcard_constraints:
         scheme=SCHEME_WILDCARD,
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=generation_runtime,

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from workflow.config import ConfigError, FinetuneConfig, check
 from workflow.finetune.batches import PaddingFree, pad_to_longest
 from workflow.finetune.callbacks import CheckpointLayers, StopOnNonFiniteLoss
 from workflow.finetune.config import COMPLETE, deepspeed_config, latest_complete_checkpoint
-from workflow.finetune.launch import launch_command
+from workflow.finetune.launch import launch_command, launch_env
 from workflow.finetune.memory import checkpointed_indices, fill_micro_batch, memory_plan
 from workflow.finetune.speed import compile_decoder_layers, decoder_layers, register_varlen_attention, resolve, varlen_available
 
@@ -65,6 +66,19 @@ def test_launch_commands(tmp_path):
     ds = launch_command(FinetuneConfig(launcher="deepspeed", nproc_per_node=8), tmp_path / "job.json")
     assert ds[1:5] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "8"]
     assert "--module" in ds
+
+
+def test_the_jobs_cores_are_shared_out_among_its_ranks(monkeypatch):
+    """Snakemake gives a job OMP_NUM_THREADS = its threads; two ranks of a 2-thread job take one thread each (two
+    each would run 4 threads on 2 cores); without the variable, the cores this process may run on are shared out."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert launch_env(FinetuneConfig(nproc_per_node=2), "", "")["OMP_NUM_THREADS"] == "1"
+    assert launch_env(FinetuneConfig(nproc_per_node=8), "", "")["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert launch_env(FinetuneConfig(nproc_per_node=2), "", "")["OMP_NUM_THREADS"] == "8"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    assert launch_env(FinetuneConfig(nproc_per_node=1), "", "")["OMP_NUM_THREADS"] == str(cores)
 
 
 def test_half_written_checkpoints_are_discarded(tmp_path):
@@ -224,14 +238,12 @@ def test_an_op_build_killed_half_way_does_not_block_later_launches(tmp_path):
     half way (SIGKILL, on a cluster scancel) leaves torch's lock file beside the build (torch.utils.file_baton), on
     which every later load waited forever. Here: a copy of the launcher's finished build with that lock planted; the
     launcher's build clears it and loads."""
-    import os
     import shutil
     import subprocess
     import sys
     from pathlib import Path
 
     from workflow.finetune import ops
-    from workflow.finetune.launch import launch_env
 
     offload = FinetuneConfig(zero_stage=2, offload_optimizer=True)
     shared = Path(launch_env(offload, "", "")["TORCH_EXTENSIONS_DIR"])

@@ -61,9 +61,9 @@ class BootstrapConfig(Section):
 
     hidden_size: Annotated[int, Field(ge=128, multiple_of=128)] = 128
     """Model width (a multiple of 128 so INT4-AWQ can quantize every projection)."""
-    intermediate_size: Annotated[int, Field(ge=128, multiple_of=128)] = 512
+    intermediate_size: Annotated[int, Field(ge=128, multiple_of=128)] = 256
     """MLP width (a multiple of 128: it is the in-features of down_proj)."""
-    num_layers: Annotated[int, Field(ge=1)] = 4
+    num_layers: Annotated[int, Field(ge=1)] = 2
     """Transformer blocks."""
     num_heads: Annotated[int, Field(ge=1)] = 4
     """Attention heads (hidden_size must divide by it)."""

@@ -91,8 +91,10 @@ def launch_command(cfg: FinetuneConfig, job_file: Path, env: Mapping[str, str] |
 
 def launch_env(cfg: FinetuneConfig, run_id: str, tracking_uri: str) -> dict[str, str]:
     env = dict(os.environ, MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri)
-    # One BLAS thread per core per rank: oversubscribed CPU ranks run several times slower.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc_per_node)))
+    # The job's cores shared out among its ranks, one BLAS thread per core: oversubscribed CPU ranks run several
+    # times slower. Snakemake sets OMP_NUM_THREADS to the job's threads; without it, the cores this process may use.
+    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    env["OMP_NUM_THREADS"] = str(max(1, cores // cfg.nproc_per_node))
     # DeepSpeed JIT-compiles ops on first use; keep them across runs and results directories.
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ft2prod" / "torch_extensions"
     env.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
