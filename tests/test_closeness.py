@@ -89,7 +89,8 @@ def test_a_scheme_close_in_accuracy_but_far_in_distribution_is_dropped(tiny_base
     test.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     finetuned = tmp_path / "finetuned.json"
     finetuned.write_text(json.dumps({"metrics": {"accuracy": 0.0}}))
-    gates = QuantizeConfig(max_accuracy_loss={"int8_sq": 1.0}, max_kl={"int8_sq": 1e-6}, closeness_rows=2)
+    gates = QuantizeConfig(max_accuracy_loss={"int8_sq": 1.0}, max_kl={"int8_sq": 1e-6}, min_agreement={"int8_sq": 0.0},
+                           closeness_rows=2)
     result = evaluate_quantized(tiny_base, tmp_path / "q", test, finetuned, tmp_path / "int8_sq.json", "int8_sq", gates,
                                 EvalConfig(max_samples=1, max_new_tokens=4), tracking)
     assert result["accuracy_passed"] is True and result["passed"] is False
