@@ -10,17 +10,12 @@
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
     NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TORCH_EXTENSIONS_DIR=/tmp/torch_ext
-WHL=${WHL:-.whl}
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-570}
 RESULTS=/tmp/dag-results
 mkdir -p "$OUT" "$RESULTS"
 begin=$(date +%s)
-if [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
-    touch /tmp/site/.installed
-fi
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+source benchmarks/device_site.sh
 ln -sfn "$RESULTS" results
 
 prepare() {  # in the background while the tests run: the base model, and ModelOpt's CUDA extensions compiled once

@@ -7,18 +7,13 @@
 # Each call stops waiting at DEADLINE seconds and prints, per setting: accuracy, pretraining loss, job times.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false CUDA_VISIBLE_DEVICES=
-WHL=${WHL:-.whl}
 OUT=${OUT:-/tmp/out}
 DEADLINE=${DEADLINE:-560}
 ROOT=/tmp/sweep
 REPO=$PWD
 mkdir -p "$OUT" "$ROOT"
 begin=$(date +%s)
-if [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
-    touch /tmp/site/.installed
-fi
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+source benchmarks/device_site.sh
 GATE_OFF='evaluate: {gate: {min_accuracy: 0.0, min_gain: -1.0}}'
 # name|overrides (YAML flow mappings, one per line)
 SETTINGS=${SETTINGS:-"default|
