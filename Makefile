@@ -31,15 +31,16 @@ system:
 run: setup
 	$(BIN)/snakemake
 
-# Every tier: -m "" replaces the fast-tier selection that pyproject.toml's addopts make the default. The 15 slowest
-# tests are listed at the end.
+# Every tier: -m "" replaces the fast-tier selection that pyproject.toml's addopts make the default. Two pytest-xdist
+# workers (the CI machine's 2 cores: a DAG's jobs leave a core idle much of the time); the tests of one shared DAG run
+# stay on one worker (tests/conftest.py: SHARED_DAGS). The 15 slowest tests are listed at the end.
 test: setup system
-	$(BIN)/python -m pytest -ra -m "" --durations=15
+	$(BIN)/python -m pytest -ra -m "" -n 2 --durations=15
 
 # The fast tier, what a bare `pytest` runs (pyproject.toml's addopts): no root, no Debian packages, no services,
 # no DAG runs. Tests carry their tier as a marker (e2e, services, slow; declared in pyproject.toml).
 test-fast: setup
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -n 2
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -36,12 +39,43 @@ TINY = {
 DAG_FIXTURE = "snakemake"
 
 
+# `make test` runs the tests on two pytest-xdist workers (-n 2). The tests that read one shared DAG run (a fixture that
+# runs the workflow once and keeps it) must share a worker, or the DAG runs once per worker: SHARED_DAGS names the
+# modules that hold them, and the scheduler below keeps each fixture's modules on one worker. (xdist's own
+# `--dist loadgroup` does it by marker, but its marker-to-nodeid step is lost on pytest 9.2.)
+SHARED_DAGS = {"zero2": ("test_workflow.py", "test_review_ui.py"), "r1_run": ("test_readme_r1.py",)}
+
+
+def shared_dag(nodeid: str) -> str | None:
+    module = nodeid.split("::")[0].rsplit("/", 1)[-1]
+    return next((name for name, modules in SHARED_DAGS.items() if module in modules), None)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedDagScheduling(LoadScopeScheduling):
+        """A shared DAG's tests as one unit of work (the largest go first), every other test on its own."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_dag(nodeid) or nodeid
+
+    return SharedDagScheduling(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     unmarked = [item.nodeid for item in items if DAG_FIXTURE in getattr(item, "fixturenames", ()) and not item.get_closest_marker("e2e")]
     if unmarked:
         raise pytest.UsageError(f"these tests run snakemake (the `{DAG_FIXTURE}` fixture) but are not marked e2e; add "
                                 f"`pytestmark = pytest.mark.e2e` to the module or `@pytest.mark.e2e` to the test: {', '.join(unmarked)}")
+    astray = [item.nodeid for item in items for name in SHARED_DAGS
+              if name in getattr(item, "fixturenames", ()) and shared_dag(item.nodeid) != name]
+    if astray:
+        raise pytest.UsageError(f"these tests read a shared DAG run outside the modules tests/conftest.py's SHARED_DAGS lists "
+                                f"for it (under two workers the DAG would run twice): {', '.join(astray)}")
+    # The longest first (the DAG runs, then daemons and slow tests), so that the two workers finish together.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("services") or item.get_closest_marker("slow") else 2)
 
 
 def signed_package(folder: Path, keys: Path, size: int = 2048) -> Path:
@@ -78,6 +112,32 @@ def _run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True) 
     return done
 
 
+def jobs_planned(done: subprocess.CompletedProcess) -> set[str]:
+    """Rule names in a dry run's job table."""
+    table = done.stdout.split("Job stats:")[1].split("\n\n")[0] if "Job stats:" in done.stdout else ""
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
+
+
+def jobs_run(done: subprocess.CompletedProcess) -> set[str]:
+    """Rule names of the jobs a real run started (checkpoints add jobs after the first job table)."""
+    return set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):$", done.stdout + done.stderr, re.M))
+
+
+def copy_of(dag: Path, work: Path) -> Path:
+    """A shared DAG directory (zero2, the README's R1 run) copied to work, for a test that runs snakemake again: .snakemake too (its
+    provenance decides what reruns), and the MLflow store moved with it (the experiment's artifact root and the
+    parent run's results-dir tag name absolute paths), so that nothing the test does lands in the shared one."""
+    shutil.copytree(dag, work, symlinks=True)
+    old, new = f"{dag.resolve()}/", f"{work.resolve()}/"
+    with closing(sqlite3.connect(work / "results" / "mlflow.db")) as db, db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in (row[1] for row in db.execute(f"PRAGMA table_info('{table}')") if re.search("CHAR|TEXT", row[2], re.I)):
+                db.execute(f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) WHERE instr("{column}", ?)', (old, new, old))
+    return work
+
+
+
 # The session's whole-DAG run: the tiny model, pretrained and fine-tuned long enough to beat its base model, with
 # the evaluate gate on. Measured (2-core machine, 2026-11-30): the base answers 0 of the 24 test rows (it has never
 # seen the chat format), the fine-tuned model 9 (0.375), perplexity 41.5 -> 1.10; the gate asks for 4 (0.15), which
@@ -102,7 +162,7 @@ def snakemake():
 @pytest.fixture(scope="session")
 def zero2(tmp_path_factory, snakemake) -> Path:
     """The whole DAG on ZERO2, run once per session: test_workflow looks at what it made and test_review_ui
-    reviews it in the MLflow UI. Tests that run snakemake again work on a copy (test_workflow.copy_of)."""
+    reviews it in the MLflow UI. Tests that run snakemake again work on a copy (copy_of)."""
     workdir = tmp_path_factory.mktemp("zero2")
     snakemake(workdir, ZERO2)
     return workdir

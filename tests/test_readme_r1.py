@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY, merge
+from conftest import REPO, TINY, copy_of, jobs_planned, jobs_run, merge
 
 import families
 from workflow.bootstrap.problems import make_problems
@@ -102,20 +102,68 @@ THIS_MACHINE = {
 }
 
 
-@pytest.mark.e2e
-def test_readme_r1_config_promotes_on_a_tiny_r1_distill_model(tmp_path, snakemake):
-    """The README's R1 config, merged with THIS_MACHINE (the hardware, and sizes a 2-core CPU runs in minutes), on
-    a tiny Qwen2 model with the published R1-distill template and data in the think form, runs to promotion."""
+def r1_config(tmp: Path) -> dict:
+    """The README's R1 config merged with THIS_MACHINE, on a tiny Qwen2 model with the published R1-distill template and
+    data in the think form (both written under tmp)."""
     example = readme_r1()
     positions = example["data"]["max_seq_len"] + example["evaluate"]["max_new_tokens"]
-    base = families.make("r1-distill-qwen", tmp_path / "base", shape={"max_position_embeddings": positions})
-    data = tmp_path / "traces.jsonl"
+    base = families.make("r1-distill-qwen", tmp / "base", shape={"max_position_embeddings": positions})
+    data = tmp / "traces.jsonl"
     data.write_text("".join(json.dumps(p.as_row("think")) + "\n" for p in make_problems(120, seed=5)))
-    config = merge(merge(example, {"base_model": str(base), "data": {"path": str(data)}}), THIS_MACHINE)
-    work = tmp_path / "run"
-    snakemake(work, config)
+    return merge(merge(example, {"base_model": str(base), "data": {"path": str(data)}}), THIS_MACHINE)
+
+
+@pytest.fixture(scope="module")
+def r1_run(tmp_path_factory, snakemake) -> tuple[Path, dict]:
+    """The README's R1 config run to promotion once per module: (its directory, its config)."""
+    tmp = tmp_path_factory.mktemp("r1")
+    config = r1_config(tmp)
+    snakemake(tmp / "run", config)
+    return tmp / "run", config
+
+
+@pytest.mark.e2e
+def test_readme_r1_config_promotes_on_a_tiny_r1_distill_model(r1_run):
+    """The README's R1 config, merged with THIS_MACHINE (the hardware, and sizes a 2-core CPU runs in minutes), on
+    a tiny Qwen2 model with the published R1-distill template and data in the think form, runs to promotion."""
+    work, _ = r1_run
+    example = readme_r1()
     results = work / "results"
     assert json.loads((results / "rollout" / "promoted.json").read_text())["production"] == "1"
     plan = json.loads((results / "plan" / "plan.json").read_text())
     assert plan["fits"] and plan["resolved"]["max_seq_len"] == example["data"]["max_seq_len"]
     assert json.loads((results / "model" / "ft2prod.json").read_text())["finetune"]["precision"] == example["finetune"]["precision"]
+
+
+DELIVERY = {"select", "package", "register", "backup", "rollout", "promote", "summary", "all"}
+ENGINE_JOBS = {"build_engine_onnxruntime", "benchmark_onnxruntime"}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)
+def test_one_invocation_reruns_what_a_change_affects_and_a_second_does_nothing(r1_run, tmp_path, snakemake):
+    """On a copy of the README's R1 run, a benchmark, an evaluation and a fine-tune setting changed in turn: the dry
+    run lists what the change affects, one real run runs exactly that (on 375b44e the benchmark change listed and ran
+    the plan job alone), and a second run has nothing to do."""
+    shared, config = r1_run
+    work = copy_of(shared, tmp_path / "copy")
+    changes = [
+        ({"benchmark": {"output_len": config["benchmark"]["output_len"] - 2}}, {"plan", "benchmark_onnxruntime"} | DELIVERY, None),
+        ({"evaluate": {"max_new_tokens": config["evaluate"]["max_new_tokens"] + 8}},  # longer: no answer cut short
+         {"evaluate_base", "evaluate", "evaluate_quantized"} | ENGINE_JOBS | DELIVERY, None),
+        # a longer run: resumes (item 4); the plan records the resolved finetune settings, so it is written again
+        ({"finetune": {"max_steps": config["finetune"]["max_steps"] + 4}},
+         {"plan", "finetune", "export", "evaluate", "quantize", "evaluate_quantized"} | ENGINE_JOBS | DELIVERY, "resuming from"),
+    ]
+    for change, affected, log_line in changes:
+        config = merge(config, change)
+        planned = jobs_planned(snakemake(work, config, "-n"))
+        # Jobs behind a checkpoint that reruns (evaluate_quantized, select) join the DAG once it has run.
+        behind = set() if "evaluate_quantized" not in affected else ENGINE_JOBS | DELIVERY
+        assert planned - behind == affected - behind, f"{change}: the dry run planned {sorted(planned)}"
+        done = snakemake(work, config)
+        assert jobs_run(done) == affected, f"{change}: ran {sorted(jobs_run(done))}, expected {sorted(affected)}"
+        again = snakemake(work, config, "-n")
+        assert "Nothing to be done" in again.stdout + again.stderr, f"{change}: a second run would do {sorted(jobs_planned(again))}"
+        if log_line:
+            assert log_line in (work / "results" / "logs" / "finetune.log").read_text()

@@ -2,8 +2,9 @@ import pytest
 
 from workflow import schemes
 from workflow.config import ConfigError, settings
-from workflow.evaluate import GateFailed, accuracy_gate
+from workflow.evaluate import accuracy_gate
 from workflow.select import choose, compare, table
+from workflow.tracking import GateFailed
 
 
 def quantized(scheme, accuracy, max_loss=0.05, baseline=0.8):

@@ -13,9 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from workflow import summary
-from workflow.evaluate import GateFailed
 from workflow.stages import BY_NAME
-from workflow.tracking import NOTE_TAG, Tracking, describe, job_run, pipeline_run_id, record_gate
+from workflow.tracking import NOTE_TAG, GateFailed, Tracking, describe, job_run, pipeline_run_id, record_gate
 
 
 @pytest.fixture

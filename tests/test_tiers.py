@@ -71,3 +71,24 @@ def test_forgot_the_marker(dag_run):
 def test_an_undeclared_marker_is_an_error(suite):
     suite.makepyfile(test_sample="import pytest\n\n@pytest.mark.e2ee\ndef test_typo():\n    pass\n")
     assert suite.runpytest("--collect-only", "-q").ret == pytest.ExitCode.INTERRUPTED
+
+
+def test_the_tests_of_one_shared_dag_run_on_one_worker(suite):
+    """Under `make test`'s two xdist workers, every test that reads a shared DAG run lands on the same worker (the DAG
+    runs once); the others spread over both. A test reading one from another module stops collection."""
+    fixtures = "import time\nimport pytest\n\n@pytest.fixture\ndef zero2():\n    return 'dag'\n\n@pytest.fixture\ndef r1_run():\n    return 'dag'\n"
+    reads = lambda name: "".join(f"\ndef test_reads_{name}_{i}({name}):\n    time.sleep(0.3)\n" for i in range(3))  # noqa: E731
+    suite.makeconftest((REPO / "tests" / "conftest.py").read_text() + "\n" + fixtures)
+    suite.makepyfile(test_workflow="import time\n" + reads("zero2"), test_review_ui="import time\n" + reads("zero2").replace("_reads_", "_ui_reads_"),
+                     test_readme_r1="import time\n" + reads("r1_run"),
+                     test_units="import time\n" + "".join(f"\ndef test_unit_{i}():\n    time.sleep(0.3)\n" for i in range(6)))
+    done = suite.runpytest("-n", "2", "-v", "-p", "xdist")
+    done.assert_outcomes(passed=15)
+    workers = {line.split("::")[1].split()[0]: line.split()[0] for line in done.stdout.lines if line.startswith("[gw") and "PASSED" in line}
+    assert len({worker for test, worker in workers.items() if "reads_zero2" in test}) == 1, workers
+    assert len({worker for test, worker in workers.items() if "reads_r1_run" in test}) == 1, workers
+    assert len(set(workers.values())) == 2, workers
+
+    suite.makepyfile(test_other="def test_astray(zero2):\n    pass\n")
+    astray = suite.runpytest("--collect-only", "-q")
+    assert astray.ret == pytest.ExitCode.USAGE_ERROR and "test_other.py::test_astray" in astray.stderr.str()

@@ -33,13 +33,9 @@ from workflow.engine.interface import Engine, GenerationRequest
 from workflow.generation import Journal, cache_length, fitted_batch, journal_key, load_model, model_device, peak_gib
 from workflow.metrics import Grader, grader, label
 from workflow.progress import Progress
-from workflow.tracking import Tracking, describe, job_run, record_gate
+from workflow.tracking import GateFailed, Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
-
-class GateFailed(RuntimeError):
-    """A model (or scheme) missed a threshold; the message names the metric, its value and the threshold."""
-
 
 @dataclass(frozen=True)
 class Completion:

@@ -87,11 +87,11 @@ def quantized_model(model_dir: str | Path, scheme: str, calibration: list[list[i
     """The model with the scheme applied: calibrated anew from `calibration` (in weight blocks of `block`, the
     scheme's own by default), or restored from a saved `state`; in fp32 on the CPU, in the model's half precision on
     a GPU (workflow.generation.model_dtype)."""
+    if SCHEMES[scheme].modelopt is None:  # the baseline: no ModelOpt import (12 s of a 2-core machine's job start-up)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
 
-    if SCHEMES[scheme].modelopt is None:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     model = load_model(model_dir, device)
     if state is not None:
         return mto.restore(model, str(state))

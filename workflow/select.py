@@ -23,8 +23,7 @@ import mlflow
 
 from workflow import plots
 from workflow.config import SelectConfig
-from workflow.evaluate import GateFailed
-from workflow.tracking import Tracking, describe, job_run, record_gate
+from workflow.tracking import GateFailed, Tracking, describe, job_run, record_gate
 
 log = logging.getLogger(__name__)
 

@@ -181,6 +181,10 @@ def describe(markdown: str) -> None:
     set_note(what_it_does(mlflow.active_run().info.run_name) + "\n\n" + markdown.strip())
 
 
+class GateFailed(RuntimeError):
+    """A model (or scheme) missed a threshold; the message names the metric, its value and the threshold."""
+
+
 def record_gate(checks: list[dict]) -> bool:
     """Record the active job's gate: `ft2prod.gate` passed/failed and `gate.json` with every check.
 
