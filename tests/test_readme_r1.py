@@ -1,6 +1,7 @@
 """The README's DeepSeek-R1 example, taken from README.md itself (so that a change there is tested): it passes the plan
 on the published DeepSeek-R1-Distill-Qwen-7B config.json, and it runs to promotion on a tiny model carrying the
-published R1-distill chat template. The example as it stood on 375b44e stops at plan time, naming the keys and fixes."""
+published R1-distill chat template. The example as it stood on 375b44e stops at plan time, naming the keys and fixes.
+A copy of that run then takes three config changes in turn, each done by one invocation (issue 25 item 3)."""
 
 from __future__ import annotations
 
