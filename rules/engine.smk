@@ -15,7 +15,7 @@ rule build_engine_onnxruntime:
         f"{RESULTS}/logs/build_engine/onnxruntime/{{scheme}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/build_engine/onnxruntime/{{scheme}}.tsv"
-    threads: 2
+    threads: 1  # two builds at once on 2 cores: much of a build on a small model is starting Python
     resources:
         mem_mb=4000,
         runtime=60,

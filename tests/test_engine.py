@@ -189,6 +189,18 @@ def test_fp8_has_no_onnxruntime_engine():
     assert onnxruntime.precision_for("int4_awq", "cpu") == "int4"
 
 
+def test_a_failed_build_says_so_and_where_the_builder_wrote(tmp_path):
+    """The builder runs in the job's process: a model folder it cannot read is a RuntimeError naming the log, and
+    what the builder printed is in that log, not on the console."""
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    log = tmp_path / "build.log"
+    with pytest.raises(RuntimeError, match=f"the ONNX Runtime GenAI builder failed .*; see {log}"):
+        onnxruntime.build(model, tmp_path / "engine", "bf16", "cpu", 32, 4, "sha", log_path=log)
+    assert log.read_text() and not (tmp_path / "engine" / MANIFEST).exists()
+
+
 def write_config(path, heads=32, kv_heads=8, layers=32, quant_algo="FP8"):
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": layers}))

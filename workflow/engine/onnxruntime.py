@@ -1,13 +1,16 @@
 """ONNX Runtime GenAI engines: built with its model builder, run in-process with streaming generation.
 
+The build is the builder's command line, called in this process (its own parsing, then create_model):
+
     python -m onnxruntime_genai.models.builder -i results/model -o ENGINE -p int4 -e cpu
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -61,16 +64,12 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
     """Build with the ONNX Runtime GenAI model builder from model_dir: the fine-tuned model, or (with `calibration`)
     the fine-tuned model with the quantize stage's scales folded in (workflow/engine/calibration.py)."""
     precision = precision_for(scheme, provider)
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(engine_dir),
-               "-p", precision, "-e", provider, "-c", str(Path(engine_dir).parent / ".builder_cache")]
     build_options = {"builder_precision": precision}
+    extra = []
     if precision in ("int4", "int8"):
-        command += ["--extra_options", f"block_size={block_size}", f"accuracy_level={accuracy_level}"]
+        extra = [f"block_size={block_size}", f"accuracy_level={accuracy_level}"]
         build_options |= {"block_size": block_size, "accuracy_level": accuracy_level}
-    with open(log_path or "/dev/null", "a") as sink:
-        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"build_engine: the ONNX Runtime GenAI builder failed (status {done.returncode}); see {log_path}")
+    run_builder(model_dir, engine_dir, precision, provider, extra, log_path)
     described = f"{precision} weights" + (f" (MatMulNBits, block {block_size})" if precision in ("int4", "int8") else "")
     manifest = EngineManifest(scheme=scheme, precision=described, target=target(provider), source_sha256=source_sha256,
                               build=build_options, algorithm=algorithm(precision, block_size, calibration),
@@ -78,6 +77,23 @@ def build(model_dir: str | Path, engine_dir: str | Path, scheme: str, provider: 
     keep_generation_config(model_dir, engine_dir)
     manifest.write(engine_dir)
     return manifest
+
+
+def run_builder(model_dir: str | Path, engine_dir: str | Path, precision: str, provider: str, extra: list[str],
+                log_path: str | Path | None) -> None:
+    """The model builder's `-i model_dir -o engine_dir -p precision -e provider --extra_options *extra`, in this
+    process (a subprocess would import torch and Transformers again: 4-5 s a build on 2 cores); what it prints goes
+    to log_path."""
+    from onnxruntime_genai.models import builder
+
+    args = (None, str(model_dir), str(engine_dir), precision, provider, str(Path(engine_dir).parent / ".builder_cache"))
+    with open(log_path or os.devnull, "a") as sink, redirect_stdout(sink), redirect_stderr(sink):
+        try:
+            builder.create_model(*args, **builder.parse_extra_options(*args, extra or None))
+        except Exception as err:
+            traceback.print_exc(file=sink)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RuntimeError(f"build_engine: the ONNX Runtime GenAI builder failed ({type(err).__name__}: {first}); see {log_path}") from err
 
 
 class OrtEngine:
