@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from workflow.bootstrap.problems import make_problems
 from workflow.config import BootstrapConfig
+from workflow.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,21 @@ def pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
     losses = []
-    for step in range(cfg.pretrain_steps):
-        batch = rng.sample(ids, cfg.batch_size)
-        width = max(map(len, batch))
-        input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in batch])
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
-        labels = input_ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.pretrain_steps - 1:
-            log.info("pretrain step %d/%d loss %.3f", step + 1, cfg.pretrain_steps, losses[-1])
+    with Progress(cfg.pretrain_steps, "bootstrap: pretraining", unit="step") as progress:
+        for _ in range(cfg.pretrain_steps):
+            batch = rng.sample(ids, cfg.batch_size)
+            width = max(map(len, batch))
+            input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in batch])
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
+            labels = input_ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.update(loss=losses[-1])
     model.eval()
     return losses
 
