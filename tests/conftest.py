@@ -137,7 +137,6 @@ def copy_of(dag: Path, work: Path) -> Path:
     return work
 
 
-
 # The session's whole-DAG run: the tiny model, pretrained and fine-tuned long enough to beat its base model, with
 # the evaluate gate on. Measured (2-core machine, 2026-11-30): the base answers 0 of the 24 test rows (it has never
 # seen the chat format), the fine-tuned model 9 (0.375), perplexity 41.5 -> 1.10; the gate asks for 4 (0.15), which

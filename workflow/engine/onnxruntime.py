@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import traceback
-from contextlib import redirect_stderr, redirect_stdout
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,7 +92,7 @@ def run_builder(model_dir: str | Path, engine_dir: str | Path, precision: str, p
             builder.create_model(*args, **builder.parse_extra_options(*args, extra or None))
         except Exception as err:
             traceback.print_exc(file=sink)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            first = next(iter(str(err).strip().splitlines()), "")
             raise RuntimeError(f"build_engine: the ONNX Runtime GenAI builder failed ({type(err).__name__}: {first}); see {log_path}") from err
 
 
